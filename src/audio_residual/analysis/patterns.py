@@ -1,0 +1,138 @@
+"""PCA of each head's attention-probability patterns (the earlier project's view), in bounded memory.
+
+A window's pattern for one head is a w²×w² probability matrix (64×64 in HTSAT), i.e. a 4096-dim vector;
+a full 4096² covariance per head (184 heads in HTSAT-tiny) would not fit. Instead each block keeps a
+uniform reservoir sample (Vitter's algorithm R, seeded) of at most `cap` windows, shared by its heads
+(each head's sample is then uniform over windows too), and each head's spectrum is computed from the
+n×n Gram matrix of its centred sample (n ≤ cap): the nonzero eigenvalues of X Xᵀ/n equal those of the
+sample covariance XᵀX/n. The result is therefore EXACT for the subsample and APPROXIMATES the pattern
+covariance spectrum of all windows by that of the subsample (rank ≤ n − 1; the leading, well-sampled
+eigenvalues are the reliable part). Samples are stored as float16 (probabilities in [0, 1], relative
+precision 5e-4): at cap 512 the whole HTSAT-tiny reservoir is ≈ 0.77 GB; lower `cap` or pick `stages`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from audio_residual.analysis.spectra import TABLE_COLUMNS, spectrum_summary
+from audio_residual.clap.classifier import audio_embeddings
+from audio_residual.clap.hooks import ClapHooks, HookPoint
+
+
+def gram_eigenvalues(samples: torch.Tensor) -> torch.Tensor:
+    """Descending eigenvalues of the (1/n) sample covariance of the rows, via the n×n Gram matrix."""
+    x = samples.reshape(samples.shape[0], -1).double()
+    x = x - x.mean(0)
+    gram = x @ x.T / x.shape[0]
+    return torch.linalg.eigvalsh((gram + gram.T) / 2).flip(0).clamp(min=0)
+
+
+class PatternReservoir:
+    """Per block, a seeded uniform sample of at most `cap` windows' attention patterns (all heads).
+
+    Use `reservoir.hook` on `*.attn.hook_pattern` during any forward passes; memory never exceeds
+    cap × heads × w⁴ float16 per block however many batches pass.
+    """
+
+    def __init__(self, cap: int = 512, seed: int = 0, stages: Sequence[int] | None = None):
+        if cap < 2:
+            raise ValueError("a pattern spectrum needs a reservoir of at least 2 windows")
+        self.cap = cap
+        self.stages = None if stages is None else set(stages)
+        self.rng = np.random.default_rng(seed)
+        self.samples: dict[str, torch.Tensor] = {}  # block → (n ≤ cap, heads, w⁴) float16
+        self.seen: dict[str, int] = {}  # block → windows offered so far
+
+    def hook(self, tensor: torch.Tensor, point: HookPoint) -> None:
+        if self.stages is None or point.stage in self.stages:
+            self.add(f"layers.{point.stage}.blocks.{point.block}", tensor)
+
+    def add(self, block: str, patterns: torch.Tensor) -> None:
+        """Offer a batch of windows (windows, heads, w², w²); keeps each seen window with probability cap/seen."""
+        rows = patterns.detach().reshape(patterns.shape[0], patterns.shape[1], -1)
+        seen = self.seen.get(block, 0)
+        store = self.samples.get(block)
+        if store is None:
+            store = torch.empty(0, *rows.shape[1:], dtype=torch.float16)
+        # Algorithm R: item t (0-based) fills slot t while t < cap, else replaces slot j ~ U{0..t} if j < cap.
+        positions = seen + np.arange(len(rows))
+        fill = positions < self.cap
+        slots = np.where(fill, positions, self.rng.integers(0, positions + 1))
+        accepted = np.flatnonzero(slots < self.cap)
+        if len(accepted):
+            # Later items overwrite earlier ones that drew the same slot, as the sequential algorithm would.
+            _, last = np.unique(slots[accepted][::-1], return_index=True)
+            accepted = accepted[::-1][last]
+            new = rows[torch.from_numpy(accepted).to(rows.device)].to("cpu", torch.float16)
+            targets = torch.from_numpy(slots[accepted])
+            grow = int(targets.max()) + 1 - store.shape[0]
+            if grow > 0:
+                store = torch.cat([store, torch.empty(grow, *store.shape[1:], dtype=store.dtype)])
+            store[targets] = new
+        self.samples[block] = store
+        self.seen[block] = seen + len(rows)
+
+    def eigenvalues(self) -> dict[str, torch.Tensor]:
+        """Unit name (`layers.{s}.blocks.{b}.attn.head.{h}`) → descending pattern-covariance eigenvalues."""
+        out = {}
+        for block, store in self.samples.items():
+            for h in range(store.shape[1]):
+                out[f"{block}.attn.head.{h}"] = gram_eigenvalues(store[:, h])
+        return out
+
+    def table(self) -> pd.DataFrame:
+        """Rows in `spectra.TABLE_COLUMNS` with view='pattern', dim = w⁴, samples = windows kept."""
+        rows = []
+        for name, values in self.eigenvalues().items():
+            block = name.rsplit(".attn.", 1)[0]
+            stage, block_index = (int(part) for part in block.split(".")[1::2])
+            store = self.samples[block]
+            values = values[values > 1e-10 * max(float(values[0]), 1e-300)]  # the subsample's rank
+            rows.append(
+                {
+                    "unit": name,
+                    "view": "pattern",
+                    "granularity": "head",
+                    "kind": "attn",
+                    "stage": stage,
+                    "block": float(block_index),
+                    "head": float(name.rsplit(".", 1)[1]),
+                    "dim": int(store.shape[2]),
+                    **spectrum_summary(values),
+                    "samples": int(store.shape[0]),
+                }
+            )
+        return pd.DataFrame.from_records(rows, columns=TABLE_COLUMNS)
+
+
+@torch.no_grad()
+def collect_patterns(
+    model,
+    input_features: np.ndarray,
+    indices: Sequence[int] | np.ndarray,
+    cap: int = 512,
+    batch_size: int = 16,
+    seed: int = 0,
+    stages: Sequence[int] | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    device: torch.device | str = "cpu",
+) -> PatternReservoir:
+    """One forward pass over `input_features[indices]` filling a `PatternReservoir`."""
+    indices = np.asarray(indices)
+    if len(indices) == 0:
+        raise ValueError("pattern statistics need at least one clip: the index set is empty")
+    reservoir = PatternReservoir(cap, seed, stages)
+    with ClapHooks(model).hooks([("*.attn.hook_pattern", reservoir.hook)]):
+        for start in tqdm(range(0, len(indices), batch_size), desc="attention patterns", leave=False):
+            rows = indices[start : start + batch_size]
+            x = torch.from_numpy(np.ascontiguousarray(input_features[rows])).to(device)
+            with autocast():
+                audio_embeddings(model, x)
+    return reservoir

@@ -1,0 +1,115 @@
+"""The whole analysis of one fold: statistics on its training folds, spectra, pattern PCA, ablation, figures."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from audio_residual.analysis import plots
+from audio_residual.analysis.ablation import head_ablation
+from audio_residual.analysis.patterns import collect_patterns
+from audio_residual.analysis.spectra import evr_curves, explained_variance_ratio, spectra_table
+from audio_residual.analysis.stats import ResidualStatistics
+from audio_residual.io import write_csv, write_json
+
+
+def fold_split(exp, fold: int):
+    """The official split whose test fold is `fold` (an error listing the folds if there is none)."""
+    for split in exp.splits():
+        if split.fold == fold:
+            return split
+    raise ValueError(f"no fold {fold} in {exp.table.name!r}: folds are {list(exp.table.fold_ids)}")
+
+
+def run_analysis(
+    exp,
+    fold: int,
+    out_dir: str | Path,
+    tokens_per_clip: int | None = None,
+    batch_size: int = 16,
+    ablation_stages: Sequence[int] | None = None,
+    ablation_max_clips: int | None = None,
+    pattern_cap: int = 512,
+) -> dict:
+    """Fit statistics on fold `fold`'s TRAINING clips only, then write, under `out_dir`:
+
+    stats_fold{K}.safetensors, heads.csv (one row per unit: contribution PCA of heads/blocks/layers and
+    pattern PCA of heads, column `view`), ablation.csv (mean-ablated heads on the fold's test clips),
+    summary.json and PNG figures. Returns the paths and the frames (`spectra`, `ablation`) and `stats`.
+    """
+    out = Path(out_dir)
+    split = fold_split(exp, fold)
+    if len(split.train) == 0:
+        raise ValueError(f"fold {fold} has no training clips to fit statistics on")
+    bundle, features = exp.bundle, exp.features
+    train_folds = sorted({int(f) for f in exp.table.folds[split.train]})
+    metadata = {
+        "model_id": bundle.model_id,
+        "dataset": exp.table.name,
+        "fold": int(fold),
+        "fit_on": "train",
+        "train_folds": train_folds,
+    }
+    stats = ResidualStatistics.fit(
+        bundle.model,
+        features.input_features,
+        split.train,
+        batch_size=batch_size,
+        tokens_per_clip=tokens_per_clip,
+        autocast=bundle.autocast,
+        device=bundle.device,
+        metadata=metadata,
+    )
+    paths = {"stats": stats.save(out / f"stats_fold{fold}.safetensors")}
+
+    reservoir = collect_patterns(
+        bundle.model,
+        features.input_features,
+        split.train,
+        cap=pattern_cap,
+        batch_size=batch_size,
+        autocast=bundle.autocast,
+        device=bundle.device,
+    )
+    spectra = pd.concat([spectra_table(stats), reservoir.table()], ignore_index=True)
+    paths["heads"] = write_csv(out / "heads.csv", spectra)
+
+    ablation = head_ablation(
+        exp.classifier,
+        features.input_features,
+        exp.table.labels,
+        split.test,
+        stats,
+        stages=ablation_stages,
+        max_clips=ablation_max_clips,
+        batch_size=batch_size,
+        is_longer=features.is_longer,
+    )
+    paths["ablation"] = write_csv(out / "ablation.csv", ablation)
+
+    pattern_curves = {name: np.cumsum(explained_variance_ratio(v)) for name, v in reservoir.eigenvalues().items()}
+    figures = {
+        "id90_heads": plots.intrinsic_dimension_heatmap(spectra, "id90"),
+        "id90_heads_pattern": plots.intrinsic_dimension_heatmap(spectra, "id90", view="pattern"),
+        "participation_heads": plots.participation_heatmap(spectra),
+        "participation_layers": plots.mean_participation_by_layer(spectra),
+        "evr_heads": plots.evr_curves_plot(evr_curves(stats, "head"), "head contributions: cumulative EVR"),
+        "evr_blocks": plots.evr_curves_plot(evr_curves(stats, "block"), "block attention outputs: cumulative EVR"),
+        "evr_patterns": plots.evr_curves_plot(pattern_curves, "attention patterns: cumulative EVR"),
+        "ablation": plots.ablation_heatmap(ablation),
+    }
+    for name, fig in figures.items():
+        paths[f"png_{name}"] = plots.save(fig, out / f"{name}.png")
+    summary = {
+        **stats.metadata,
+        "test_clips": int(len(split.test)),
+        "ablation_clips": int(ablation["clips"].iloc[0]) if len(ablation) else 0,
+        "base_accuracy": float(ablation["base_accuracy"].iloc[0]) if len(ablation) else None,
+        "pattern_cap": pattern_cap,
+        "pattern_windows_seen": reservoir.seen,
+    }
+    paths["summary"] = write_json(out / "summary.json", summary)
+    return {"paths": paths, "spectra": spectra, "ablation": ablation, "stats": stats}

@@ -1,0 +1,302 @@
+"""Streaming first and second moments of every residual unit, and exact PCA bases derived from them.
+
+One pass over the training clips accumulates, per Swin block, the mean and covariance (float64) of
+  * the concatenated head contexts z (heads·d_head = d): each head's block of it gives that head's
+    contribution statistics, since contribution_h = W_O,h z_h (rank ≤ d_head: PCA in head space is cheap);
+  * the attention output W_O z + b_O, whose moments follow exactly from those of z;
+  * the MLP output.
+Memory is a few d×d matrices per block, whatever the number of clips. Units are then pooled per layer
+(stage) when asked: moments of a mixture, weighted by token counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from audio_residual.clap.classifier import audio_embeddings
+from audio_residual.clap.hooks import ClapHooks, HookPoint
+from audio_residual.io import atomic_path
+
+GRANULARITIES = ("layer", "block", "head")
+UNIT_KINDS = ("attn", "mlp")
+
+
+class StreamingMoments:
+    """Mean and covariance of row vectors, accumulated batch by batch.
+
+    Rows are centred on a fixed shift (the first batch's mean) before the float32 cross product, so the
+    float64 running sums do not suffer from cancellation when the mean is large.
+    """
+
+    def __init__(self, dim: int):
+        self.count = 0
+        self.shift: torch.Tensor | None = None
+        self.sum = torch.zeros(dim, dtype=torch.float64)
+        self.sum_outer = torch.zeros(dim, dim, dtype=torch.float64)
+
+    def update(self, rows: torch.Tensor) -> None:
+        rows = rows.reshape(-1, rows.shape[-1]).float()
+        if self.shift is None:
+            self.shift = rows.mean(0).detach()
+        centred = rows - self.shift.to(rows.device)
+        self.sum += centred.sum(0).double().cpu()
+        self.sum_outer += (centred.T @ centred).double().cpu()
+        self.count += rows.shape[0]
+
+    def mean_cov(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.count == 0:
+            raise ValueError("no rows were accumulated")
+        centred_mean = self.sum / self.count
+        cov = self.sum_outer / self.count - torch.outer(centred_mean, centred_mean)
+        return centred_mean + self.shift.double().cpu(), (cov + cov.T) / 2
+
+
+@dataclass
+class Moments:
+    """Mean, covariance and token count of one unit's vectors."""
+
+    mean: torch.Tensor  # (d,) float64
+    cov: torch.Tensor  # (d, d) float64
+    count: int
+
+    @staticmethod
+    def pool(parts: Sequence[Moments]) -> Moments:
+        """Moments of the union of the parts' tokens (law of total covariance)."""
+        total = sum(p.count for p in parts)
+        mean = sum(p.mean * p.count for p in parts) / total
+        cov = sum((p.cov + torch.outer(p.mean - mean, p.mean - mean)) * p.count for p in parts) / total
+        return Moments(mean, cov, total)
+
+
+@dataclass
+class PCABasis:
+    """PCA of one unit in residual space: rows of `components` are eigenvectors, largest variance first."""
+
+    name: str
+    mean: torch.Tensor  # (d,)
+    components: torch.Tensor  # (k, d), orthonormal rows
+    eigenvalues: torch.Tensor  # (k,), descending
+    total_variance: float  # trace of the covariance (all directions, kept or not)
+
+    @property
+    def explained_variance_ratio(self) -> torch.Tensor:
+        return self.eigenvalues / self.total_variance
+
+    def prune(self, k: int | None = None, evr: float | None = None) -> PCABasis:
+        """Keep the first k components, or the fewest whose cumulative EVR reaches `evr`."""
+        keep = len(self.eigenvalues)
+        if evr is not None:
+            cumulative = torch.cumsum(self.explained_variance_ratio, 0)
+            keep = min(keep, int(torch.searchsorted(cumulative, torch.tensor(evr, dtype=cumulative.dtype))) + 1)
+        if k is not None:
+            keep = min(keep, k)
+        return PCABasis(self.name, self.mean, self.components[:keep], self.eigenvalues[:keep], self.total_variance)
+
+
+def pca_from_moments(name: str, moments: Moments, rel_tol: float = 1e-10) -> PCABasis:
+    """Exact PCA by eigendecomposition; directions with no variance (rank deficiency) are dropped."""
+    values, vectors = torch.linalg.eigh(moments.cov)
+    values, vectors = values.flip(0), vectors.flip(1)
+    keep = values > rel_tol * max(float(values[0]), 1e-300)
+    return PCABasis(name, moments.mean, vectors[:, keep].T.contiguous(), values[keep], float(values.clamp(min=0).sum()))
+
+
+def head_slice(point: HookPoint, head: int) -> slice:
+    return slice(head * point.head_dim, (head + 1) * point.head_dim)
+
+
+class ResidualStatistics:
+    """Per-block moments of head contexts, attention outputs and MLP outputs of one fitted index set."""
+
+    def __init__(self, blocks: dict[str, dict[str, Moments]], w_out: dict[str, torch.Tensor], metadata: dict):
+        self.blocks = blocks  # "layers.{s}.blocks.{b}" → {"z": ..., "attn": ..., "mlp": ...}
+        self.w_out = w_out  # "layers.{s}.blocks.{b}" → W_O (d, d), float64, for head-space mapping
+        self.metadata = metadata
+
+    # ----------------------------------------------------------------- fitting
+    @classmethod
+    @torch.no_grad()
+    def fit(
+        cls,
+        model,
+        input_features: np.ndarray,
+        indices: Sequence[int] | np.ndarray,
+        batch_size: int = 16,
+        tokens_per_clip: int | None = None,
+        seed: int = 0,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        device: torch.device | str = "cpu",
+        metadata: dict | None = None,
+    ) -> ResidualStatistics:
+        """One pass over `input_features[indices]` (the training folds only: the caller says which).
+
+        `tokens_per_clip` subsamples that many tokens per clip and block (uniformly, fixed seed) to save
+        time on big stages; None uses every token.
+        """
+        indices = np.asarray(indices)
+        if len(indices) == 0:
+            raise ValueError("statistics need at least one clip: the index set is empty")
+        hooks = ClapHooks(model)
+        accumulators: dict[str, dict[str, StreamingMoments]] = {}
+        generator = torch.Generator().manual_seed(seed)
+        batch = 0  # clips in the current forward pass: the hooks see batch·windows rows
+
+        def take(tensor: torch.Tensor, width: int) -> torch.Tensor:
+            tokens = tensor.reshape(batch, -1, width)  # z arrives as (..., heads, d_head): concatenate heads
+            if tokens_per_clip is None or tokens_per_clip >= tokens.shape[1]:
+                return tokens
+            pick = torch.randperm(tokens.shape[1], generator=generator)[:tokens_per_clip].to(tokens.device)
+            return tokens[:, pick]
+
+        def accumulate(kind: str):
+            def hook(tensor: torch.Tensor, point: HookPoint) -> None:
+                key = f"layers.{point.stage}.blocks.{point.block}"
+                moments = accumulators.setdefault(key, {})
+                if kind not in moments:
+                    moments[kind] = StreamingMoments(point.width)
+                moments[kind].update(take(tensor, point.width))
+
+            return hook
+
+        fwd = [("*.attn.hook_z", accumulate("z")), ("*.hook_mlp_out", accumulate("mlp"))]
+        with hooks.hooks(fwd):
+            for start in tqdm(range(0, len(indices), batch_size), desc="PCA statistics", leave=False):
+                rows = indices[start : start + batch_size]
+                x = torch.from_numpy(np.ascontiguousarray(input_features[rows])).to(device)
+                batch = len(rows)
+                with autocast():
+                    audio_embeddings(model, x)
+
+        blocks, w_out, heads = {}, {}, {}
+        for s, b, layer in hooks.blocks():
+            key = f"layers.{s}.blocks.{b}"
+            z_mean, z_cov = accumulators[key]["z"].mean_cov()
+            count = accumulators[key]["z"].count
+            w = layer.attention.output.dense.weight.detach().double().cpu()
+            bias = layer.attention.output.dense.bias.detach().double().cpu()
+            mlp_mean, mlp_cov = accumulators[key]["mlp"].mean_cov()
+            blocks[key] = {
+                "z": Moments(z_mean, z_cov, count),
+                "attn": Moments(w @ z_mean + bias, w @ z_cov @ w.T, count),
+                "mlp": Moments(mlp_mean, mlp_cov, accumulators[key]["mlp"].count),
+            }
+            w_out[key] = w
+            heads[key] = layer.attention.self.num_attention_heads
+        meta = {
+            "clips": int(len(indices)),
+            "tokens_per_clip": tokens_per_clip,
+            "tokens_seen": {key: parts["z"].count for key, parts in blocks.items()},
+            "heads": heads,
+            "dtype": "float64",
+            **(metadata or {}),
+        }
+        return cls(blocks, w_out, meta)
+
+    # ----------------------------------------------------------------- units
+    def num_heads(self, block: str) -> int:
+        return int(self.metadata["heads"][block])
+
+    def head_dim(self, block: str) -> int:
+        return self.w_out[block].shape[1] // self.num_heads(block)
+
+    def head_moments(self, block: str, head: int) -> Moments:
+        """Moments of head `head`'s contribution W_O,h z_h in residual space (rank ≤ d_head)."""
+        z = self.blocks[block]["z"]
+        cut = slice(head * self.head_dim(block), (head + 1) * self.head_dim(block))
+        w = self.w_out[block][:, cut]
+        return Moments(w @ z.mean[cut], w @ z.cov[cut, cut] @ w.T, z.count)
+
+    def stages(self) -> list[int]:
+        return sorted({int(key.split(".")[1]) for key in self.blocks})
+
+    def blocks_of(self, stage: int) -> list[str]:
+        return [key for key in self.blocks if int(key.split(".")[1]) == stage]
+
+    def unit_moments(self, granularity: str, kind: str = "attn", stages: Sequence[int] | None = None) -> dict[str, Moments]:
+        """Moments of every unit at a granularity: `layer` pools a stage's blocks, `head` splits attention."""
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if kind not in UNIT_KINDS:
+            raise ValueError(f"unit kind must be one of {UNIT_KINDS}, got {kind!r}")
+        stages = self.stages() if stages is None else list(stages)
+        units: dict[str, Moments] = {}
+        for stage in stages:
+            if granularity == "layer":
+                units[f"layers.{stage}.{kind}"] = Moments.pool([self.blocks[k][kind] for k in self.blocks_of(stage)])
+                continue
+            for block in self.blocks_of(stage):
+                if granularity == "block":
+                    units[f"{block}.{kind}"] = self.blocks[block][kind]
+                elif kind == "mlp":
+                    raise ValueError("MLP units have no heads: use granularity 'block' or 'layer'")
+                else:
+                    for h in range(self.num_heads(block)):
+                        units[f"{block}.attn.head.{h}"] = self.head_moments(block, h)
+        return units
+
+    def head_pca(self, block: str, head: int) -> PCABasis:
+        """PCA of a head's contribution via its d_head×d_head context covariance, mapped through W_O,h.
+
+        With Σ_z = V D Vᵀ, the contribution covariance is (W V D^½)(W V D^½)ᵀ, so the SVD of the
+        d×d_head matrix W V D^½ gives its eigenvectors (U) and eigenvalues (S²) without a d×d eigh.
+        """
+        z = self.blocks[block]["z"]
+        cut = slice(head * self.head_dim(block), (head + 1) * self.head_dim(block))
+        w = self.w_out[block][:, cut]
+        values, vectors = torch.linalg.eigh(z.cov[cut, cut])
+        u, singular, _ = torch.linalg.svd(w @ (vectors * values.clamp(min=0).sqrt()), full_matrices=False)
+        eigenvalues = singular**2
+        keep = eigenvalues > 1e-10 * max(float(eigenvalues[0]), 1e-300)
+        name = f"{block}.attn.head.{head}"
+        return PCABasis(name, w @ z.mean[cut], u[:, keep].T.contiguous(), eigenvalues[keep], float(eigenvalues.sum()))
+
+    def pca(self, granularity: str, kind: str = "attn", stages: Sequence[int] | None = None) -> dict[str, PCABasis]:
+        """Exact PCA of every unit at a granularity (`head` uses the cheap head-space route)."""
+        if granularity == "head" and kind == "attn":
+            stages = self.stages() if stages is None else list(stages)
+            return {
+                basis.name: basis
+                for stage in stages
+                for block in self.blocks_of(stage)
+                for basis in (self.head_pca(block, h) for h in range(self.num_heads(block)))
+            }
+        return {name: pca_from_moments(name, m) for name, m in self.unit_moments(granularity, kind, stages).items()}
+
+    # ----------------------------------------------------------------- persistence
+    def save(self, path: str | Path) -> Path:
+        """safetensors with the moments, W_O per block and JSON metadata (model, dataset, fold, tokens…)."""
+        tensors, counts = {}, {}
+        for block, parts in self.blocks.items():
+            for kind, m in parts.items():
+                tensors[f"{block}.{kind}.mean"] = m.mean.contiguous()
+                tensors[f"{block}.{kind}.cov"] = m.cov.contiguous()
+                counts[f"{block}.{kind}"] = m.count
+            tensors[f"{block}.w_out"] = self.w_out[block].contiguous()
+        metadata = {"metadata": json.dumps(self.metadata), "counts": json.dumps(counts)}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ResidualStatistics:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata()
+        tensors = load_file(str(path))
+        counts = json.loads(header["counts"])
+        blocks: dict[str, dict[str, Moments]] = {}
+        for unit, count in counts.items():
+            block, kind = unit.rsplit(".", 1)
+            blocks.setdefault(block, {})[kind] = Moments(tensors[f"{unit}.mean"], tensors[f"{unit}.cov"], count)
+        w_out = {block: tensors[f"{block}.w_out"] for block in blocks}
+        return cls(blocks, w_out, json.loads(header["metadata"]))

@@ -1,0 +1,74 @@
+"""Zero-shot classification with CLAP: class prompts → text embeddings, audio → embeddings, cosine × scale."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from audio_residual.clap.loading import ClapBundle
+
+DEFAULT_TEMPLATES = ("This is a sound of {label}.",)
+
+
+def class_prompts(class_names: Sequence[str], template: str) -> list[str]:
+    """LAION's recipe: underscores become spaces before the label enters the template."""
+    return [template.format(label=name.replace("_", " ")) for name in class_names]
+
+
+@torch.no_grad()
+def text_embeddings(bundle: ClapBundle, texts: Sequence[str]) -> torch.Tensor:
+    """L2-normalised projected text embeddings, (len(texts), projection_dim), fp32."""
+    tokens = bundle.tokenizer(list(texts), padding=True, return_tensors="pt").to(bundle.device)
+    with bundle.autocast():
+        pooled = bundle.model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        projected = bundle.model.text_projection(pooled.pooler_output)
+    return F.normalize(projected.float(), dim=-1)
+
+
+def audio_embeddings(model, input_features: torch.Tensor, is_longer: torch.Tensor | None = None) -> torch.Tensor:
+    """Differentiable L2-normalised audio embeddings: the path ResiDual hooks and training go through."""
+    pooled = model.audio_model(input_features=input_features, is_longer=is_longer).pooler_output
+    return F.normalize(model.audio_projection(pooled).float(), dim=-1)
+
+
+class ZeroShotClassifier:
+    """Frozen class text embeddings and CLAP's audio logit scale: logits = scale · cos(audio, class)."""
+
+    def __init__(self, bundle: ClapBundle, class_names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES):
+        if not class_names:
+            raise ValueError("zero-shot classification needs at least one class name")
+        self.bundle = bundle
+        self.class_names = tuple(class_names)
+        self.templates = tuple(templates)
+        per_template = [text_embeddings(bundle, class_prompts(self.class_names, t)) for t in self.templates]
+        # Several templates: average the normalised embeddings per class, then renormalise (CLIP's ensembling).
+        self.class_embeddings = F.normalize(torch.stack(per_template).mean(0), dim=-1)
+        self.logit_scale = float(bundle.model.logit_scale_a.exp())
+
+    def logits(self, audio_embeds: torch.Tensor) -> torch.Tensor:
+        return self.logit_scale * audio_embeds.float() @ self.class_embeddings.to(audio_embeds.device).T
+
+    @torch.no_grad()
+    def embed(
+        self,
+        input_features: np.ndarray,
+        indices: Sequence[int] | np.ndarray,
+        is_longer: np.ndarray | None = None,
+        batch_size: int = 32,
+        desc: str = "audio embeddings",
+    ) -> torch.Tensor:
+        """Audio embeddings of the selected rows of a (memory-mapped) feature array, on the CPU."""
+        indices = np.asarray(indices)
+        out = []
+        for start in tqdm(range(0, len(indices), batch_size), desc=desc, leave=False):
+            rows = indices[start : start + batch_size]
+            x = torch.from_numpy(np.ascontiguousarray(input_features[rows])).to(self.bundle.device)
+            longer = None if is_longer is None else torch.from_numpy(np.asarray(is_longer[rows])).to(x.device)
+            with self.bundle.autocast():
+                emb = audio_embeddings(self.bundle.model, x, longer.reshape(-1, 1) if longer is not None else None)
+            out.append(emb.float().cpu())
+        return torch.cat(out) if out else torch.empty(0, self.class_embeddings.shape[1])

@@ -1,0 +1,92 @@
+"""Load a CLAP model and its processor by hub id or local folder, on the best available device.
+
+Uses `transformers`' `ClapModel` rather than the `laion-clap` package: the latter needs the network in its
+constructor and pins numpy<2, while the same LAION weights are published for transformers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import ClapModel, ClapProcessor
+
+DEFAULT_MODEL = "laion/clap-htsat-unfused"
+TINY_MODEL = "tiny"  # the offline random-initialised model of `audio_residual.clap.tiny`
+
+
+@dataclass
+class ClapBundle:
+    """A frozen CLAP model with the processor it was trained with."""
+
+    model: ClapModel
+    processor: ClapProcessor
+    model_id: str
+    device: torch.device
+    amp_dtype: torch.dtype | None = None  # autocast dtype on CUDA; None means plain fp32
+
+    @property
+    def feature_extractor(self):
+        return self.processor.feature_extractor
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def autocast(self):
+        """Autocast context for forward passes: bf16/fp16 on CUDA when asked for, a no-op elsewhere."""
+        if self.amp_dtype is None or self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype)
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def resolve_amp(amp: str | None, device: torch.device) -> torch.dtype | None:
+    """`auto` is bf16 on CUDA devices that support it, else fp16 on CUDA, else off."""
+    if amp in (None, "none", "off", "fp32") or device.type != "cuda":
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    choices = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if amp not in choices:
+        raise ValueError(f"amp must be one of auto, bf16, fp16, none; got {amp!r}")
+    return choices[amp]
+
+
+def load_clap(
+    model: str | Path = DEFAULT_MODEL,
+    device: str | torch.device | None = "auto",
+    amp: str | None = "auto",
+    class_names: tuple[str, ...] | None = None,
+) -> ClapBundle:
+    """Load CLAP from a hub id or a local folder (eval mode, frozen).
+
+    `model="tiny"` builds the offline random-initialised CLAP; its tokenizer is trained on `class_names`.
+    """
+    device = resolve_device(device)
+    if str(model) == TINY_MODEL:
+        from audio_residual.clap.tiny import build_tiny_clap
+
+        model_obj, processor = build_tiny_clap(class_names or ())
+        model_id = TINY_MODEL
+    else:
+        path = Path(model)
+        if path.exists() and not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is a local path but holds no config.json: not a saved CLAP model")
+        model_obj = ClapModel.from_pretrained(str(model))
+        processor = ClapProcessor.from_pretrained(str(model))
+        model_id = str(model)
+    model_obj.to(device).eval().requires_grad_(False)
+    return ClapBundle(model_obj, processor, model_id, device, resolve_amp(amp, device))

@@ -1,0 +1,97 @@
+"""Small random-initialised CLAPs that need no download: for tests, the offline demo and benchmarks.
+
+The tiny model keeps HTSAT's family traits (4 stages, shifted window attention, patch merging, the real
+48 kHz / 64-mel processor) at a fraction of the width, so every code path of the real model is exercised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    ClapAudioConfig,
+    ClapConfig,
+    ClapFeatureExtractor,
+    ClapModel,
+    ClapProcessor,
+    ClapTextConfig,
+    RobertaTokenizerFast,
+)
+
+PROMPT_WORDS = "This is a sound of the an a sound recording of audio clip"
+
+
+def tiny_clap_config(vocab_size: int = 512) -> ClapConfig:
+    """4 stages (depths 2,1,2,1; heads 2,2,4,4; widths 16..128), window 8, real spectrogram geometry."""
+    audio = ClapAudioConfig(
+        depths=[2, 1, 2, 1],
+        num_attention_heads=[2, 2, 4, 4],
+        patch_embeds_hidden_size=16,
+        hidden_size=128,
+        window_size=8,
+        spec_size=256,
+        num_mel_bins=64,
+        enable_fusion=False,
+    )
+    text = ClapTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=80,
+    )
+    return ClapConfig(text_config=text.to_dict(), audio_config=audio.to_dict(), projection_dim=32)
+
+
+def htsat_tiny_config(vocab_size: int = 512) -> ClapConfig:
+    """The full-size HTSAT-tiny audio tower of `laion/clap-htsat-unfused` with a small text tower."""
+    text = ClapTextConfig(
+        vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128
+    )
+    return ClapConfig(text_config=text.to_dict(), audio_config=ClapAudioConfig().to_dict())
+
+
+def offline_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> RobertaTokenizerFast:
+    """A byte-level BPE with RoBERTa's special tokens, trained on the given texts (class names, prompts)."""
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator([PROMPT_WORDS, *texts], trainer)
+    bpe.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    return RobertaTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        sep_token="</s>",
+        cls_token="<s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+    )
+
+
+def _build(config: ClapConfig, class_names: Iterable[str], seed: int) -> tuple[ClapModel, ClapProcessor]:
+    names = [str(name).replace("_", " ") for name in class_names]
+    tokenizer = offline_tokenizer(names, vocab_size=config.text_config.vocab_size)
+    # The real non-fusion checkpoints use rand_trunc/repeatpad; the default extractor says fusion.
+    extractor = ClapFeatureExtractor(truncation="rand_trunc", padding="repeatpad")
+    torch.manual_seed(seed)
+    model = ClapModel(config).eval()
+    return model, ClapProcessor(feature_extractor=extractor, tokenizer=tokenizer)
+
+
+def build_tiny_clap(class_names: Iterable[str] = (), seed: int = 0) -> tuple[ClapModel, ClapProcessor]:
+    """The tiny CLAP and its processor; same seed and class names give the same weights."""
+    return _build(tiny_clap_config(), class_names, seed)
+
+
+def build_htsat_tiny_random(class_names: Iterable[str] = (), seed: int = 0) -> tuple[ClapModel, ClapProcessor]:
+    """Full-size HTSAT-tiny with random weights, for exactness tests and benchmarks."""
+    return _build(htsat_tiny_config(), class_names, seed)

@@ -1,0 +1,124 @@
+"""Audio loading that matches LAION-CLAP preprocessing and rejects bad files with a reason.
+
+CLAP was trained on 48 kHz mono audio that went through an int16 quantisation round trip; doing the
+same here keeps features comparable to the checkpoint's training distribution.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+from tqdm.auto import tqdm
+
+MODEL_SAMPLE_RATE = 48_000
+BAD_FILE_POLICIES = ("error", "skip")
+_INT16_SCALE = 32767.0
+
+
+class BadAudioError(ValueError):
+    """An audio file cannot be used; the message names the file and the reason."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def check_bad_file_policy(on_bad_file: str) -> None:
+    if on_bad_file not in BAD_FILE_POLICIES:
+        raise ValueError(f"on_bad_file must be one of {BAD_FILE_POLICIES}, got {on_bad_file!r}")
+
+
+def _wav_truncation(path: Path) -> str | None:
+    """Reason string if a RIFF/WAVE file holds fewer data bytes than its header declares, else None.
+
+    libsndfile silently reads whatever frames are present, so a half-downloaded wav would otherwise
+    pass as a shorter clip.
+    """
+    file_size = path.stat().st_size
+    with path.open("rb") as handle:
+        header = handle.read(12)
+        if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] != b"WAVE":
+            return None
+        while chunk_header := handle.read(8):
+            if len(chunk_header) < 8:
+                return None
+            chunk_id, chunk_size = chunk_header[:4], struct.unpack("<I", chunk_header[4:])[0]
+            if chunk_id == b"data":
+                available = file_size - handle.tell()
+                if chunk_size in (0, 0xFFFFFFFF):  # streaming writers leave the size unset
+                    return None
+                if available < chunk_size:
+                    return f"truncated wav: header declares {chunk_size} audio bytes, file holds {available}"
+                return None
+            handle.seek(chunk_size + (chunk_size & 1), 1)
+    return None
+
+
+def quantise_int16(audio: np.ndarray) -> np.ndarray:
+    """LAION-CLAP's quantisation: clip to [-1, 1], scale to int16, scale back."""
+    quantised = (np.clip(audio, -1.0, 1.0) * _INT16_SCALE).astype(np.int16)
+    return (quantised / _INT16_SCALE).astype(np.float32)
+
+
+def load_audio(
+    path: Path | str,
+    target_sr: int = MODEL_SAMPLE_RATE,
+    int16_roundtrip: bool = True,
+    min_seconds: float = 1.0,
+) -> np.ndarray:
+    """Float32 mono waveform at `target_sr`; raises `BadAudioError` for anything unusable.
+
+    `min_seconds` defaults to 1 s because shorter ESC-50-style clips are almost always truncated
+    downloads; pass 0 to accept any non-empty clip.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BadAudioError(path, "file not found")
+    if path.stat().st_size == 0:
+        raise BadAudioError(path, "empty file (0 bytes)")
+    truncation = _wav_truncation(path)
+    if truncation:
+        raise BadAudioError(path, truncation)
+    try:
+        frames, sample_rate = sf.read(path, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, ValueError) as err:
+        raise BadAudioError(path, f"unreadable or not an audio file ({err})") from err
+    if frames.shape[0] == 0:
+        raise BadAudioError(path, "no audio frames")
+    if not np.isfinite(frames).all():
+        raise BadAudioError(path, "contains NaN or infinite samples")
+    duration = frames.shape[0] / sample_rate
+    if duration < min_seconds:
+        raise BadAudioError(path, f"too short: {duration:.2f} s < min_seconds={min_seconds:g} s")
+    if not np.any(frames):
+        raise BadAudioError(path, "silent: every sample is zero")
+    audio = frames.mean(axis=1, dtype=np.float32)
+    if sample_rate != target_sr:
+        audio = soxr.resample(audio, sample_rate, target_sr, quality="HQ").astype(np.float32)
+    if int16_roundtrip:
+        audio = quantise_int16(audio)
+    return audio
+
+
+def load_many(
+    paths: Sequence[Path | str], on_bad_file: str = "error", **load_kwargs
+) -> tuple[list[np.ndarray | None], list[tuple[str, str]]]:
+    """Load each path; with `on_bad_file="skip"` bad files give None and a (path, reason) entry."""
+    check_bad_file_policy(on_bad_file)
+    waveforms: list[np.ndarray | None] = []
+    skipped: list[tuple[str, str]] = []
+    for path in tqdm(paths, desc="loading audio", unit="clip", leave=False):
+        try:
+            waveforms.append(load_audio(path, **load_kwargs))
+        except BadAudioError as err:
+            if on_bad_file == "error":
+                raise
+            waveforms.append(None)
+            skipped.append((str(path), err.reason))
+    return waveforms, skipped

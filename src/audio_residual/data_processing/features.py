@@ -1,0 +1,277 @@
+"""Disk cache of CLAP log-mel input features, reproducible, resumable and memory-mapped.
+
+Layout: `cache_dir/<config_hash>/config.json` records the preprocessing configuration, and
+`cache_dir/<config_hash>/<table name>-<table hash>/` holds one table's rows:
+`input_features.npy` (float32, row i = clip i of the table) and `index.json`, which maps each
+filename to its row, file identity (size, mtime_ns), status and `is_longer`. A row counts as cached
+only when the index says so and the file identity still matches; the index is rewritten atomically
+every `checkpoint_every` clips, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from audio_residual.data_processing.audio import (
+    MODEL_SAMPLE_RATE,
+    BadAudioError,
+    check_bad_file_policy,
+    load_audio,
+)
+from audio_residual.data_processing.datasets import ClipTable
+
+CACHE_FORMAT_VERSION = 1
+FEATURES_FILE = "input_features.npy"
+INDEX_FILE = "index.json"
+TRUNCATION_MODES = ("rand_trunc", "fusion")
+# Keys of `FeatureExtractor.to_dict()` that name the processor but do not change the features.
+_VOLATILE_EXTRACTOR_KEYS = frozenset({"processor_class", "auto_map"})
+
+
+@dataclass(frozen=True, eq=False)
+class CachedFeatures:
+    """Features of every clip of a table, row-aligned with it; rows of skipped clips are zero."""
+
+    input_features: np.ndarray  # (N, channels, frames, mel bins) float32, read-only memmap
+    is_longer: np.ndarray  # (N,) bool
+    valid: np.ndarray  # (N,) bool, False where the audio file was skipped
+    skipped: list[tuple[str, str]]  # (filename, reason)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"cannot put {type(value).__name__} into a cache key")
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=1, sort_keys=True, default=_json_default)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _stable_seed(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+
+@contextlib.contextmanager
+def _seeded_global_numpy_rng(seed: int) -> Iterator[None]:
+    """The CLAP extractor draws fusion crops from numpy's global RNG; pin it, then restore it."""
+    state = np.random.get_state()
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+def _file_identity(path: Path) -> str | None:
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    return f"{info.st_size}:{info.st_mtime_ns}"
+
+
+class FeatureCache:
+    """Computes `ClapFeatureExtractor` features once per (preprocessing config, file version).
+
+    Truncation and padding default to the extractor's own configuration. With `rand_trunc`, clips
+    longer than the extractor's maximum are cropped here at an offset seeded by their filename, so
+    the cached features are reproducible instead of depending on numpy's global RNG.
+    """
+
+    def __init__(
+        self,
+        cache_dir: Path | str,
+        feature_extractor,
+        *,
+        target_sr: int = MODEL_SAMPLE_RATE,
+        int16_roundtrip: bool = True,
+        min_seconds: float = 1.0,
+        truncation: str | None = None,
+        padding: str | None = None,
+        checkpoint_every: int = 25,
+    ) -> None:
+        if target_sr != feature_extractor.sampling_rate:
+            raise ValueError(
+                f"target_sr={target_sr} differs from the extractor's sampling_rate={feature_extractor.sampling_rate}"
+            )
+        self.feature_extractor = feature_extractor
+        self.target_sr = target_sr
+        self.int16_roundtrip = int16_roundtrip
+        self.min_seconds = min_seconds
+        self.truncation = truncation if truncation is not None else feature_extractor.truncation
+        self.padding = padding if padding is not None else feature_extractor.padding
+        if self.truncation not in TRUNCATION_MODES:
+            raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {self.truncation!r}")
+        self.checkpoint_every = max(1, checkpoint_every)
+        extractor_config = {
+            key: value
+            for key, value in feature_extractor.to_dict().items()
+            if not key.startswith("_") and key not in _VOLATILE_EXTRACTOR_KEYS
+        }
+        self.config = {
+            "format_version": CACHE_FORMAT_VERSION,
+            "extractor": extractor_config,
+            "target_sr": target_sr,
+            "int16_roundtrip": int16_roundtrip,
+            "min_seconds": min_seconds,
+            "truncation": self.truncation,
+            "padding": self.padding,
+        }
+        config_json = json.dumps(self.config, sort_keys=True, default=_json_default)
+        self.config_hash = hashlib.sha256(config_json.encode()).hexdigest()[:16]
+        self.config_dir = Path(cache_dir) / self.config_hash
+
+    def store_dir(self, table: ClipTable) -> Path:
+        """Folder of `table`'s rows: one per (audio folder, ordered filenames)."""
+        identity = json.dumps([str(table.audio_dir.resolve()), list(table.filenames)])
+        return self.config_dir / f"{table.name}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+
+    def compute(self, table: ClipTable, on_bad_file: str = "error") -> CachedFeatures:
+        """Features for every clip of `table`, computing only rows missing from or stale in the cache."""
+        check_bad_file_policy(on_bad_file)
+        if len(table) == 0:
+            raise ValueError(f"table {table.name!r} has no clips")
+        store = self.store_dir(table)
+        store.mkdir(parents=True, exist_ok=True)
+        config_path = self.config_dir / "config.json"
+        if not config_path.exists():
+            _write_json_atomic(config_path, self.config)
+        features_path, index_path = store / FEATURES_FILE, store / INDEX_FILE
+
+        entries = self._read_index(index_path, features_path, len(table))
+        identities = [_file_identity(path) for path in table.paths()]
+        todo = [
+            row
+            for row, (filename, identity) in enumerate(zip(table.filenames, identities, strict=True))
+            if identity is None or entries.get(filename, {}).get("identity") != identity
+        ]
+        if todo:
+            features, created = self._open_for_writing(features_path, len(table))
+            if created:
+                entries, todo = {}, list(range(len(table)))
+            try:
+                for n_done, row in enumerate(
+                    tqdm(todo, desc=f"CLAP features ({table.name})", unit="clip"), 1
+                ):
+                    filename = table.filenames[row]
+                    try:
+                        audio = load_audio(
+                            table.audio_dir / filename,
+                            target_sr=self.target_sr,
+                            int16_roundtrip=self.int16_roundtrip,
+                            min_seconds=self.min_seconds,
+                        )
+                    except BadAudioError as err:
+                        features[row] = 0.0
+                        entries[filename] = {"row": row, "identity": identities[row], "reason": err.reason}
+                        if on_bad_file == "error":
+                            raise
+                        continue
+                    features[row], is_longer = self._extract(audio, filename)
+                    entries[filename] = {"row": row, "identity": identities[row], "is_longer": is_longer}
+                    if n_done % self.checkpoint_every == 0:
+                        self._checkpoint(features, entries, index_path, len(table))
+            finally:
+                self._checkpoint(features, entries, index_path, len(table))
+                del features
+
+        skipped = [(name, entries[name]["reason"]) for name in table.filenames if "reason" in entries[name]]
+        if skipped and on_bad_file == "error":
+            filename, reason = skipped[0]
+            raise BadAudioError(table.audio_dir / filename, reason)
+        return CachedFeatures(
+            input_features=np.load(features_path, mmap_mode="r"),
+            is_longer=np.array([entries[name].get("is_longer", False) for name in table.filenames]),
+            valid=np.array(["reason" not in entries[name] for name in table.filenames]),
+            skipped=skipped,
+        )
+
+    def _extract(self, audio: np.ndarray, filename: str) -> tuple[np.ndarray, bool]:
+        seed = _stable_seed(filename)
+        max_samples = self.feature_extractor.nb_max_samples
+        is_longer = audio.size > max_samples
+        if self.truncation == "rand_trunc" and is_longer:
+            start = int(np.random.default_rng(seed).integers(0, audio.size - max_samples + 1))
+            audio = audio[start : start + max_samples]
+        with _seeded_global_numpy_rng(seed):
+            output = self.feature_extractor(
+                audio,
+                sampling_rate=self.target_sr,
+                truncation=self.truncation,
+                padding=self.padding,
+                return_tensors="np",
+            )
+        if self.truncation == "fusion":
+            # Keep the extractor's flag: for a single short clip it sets True, and the fusion model expects that.
+            is_longer = bool(np.asarray(output["is_longer"]).reshape(-1)[0])
+        return np.asarray(output["input_features"][0], dtype=np.float32), bool(is_longer)
+
+    def _feature_shape(self) -> tuple[int, ...]:
+        """Per-clip feature shape, read off the extractor on one second of a quiet tone."""
+        t = np.arange(self.target_sr, dtype=np.float32) / self.target_sr
+        probe = 0.1 * np.sin(2 * np.pi * 440.0 * t)
+        with _seeded_global_numpy_rng(0):
+            output = self.feature_extractor(
+                probe,
+                sampling_rate=self.target_sr,
+                truncation=self.truncation,
+                padding=self.padding,
+                return_tensors="np",
+            )
+        return tuple(np.asarray(output["input_features"]).shape[1:])
+
+    def _read_index(self, index_path: Path, features_path: Path, n_rows: int) -> dict[str, dict]:
+        """Entries of a usable index, or {} when the index or its feature file is missing or mismatched."""
+        if not (index_path.is_file() and features_path.is_file()):
+            return {}
+        index = json.loads(index_path.read_text())
+        if index.get("format_version") != CACHE_FORMAT_VERSION or index.get("n_rows") != n_rows:
+            return {}
+        return index["entries"]
+
+    def _open_for_writing(self, features_path: Path, n_rows: int) -> tuple[np.memmap, bool]:
+        """Writable feature rows, and whether the file was (re)created, invalidating any index."""
+        if features_path.is_file():
+            features = np.load(features_path, mmap_mode="r+")
+            if features.shape[0] == n_rows and features.dtype == np.float32:
+                return features, False
+            del features
+        # Create under a temporary name so a crash cannot leave a feature file with a broken header.
+        fd, tmp = tempfile.mkstemp(prefix=f".{FEATURES_FILE}.", suffix=".tmp", dir=features_path.parent)
+        os.close(fd)
+        created = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=np.float32, shape=(n_rows, *self._feature_shape())
+        )
+        created.flush()
+        del created
+        os.replace(tmp, features_path)
+        (features_path.parent / INDEX_FILE).unlink(missing_ok=True)
+        return np.load(features_path, mmap_mode="r+"), True
+
+    def _checkpoint(self, features: np.memmap, entries: dict, index_path: Path, n_rows: int) -> None:
+        """Flush feature rows before the index that vouches for them."""
+        features.flush()
+        _write_json_atomic(
+            index_path, {"format_version": CACHE_FORMAT_VERSION, "n_rows": n_rows, "entries": entries}
+        )

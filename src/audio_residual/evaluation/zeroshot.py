@@ -1,0 +1,34 @@
+"""Zero-shot accuracy of CLAP on every fold of a dataset."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from audio_residual.evaluation.metrics import topk_accuracy
+from audio_residual.experiment import Experiment
+
+
+def zero_shot_by_fold(exp: Experiment, batch_size: int = 32) -> pd.DataFrame:
+    """One row per fold: fold, n, accuracy, top5 (each clip is embedded once, whatever the fold count)."""
+    rows = exp.valid_indices()
+    logits = exp.classifier.logits(exp.embed(rows, batch_size=batch_size, desc="zero-shot"))
+    labels, folds = exp.table.labels[rows], exp.table.folds[rows]
+    records = []
+    for fold in exp.table.fold_ids:
+        mask = folds == fold
+        records.append(
+            {
+                "fold": int(fold),
+                "n": int(mask.sum()),
+                "accuracy": topk_accuracy(logits[mask], labels[mask], 1),
+                "top5": topk_accuracy(logits[mask], labels[mask], 5),
+            }
+        )
+    return pd.DataFrame.from_records(records, columns=["fold", "n", "accuracy", "top5"])
+
+
+def summarize(frame: pd.DataFrame, column: str = "accuracy") -> str:
+    values = frame[column].to_numpy(dtype=float)
+    std = np.std(values, ddof=1) if len(values) > 1 else 0.0
+    return f"{column} {values.mean():.4f} ± {std:.4f} over {len(values)} folds"

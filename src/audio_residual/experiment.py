@@ -1,0 +1,82 @@
+"""One object that ties a dataset, a CLAP model and cached features together: what every command needs.
+
+    exp = Experiment.open("data/ESC-50-master", model="laion/clap-htsat-unfused")
+    exp.features.input_features[exp.valid_indices()]   # memory-mapped log-mels
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from audio_residual.clap.classifier import DEFAULT_TEMPLATES, ZeroShotClassifier
+from audio_residual.clap.loading import DEFAULT_MODEL, ClapBundle, load_clap
+from audio_residual.data_processing import (
+    CachedFeatures,
+    ClipTable,
+    FeatureCache,
+    Split,
+    ensure_esc50,
+    load_dataset,
+    official_splits,
+)
+
+DEFAULT_CACHE = Path("cache")
+
+
+def resolve_dataset(data: str | Path, download_dir: Path = Path("data")) -> ClipTable:
+    """`esc50` means the official ESC-50 (downloaded into `download_dir` once); anything else is a folder."""
+    if str(data).lower() in ("esc50", "esc-50"):
+        return load_dataset(ensure_esc50(cache_dir=download_dir))
+    return load_dataset(Path(data))
+
+
+@dataclass
+class Experiment:
+    table: ClipTable
+    bundle: ClapBundle
+    features: CachedFeatures
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    _classifier: ZeroShotClassifier | None = field(default=None, repr=False)
+
+    @classmethod
+    def open(
+        cls,
+        data: str | Path,
+        model: str | Path = DEFAULT_MODEL,
+        cache_dir: str | Path = DEFAULT_CACHE,
+        device: str = "auto",
+        amp: str = "auto",
+        on_bad_file: str = "error",
+        int16_roundtrip: bool = True,
+        templates: tuple[str, ...] = DEFAULT_TEMPLATES,
+    ) -> Experiment:
+        table = resolve_dataset(data)
+        bundle = load_clap(model, device=device, amp=amp, class_names=table.class_names)
+        cache = FeatureCache(Path(cache_dir) / "features", bundle.feature_extractor, int16_roundtrip=int16_roundtrip)
+        features = cache.compute(table, on_bad_file=on_bad_file)
+        return cls(table, bundle, features, tuple(templates))
+
+    @property
+    def classifier(self) -> ZeroShotClassifier:
+        if self._classifier is None:
+            self._classifier = ZeroShotClassifier(self.bundle, self.table.class_names, self.templates)
+        return self._classifier
+
+    def valid_indices(self, indices: np.ndarray | None = None) -> np.ndarray:
+        """The given rows (default: all) minus the files that were skipped as bad input."""
+        rows = np.arange(len(self.table)) if indices is None else np.asarray(indices)
+        return rows[self.features.valid[rows]]
+
+    def splits(self, val_fraction: float = 0.0, seed: int = 0) -> list[Split]:
+        """Official folds, with skipped files removed from every index set."""
+        return [
+            Split(s.fold, self.valid_indices(s.train), self.valid_indices(s.test), self.valid_indices(s.val))
+            for s in official_splits(self.table, val_fraction=val_fraction, seed=seed)
+        ]
+
+    def embed(self, indices: np.ndarray, batch_size: int = 32, desc: str = "audio embeddings"):
+        f = self.features
+        return self.classifier.embed(f.input_features, indices, f.is_longer, batch_size=batch_size, desc=desc)
