@@ -14,12 +14,13 @@ from audio_residual.residual.units import ResiDual, ResidualConfig
 
 @pytest.fixture(scope="module")
 def features():
-    return torch.randn(6, 1, 1001, 64, generator=torch.Generator().manual_seed(0)).numpy()
+    return torch.randn(12, 1, 1001, 64, generator=torch.Generator().manual_seed(0)).numpy()
 
 
 @pytest.fixture(scope="module")
 def stats(tiny_bundle, features):
-    return ResidualStatistics.fit(tiny_bundle.model, features, np.arange(4), batch_size=4)
+    """Fitted on 10 clips: enough tokens (16 per clip in the last stage) for full-rank covariances."""
+    return ResidualStatistics.fit(tiny_bundle.model, features, np.arange(10), batch_size=5)
 
 
 CONFIGS = [

@@ -1,0 +1,6 @@
+"""λ training for ResiDual, W&B tracking and sweeps."""
+
+from audio_residual.training.tracking import RunTracker, wandb_available
+from audio_residual.training.trainer import FoldResult, TrainConfig, TrainingDiverged, train_residual_fold
+
+__all__ = ["FoldResult", "RunTracker", "TrainConfig", "TrainingDiverged", "train_residual_fold", "wandb_available"]

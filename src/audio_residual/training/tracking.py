@@ -1,0 +1,58 @@
+"""Weights & Biases logging with three modes: online, offline (sync later) and disabled (tests, no account)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+MODES = ("online", "offline", "disabled")
+
+
+def wandb_available() -> bool:
+    """True when W&B can reach an account: an API key is configured and no offline mode is forced."""
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+        return False
+    try:
+        import wandb
+
+        return bool(os.environ.get("WANDB_API_KEY") or wandb.api.api_key)
+    except Exception:  # noqa: BLE001 — any failure to find credentials means: not logged in
+        return False
+
+
+class RunTracker:
+    """Per-epoch metrics and λ histograms; a no-op when disabled, so training code never branches."""
+
+    def __init__(self, mode: str = "disabled", project: str = "audio-residual", config: dict | None = None, **init):
+        if mode not in MODES:
+            raise ValueError(f"W&B mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        self.run = None
+        if mode != "disabled":
+            import wandb
+
+            self.run = wandb.run or wandb.init(project=project, config=config, mode=mode, **init)
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def log_lambdas(self, residual, prefix: str = "") -> None:
+        """One histogram of λ per unit group (which components were amplified, which suppressed)."""
+        if self.run is None:
+            return
+        import wandb
+
+        self.run.log(
+            {f"{prefix}/lambda/{group}": wandb.Histogram(np.asarray(p.detach().cpu())) for group, p in residual.lambdas.items()}
+        )
+
+    def summary(self, values: dict) -> None:
+        if self.run is not None:
+            self.run.summary.update(values)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None

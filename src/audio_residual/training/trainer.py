@@ -1,0 +1,287 @@
+"""Train ResiDual's λ on one fold: frozen CLAP, frozen class text embeddings, cross-entropy on scaled logits.
+
+The PCA statistics come from the fold's training clips only; the validation split (carved from the
+training folds) chooses the epoch; the test fold is touched once, at the end, for the reported numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from audio_residual.analysis.stats import ResidualStatistics
+from audio_residual.clap.classifier import audio_embeddings
+from audio_residual.data_processing import Split
+from audio_residual.evaluation.metrics import topk_accuracy
+from audio_residual.experiment import Experiment
+from audio_residual.io import write_csv, write_json
+from audio_residual.residual.units import ResiDual, ResidualConfig
+from audio_residual.training.checkpoint import load_checkpoint, save_checkpoint
+
+OPTIMIZERS = ("adam", "adamw", "schedulefree")
+SCHEDULES = ("constant", "cosine")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: λ is no longer meaningful, so the run stops."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a ResiDual run depends on; flat, so a W&B sweep can set any field."""
+
+    granularity: str = "head"
+    kinds: tuple[str, ...] = ("attn",)
+    stages: tuple[int, ...] | None = None
+    k: int | None = None
+    evr: float | None = None
+    init: str = "ones"
+    coarse: bool = False
+    optimizer: str = "adamw"
+    lr: float = 1e-2
+    weight_decay: float = 0.0  # pulls λ towards 0 (suppression), not towards 1: off by default
+    epochs: int = 10
+    batch_size: int = 32
+    schedule: str = "cosine"
+    val_fraction: float = 0.1
+    patience: int | None = None  # early stopping on validation accuracy
+    tokens_per_clip: int | None = None  # token subsampling for the PCA statistics
+    seed: int = 0
+
+    def __post_init__(self):
+        self.kinds = tuple(self.kinds)
+        self.stages = None if self.stages is None else tuple(int(s) for s in self.stages)
+        self.residual_config()  # validates the ResiDual part
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not (self.lr > 0 and self.epochs >= 1 and self.batch_size >= 1):
+            raise ValueError(f"need lr > 0, epochs ≥ 1, batch_size ≥ 1; got {self.lr}, {self.epochs}, {self.batch_size}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        """From a JSON/W&B dict; unknown keys are an error that names them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def residual_config(self) -> ResidualConfig:
+        return ResidualConfig(self.granularity, self.kinds, self.stages, self.k, self.evr, self.init, self.coarse, self.seed)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    best_epoch: int
+    start_train_accuracy: float  # λ = 1, i.e. zero-shot, on the training clips
+    train_accuracy: float
+    val_accuracy: float
+    test_accuracy: float
+    test_top5: float
+    trainable_params: int
+    seconds: float
+    test_logits: np.ndarray = field(repr=False)
+    test_labels: np.ndarray = field(repr=False)
+    history: list[dict] = field(repr=False, default_factory=list)
+
+    def row(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in ("test_logits", "test_labels", "history")}
+
+
+def fold_statistics(exp: Experiment, split: Split, out_dir: Path | None, config: TrainConfig) -> ResidualStatistics:
+    """PCA moments of the fold's training clips, loaded from `out_dir` when already fitted for them."""
+    train = np.sort(split.train)
+    key = hashlib.sha256(train.tobytes()).hexdigest()[:12]
+    path = None if out_dir is None else out_dir / f"stats_fold{split.fold}_{key}_{config.tokens_per_clip}.safetensors"
+    if path is not None and path.exists():
+        return ResidualStatistics.load(path)
+    stats = ResidualStatistics.fit(
+        exp.bundle.model,
+        exp.features.input_features,
+        train,
+        batch_size=config.batch_size,
+        tokens_per_clip=config.tokens_per_clip,
+        seed=config.seed,
+        autocast=exp.bundle.autocast,
+        device=exp.bundle.device,
+        metadata={"model": exp.bundle.model_id, "dataset": exp.table.name, "fold": split.fold, "train_clips": key},
+    )
+    if path is not None:
+        stats.save(path)
+    return stats
+
+
+@torch.no_grad()
+def residual_logits(exp: Experiment, residual: ResiDual | None, indices: np.ndarray, batch_size: int = 32) -> torch.Tensor:
+    """Zero-shot logits of the given clips with ResiDual attached (None: the plain model)."""
+    model = exp.bundle.model
+    features = exp.features.input_features
+    out = []
+    for start in range(0, len(indices), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(features[indices[start : start + batch_size]])).to(exp.bundle.device)
+        with exp.bundle.autocast():
+            if residual is None:
+                emb = audio_embeddings(model, x)
+            else:
+                with residual.attached(model):
+                    emb = audio_embeddings(model, x)
+        out.append(exp.classifier.logits(emb).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, len(exp.table.class_names))
+
+
+def _optimizer(config: TrainConfig, params, total_steps: int):
+    if config.optimizer == "schedulefree":
+        import schedulefree
+
+        return schedulefree.AdamWScheduleFree(params, lr=config.lr, weight_decay=config.weight_decay), None
+    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    optimizer = cls(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.schedule == "cosine":
+        return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    return optimizer, None
+
+
+def _set_mode(optimizer, training: bool) -> None:
+    """Schedule-free AdamW evaluates at averaged weights: it must be told when training stops."""
+    if hasattr(optimizer, "train") and hasattr(optimizer, "eval"):
+        optimizer.train() if training else optimizer.eval()
+
+
+def train_residual_fold(
+    exp: Experiment,
+    split: Split,
+    config: TrainConfig,
+    out_dir: str | Path | None = None,
+    logger=None,
+) -> FoldResult:
+    """Fit statistics on the fold's training clips, train λ, pick the epoch on validation, test once.
+
+    With `out_dir`, a checkpoint is written after every epoch and an interrupted run resumes from it.
+    """
+    started = time.perf_counter()
+    out_dir = None if out_dir is None else Path(out_dir)
+    fold_dir = None if out_dir is None else out_dir / f"fold{split.fold}"
+    device = exp.bundle.device
+    labels_all = torch.as_tensor(np.array(exp.table.labels))
+    stats = fold_statistics(exp, split, out_dir, config)
+    residual = ResiDual.from_statistics(stats, config.residual_config()).to(device)
+    params = list(residual.lambdas.values())
+    steps_per_epoch = math.ceil(len(split.train) / config.batch_size)
+    optimizer, scheduler = _optimizer(config, params, steps_per_epoch * config.epochs)
+    class_embeddings = exp.classifier.class_embeddings.to(device)
+
+    history: list[dict] = []
+    start_epoch, best = 0, {"epoch": 0, "val_accuracy": -1.0, "lambdas": None}
+    checkpoint = None if fold_dir is None else fold_dir / "checkpoint.safetensors"
+    if checkpoint is not None and checkpoint.exists():
+        states, info = load_checkpoint(checkpoint)
+        if info["config"] == config.digest():
+            residual.lambdas.load_state_dict(states["lambdas"])
+            optimizer.load_state_dict(states["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(states["scheduler"])
+            start_epoch, history = info["epoch"], info["history"]
+            best = {"epoch": info["best_epoch"], "val_accuracy": info["best_val"], "lambdas": states["best"]}
+
+    def accuracy(indices: np.ndarray) -> float:
+        _set_mode(optimizer, False)
+        logits = residual_logits(exp, residual, indices, config.batch_size)
+        return topk_accuracy(logits, exp.table.labels[indices])
+
+    start_train_accuracy = topk_accuracy(residual_logits(exp, None, split.train, config.batch_size), exp.table.labels[split.train])
+    generator = torch.Generator().manual_seed(config.seed)
+    for epoch in tqdm(range(start_epoch, config.epochs), desc=f"fold {split.fold} λ training", leave=False,
+                      initial=start_epoch, total=config.epochs):
+        generator.manual_seed(config.seed * 100_003 + epoch)  # reshuffles identically after a resume
+        order = split.train[torch.randperm(len(split.train), generator=generator).numpy()]
+        _set_mode(optimizer, True)
+        losses, correct = [], 0
+        for start in range(0, len(order), config.batch_size):
+            rows = order[start : start + config.batch_size]
+            x = torch.from_numpy(np.ascontiguousarray(exp.features.input_features[rows])).to(device)
+            y = labels_all[rows].to(device)
+            with exp.bundle.autocast(), residual.attached(exp.bundle.model):
+                emb = audio_embeddings(exp.bundle.model, x)
+            logits = exp.classifier.logit_scale * emb.float() @ class_embeddings.T
+            loss = F.cross_entropy(logits, y)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"fold {split.fold}, epoch {epoch + 1}, step {start // config.batch_size + 1}: loss is {loss.item()}"
+                    f" (lr {config.lr}, optimizer {config.optimizer}); lower the learning rate"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            losses.append(loss.item())
+            correct += int((logits.argmax(1) == y).sum())
+        val_accuracy = accuracy(split.val) if len(split.val) else float("nan")
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": float(np.mean(losses)),
+            "train_accuracy": correct / len(order),
+            "val_accuracy": val_accuracy,
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        history.append(record)
+        # Without a validation split the last epoch is kept; ties keep the earlier epoch.
+        score = val_accuracy if len(split.val) else epoch
+        if score > best["val_accuracy"]:
+            best = {"epoch": epoch + 1, "val_accuracy": score, "lambdas": {k: v.detach().clone() for k, v in residual.lambdas.items()}}
+        if logger is not None:
+            logger.log({f"fold{split.fold}/{k}": v for k, v in record.items()})
+            logger.log_lambdas(residual, prefix=f"fold{split.fold}")
+        if checkpoint is not None:
+            states = {"lambdas": residual.lambdas.state_dict(), "optimizer": optimizer.state_dict(), "best": best["lambdas"]}
+            if scheduler is not None:
+                states["scheduler"] = scheduler.state_dict()
+            info = {"config": config.digest(), "epoch": epoch + 1, "history": history,
+                    "best_epoch": best["epoch"], "best_val": best["val_accuracy"]}
+            save_checkpoint(checkpoint, states, info)
+        if config.patience is not None and epoch + 1 - best["epoch"] >= config.patience:
+            break
+
+    _set_mode(optimizer, False)
+    if best["lambdas"] is not None:
+        residual.lambdas.load_state_dict(best["lambdas"])
+    train_accuracy = accuracy(split.train)
+    test_logits = residual_logits(exp, residual, split.test, config.batch_size)
+    test_labels = exp.table.labels[split.test]
+    result = FoldResult(
+        fold=split.fold,
+        best_epoch=best["epoch"],
+        start_train_accuracy=start_train_accuracy,
+        train_accuracy=train_accuracy,
+        val_accuracy=best["val_accuracy"] if len(split.val) else float("nan"),
+        test_accuracy=topk_accuracy(test_logits, test_labels),
+        test_top5=topk_accuracy(test_logits, test_labels, 5),
+        trainable_params=residual.num_parameters(),
+        seconds=time.perf_counter() - started,
+        test_logits=test_logits.numpy(),
+        test_labels=test_labels,
+        history=history,
+    )
+    if fold_dir is not None:
+        residual.save(fold_dir / "lambda.safetensors", metadata={"fold": split.fold, "config": asdict(config)})
+        write_csv(fold_dir / "history.csv", pd.DataFrame(history))
+        write_json(fold_dir / "result.json", result.row())
+    return result
