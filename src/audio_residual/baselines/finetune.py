@@ -1,0 +1,147 @@
+"""Full fine-tuning of CLAP's audio encoder and audio projection with a linear head: the expensive upper baseline.
+
+Meant for a GPU (AMP through `bundle.autocast()`); it runs on the CPU too, slowly, which the tests use on
+the tiny model. The shared frozen bundle is never touched: the audio tower is deep-copied first.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from audio_residual.clap.classifier import ZeroShotClassifier, audio_embeddings
+from audio_residual.clap.loading import ClapBundle
+
+
+class AudioClassifier(nn.Module):
+    """A trainable copy of the audio encoder + projection, followed by a linear head on normalised embeddings."""
+
+    def __init__(self, audio_model: nn.Module, audio_projection: nn.Module, n_classes: int, dim: int):
+        super().__init__()
+        self.audio_model = audio_model
+        self.audio_projection = audio_projection
+        self.head = nn.Linear(dim, n_classes)
+
+    def forward(self, input_features: torch.Tensor, is_longer: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(audio_embeddings(self, input_features, is_longer))
+
+
+@dataclass
+class FineTuned:
+    """The trained classifier, its trainable-parameter count and the per-step training losses."""
+
+    model: AudioClassifier
+    bundle: ClapBundle
+    trainable_params: int
+    losses: list[float] = field(default_factory=list)
+    val_accuracy: float | None = None
+
+    @torch.no_grad()
+    def logits(self, input_features, indices, is_longer=None, batch_size: int = 32) -> torch.Tensor:
+        """Logits of the selected rows of a (memory-mapped) feature array, on the CPU."""
+        self.model.eval()
+        out = []
+        for _, x, longer in _batches(self.bundle, input_features, is_longer, np.asarray(indices), batch_size):
+            with self.bundle.autocast():
+                out.append(self.model(x, longer).float().cpu())
+        return torch.cat(out) if out else torch.empty(0, self.model.head.out_features)
+
+
+def _batches(bundle: ClapBundle, input_features, is_longer, rows: np.ndarray, batch_size: int):
+    """(rows, features, is_longer) batches moved to the bundle's device."""
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        x = torch.from_numpy(np.ascontiguousarray(input_features[batch])).to(bundle.device)
+        longer = None
+        if is_longer is not None:
+            longer = torch.from_numpy(np.asarray(is_longer[batch])).reshape(-1, 1).to(bundle.device)
+        yield batch, x, longer
+
+
+def _train_mode(model: AudioClassifier) -> None:
+    """Train mode, but BatchNorm keeps its pretrained running statistics (small batches would corrupt them)."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def finetune_audio_encoder(
+    bundle: ClapBundle,
+    input_features,
+    is_longer,
+    labels,
+    train_indices,
+    n_classes: int,
+    val_indices=None,
+    zero_shot: ZeroShotClassifier | None = None,
+    epochs: int = 5,
+    lr: float = 1e-5,
+    head_lr: float = 1e-3,
+    weight_decay: float = 0.01,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> FineTuned:
+    """Fine-tune a deep copy of the audio encoder + projection and a linear head with cross-entropy.
+
+    `labels` indexes like `input_features` (the whole table). With `zero_shot`, the head starts as the
+    zero-shot classifier (weights = logit scale × class text embeddings), so training starts from CLAP's
+    own predictions; otherwise it is random. The encoder gets a small learning rate, the head a larger
+    one. With validation indices, the returned weights are those of the epoch with the best validation
+    accuracy (early stopping on validation only).
+    """
+    torch.manual_seed(seed)
+    labels = np.asarray(labels)
+    train_indices = np.asarray(train_indices)
+    source = bundle.model
+    dim = source.audio_projection.linear2.out_features
+    model = AudioClassifier(
+        copy.deepcopy(source.audio_model), copy.deepcopy(source.audio_projection), n_classes, dim
+    ).to(bundle.device)
+    model.requires_grad_(True)
+    if zero_shot is not None:
+        with torch.no_grad():
+            model.head.weight.copy_(zero_shot.logit_scale * zero_shot.class_embeddings)
+            model.head.bias.zero_()
+    encoder_params = [*model.audio_model.parameters(), *model.audio_projection.parameters()]
+    optimizer = torch.optim.AdamW(
+        [{"params": encoder_params, "lr": lr}, {"params": model.head.parameters(), "lr": head_lr}],
+        weight_decay=weight_decay,
+    )
+    scaler = torch.amp.GradScaler(
+        "cuda", enabled=bundle.amp_dtype == torch.float16 and bundle.device.type == "cuda"
+    )
+    result = FineTuned(model, bundle, sum(p.numel() for p in model.parameters() if p.requires_grad))
+    generator = np.random.default_rng(seed)
+    has_val = val_indices is not None and len(val_indices) > 0
+    best_state, best_accuracy = None, -1.0
+    for epoch in tqdm(range(epochs), desc="fine-tuning", leave=False):
+        _train_mode(model)
+        rows = generator.permutation(train_indices)
+        steps = _batches(bundle, input_features, is_longer, rows, batch_size)
+        for batch, x, longer in tqdm(steps, desc=f"epoch {epoch + 1}", leave=False):
+            with bundle.autocast():
+                logits = model(x, longer)
+            loss = F.cross_entropy(logits.float(), torch.from_numpy(labels[batch]).to(bundle.device))
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            result.losses.append(float(loss.detach()))
+        if has_val:
+            val_logits = result.logits(input_features, val_indices, is_longer, batch_size)
+            accuracy = float((val_logits.argmax(1).numpy() == labels[np.asarray(val_indices)]).mean())
+            if accuracy > best_accuracy:
+                best_accuracy = accuracy
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if best_state is not None:
+        model.load_state_dict(best_state)
+        result.val_accuracy = best_accuracy
+    model.eval().requires_grad_(False)
+    return result

@@ -1,0 +1,297 @@
+"""Per-fold metrics, a resumable results store, and the paired comparison of every method with zero-shot.
+
+The store is the one place results go, whichever code produced them:
+
+    store = ResultsStore(out_dir / "results.csv")
+    if not store.has("residual", fold):
+        store.add_evaluation("residual", fold, test_logits, test_labels, n_classes, trainable_params=96, seconds=t)
+
+`results.csv` is rewritten atomically after every row, so a crash loses at most the row being computed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+
+from audio_residual.evaluation.metrics import topk_accuracy
+from audio_residual.io import atomic_path, write_csv
+
+RESULT_COLUMNS = (
+    "method",
+    "fold",
+    "accuracy",
+    "top5",
+    "macro_precision",
+    "macro_recall",
+    "macro_f1",
+    "trainable_params",
+    "seconds",
+)
+SUMMARY_METRICS = ("accuracy", "top5", "macro_precision", "macro_recall", "macro_f1")
+BASELINE_METHOD = "zeroshot"
+
+
+def confusion_matrix(predictions: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """(C, C) counts; rows are true classes, columns predicted classes."""
+    flat = np.asarray(labels, dtype=np.int64) * n_classes + np.asarray(predictions, dtype=np.int64)
+    return np.bincount(flat, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """Element-wise ratio with 0 where the denominator is 0 (scikit-learn's zero_division=0)."""
+    out = np.zeros(numerator.shape, dtype=np.float64)
+    np.divide(numerator, denominator, out=out, where=denominator > 0)
+    return out
+
+
+def fold_metrics(logits, labels, n_classes: int) -> dict:
+    """Accuracy, top-5, macro precision/recall/F1, the confusion matrix and per-class accuracy of one fold.
+
+    Macro averages run over the classes that occur in the labels or the predictions (scikit-learn's
+    default), so a class absent from a fold does not count as a zero; a class that is present but never
+    predicted has precision 0 (zero division → 0). Per-class accuracy (= recall) is NaN for classes
+    absent from the labels, so that averaging across folds can skip them.
+    """
+    logits = torch.as_tensor(logits).detach().float().cpu()
+    labels = np.asarray(labels, dtype=np.int64)
+    predictions = logits.argmax(1).numpy()
+    confusion = confusion_matrix(predictions, labels, n_classes)
+    true_positive = np.diag(confusion).astype(np.float64)
+    support, predicted = confusion.sum(1), confusion.sum(0)
+    precision = _safe_divide(true_positive, predicted)
+    recall = _safe_divide(true_positive, support)
+    f1 = _safe_divide(2 * precision * recall, precision + recall)
+    seen = (support > 0) | (predicted > 0)
+    per_class_accuracy = np.where(support > 0, recall, np.nan)
+    return {
+        "accuracy": topk_accuracy(logits, labels, 1),
+        "top5": topk_accuracy(logits, labels, 5),
+        "macro_precision": float(precision[seen].mean()) if seen.any() else float("nan"),
+        "macro_recall": float(recall[seen].mean()) if seen.any() else float("nan"),
+        "macro_f1": float(f1[seen].mean()) if seen.any() else float("nan"),
+        "confusion": confusion,
+        "per_class_accuracy": per_class_accuracy,
+    }
+
+
+def _array_name(method: str, fold: int) -> str:
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', method)}__fold{int(fold)}.npz"
+
+
+class ResultsStore:
+    """A tidy results table (one row per method × fold) kept on disk as CSV, with per-row arrays as npz.
+
+    Columns: `RESULT_COLUMNS`, then any extra keys rows bring (kept in first-seen order). Arrays of a row
+    (`confusion`, `per_class_accuracy`, or anything else) go to `<csv dir>/arrays/<method>__fold<k>.npz`,
+    written before the CSV row, so a row in the CSV always has its arrays.
+    """
+
+    def __init__(self, path_csv: str | Path):
+        self.path = Path(path_csv)
+        self.arrays_dir = self.path.parent / "arrays"
+        if self.path.is_file():
+            self.frame = pd.read_csv(self.path)
+        else:
+            self.frame = pd.DataFrame(columns=list(RESULT_COLUMNS))
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def has(self, method: str, fold: int) -> bool:
+        return bool(((self.frame["method"] == method) & (self.frame["fold"] == int(fold))).any())
+
+    def methods(self) -> list[str]:
+        """Method names in the order they were first added."""
+        return list(dict.fromkeys(self.frame["method"]))
+
+    def add(self, row: Mapping, arrays: Mapping[str, np.ndarray] | None = None) -> None:
+        """Insert or replace the (method, fold) row, save its arrays, and rewrite the CSV atomically.
+
+        `row` needs `method`, `fold` and `accuracy`; missing standard columns are left empty (NaN).
+        """
+        missing = {"method", "fold", "accuracy"} - set(row)
+        if missing:
+            raise ValueError(f"a results row needs {sorted(missing)}")
+        record = {column: row.get(column, np.nan) for column in RESULT_COLUMNS} | dict(row)
+        record["method"], record["fold"] = str(record["method"]), int(record["fold"])
+        if arrays:
+            self.arrays_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.arrays_dir / _array_name(record["method"], record["fold"])) as tmp:
+                with open(tmp, "wb") as handle:
+                    np.savez(handle, **{k: np.asarray(v) for k, v in arrays.items()})
+        keep = ~((self.frame["method"] == record["method"]) & (self.frame["fold"] == record["fold"]))
+        new_row = pd.DataFrame([record])
+        frame = new_row if not keep.any() else pd.concat([self.frame[keep], new_row], ignore_index=True)
+        write_csv(self.path, frame)
+        self.frame = frame
+
+    def add_evaluation(
+        self,
+        method: str,
+        fold: int,
+        logits,
+        labels,
+        n_classes: int,
+        trainable_params: int,
+        seconds: float,
+        **extra,
+    ) -> dict:
+        """Compute `fold_metrics` from test logits and `add` the row with its confusion/per-class arrays."""
+        metrics = fold_metrics(logits, labels, n_classes)
+        arrays = {
+            "confusion": metrics.pop("confusion"),
+            "per_class_accuracy": metrics.pop("per_class_accuracy"),
+        }
+        row = {"method": method, "fold": int(fold), **metrics}
+        row |= {"trainable_params": int(trainable_params), "seconds": float(seconds), **extra}
+        self.add(row, arrays)
+        return row
+
+    def has_arrays(self, method: str) -> bool:
+        """Whether every fold of the method was added with its confusion and per-class arrays."""
+        folds = self.frame.loc[self.frame["method"] == method, "fold"]
+        return len(folds) > 0 and all((self.arrays_dir / _array_name(method, f)).is_file() for f in folds)
+
+    def arrays(self, method: str, fold: int) -> dict[str, np.ndarray]:
+        """The arrays saved with a row; empty if none were saved."""
+        path = self.arrays_dir / _array_name(method, fold)
+        if not path.is_file():
+            return {}
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+
+
+def _frame(results: ResultsStore | pd.DataFrame) -> pd.DataFrame:
+    return results.frame if isinstance(results, ResultsStore) else results
+
+
+def paired_tests(values: np.ndarray, baseline: np.ndarray) -> dict:
+    """Paired t-test and Wilcoxon signed-rank of per-fold `values` against `baseline` (two-sided).
+
+    Degenerate cases give NaN with a note instead of an exception or a misleading p: fewer than two
+    pairs, all differences zero (the methods agree on every fold), or constant differences (the t
+    statistic is infinite). With 5 folds the smallest possible Wilcoxon p is 0.0625.
+    """
+    values, baseline = np.asarray(values, dtype=float), np.asarray(baseline, dtype=float)
+    diff = values - baseline
+    out = {"n_pairs": len(diff), "mean_delta": float(diff.mean()) if len(diff) else float("nan")}
+    out |= {"ttest_p": float("nan"), "wilcoxon_p": float("nan"), "note": ""}
+    tolerance = 1e-12 * max(1.0, float(np.abs(values).max(initial=0.0)))
+    if len(diff) < 2:
+        out["note"] = "fewer than 2 paired folds"
+    elif np.all(np.abs(diff) <= tolerance):
+        out["note"] = "identical on every fold"
+    else:
+        if np.ptp(diff) <= tolerance:
+            out["note"] = "constant difference: t-test undefined"
+        else:
+            out["ttest_p"] = float(stats.ttest_rel(values, baseline).pvalue)
+        out["wilcoxon_p"] = float(stats.wilcoxon(values, baseline).pvalue)
+    return out
+
+
+def summary_table(results: ResultsStore | pd.DataFrame, baseline: str = BASELINE_METHOD) -> pd.DataFrame:
+    """Per method: mean and std (ddof=1) of each metric over folds, params, total seconds, tests vs baseline.
+
+    Tests pair folds that both the method and the baseline have; accuracy is the tested metric.
+    """
+    frame = _frame(results)
+    base = frame[frame["method"] == baseline].set_index("fold")["accuracy"]
+    records = []
+    for method in dict.fromkeys(frame["method"]):
+        rows = frame[frame["method"] == method].sort_values("fold")
+        record = {"method": method, "n_folds": len(rows)}
+        for metric in SUMMARY_METRICS:
+            values = rows[metric].to_numpy(dtype=float)
+            record[f"{metric}_mean"] = float(np.mean(values))
+            record[f"{metric}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+        params = rows["trainable_params"].max()
+        record["trainable_params"] = float("nan") if pd.isna(params) else int(params)
+        record["seconds_total"] = float(rows["seconds"].sum())
+        if method == baseline:
+            record |= {"n_pairs": len(rows), "mean_delta": 0.0, "ttest_p": np.nan, "wilcoxon_p": np.nan}
+            record["note"] = "baseline"
+        elif base.empty:
+            record |= {"n_pairs": 0, "mean_delta": np.nan, "ttest_p": np.nan, "wilcoxon_p": np.nan}
+            record["note"] = f"no {baseline} rows"
+        else:
+            paired = rows[rows["fold"].isin(base.index)]
+            record |= paired_tests(paired["accuracy"].to_numpy(), base.loc[paired["fold"]].to_numpy())
+        records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
+def _format_p(p: float) -> str:
+    return "—" if p is None or math.isnan(p) else f"{p:.3g}"
+
+
+def _format_params(count: float) -> str:
+    return "—" if pd.isna(count) else f"{int(count):,}"
+
+
+def markdown_table(summary: pd.DataFrame, baseline: str = BASELINE_METHOD) -> str:
+    """Table 1 of the earlier project, extended: method | accuracy mean ± std | top-5 | macro-F1 | params | p."""
+    lines = [
+        f"| method | accuracy (mean ± std) | top-5 | macro-F1 | trainable params | p vs {baseline} (t-test / Wilcoxon) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in summary.itertuples(index=False):
+        p = "—" if row.method == baseline else f"{_format_p(row.ttest_p)} / {_format_p(row.wilcoxon_p)}"
+        if isinstance(row.note, str) and row.note and row.method != baseline:
+            p += f" ({row.note})"
+        lines.append(
+            f"| {row.method} | {row.accuracy_mean:.4f} ± {row.accuracy_std:.4f} | {row.top5_mean:.4f} "
+            f"| {row.macro_f1_mean:.4f} | {_format_params(row.trainable_params)} | {p} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def per_class_accuracy(results: ResultsStore, method: str) -> np.ndarray:
+    """Per-class accuracy averaged over the method's folds (folds without a class are skipped for it)."""
+    folds = results.frame.loc[results.frame["method"] == method, "fold"]
+    stacked = [results.arrays(method, fold)["per_class_accuracy"] for fold in folds]
+    return np.nanmean(np.stack(stacked), axis=0)
+
+
+def per_class_deltas(
+    results: ResultsStore, class_names=None, baseline: str = BASELINE_METHOD, methods=None
+) -> pd.DataFrame:
+    """Long table (method, class, class_name, accuracy, baseline_accuracy, delta) for each non-baseline method.
+
+    `methods` defaults to every method in the store; each needs its per-class arrays.
+    """
+    reference = per_class_accuracy(results, baseline)
+    names = list(class_names) if class_names is not None else [str(i) for i in range(len(reference))]
+    parts = []
+    for method in results.methods() if methods is None else methods:
+        if method == baseline:
+            continue
+        accuracy = per_class_accuracy(results, method)
+        parts.append(
+            pd.DataFrame(
+                {
+                    "method": method,
+                    "class": np.arange(len(reference)),
+                    "class_name": names,
+                    "accuracy": accuracy,
+                    "baseline_accuracy": reference,
+                    "delta": accuracy - reference,
+                }
+            )
+        )
+    columns = ["method", "class", "class_name", "accuracy", "baseline_accuracy", "delta"]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+
+
+def summed_confusion(results: ResultsStore, method: str) -> np.ndarray:
+    """The method's confusion matrices summed over its folds (every clip counted once)."""
+    folds = results.frame.loc[results.frame["method"] == method, "fold"]
+    return np.sum([results.arrays(method, fold)["confusion"] for fold in folds], axis=0)

@@ -1,0 +1,201 @@
+"""Metrics, the resumable results store, summary statistics, plots and the end-to-end baseline runner."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats
+
+from audio_residual.evaluation import (
+    RESULT_COLUMNS,
+    ResultsStore,
+    fold_metrics,
+    markdown_table,
+    paired_tests,
+    per_class_deltas,
+    plots,
+    summary_table,
+    summed_confusion,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Toy-sized ops are dominated by thread hand-offs, which crawl on a busy machine: use one thread here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def one_hot_logits(predictions, n_classes):
+    return torch.nn.functional.one_hot(torch.tensor(predictions), n_classes).float()
+
+
+def test_fold_metrics_match_hand_computation_with_a_never_predicted_class():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    predictions = [0, 1, 1, 1, 0, 0]  # class 2 is never predicted
+    m = fold_metrics(one_hot_logits(predictions, 3), labels, 3)
+    # precision: c0 1/3, c1 2/3, c2 0 (0/0 → 0); recall: c0 1/2, c1 1, c2 0
+    # F1: c0 2·(1/3·1/2)/(5/6) = 0.4, c1 2·(2/3)/(5/3) = 0.8, c2 0
+    assert m["accuracy"] == pytest.approx(3 / 6)
+    assert m["macro_precision"] == pytest.approx((1 / 3 + 2 / 3 + 0) / 3)
+    assert m["macro_recall"] == pytest.approx((0.5 + 1 + 0) / 3)
+    assert m["macro_f1"] == pytest.approx((0.4 + 0.8 + 0) / 3)
+    np.testing.assert_array_equal(m["confusion"], [[1, 1, 0], [0, 2, 0], [2, 0, 0]])
+    np.testing.assert_allclose(m["per_class_accuracy"], [0.5, 1.0, 0.0])
+
+
+def test_fold_metrics_top5_and_absent_classes():
+    logits = torch.tensor([[5.0, 4, 3, 2, 1, 0, -1], [0.0, 1, 2, 3, 4, 5, 6]])
+    m = fold_metrics(logits, np.array([4, 0]), 7)
+    assert m["accuracy"] == 0.0 and m["top5"] == 0.5  # class 4 is 5th in row 0; class 0 is last in row 1
+    # Classes absent from labels and predictions (1, 2, 3, 5) do not enter the macro average.
+    assert m["macro_recall"] == 0.0 and np.isnan(m["per_class_accuracy"][1])
+
+
+def _row(method, fold, accuracy, params=0):
+    return {"method": method, "fold": fold, "accuracy": accuracy, "top5": 1.0, "macro_precision": accuracy,
+            "macro_recall": accuracy, "macro_f1": accuracy, "trainable_params": params, "seconds": 1.0}  # fmt: skip
+
+
+def test_store_persists_replaces_and_keeps_arrays(tmp_path):
+    store = ResultsStore(tmp_path / "results.csv")
+    store.add(_row("zeroshot", 1, 0.5), {"confusion": np.eye(3, dtype=np.int64)})
+    store.add(_row("zeroshot", 2, 0.6))
+    store.add(_row("zeroshot", 1, 0.7))  # replaces fold 1
+    reread = ResultsStore(tmp_path / "results.csv")
+    assert list(reread.frame.columns[: len(RESULT_COLUMNS)]) == list(RESULT_COLUMNS)
+    assert len(reread) == 2 and reread.has("zeroshot", 1) and not reread.has("zeroshot", 3)
+    assert reread.frame.set_index("fold").loc[1, "accuracy"] == 0.7
+    np.testing.assert_array_equal(reread.arrays("zeroshot", 1)["confusion"], np.eye(3))
+    assert reread.arrays("zeroshot", 2) == {}
+    with pytest.raises(ValueError, match="accuracy"):
+        store.add({"method": "x", "fold": 1})
+
+
+def test_store_write_failure_never_replaces_results(tmp_path, monkeypatch):
+    path = tmp_path / "results.csv"
+    store = ResultsStore(path)
+    store.add(_row("zeroshot", 1, 0.5))
+    before = path.read_bytes()
+
+    def crash_half_way(self, target, **kwargs):
+        with open(target, "w") as handle:
+            handle.write("method,fold\nbroken")  # a truncated temp file...
+        raise OSError("disk full")  # ...and the process dies
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", crash_half_way)
+    with pytest.raises(OSError):
+        store.add(_row("linear_probe", 1, 0.9))
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]  # no temp file left behind
+    assert len(ResultsStore(path)) == 1
+
+
+def test_summary_uses_sample_std_and_scipy_paired_tests():
+    base = [0.80, 0.85, 0.90, 0.88, 0.87]
+    better = [0.83, 0.86, 0.93, 0.90, 0.92]
+    frame = pd.DataFrame(
+        [_row("zeroshot", f, a) for f, a in zip(range(1, 6), base, strict=True)]
+        + [_row("probe", f, a, params=650) for f, a in zip(range(1, 6), better, strict=True)]
+    )
+    summary = summary_table(frame).set_index("method")
+    assert summary.loc["probe", "accuracy_std"] == pytest.approx(np.std(better, ddof=1))
+    assert summary.loc["probe", "accuracy_mean"] == pytest.approx(np.mean(better))
+    assert summary.loc["probe", "ttest_p"] == pytest.approx(stats.ttest_rel(better, base).pvalue)
+    assert summary.loc["probe", "wilcoxon_p"] == pytest.approx(0.0625)  # all 5 differences positive
+    assert summary.loc["probe", "seconds_total"] == 5.0 and summary.loc["probe", "trainable_params"] == 650
+    table = markdown_table(summary.reset_index())
+    assert "| probe | 0.8880 ± 0.0421 |" in table and "| 650 |" in table
+
+
+def test_paired_tests_degenerate_cases_give_nan_with_a_note():
+    same = paired_tests([0.8, 0.9, 0.85], [0.8, 0.9, 0.85])
+    assert np.isnan(same["ttest_p"]) and np.isnan(same["wilcoxon_p"]) and same["note"]
+    constant = paired_tests([0.81, 0.91, 0.86], [0.8, 0.9, 0.85])
+    assert np.isnan(constant["ttest_p"]) and "constant" in constant["note"]
+    assert constant["wilcoxon_p"] == pytest.approx(stats.wilcoxon([0.01] * 3).pvalue)
+    single = paired_tests([0.9], [0.8])
+    assert np.isnan(single["ttest_p"]) and single["note"]
+
+
+def test_per_class_deltas_confusion_sums_and_plots(tmp_path):
+    store = ResultsStore(tmp_path / "results.csv")
+    labels = np.array([0, 0, 1, 1])
+    for fold in (1, 2):
+        store.add_evaluation("zeroshot", fold, one_hot_logits([0, 1, 0, 0], 2), labels, 2, 0, 0.1)
+        store.add_evaluation("probe", fold, one_hot_logits([0, 0, 1, 1], 2), labels, 2, 6, 0.2)
+    deltas = per_class_deltas(store, ["a", "b"]).set_index("class_name")
+    assert deltas.loc["a", "delta"] == pytest.approx(0.5) and deltas.loc["b", "delta"] == pytest.approx(1.0)
+    np.testing.assert_array_equal(summed_confusion(store, "zeroshot"), [[2, 2], [4, 0]])
+    path = plots.save(plots.class_deltas(per_class_deltas(store, ["a", "b"]), "probe"), tmp_path / "d.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plots.save(plots.confusion_heatmap(summed_confusion(store, "probe"), ["a", "b"]), tmp_path / "c.png")
+    plots.save(plots.fold_accuracy(store.frame), tmp_path / "f.png")
+    assert {p.name for p in tmp_path.glob("*.png")} == {"d.png", "c.png", "f.png"}
+
+
+@pytest.fixture(scope="module")
+def tiny_experiment(synthetic_esc50, tmp_path_factory):
+    from audio_residual.experiment import Experiment
+
+    return Experiment.open(
+        synthetic_esc50, model="tiny", cache_dir=tmp_path_factory.mktemp("cache"), device="cpu"
+    )
+
+
+def test_run_baselines_end_to_end_and_resume(tiny_experiment, tmp_path, monkeypatch):
+    from audio_residual.evaluation.run import run_baselines, write_report
+
+    exp = tiny_experiment
+    calls = []
+    embed = exp.embed
+    monkeypatch.setattr(exp, "embed", lambda rows, **kw: calls.append(len(rows)) or embed(rows, **kw))
+    store = run_baselines(exp, tmp_path)
+    assert calls == [len(exp.valid_indices())]  # one embedding pass shared by every fold and method
+    frame = pd.read_csv(tmp_path / "results.csv")
+    methods = ("zeroshot", "linear_probe", "contrastive_adapter")
+    assert sorted(zip(frame["method"], frame["fold"], strict=True)) == sorted(
+        (m, f) for m in methods for f in range(1, 6)
+    )
+    params = frame.groupby("method")["trainable_params"].first()
+    dim, n_classes = exp.classifier.class_embeddings.shape[1], len(exp.table.class_names)
+    assert params.to_dict() == {"zeroshot": 0, "linear_probe": dim * n_classes + n_classes,
+                                "contrastive_adapter": dim * dim + dim}  # fmt: skip
+
+    # zero-shot rows equal the classifier applied to the test fold
+    split = exp.splits(0.1, 0)[0]
+    logits = exp.classifier.logits(embed(split.test))
+    expected = fold_metrics(logits, exp.table.labels[split.test], n_classes)["accuracy"]
+    assert frame.query("method == 'zeroshot' and fold == 1")["accuracy"].item() == pytest.approx(expected)
+
+    markdown = write_report(store, tmp_path, exp.table.class_names)
+    assert (tmp_path / "table.md").read_text() == markdown
+    assert all(f"| {m} |" in markdown for m in methods)
+    assert len(pd.read_csv(tmp_path / "summary.csv")) == 3
+    figures = {p.name for p in (tmp_path / "figures").iterdir()}
+    assert {"fold_accuracy.png", "confusion_zeroshot.png", "class_deltas_linear_probe.png"} <= figures
+
+    calls.clear()
+    rerun = run_baselines(exp, tmp_path)  # everything done: nothing is embedded or recomputed
+    assert calls == [] and rerun.frame.equals(store.frame)
+    forced = run_baselines(exp, tmp_path, methods=("zeroshot",), folds=(2,), force=True)
+    assert calls == [len(exp.valid_indices())] and len(forced) == 15
+    assert not forced.frame.equals(store.frame)  # fold 2's zero-shot row was rewritten (new seconds)
+
+
+def test_run_baselines_finetune_fold(tiny_experiment, tmp_path):
+    from audio_residual.evaluation.run import run_baselines
+
+    store = run_baselines(tiny_experiment, tmp_path, methods=("zeroshot",), folds=(1,), finetune_epochs=1)
+    assert store.methods() == ["zeroshot", "finetune"] and len(store) == 2
+    model = tiny_experiment.bundle.model
+    n_classes = len(tiny_experiment.table.class_names)
+    expected = sum(p.numel() for p in [*model.audio_model.parameters(), *model.audio_projection.parameters()])
+    expected += (model.audio_projection.linear2.out_features + 1) * n_classes
+    assert store.frame.set_index("method").loc["finetune", "trainable_params"] == expected
+    assert store.arrays("finetune", 1)["confusion"].sum() == len(tiny_experiment.splits()[0].test)
