@@ -6,7 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from audio_residual.clap.classifier import ZeroShotClassifier, audio_embeddings, class_prompts, text_embeddings
+from audio_residual.clap.classifier import (
+    ZeroShotClassifier,
+    audio_embeddings,
+    class_prompts,
+    text_embeddings,
+)
 from audio_residual.clap.loading import load_clap, resolve_amp
 
 

@@ -48,11 +48,11 @@ def tiny_clap_config(vocab_size: int = 512) -> ClapConfig:
         intermediate_size=64,
         max_position_embeddings=80,
     )
-    # With the default init (std ∝ 0.02) the tiny towers collapse: every class prompt embeds to cosine
-    # 0.9995 with every other, so nothing is learnable. A larger init keeps inputs distinguishable.
+    # With the default init (std ∝ 0.02) the tiny text tower collapses: every class prompt embeds to
+    # cosine 0.9995 with every other, so no class can be told apart. A wider init keeps them distinct.
     return ClapConfig(
         text_config={**text.to_dict(), "initializer_factor": 8.0},
-        audio_config={**audio.to_dict(), "initializer_factor": 8.0},
+        audio_config=audio.to_dict(),
         projection_dim=32,
         initializer_factor=8.0,
     )
