@@ -96,6 +96,74 @@ def _int_list(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
 
 
+def _train_options(parser: argparse.ArgumentParser) -> None:
+    from audio_residual.training.trainer import OPTIMIZERS, SCHEDULES
+
+    parser.add_argument("--granularity", choices=["layer", "block", "head"], default="head")
+    parser.add_argument("--kinds", type=lambda v: tuple(v.split(",")), default=("attn",), help="attn, mlp or attn,mlp")
+    parser.add_argument("--stages", type=_int_list, default=None, help="e.g. 2,3 (default: all)")
+    parser.add_argument("--k", type=int, default=None, help="keep at most k components per unit")
+    parser.add_argument("--evr", type=float, default=None, help="or the fewest reaching this explained variance")
+    parser.add_argument("--init", choices=["ones", "randn"], default="ones")
+    parser.add_argument("--coarse", action="store_true", help="one λ per unit instead of per component")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--schedule", choices=SCHEDULES, default="cosine")
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--patience", type=int, default=None)
+    parser.add_argument("--tokens-per-clip", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--folds", type=_int_list, default=None, help="e.g. 1,2 (default: all)")
+    parser.add_argument("--wandb", choices=["online", "offline", "disabled"], default="disabled")
+    parser.add_argument("--force", action="store_true", help="recompute (method, fold) rows already stored")
+
+
+def _train_config(args):
+    from audio_residual.training.trainer import TrainConfig
+
+    return TrainConfig(
+        granularity=args.granularity, kinds=args.kinds, stages=args.stages, k=args.k, evr=args.evr,
+        init=args.init, coarse=args.coarse, optimizer=args.optimizer, lr=args.lr, weight_decay=0.0,
+        epochs=args.epochs, batch_size=args.batch_size, schedule=args.schedule, val_fraction=args.val_fraction,
+        patience=args.patience, tokens_per_clip=args.tokens_per_clip, seed=args.seed,
+    )
+
+
+def cmd_train_residual(args) -> None:
+    from dataclasses import asdict
+
+    from audio_residual.evaluation import ResultsStore, write_report
+    from audio_residual.training.run import train_all_folds
+    from audio_residual.training.tracking import RunTracker
+
+    config = _train_config(args)
+    exp = _open(args)
+    tracker = RunTracker(args.wandb, config=asdict(config), job_type="train-residual")
+    store = ResultsStore(args.out / "results.csv")
+    method = "residual_coarse" if config.coarse else "residual"
+    rows = train_all_folds(exp, config, args.out, store, method=method, folds=args.folds, force=args.force, tracker=tracker)
+    tracker.finish()
+    _report_skipped(exp, args.out)
+    write_report(store, args.out, class_names=exp.table.class_names)
+    print(rows[["fold", "accuracy", "top5", "val_accuracy", "trainable_params", "seconds"]].to_string(index=False))
+    print(f"results → {args.out / 'results.csv'}; λ and figures → {args.out / 'runs' / config.digest()}")
+
+
+def cmd_sweep(args) -> None:
+    import json
+
+    from audio_residual.training.sweep import DEFAULT_GRID, best_configuration, run_sweep
+
+    grid = json.loads(args.grid.read_text()) if args.grid else DEFAULT_GRID
+    exp = _open(args)
+    base = {"batch_size": args.batch_size, "val_fraction": args.val_fraction}
+    frame = run_sweep(exp, args.out, grid=grid, base=base, use_wandb={"auto": "auto", "on": True, "off": False}[args.wandb])
+    best, ranking = best_configuration(frame)
+    print(ranking.to_string(index=False))
+    print(f"best by mean validation accuracy: {best}; table → {args.out / 'sweep.csv'}")
+
+
 def cmd_demo(args) -> None:
     from audio_residual.demo import run_demo
 
@@ -128,6 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("train-residual", help="train ResiDual λ on every fold → OUT/results.csv, λ, figures")
+    _common(p)
+    _train_options(p)
+    p.set_defaults(func=cmd_train_residual)
+
+    p = sub.add_parser("sweep", help="grid over λ-training options (W&B sweep when logged in, else local)")
+    _common(p)
+    p.add_argument("--grid", type=Path, default=None, help="JSON {option: [values]}, 'fold' included")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--wandb", choices=["auto", "on", "off"], default="auto")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("demo", help="offline end-to-end run on generated data with the tiny model")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
