@@ -1,0 +1,88 @@
+"""Sweeps: the local grid fills the same table a W&B sweep would; selection uses validation only."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from audio_residual.cli import main
+from audio_residual.experiment import Experiment
+from audio_residual.training import sweep as sweep_module
+from audio_residual.training.sweep import best_configuration, grid_points, run_sweep, wandb_sweep_config
+
+GRID = {"granularity": ["layer"], "lr": [0.05, 0.3], "epochs": [2], "fold": [1, 2]}
+BASE = {"batch_size": 16, "val_fraction": 0.2}
+
+
+@pytest.fixture(scope="module")
+def experiment(synthetic_esc50, tmp_path_factory):
+    return Experiment.open(synthetic_esc50, model="tiny", cache_dir=tmp_path_factory.mktemp("cache"), device="cpu")
+
+
+def test_grid_and_wandb_config_agree():
+    points = grid_points(GRID)
+    assert len(points) == 4 and points[0] == {"granularity": "layer", "lr": 0.05, "epochs": 2, "fold": 1}
+    config = wandb_sweep_config(GRID)
+    assert config["method"] == "grid" and config["metric"] == {"name": "val_accuracy", "goal": "maximize"}
+    assert {k: v["values"] for k, v in config["parameters"].items()} == GRID
+
+
+def test_local_sweep_fills_the_table_and_resumes(experiment, tmp_path, monkeypatch):
+    frame = run_sweep(experiment, tmp_path, grid=GRID, base=BASE, use_wandb=False)
+    assert len(frame) == 4 and set(frame["fold"]) == {1, 2}
+    assert frame["val_accuracy"].between(0, 1).all() and frame["test_accuracy"].between(0, 1).all()
+    on_disk = pd.read_csv(tmp_path / "sweep.csv")
+    assert len(on_disk) == 4
+    calls = []
+    monkeypatch.setattr(sweep_module, "train_point", lambda *a, **k: calls.append(a) or {})
+    again = run_sweep(experiment, tmp_path, grid=GRID, base=BASE, use_wandb=False)
+    assert calls == [] and len(again) == 4  # finished points are not trained twice
+
+
+def test_auto_mode_without_account_runs_locally(experiment, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    grid = {**GRID, "lr": [0.05], "fold": [1]}
+    frame = run_sweep(experiment, tmp_path, grid=grid, base=BASE, use_wandb="auto")
+    assert len(frame) == 1
+
+
+def test_best_configuration_ignores_test_accuracy():
+    rows = [
+        {"point": "a1", "lr": 0.1, "fold": 1, "val_accuracy": 0.9, "test_accuracy": 0.1},
+        {"point": "a2", "lr": 0.1, "fold": 2, "val_accuracy": 0.8, "test_accuracy": 0.1},
+        {"point": "b1", "lr": 0.3, "fold": 1, "val_accuracy": 0.5, "test_accuracy": 1.0},
+        {"point": "b2", "lr": 0.3, "fold": 2, "val_accuracy": 0.6, "test_accuracy": 1.0},
+    ]
+    best, ranking = best_configuration(pd.DataFrame(rows))
+    assert best == {"lr": 0.1}
+    assert ranking["val_accuracy"].tolist() == pytest.approx([0.85, 0.55])
+
+
+def test_list_options_survive_the_csv_round_trip(experiment, tmp_path):
+    grid = {"granularity": ["layer"], "stages": [[2, 3]], "epochs": [1], "fold": [1]}
+    run_sweep(experiment, tmp_path, grid=grid, base=BASE, use_wandb=False)
+    best, _ = best_configuration(pd.read_csv(tmp_path / "sweep.csv"))
+    assert best["stages"] == [2, 3]
+
+
+def test_sweep_and_train_residual_commands(synthetic_esc50, tmp_path, capsys):
+    common = ["--data", str(synthetic_esc50), "--model", "tiny", "--cache", str(tmp_path / "cache"), "--device", "cpu"]
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"granularity": ["layer", "head"], "lr": [0.3], "epochs": [2], "fold": [1]}))
+    assert main(["sweep", *common, "--out", str(tmp_path / "sweep"), "--grid", str(grid), "--wandb", "off"]) == 0
+    assert "best by mean validation accuracy" in capsys.readouterr().out
+    out = tmp_path / "residual"
+    args = ["train-residual", *common, "--out", str(out), "--granularity", "layer", "--stages", "0,3",
+            "--epochs", "2", "--lr", "0.1", "--folds", "1,2"]
+    assert main(args) == 0
+    results = pd.read_csv(out / "results.csv")
+    assert results["method"].tolist() == ["residual", "residual"] and results["fold"].tolist() == [1, 2]
+    # At most one λ per channel of stages 0 and 3 (16 + 128); directions without variance get none.
+    assert (results["trainable_params"] <= 16 + 128).all() and (results["trainable_params"] > 16).all()
+    lambdas = list(out.glob("runs/*/fold1/lambdas.csv"))
+    assert len(lambdas) == 1 and len(pd.read_csv(lambdas[0])) == results["trainable_params"].iloc[0]
+    assert list(out.glob("runs/*/fold1/lambda_heatmap.png"))
+    assert (out / "table.md").read_text().count("residual") >= 1
