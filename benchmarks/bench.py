@@ -1,15 +1,20 @@
-"""Overhead figures of the analysis code on the full-size random HTSAT-tiny (CPU, batch 8).
+"""Overhead figures of the analysis and training code, mostly on the full-size random HTSAT-tiny (CPU, batch 8).
 
-Each figure is a ratio measured within one run (median of a few repeats after a warm-up, the two sides
-interleaved so machine load hits both alike) and prints as `name value`. Run all, or name some:
+Each figure is measured within one run and prints as `name value`. Ratios are medians of a few repeats
+after a warm-up, the two sides interleaved so machine load hits both alike; `demo_seconds` is a plain
+wall time. Run all, or name some:
 
-    PYTHONPATH=src python benchmarks/bench.py [capture_overhead pca_pass_overhead pca_rss_ratio]
+    PYTHONPATH=src python benchmarks/bench.py [capture_overhead pca_pass_overhead ... prefix_cache_speedup]
 
-Targets: capture_overhead ≤ 1.15, pca_pass_overhead ≤ 1.30, pca_rss_ratio ≤ 1.10.
+Targets: capture_overhead ≤ 1.15, pca_pass_overhead ≤ 1.30, pca_rss_ratio ≤ 1.10,
+residual_step_overhead ≤ 1.25, cached_loading_share ≤ 0.05, demo_seconds ≤ 300 (2-core CPU).
+prefix_cache_speedup has no target: it answers whether caching the frozen stages 0–1 pays (> 1 means faster;
+weigh it against the storage, printed beside it).
 """
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import subprocess
@@ -21,10 +26,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 BATCH = 8
 REPEATS = 3
 RSS_CLIPS = 16  # the RSS figure compares a statistics pass over 2 × RSS_CLIPS clips with one over RSS_CLIPS
+STATS_CLIPS = 2  # clips for the PCA statistics of the training-step figures (HTSAT-tiny: 4398 of 184·24 λ)
+CLASSES = 10
+LOADING_CLIPS = 64  # clips in the memmapped cache of the loading-share figure
+LOADING_BATCH = 16
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def _model():
@@ -113,10 +124,231 @@ def pca_rss_ratio() -> float:
     return _stats_pass_peak_rss(2 * RSS_CLIPS) / _stats_pass_peak_rss(RSS_CLIPS)
 
 
+# ----------------------------------------------------------------- λ training
+
+
+def _frozen_model():
+    model = _model()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def _residual(model, features: np.ndarray, **config):
+    """ResiDual (λ = 1, trainable) from statistics on a few clips; rank-deficient heads keep fewer components."""
+    from audio_residual.analysis.stats import ResidualStatistics
+    from audio_residual.residual.units import build_residual
+
+    with torch.no_grad():
+        stats = ResidualStatistics.fit(model, features, np.arange(len(features)), batch_size=len(features))
+    return build_residual(stats, granularity="head", **config)
+
+
+def _classes(dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    embeddings = F.normalize(torch.randn(CLASSES, dim, generator=generator), dim=-1)
+    return embeddings, torch.arange(BATCH) % CLASSES
+
+
+def _train_step(embed: Callable[[], torch.Tensor], scale: float, classes, labels, optimizer) -> None:
+    """One λ step as in `train_residual_fold`: `embed` runs the model with ResiDual attached."""
+    emb = embed()
+    loss = F.cross_entropy(scale * emb @ classes.T, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def residual_step_overhead() -> float:
+    """ResiDual train step (head λ on every stage: forward, CE, backward, AdamW) / the floor of λ training.
+
+    The floor is forward + backward of the unmodified frozen model in which one scalar gain at the input of
+    stage 0 (a forward pre-hook) requires grad: activation gradients through every block, no weight grads.
+    """
+    from audio_residual.clap.classifier import audio_embeddings
+    from audio_residual.clap.hooks import audio_encoder
+
+    model = _frozen_model()
+    features = _features(BATCH)
+    residual = _residual(model, features[:STATS_CLIPS])
+    print(f"# residual_step_overhead: {residual.num_parameters()} λ over {len(residual.units)} heads", file=sys.stderr)
+    x = torch.from_numpy(features)
+    classes, labels = _classes(model.config.projection_dim)
+    scale = float(model.logit_scale_a.exp())
+    optimizer = torch.optim.AdamW(residual.lambdas.values(), lr=1e-2)
+
+    def step() -> None:
+        def embed() -> torch.Tensor:
+            with residual.attached(model):
+                return audio_embeddings(model, x)
+
+        _train_step(embed, scale, classes, labels, optimizer)
+
+    gain = torch.nn.Parameter(torch.ones(()))
+    first_stage = audio_encoder(model).layers[0]
+
+    def floor() -> None:
+        handle = first_stage.register_forward_pre_hook(lambda _module, args: (args[0] * gain, *args[1:]))
+        try:
+            emb = audio_embeddings(model, x)
+        finally:
+            handle.remove()
+        gain.grad = None
+        F.cross_entropy(scale * emb @ classes.T, labels).backward()
+
+    return _ratio(step, floor)
+
+
+def cached_loading_share() -> float:
+    """Share of a λ-training epoch (tiny CLAP, batch 16) spent fetching batches from a memmapped feature cache.
+
+    The cache is a (N, 1, 1001, 64) float32 .npy opened with mmap_mode="r", like the real one. The page cache
+    cannot be dropped here, so this is the warm-cache case (the file was just written; repeated epochs).
+    Median loading time / median epoch time over a few epochs after a warm-up one.
+    """
+    from audio_residual.clap.classifier import audio_embeddings
+    from audio_residual.clap.tiny import build_tiny_clap
+
+    model, _ = build_tiny_clap(("dog",))
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "input_features.npy"
+        memmap = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(LOADING_CLIPS, 1, 1001, 64))
+        memmap[:] = _features(LOADING_CLIPS)
+        memmap.flush()
+        del memmap
+        features = np.load(path, mmap_mode="r")
+        residual = _residual(model, np.ascontiguousarray(features[:8]))
+        generator = torch.Generator().manual_seed(0)
+        classes = F.normalize(torch.randn(CLASSES, model.config.projection_dim, generator=generator), dim=-1)
+        labels_all = torch.arange(LOADING_CLIPS) % CLASSES
+        scale = float(model.logit_scale_a.exp())
+        optimizer = torch.optim.AdamW(residual.lambdas.values(), lr=1e-2)
+
+        def epoch(seed: int) -> tuple[float, float]:
+            started = time.perf_counter()
+            loading = 0.0
+            order = np.random.default_rng(seed).permutation(LOADING_CLIPS)
+            for start in range(0, LOADING_CLIPS, LOADING_BATCH):
+                rows = order[start : start + LOADING_BATCH]
+                fetch = time.perf_counter()
+                x = torch.from_numpy(np.ascontiguousarray(features[rows]))
+                loading += time.perf_counter() - fetch
+
+                def embed(x: torch.Tensor = x) -> torch.Tensor:
+                    with residual.attached(model):
+                        return audio_embeddings(model, x)
+
+                _train_step(embed, scale, classes, labels_all[rows], optimizer)
+            return loading, time.perf_counter() - started
+
+        epoch(0)
+        runs = [epoch(seed) for seed in range(1, 2 * REPEATS + 2)]
+    return statistics.median(r[0] for r in runs) / statistics.median(r[1] for r in runs)
+
+
+def demo_seconds() -> float:
+    """Wall time (s) of `run_demo` into a temporary folder, in a fresh subprocess so imports count.
+
+    A plain wall time, so it rises with other jobs on the machine: the child's CPU time and the load average
+    print beside it (stderr) to tell a slow demo from a busy machine.
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
+    with tempfile.TemporaryDirectory() as tmp:
+        code = "import sys; from audio_residual.demo import run_demo; run_demo(sys.argv[1])"
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code, str(Path(tmp) / "demo")], check=True, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    load = os.getloadavg()[0]
+    print(f"# demo_seconds: {cpu:.0f} s CPU (user+sys) in {seconds:.0f} s wall; 1-min load average {load:.1f}",
+          file=sys.stderr)
+    return seconds
+
+
+def _encoder_tail(encoder, hidden: torch.Tensor, frames: int) -> torch.Tensor:
+    """transformers' ClapAudioEncoder.forward after the stage loop: final norm, group-2D reshape, avgpool."""
+    last = encoder.norm(hidden)
+    batch, _, channels = last.shape
+    scale = 2 ** (len(encoder.depths) - 1)
+    freq_shape, temporal_shape = frames // scale // encoder.patch_stride[0], frames // scale // encoder.patch_stride[1]
+    last = last.permute(0, 2, 1).contiguous().reshape(batch, channels, freq_shape, temporal_shape)
+    c_freq_bin = freq_shape // encoder.freq_ratio
+    last = last.reshape(batch, channels, freq_shape // c_freq_bin, c_freq_bin, temporal_shape)
+    last = last.permute(0, 1, 3, 2, 4).contiguous().reshape(batch, channels, c_freq_bin, -1)
+    return torch.flatten(encoder.avgpool(torch.flatten(last, 2)), 1)
+
+
+def prefix_cache_speedup() -> float:
+    """Train step (head λ on stages 2, 3) running the whole encoder / the same step from a cached stage-2 input.
+
+    With λ only on stages 2–3, stages 0–1 (and the mel front end) are frozen and deterministic, so their output
+    can be stored once per clip. The cached path calls the transformers stages 2, 3 and the encoder tail
+    directly; it is checked against the full forward (max abs diff ≤ 1e-5) before timing. Prints the
+    per-clip storage of the cached input next to that of the mel features.
+    """
+    from audio_residual.clap.classifier import audio_embeddings
+    from audio_residual.clap.hooks import audio_encoder
+
+    model = _frozen_model()
+    encoder = audio_encoder(model)
+    features = _features(BATCH)
+    residual = _residual(model, features[:STATS_CLIPS], stages=(2, 3))
+    x = torch.from_numpy(features)
+    classes, labels = _classes(model.config.projection_dim)
+    scale = float(model.logit_scale_a.exp())
+    optimizer = torch.optim.AdamW(residual.lambdas.values(), lr=1e-2)
+
+    cached = {}
+    handle = encoder.layers[2].register_forward_pre_hook(lambda _m, args: cached.__setitem__("hidden", args[0].detach()))
+    with torch.no_grad():
+        full = audio_embeddings(model, x)
+    handle.remove()
+    hidden2 = cached["hidden"].clone()
+    frames = encoder.config.num_mel_bins * encoder.freq_ratio  # image height after reshape_mel2img
+
+    def from_cache() -> torch.Tensor:
+        hidden = hidden2
+        for i in range(2, len(encoder.layers)):
+            hidden = encoder.layers[i](hidden, encoder.input_resolutions[i])[0]
+        return F.normalize(model.audio_projection(_encoder_tail(encoder, hidden, frames)).float(), dim=-1)
+
+    with torch.no_grad():
+        diff = float((from_cache() - full).abs().max())
+        with residual.attached(model):
+            diff = max(diff, float((from_cache() - audio_embeddings(model, x)).abs().max()))
+    assert diff <= 1e-5, f"cached-prefix embeddings differ from the full forward by {diff}"
+    per_clip, mel = hidden2[0].numel() * hidden2.element_size(), features[0].nbytes
+    print(f"# prefix_cache: stage-2 input {tuple(hidden2.shape[1:])} = {per_clip / 1024:.0f} KiB/clip fp32"
+          f" vs mel {features.shape[1:]} = {mel / 1024:.0f} KiB/clip ({per_clip / mel:.2f}×); max diff {diff:.1e}",
+          file=sys.stderr)
+
+    def step(embed: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            def attached() -> torch.Tensor:
+                with residual.attached(model):
+                    return embed()
+
+            _train_step(attached, scale, classes, labels, optimizer)
+
+        return run
+
+    return _ratio(step(lambda: audio_embeddings(model, x)), step(from_cache))
+
+
 BENCHMARKS: dict[str, Callable[[], float]] = {
     "capture_overhead": capture_overhead,
     "pca_pass_overhead": pca_pass_overhead,
     "pca_rss_ratio": pca_rss_ratio,
+    "residual_step_overhead": residual_step_overhead,
+    "cached_loading_share": cached_loading_share,
+    "demo_seconds": demo_seconds,
+    "prefix_cache_speedup": prefix_cache_speedup,
 }
 
 

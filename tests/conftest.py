@@ -12,6 +12,15 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Toy-sized ops are dominated by thread hand-offs, which crawl on a busy machine: use one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle():
     from audio_residual.clap.loading import load_clap

@@ -20,14 +20,7 @@ from audio_residual.evaluation import (
     summed_confusion,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Toy-sized ops are dominated by thread hand-offs, which crawl on a busy machine: use one thread here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def one_hot_logits(predictions, n_classes):

@@ -195,3 +195,15 @@ def test_bad_config_is_a_clear_error(cfg, message):
 def test_unknown_stage_is_a_clear_error(stats):
     with pytest.raises(ValueError, match="stage"):
         ResiDual.from_statistics(stats, ResidualConfig(stages=(7,)))
+
+
+def test_identity_at_lambda_one_on_full_size_htsat(htsat_tiny):
+    x = torch.randn(1, 1, 1001, 64, generator=torch.Generator().manual_seed(5))
+    full_stats = ResidualStatistics.fit(htsat_tiny, x.numpy(), np.arange(1), batch_size=1)
+    residual = ResiDual.from_statistics(full_stats, ResidualConfig(granularity="head"))
+    with torch.no_grad():
+        plain = audio_embeddings(htsat_tiny, x)
+        with residual.attached(htsat_tiny):
+            edited = audio_embeddings(htsat_tiny, x)
+    assert residual.num_parameters() > 1000
+    assert (edited - plain).abs().max() <= 1e-5

@@ -164,6 +164,26 @@ def cmd_sweep(args) -> None:
     print(f"best by mean validation accuracy: {best}; table → {args.out / 'sweep.csv'}")
 
 
+def cmd_experiment(args) -> None:
+    import json
+
+    from audio_residual.demo import run_experiment, write_experiment_report
+    from audio_residual.training.sweep import DEFAULT_GRID
+
+    grid = json.loads(args.grid.read_text()) if args.grid else DEFAULT_GRID
+    exp = _open(args)
+    base = {"batch_size": args.batch_size, "val_fraction": args.val_fraction}
+    outcome = run_experiment(
+        exp, args.out, grid, base, analysis_fold=args.analysis_fold, finetune_epochs=args.finetune_epochs,
+        use_wandb={"auto": "auto", "on": True, "off": False}[args.wandb],
+        analysis_options={"ablation_max_clips": args.ablation_max_clips},
+    )
+    _report_skipped(exp, args.out)
+    report = write_experiment_report(exp, outcome, args.out)
+    print(outcome["table"])
+    print(f"report → {report}")
+
+
 def cmd_demo(args) -> None:
     from audio_residual.demo import run_demo
 
@@ -208,6 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--wandb", choices=["auto", "on", "off"], default="auto")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("experiment", help="the whole study: analysis, sweep, ResiDual, baselines → OUT/report.md")
+    _common(p)
+    p.add_argument("--grid", type=Path, default=None, help="JSON {option: [values]}, 'fold' included")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--analysis-fold", type=int, default=1)
+    p.add_argument("--ablation-max-clips", type=int, default=200)
+    p.add_argument("--finetune-epochs", type=int, default=0, help="> 0 adds full fine-tuning (GPU advised)")
+    p.add_argument("--wandb", choices=["auto", "on", "off"], default="auto")
+    p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("demo", help="offline end-to-end run on generated data with the tiny model")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))

@@ -58,10 +58,16 @@ def run_experiment(
     train_all_folds(exp, dataclasses.replace(config, coarse=True), out / "sweep", store, method="residual_coarse")
     timings["comparison"] = time.perf_counter() - started
     table = write_report(store, out, class_names=exp.table.class_names)
-    return {"analysis": analysis, "ranking": ranking, "best": best, "config": config, "table": table, "timings": timings}
+    return {"analysis": analysis, "analysis_fold": analysis_fold, "ranking": ranking, "best": best, "config": config, "table": table, "timings": timings}
+
+
+def write_experiment_report(exp: Experiment, outcome: dict, out: str | Path) -> Path:
+    """`out/report.md`: the comparison table, the chosen configuration, the sweep, heads, figures."""
+    return write_text(Path(out) / "report.md", _report(exp, outcome, Path(out)))
 
 
 def _report(exp: Experiment, outcome: dict, out: Path) -> str:
+    synthetic = exp.bundle.model_id == "tiny"
     heads = outcome["analysis"]["spectra"]
     contribution = heads[(heads["view"] == "contribution") & (heads["granularity"] == "head")]
     per_stage = contribution.groupby("stage")[["id90", "participation_ratio"]].mean().round(2)
@@ -69,11 +75,12 @@ def _report(exp: Experiment, outcome: dict, out: Path) -> str:
     figures = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png") if "runs" not in p.parts)
     return "\n".join(
         [
-            "# Audio-ResiDual offline demo",
+            "# Audio-ResiDual " + ("offline demo" if synthetic else "experiment"),
             "",
-            f"Generated ESC-50-shaped data: {len(exp.table)} clips, {len(exp.table.class_names)} classes, "
-            f"{len(exp.table.fold_ids)} folds; model: `{exp.bundle.model_id}` (random-initialised, offline). "
-            "Figures on this data say the pipeline works, not how CLAP behaves: run the real experiment for that.",
+            f"Data `{exp.table.name}` ({exp.table.audio_dir}): {len(exp.table)} clips, "
+            f"{len(exp.table.class_names)} classes, {len(exp.table.fold_ids)} folds; model: `{exp.bundle.model_id}`.",
+            "The tiny model is random-initialised and the data generated: its figures say the pipeline works, not how"
+            " CLAP behaves." if synthetic else "",
             "",
             "## Comparison on the test folds",
             "",
@@ -87,7 +94,8 @@ def _report(exp: Experiment, outcome: dict, out: Path) -> str:
             ranking.to_string(index=False),
             "```",
             "",
-            "## Attention heads (fold 1 training clips): mean intrinsic dimension (90 % EVR) and participation ratio",
+            f"## Attention heads (fold {outcome['analysis_fold']} training clips): mean intrinsic dimension (90 % EVR)"
+            " and participation ratio",
             "",
             "```",
             per_stage.to_string(),
@@ -113,4 +121,4 @@ def run_demo(out: str | Path, n_classes: int = 5, clips_per_class: int = 10, see
     data = make_synthetic_esc50(out / "data", n_classes=n_classes, clips_per_class=clips_per_class, seed=seed)
     exp = Experiment.open(data, model="tiny", cache_dir=out / "cache", device="cpu")
     outcome = run_experiment(exp, out, DEMO_GRID, DEMO_BASE, finetune_epochs=1, analysis_options={"pattern_cap": 128})
-    return write_text(out / "report.md", _report(exp, outcome, out))
+    return write_experiment_report(exp, outcome, out)

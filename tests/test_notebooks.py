@@ -1,0 +1,134 @@
+"""The top-level notebooks run top to bottom in smoke mode (tiny random CLAP, generated data, offline).
+
+Each notebook executes in its own temporary working directory, so its `runs/` outputs never land in the
+repository; the kernel inherits this process's environment (smoke switch, offline W&B and hub, and a
+PYTHONPATH that finds the package when it is not pip-installed). A failing cell raises nbclient's
+CellExecutionError with a note naming the notebook.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = (
+    "1_Analyze_CLAP_Attention.ipynb",
+    "2_Apply_ResiDual_to_CLAP.ipynb",
+    "3_Evaluate_and_compare_CLAP_performance.ipynb",
+)
+KERNEL = "python3"
+SMOKE_OUT = Path("runs") / "smoke"  # notebooks 2 and 3 write here, relative to their working directory
+
+
+@pytest.fixture(scope="session")
+def python3_kernel() -> str:
+    """A kernel named python3 for this interpreter (ipykernel usually ships one; install it if not)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    if KERNEL not in KernelSpecManager().find_kernel_specs():
+        subprocess.run([sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name", KERNEL], check=True)
+    return KERNEL
+
+
+@pytest.fixture
+def smoke_env(tmp_path, monkeypatch) -> Path:
+    """Environment the kernel inherits; returns the notebook's working directory."""
+    work = tmp_path / "work"
+    scratch = tmp_path / "tmp"  # notebook 1 writes under tempfile.mkdtemp(): keep that inside tmp_path too
+    work.mkdir()
+    scratch.mkdir()
+    monkeypatch.setenv("AUDIO_RESIDUAL_SMOKE", "1")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel picks the inline backend
+    paths = [str(ROOT / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths))
+    return work
+
+
+def _execute(name: str, work: Path, kernel: str):
+    notebook = nbformat.read(ROOT / name, as_version=4)
+    client = nbclient.NotebookClient(
+        notebook, timeout=600, kernel_name=kernel, resources={"metadata": {"path": str(work)}}
+    )
+    try:
+        client.execute()
+    except nbclient.exceptions.CellExecutionError as error:
+        error.add_note(f"while executing notebook {name} in smoke mode (cwd {work})")
+        raise
+    return notebook
+
+
+def _text(cell) -> str:
+    """Everything a code cell showed: streams, plain text, markdown and HTML reprs."""
+    parts = []
+    for output in cell.get("outputs", []):
+        if output.get("output_type") == "stream":
+            parts.append(output.get("text", ""))
+        data = output.get("data", {})
+        for mime in ("text/plain", "text/markdown", "text/html"):
+            if mime in data:
+                parts.append(data[mime])
+    return "\n".join(parts)
+
+
+def _tagged(notebook, tag: str) -> str:
+    cells = [c for c in notebook.cells if tag in c.get("metadata", {}).get("tags", [])]
+    assert cells, f"no cell tagged {tag!r}"
+    return "\n".join(_text(c) for c in cells)
+
+
+def _all_text(notebook) -> str:
+    return "\n".join(_text(c) for c in notebook.cells if c.cell_type == "code")
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_notebook_is_clean(name):
+    notebook = nbformat.read(ROOT / name, as_version=4)
+    nbformat.validate(notebook)
+    assert notebook.metadata.get("kernelspec", {}).get("name") == KERNEL
+    dirty = [i for i, c in enumerate(notebook.cells) if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
+    assert not dirty, f"{name}: code cells {dirty} carry outputs or execution counts; clear them before committing"
+    assert "SMOKE" in "".join(c.source for c in notebook.cells), f"{name} has no smoke switch"
+
+
+def test_notebook_1_analysis(smoke_env, python3_kernel):
+    notebook = _execute(NOTEBOOKS[0], smoke_env, python3_kernel)
+    scratch = smoke_env.parent / "tmp"
+    for table in ("heads.csv", "ablation.csv", "stats_fold1.safetensors"):
+        assert list(scratch.rglob(table)), f"notebook 1 wrote no {table}"
+    assert "max |Σ_h head_h + b_O − attn_out|" in _all_text(notebook)
+
+
+def test_notebook_2_residual(smoke_env, python3_kernel):
+    notebook = _execute(NOTEBOOKS[1], smoke_env, python3_kernel)
+    out = smoke_env / SMOKE_OUT
+    assert (out / "sweep" / "sweep.csv").is_file() and (out / "results.csv").is_file()
+    assert list((out / "sweep" / "runs").glob("*/fold1/lambda.safetensors"))
+    text = _all_text(notebook)
+    assert "max |RD embedding − zero-shot embedding| = 0" in text  # λ = 1 is the identity
+    results = _tagged(notebook, "results")
+    assert "residual" in results and "zeroshot" in results
+
+
+def test_notebook_3_comparison(smoke_env, python3_kernel):
+    notebook = _execute(NOTEBOOKS[2], smoke_env, python3_kernel)
+    out = smoke_env / SMOKE_OUT
+    for path in ("results.csv", "summary.csv", "table.md", "figures/fold_accuracy.png", "figures/confusion_residual.png"):
+        assert (out / path).is_file(), f"notebook 3 wrote no {path}"
+    table = (out / "table.md").read_text()
+    for method in ("zeroshot", "linear_probe", "contrastive_adapter", "finetune", "residual", "residual_coarse"):
+        assert f"| {method} |" in table, f"{method} missing from Table 1"
+    results = _tagged(notebook, "results")
+    assert "residual" in results and "linear_probe" in results
+    assert "| residual |" in _all_text(notebook)  # the markdown Table 1 was displayed
