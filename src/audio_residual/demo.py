@@ -15,7 +15,7 @@ from pathlib import Path
 
 from audio_residual.analysis.run import run_analysis
 from audio_residual.data_processing import make_synthetic_esc50
-from audio_residual.evaluation import ResultsStore, run_baselines, write_report
+from audio_residual.evaluation import run_baselines, write_report
 from audio_residual.experiment import Experiment
 from audio_residual.io import write_text
 from audio_residual.training.run import train_all_folds
@@ -51,8 +51,7 @@ def run_experiment(
 
     started = time.perf_counter()
     val_fraction = base.get("val_fraction", 0.1)
-    run_baselines(exp, out, val_fraction=val_fraction, finetune_epochs=finetune_epochs)
-    store = ResultsStore(out / "results.csv")
+    store = run_baselines(exp, out, val_fraction=val_fraction, finetune_epochs=finetune_epochs)
     config = TrainConfig.from_dict({**base, **best})
     train_all_folds(exp, config, out / "sweep", store, method="residual")
     train_all_folds(exp, dataclasses.replace(config, coarse=True), out / "sweep", store, method="residual_coarse")

@@ -77,6 +77,15 @@ class Experiment:
             for s in official_splits(self.table, val_fraction=val_fraction, seed=seed)
         ]
 
+    def batch(self, rows: np.ndarray):
+        """Model inputs of the given rows on the model's device: (input_features, is_longer (n, 1))."""
+        import torch
+
+        device = self.bundle.device
+        x = torch.from_numpy(np.ascontiguousarray(self.features.input_features[rows])).to(device)
+        is_longer = torch.from_numpy(np.array(self.features.is_longer[rows])).reshape(-1, 1).to(device)
+        return x, is_longer
+
     def embed(self, indices: np.ndarray, batch_size: int = 32, desc: str = "audio embeddings"):
         f = self.features
         return self.classifier.embed(f.input_features, indices, f.is_longer, batch_size=batch_size, desc=desc)

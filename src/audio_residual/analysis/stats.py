@@ -135,6 +135,7 @@ class ResidualStatistics:
         seed: int = 0,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         device: torch.device | str = "cpu",
+        is_longer: np.ndarray | None = None,
         metadata: dict | None = None,
     ) -> ResidualStatistics:
         """One pass over `input_features[indices]` (the training folds only: the caller says which).
@@ -172,9 +173,10 @@ class ResidualStatistics:
             for start in tqdm(range(0, len(indices), batch_size), desc="PCA statistics", leave=False):
                 rows = indices[start : start + batch_size]
                 x = torch.from_numpy(np.ascontiguousarray(input_features[rows])).to(device)
+                longer = None if is_longer is None else torch.from_numpy(np.array(is_longer[rows])).reshape(-1, 1)
                 batch = len(rows)
                 with autocast():
-                    audio_embeddings(model, x)
+                    audio_embeddings(model, x, None if longer is None else longer.to(device))
 
         blocks, w_out, heads = {}, {}, {}
         for s, b, layer in hooks.blocks():

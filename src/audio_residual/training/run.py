@@ -12,7 +12,7 @@ from audio_residual.evaluation.compare import ResultsStore
 from audio_residual.experiment import Experiment
 from audio_residual.io import write_csv
 from audio_residual.residual.units import ResiDual
-from audio_residual.training.trainer import TrainConfig, train_residual_fold
+from audio_residual.training.trainer import TrainConfig, run_directory, train_residual_fold
 
 if TYPE_CHECKING:
     from audio_residual.training.tracking import RunTracker
@@ -40,15 +40,19 @@ def train_all_folds(
     force: bool = False,
     tracker: RunTracker | None = None,
 ) -> pd.DataFrame:
-    """Train `config` on each fold not yet in `store` (unless `force`); rows land in `store` as they finish."""
+    """Train `config` on each fold not yet in `store` (unless `force`); rows land in `store` as they finish.
+
+    Checkpoints, λ and figures go to `run_directory(out_dir, config)`; a sweep into the same `out_dir`
+    has already trained (and timed) the configuration, so its folds are resumed, not retrained.
+    """
     out_dir = Path(out_dir)
-    run_dir = out_dir / "runs" / config.digest()
+    run_dir = run_directory(out_dir, config)
     splits = [s for s in exp.splits(config.val_fraction, config.seed) if folds is None or s.fold in folds]
     n_classes = len(exp.table.class_names)
     for split in tqdm(splits, desc=f"{method} folds"):
         if store.has(method, split.fold) and not force:
             continue
-        result = train_residual_fold(exp, split, config, out_dir=run_dir, logger=tracker)
+        result = train_residual_fold(exp, split, config, out_dir=run_dir, logger=tracker, stats_dir=out_dir / "stats")
         store.add_evaluation(
             method, split.fold, result.test_logits, result.test_labels, n_classes, result.trainable_params,
             result.seconds, val_accuracy=result.val_accuracy, best_epoch=result.best_epoch, config=config.digest(),

@@ -18,7 +18,7 @@ import pandas as pd
 from audio_residual.experiment import Experiment
 from audio_residual.io import write_csv
 from audio_residual.training.tracking import RunTracker, wandb_available
-from audio_residual.training.trainer import TrainConfig, train_residual_fold
+from audio_residual.training.trainer import TrainConfig, run_directory, train_residual_fold
 
 RESULT_COLUMNS = (
     "best_epoch",
@@ -83,8 +83,9 @@ def train_point(exp: Experiment, point: dict, base: dict, out_dir: Path, tracker
     split = next((s for s in exp.splits(config.val_fraction, config.seed) if s.fold == fold), None)
     if split is None:
         raise ValueError(f"fold {fold} is not in the dataset (folds {exp.table.fold_ids})")
-    run_dir = out_dir / "runs" / config.digest()
-    result = train_residual_fold(exp, split, config, out_dir=run_dir, logger=tracker)
+    result = train_residual_fold(
+        exp, split, config, out_dir=run_directory(out_dir, config), logger=tracker, stats_dir=out_dir / "stats"
+    )
     row = result.row()
     if tracker is not None:
         tracker.log({"val_accuracy": row["val_accuracy"], "test_accuracy": row["test_accuracy"]})

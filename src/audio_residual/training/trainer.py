@@ -106,11 +106,21 @@ class FoldResult:
         return {k: v for k, v in asdict(self).items() if k not in ("test_logits", "test_labels", "history")}
 
 
-def fold_statistics(exp: Experiment, split: Split, out_dir: Path | None, config: TrainConfig) -> ResidualStatistics:
-    """PCA moments of the fold's training clips, loaded from `out_dir` when already fitted for them."""
+def run_directory(out_dir: str | Path, config: TrainConfig) -> Path:
+    """Where a configuration's per-fold checkpoints, λ and figures live: `OUT/runs/<config digest>`."""
+    return Path(out_dir) / "runs" / config.digest()
+
+
+def fold_statistics(exp: Experiment, split: Split, stats_dir: Path | None, config: TrainConfig) -> ResidualStatistics:
+    """PCA moments of the fold's training clips, loaded from `stats_dir` when already fitted for them.
+
+    The file name hashes what the moments depend on (model, training clips, token subsampling), so every
+    configuration of a sweep that shares the folder fits each fold's statistics once.
+    """
     train = np.sort(split.train)
-    key = hashlib.sha256(train.tobytes()).hexdigest()[:12]
-    path = None if out_dir is None else out_dir / f"stats_fold{split.fold}_{key}_{config.tokens_per_clip}.safetensors"
+    identity = [exp.bundle.model_id, train.tolist(), config.tokens_per_clip, config.seed if config.tokens_per_clip else 0]
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]
+    path = None if stats_dir is None else Path(stats_dir) / f"stats_fold{split.fold}_{key}.safetensors"
     if path is not None and path.exists():
         return ResidualStatistics.load(path)
     stats = ResidualStatistics.fit(
@@ -122,6 +132,7 @@ def fold_statistics(exp: Experiment, split: Split, out_dir: Path | None, config:
         seed=config.seed,
         autocast=exp.bundle.autocast,
         device=exp.bundle.device,
+        is_longer=exp.features.is_longer,
         metadata={"model": exp.bundle.model_id, "dataset": exp.table.name, "fold": split.fold, "train_clips": key},
     )
     if path is not None:
@@ -133,16 +144,15 @@ def fold_statistics(exp: Experiment, split: Split, out_dir: Path | None, config:
 def residual_logits(exp: Experiment, residual: ResiDual | None, indices: np.ndarray, batch_size: int = 32) -> torch.Tensor:
     """Zero-shot logits of the given clips with ResiDual attached (None: the plain model)."""
     model = exp.bundle.model
-    features = exp.features.input_features
     out = []
     for start in range(0, len(indices), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(features[indices[start : start + batch_size]])).to(exp.bundle.device)
+        x, is_longer = exp.batch(indices[start : start + batch_size])
         with exp.bundle.autocast():
             if residual is None:
-                emb = audio_embeddings(model, x)
+                emb = audio_embeddings(model, x, is_longer)
             else:
                 with residual.attached(model):
-                    emb = audio_embeddings(model, x)
+                    emb = audio_embeddings(model, x, is_longer)
         out.append(exp.classifier.logits(emb).float().cpu())
     return torch.cat(out) if out else torch.empty(0, len(exp.table.class_names))
 
@@ -171,17 +181,20 @@ def train_residual_fold(
     config: TrainConfig,
     out_dir: str | Path | None = None,
     logger=None,
+    stats_dir: str | Path | None = None,
 ) -> FoldResult:
     """Fit statistics on the fold's training clips, train λ, pick the epoch on validation, test once.
 
-    With `out_dir`, a checkpoint is written after every epoch and an interrupted run resumes from it.
+    With `out_dir`, a checkpoint is written after every epoch and an interrupted run resumes from it;
+    `seconds` then sums the wall time of every session of the run. Statistics are cached in `stats_dir`
+    (default `out_dir`).
     """
     started = time.perf_counter()
     out_dir = None if out_dir is None else Path(out_dir)
     fold_dir = None if out_dir is None else out_dir / f"fold{split.fold}"
     device = exp.bundle.device
     labels_all = torch.as_tensor(np.array(exp.table.labels))
-    stats = fold_statistics(exp, split, out_dir, config)
+    stats = fold_statistics(exp, split, stats_dir if stats_dir is not None else out_dir, config)
     residual = ResiDual.from_statistics(stats, config.residual_config()).to(device)
     params = list(residual.lambdas.values())
     steps_per_epoch = math.ceil(len(split.train) / config.batch_size)
@@ -189,7 +202,7 @@ def train_residual_fold(
     class_embeddings = exp.classifier.class_embeddings.to(device)
 
     history: list[dict] = []
-    start_epoch, best = 0, {"epoch": 0, "val_accuracy": -1.0, "lambdas": None}
+    start_epoch, best, earlier_seconds = 0, {"epoch": 0, "val_accuracy": -1.0, "lambdas": None}, 0.0
     checkpoint = None if fold_dir is None else fold_dir / "checkpoint.safetensors"
     if checkpoint is not None and checkpoint.exists():
         states, info = load_checkpoint(checkpoint)
@@ -198,7 +211,7 @@ def train_residual_fold(
             optimizer.load_state_dict(states["optimizer"])
             if scheduler is not None:
                 scheduler.load_state_dict(states["scheduler"])
-            start_epoch, history = info["epoch"], info["history"]
+            start_epoch, history, earlier_seconds = info["epoch"], info["history"], info["seconds"]
             best = {"epoch": info["best_epoch"], "val_accuracy": info["best_val"], "lambdas": states["best"]}
 
     def accuracy(indices: np.ndarray) -> float:
@@ -216,10 +229,10 @@ def train_residual_fold(
         losses, correct = [], 0
         for start in range(0, len(order), config.batch_size):
             rows = order[start : start + config.batch_size]
-            x = torch.from_numpy(np.ascontiguousarray(exp.features.input_features[rows])).to(device)
+            x, is_longer = exp.batch(rows)
             y = labels_all[rows].to(device)
             with exp.bundle.autocast(), residual.attached(exp.bundle.model):
-                emb = audio_embeddings(exp.bundle.model, x)
+                emb = audio_embeddings(exp.bundle.model, x, is_longer)
             logits = exp.classifier.logit_scale * emb.float() @ class_embeddings.T
             loss = F.cross_entropy(logits, y)
             if not torch.isfinite(loss):
@@ -254,8 +267,8 @@ def train_residual_fold(
             states = {"lambdas": residual.lambdas.state_dict(), "optimizer": optimizer.state_dict(), "best": best["lambdas"]}
             if scheduler is not None:
                 states["scheduler"] = scheduler.state_dict()
-            info = {"config": config.digest(), "epoch": epoch + 1, "history": history,
-                    "best_epoch": best["epoch"], "best_val": best["val_accuracy"]}
+            info = {"config": config.digest(), "epoch": epoch + 1, "history": history, "best_epoch": best["epoch"],
+                    "best_val": best["val_accuracy"], "seconds": earlier_seconds + time.perf_counter() - started}
             save_checkpoint(checkpoint, states, info)
         if config.patience is not None and epoch + 1 - best["epoch"] >= config.patience:
             break
@@ -275,7 +288,7 @@ def train_residual_fold(
         test_accuracy=topk_accuracy(test_logits, test_labels),
         test_top5=topk_accuracy(test_logits, test_labels, 5),
         trainable_params=residual.num_parameters(),
-        seconds=time.perf_counter() - started,
+        seconds=earlier_seconds + time.perf_counter() - started,
         test_logits=test_logits.numpy(),
         test_labels=test_labels,
         history=history,
