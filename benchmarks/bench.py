@@ -96,14 +96,20 @@ def pca_pass_overhead() -> float:
     return _ratio(lambda: ResidualStatistics.fit(model, features, rows, batch_size=BATCH), plain)
 
 
+def _feature_file(folder: Path, clips: int) -> Path:
+    """Random log-mel features of `clips` clips in a .npy file, as the feature cache stores them."""
+    path = folder / "input_features.npy"
+    memmap = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(clips, 1, 1001, 64))
+    memmap[:] = _features(clips)
+    memmap.flush()
+    del memmap
+    return path
+
+
 def _stats_pass_peak_rss(clips: int) -> int:
     """Peak RSS (kB) of a fresh process building the model and fitting statistics on `clips` memmapped clips."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "features.npy"
-        memmap = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(clips, 1, 1001, 64))
-        memmap[:] = _features(clips)
-        memmap.flush()
-        del memmap
+        path = _feature_file(Path(tmp), clips)
         out = subprocess.run(
             [sys.executable, __file__, "_rss_child", str(path)], check=True, capture_output=True, text=True
         )
@@ -214,11 +220,7 @@ def cached_loading_share() -> float:
     for param in model.parameters():
         param.requires_grad_(False)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "input_features.npy"
-        memmap = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(LOADING_CLIPS, 1, 1001, 64))
-        memmap[:] = _features(LOADING_CLIPS)
-        memmap.flush()
-        del memmap
+        path = _feature_file(Path(tmp), LOADING_CLIPS)
         features = np.load(path, mmap_mode="r")
         residual = _residual(model, np.ascontiguousarray(features[:8]))
         generator = torch.Generator().manual_seed(0)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from audio_residual.clap.loading import DEFAULT_MODEL
 
+WANDB_CHOICES = {"auto": "auto", "on": True, "off": False}  # sweep/experiment: W&B if logged in, always, never
+
 
 def _common(parser: argparse.ArgumentParser, data_required: bool = True) -> None:
     parser.add_argument("--data", required=data_required, help="dataset folder (ESC-50, UrbanSound8K) or 'esc50'")
@@ -158,7 +160,7 @@ def cmd_sweep(args) -> None:
     grid = json.loads(args.grid.read_text()) if args.grid else DEFAULT_GRID
     exp = _open(args)
     base = {"batch_size": args.batch_size, "val_fraction": args.val_fraction}
-    frame = run_sweep(exp, args.out, grid=grid, base=base, use_wandb={"auto": "auto", "on": True, "off": False}[args.wandb])
+    frame = run_sweep(exp, args.out, grid=grid, base=base, use_wandb=WANDB_CHOICES[args.wandb])
     best, ranking = best_configuration(frame)
     print(ranking.to_string(index=False))
     print(f"best by mean validation accuracy: {best}; table → {args.out / 'sweep.csv'}")
@@ -175,7 +177,7 @@ def cmd_experiment(args) -> None:
     base = {"batch_size": args.batch_size, "val_fraction": args.val_fraction}
     outcome = run_experiment(
         exp, args.out, grid, base, analysis_fold=args.analysis_fold, finetune_epochs=args.finetune_epochs,
-        use_wandb={"auto": "auto", "on": True, "off": False}[args.wandb],
+        use_wandb=WANDB_CHOICES[args.wandb],
         analysis_options={"ablation_max_clips": args.ablation_max_clips},
     )
     _report_skipped(exp, args.out)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from audio_residual.clap.classifier import DEFAULT_TEMPLATES, ZeroShotClassifier
+from audio_residual.clap.classifier import DEFAULT_TEMPLATES, ZeroShotClassifier, model_inputs
 from audio_residual.clap.loading import DEFAULT_MODEL, ClapBundle, load_clap
 from audio_residual.data_processing import (
     CachedFeatures,
@@ -77,14 +77,16 @@ class Experiment:
             for s in official_splits(self.table, val_fraction=val_fraction, seed=seed)
         ]
 
+    def split(self, fold: int, val_fraction: float = 0.0, seed: int = 0) -> Split:
+        """The official split whose test fold is `fold` (an error listing the folds if there is none)."""
+        for split in self.splits(val_fraction, seed):
+            if split.fold == fold:
+                return split
+        raise ValueError(f"no fold {fold} in {self.table.name!r}: folds are {list(self.table.fold_ids)}")
+
     def batch(self, rows: np.ndarray):
         """Model inputs of the given rows on the model's device: (input_features, is_longer (n, 1))."""
-        import torch
-
-        device = self.bundle.device
-        x = torch.from_numpy(np.ascontiguousarray(self.features.input_features[rows])).to(device)
-        is_longer = torch.from_numpy(np.array(self.features.is_longer[rows])).reshape(-1, 1).to(device)
-        return x, is_longer
+        return model_inputs(self.features.input_features, rows, self.bundle.device, self.features.is_longer)
 
     def embed(self, indices: np.ndarray, batch_size: int = 32, desc: str = "audio embeddings"):
         f = self.features

@@ -2,7 +2,7 @@
 
 from audio_residual.analysis.ablation import head_ablation, head_mean, mean_ablated, select_clips
 from audio_residual.analysis.patterns import PatternReservoir, collect_patterns, gram_eigenvalues
-from audio_residual.analysis.run import fold_split, run_analysis
+from audio_residual.analysis.run import run_analysis
 from audio_residual.analysis.spectra import (
     ID_THRESHOLDS,
     TABLE_COLUMNS,
@@ -33,7 +33,6 @@ __all__ = [
     "collect_patterns",
     "evr_curves",
     "explained_variance_ratio",
-    "fold_split",
     "gram_eigenvalues",
     "head_ablation",
     "head_mean",

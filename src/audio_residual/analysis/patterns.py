@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from audio_residual.analysis.spectra import TABLE_COLUMNS, spectrum_summary
-from audio_residual.clap.classifier import audio_embeddings
+from audio_residual.clap.classifier import audio_embeddings, model_inputs
 from audio_residual.clap.hooks import ClapHooks, HookPoint
 
 
@@ -132,7 +132,7 @@ def collect_patterns(
     with ClapHooks(model).hooks([("*.attn.hook_pattern", reservoir.hook)]):
         for start in tqdm(range(0, len(indices), batch_size), desc="attention patterns", leave=False):
             rows = indices[start : start + batch_size]
-            x = torch.from_numpy(np.ascontiguousarray(input_features[rows])).to(device)
+            x, _ = model_inputs(input_features, rows, device)
             with autocast():
                 audio_embeddings(model, x)
     return reservoir

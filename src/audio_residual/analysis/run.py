@@ -16,14 +16,6 @@ from audio_residual.analysis.stats import ResidualStatistics
 from audio_residual.io import write_csv, write_json
 
 
-def fold_split(exp, fold: int):
-    """The official split whose test fold is `fold` (an error listing the folds if there is none)."""
-    for split in exp.splits():
-        if split.fold == fold:
-            return split
-    raise ValueError(f"no fold {fold} in {exp.table.name!r}: folds are {list(exp.table.fold_ids)}")
-
-
 def run_analysis(
     exp,
     fold: int,
@@ -41,7 +33,7 @@ def run_analysis(
     summary.json and PNG figures. Returns the paths and the frames (`spectra`, `ablation`) and `stats`.
     """
     out = Path(out_dir)
-    split = fold_split(exp, fold)
+    split = exp.split(fold)
     if len(split.train) == 0:
         raise ValueError(f"fold {fold} has no training clips to fit statistics on")
     bundle, features = exp.bundle, exp.features

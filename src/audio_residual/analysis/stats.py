@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from audio_residual.clap.classifier import audio_embeddings
+from audio_residual.clap.classifier import audio_embeddings, model_inputs
 from audio_residual.clap.hooks import ClapHooks, HookPoint
 from audio_residual.io import atomic_path
 
@@ -172,11 +172,10 @@ class ResidualStatistics:
         with hooks.hooks(fwd):
             for start in tqdm(range(0, len(indices), batch_size), desc="PCA statistics", leave=False):
                 rows = indices[start : start + batch_size]
-                x = torch.from_numpy(np.ascontiguousarray(input_features[rows])).to(device)
-                longer = None if is_longer is None else torch.from_numpy(np.array(is_longer[rows])).reshape(-1, 1)
+                x, longer = model_inputs(input_features, rows, device, is_longer)
                 batch = len(rows)
                 with autocast():
-                    audio_embeddings(model, x, None if longer is None else longer.to(device))
+                    audio_embeddings(model, x, longer)
 
         blocks, w_out, heads = {}, {}, {}
         for s, b, layer in hooks.blocks():

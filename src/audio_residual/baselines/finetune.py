@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from audio_residual.clap.classifier import ZeroShotClassifier, audio_embeddings
+from audio_residual.clap.classifier import ZeroShotClassifier, audio_embeddings, model_inputs
 from audio_residual.clap.loading import ClapBundle
 
 
@@ -57,11 +57,7 @@ def _batches(bundle: ClapBundle, input_features, is_longer, rows: np.ndarray, ba
     """(rows, features, is_longer) batches moved to the bundle's device."""
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
-        x = torch.from_numpy(np.ascontiguousarray(input_features[batch])).to(bundle.device)
-        longer = None
-        if is_longer is not None:
-            longer = torch.from_numpy(np.asarray(is_longer[batch])).reshape(-1, 1).to(bundle.device)
-        yield batch, x, longer
+        yield batch, *model_inputs(input_features, batch, bundle.device, is_longer)
 
 
 def _train_mode(model: AudioClassifier) -> None:

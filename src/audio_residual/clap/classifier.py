@@ -29,6 +29,16 @@ def text_embeddings(bundle: ClapBundle, texts: Sequence[str]) -> torch.Tensor:
     return F.normalize(projected.float(), dim=-1)
 
 
+def model_inputs(
+    input_features: np.ndarray, rows: np.ndarray, device: torch.device | str, is_longer: np.ndarray | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows of a (memory-mapped) feature array as model inputs on `device`: features and is_longer (n, 1)."""
+    x = torch.from_numpy(np.ascontiguousarray(input_features[rows])).to(device)
+    if is_longer is None:
+        return x, None
+    return x, torch.from_numpy(np.array(is_longer[rows])).reshape(-1, 1).to(device)
+
+
 def audio_embeddings(model, input_features: torch.Tensor, is_longer: torch.Tensor | None = None) -> torch.Tensor:
     """Differentiable L2-normalised audio embeddings: the path ResiDual hooks and training go through."""
     pooled = model.audio_model(input_features=input_features, is_longer=is_longer).pooler_output
@@ -66,9 +76,8 @@ class ZeroShotClassifier:
         out = []
         for start in tqdm(range(0, len(indices), batch_size), desc=desc, leave=False):
             rows = indices[start : start + batch_size]
-            x = torch.from_numpy(np.ascontiguousarray(input_features[rows])).to(self.bundle.device)
-            longer = None if is_longer is None else torch.from_numpy(np.asarray(is_longer[rows])).to(x.device)
+            x, longer = model_inputs(input_features, rows, self.bundle.device, is_longer)
             with self.bundle.autocast():
-                emb = audio_embeddings(self.bundle.model, x, longer.reshape(-1, 1) if longer is not None else None)
+                emb = audio_embeddings(self.bundle.model, x, longer)
             out.append(emb.float().cpu())
         return torch.cat(out) if out else torch.empty(0, self.class_embeddings.shape[1])

@@ -80,9 +80,7 @@ def train_point(exp: Experiment, point: dict, base: dict, out_dir: Path, tracker
     options = {**base, **{k: v for k, v in point.items() if k != "fold"}}
     config = TrainConfig.from_dict(options)
     fold = int(point.get("fold", 1))
-    split = next((s for s in exp.splits(config.val_fraction, config.seed) if s.fold == fold), None)
-    if split is None:
-        raise ValueError(f"fold {fold} is not in the dataset (folds {exp.table.fold_ids})")
+    split = exp.split(fold, config.val_fraction, config.seed)
     result = train_residual_fold(
         exp, split, config, out_dir=run_directory(out_dir, config), logger=tracker, stats_dir=out_dir / "stats"
     )

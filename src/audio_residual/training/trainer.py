@@ -6,6 +6,7 @@ training folds) chooses the epoch; the test fold is touched once, at the end, fo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -147,12 +148,8 @@ def residual_logits(exp: Experiment, residual: ResiDual | None, indices: np.ndar
     out = []
     for start in range(0, len(indices), batch_size):
         x, is_longer = exp.batch(indices[start : start + batch_size])
-        with exp.bundle.autocast():
-            if residual is None:
-                emb = audio_embeddings(model, x, is_longer)
-            else:
-                with residual.attached(model):
-                    emb = audio_embeddings(model, x, is_longer)
+        with exp.bundle.autocast(), residual.attached(model) if residual is not None else contextlib.nullcontext():
+            emb = audio_embeddings(model, x, is_longer)
         out.append(exp.classifier.logits(emb).float().cpu())
     return torch.cat(out) if out else torch.empty(0, len(exp.table.class_names))
 
