@@ -49,8 +49,8 @@ def test_fold_metrics_top5_and_absent_classes():
     assert m["macro_recall"] == 0.0 and np.isnan(m["per_class_accuracy"][1])
 
 
-def _row(method, fold, accuracy, params=0):
-    return {"method": method, "fold": fold, "accuracy": accuracy, "top5": 1.0, "macro_precision": accuracy,
+def _row(method, fold, accuracy, params=0, key="k1"):
+    return {"method": method, "fold": fold, "key": key, "accuracy": accuracy, "top5": 1.0, "macro_precision": accuracy,
             "macro_recall": accuracy, "macro_f1": accuracy, "trainable_params": params, "seconds": 1.0}  # fmt: skip
 
 
@@ -60,8 +60,12 @@ def test_store_persists_replaces_and_keeps_arrays(tmp_path):
     store.add(_row("zeroshot", 2, 0.6))
     store.add(_row("zeroshot", 1, 0.7))  # replaces fold 1
     reread = ResultsStore(tmp_path / "results.csv")
+    assert len(reread) == 0  # nothing is this session's until asked for under its key
+    assert reread.reuse("zeroshot", 1, "k1") and not reread.reuse("zeroshot", 3, "k1")
+    assert not reread.reuse("zeroshot", 1, "other options")
+    reread.select("zeroshot", "k1")
     assert list(reread.frame.columns[: len(RESULT_COLUMNS)]) == list(RESULT_COLUMNS)
-    assert len(reread) == 2 and reread.has("zeroshot", 1) and not reread.has("zeroshot", 3)
+    assert len(reread) == 2
     assert reread.frame.set_index("fold").loc[1, "accuracy"] == 0.7
     np.testing.assert_array_equal(reread.arrays("zeroshot", 1)["confusion"], np.eye(3))
     assert reread.arrays("zeroshot", 2) == {}
@@ -86,7 +90,7 @@ def test_store_write_failure_never_replaces_results(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]  # no temp file left behind
-    assert len(ResultsStore(path)) == 1
+    assert len(ResultsStore(path).all_rows) == 1
 
 
 def test_summary_uses_sample_std_and_scipy_paired_tests():
@@ -120,8 +124,8 @@ def test_per_class_deltas_confusion_sums_and_plots(tmp_path):
     store = ResultsStore(tmp_path / "results.csv")
     labels = np.array([0, 0, 1, 1])
     for fold in (1, 2):
-        store.add_evaluation("zeroshot", fold, one_hot_logits([0, 1, 0, 0], 2), labels, 2, 0, 0.1)
-        store.add_evaluation("probe", fold, one_hot_logits([0, 0, 1, 1], 2), labels, 2, 6, 0.2)
+        store.add_evaluation("zeroshot", fold, "k", one_hot_logits([0, 1, 0, 0], 2), labels, 2, 0, 0.1)
+        store.add_evaluation("probe", fold, "k", one_hot_logits([0, 0, 1, 1], 2), labels, 2, 6, 0.2)
     deltas = per_class_deltas(store, ["a", "b"]).set_index("class_name")
     assert deltas.loc["a", "delta"] == pytest.approx(0.5) and deltas.loc["b", "delta"] == pytest.approx(1.0)
     np.testing.assert_array_equal(summed_confusion(store, "zeroshot"), [[2, 2], [4, 0]])
@@ -177,8 +181,11 @@ def test_run_baselines_end_to_end_and_resume(tiny_experiment, tmp_path, monkeypa
     rerun = run_baselines(exp, tmp_path)  # everything done: nothing is embedded or recomputed
     assert calls == [] and rerun.frame.equals(store.frame)
     forced = run_baselines(exp, tmp_path, methods=("zeroshot",), folds=(2,), force=True)
-    assert calls == [len(exp.valid_indices())] and len(forced) == 15
-    assert not forced.frame.equals(store.frame)  # fold 2's zero-shot row was rewritten (new seconds)
+    assert calls == [len(exp.valid_indices())] and len(forced.all_rows) == 15 and forced.methods() == ["zeroshot"]
+    before = store.frame.query("method == 'zeroshot'").reset_index(drop=True)
+    assert not forced.frame.equals(before)  # fold 2's zero-shot row was rewritten (new seconds)
+    other = run_baselines(exp, tmp_path, methods=("zeroshot",), val_fraction=0.2)  # other options: new rows
+    assert len(other.all_rows) == 20 and len(other) == 5 and other.frame["key"].nunique() == 1
 
 
 def test_run_baselines_finetune_fold(tiny_experiment, tmp_path):

@@ -10,7 +10,13 @@ import pytest
 from audio_residual.cli import main
 from audio_residual.experiment import Experiment
 from audio_residual.training import sweep as sweep_module
-from audio_residual.training.sweep import best_configuration, grid_points, run_sweep, wandb_sweep_config
+from audio_residual.training.sweep import (
+    choose_per_fold,
+    grid_points,
+    mean_ranking,
+    run_sweep,
+    wandb_sweep_config,
+)
 
 GRID = {"granularity": ["layer"], "lr": [0.05, 0.3], "epochs": [2], "fold": [1, 2]}
 BASE = {"batch_size": 16, "val_fraction": 0.2}
@@ -49,23 +55,37 @@ def test_auto_mode_without_account_runs_locally(experiment, tmp_path, monkeypatc
     assert len(frame) == 1
 
 
-def test_best_configuration_ignores_test_accuracy():
+def test_choice_is_per_fold_and_ignores_test_accuracy():
     rows = [
         {"point": "a1", "lr": 0.1, "fold": 1, "val_accuracy": 0.9, "test_accuracy": 0.1},
-        {"point": "a2", "lr": 0.1, "fold": 2, "val_accuracy": 0.8, "test_accuracy": 0.1},
-        {"point": "b1", "lr": 0.3, "fold": 1, "val_accuracy": 0.5, "test_accuracy": 1.0},
-        {"point": "b2", "lr": 0.3, "fold": 2, "val_accuracy": 0.6, "test_accuracy": 1.0},
+        {"point": "a2", "lr": 0.1, "fold": 2, "val_accuracy": 0.5, "test_accuracy": 0.1},
+        {"point": "b1", "lr": 0.3, "fold": 1, "val_accuracy": 0.6, "test_accuracy": 1.0},
+        {"point": "b2", "lr": 0.3, "fold": 2, "val_accuracy": 0.7, "test_accuracy": 1.0},
     ]
-    best, ranking = best_configuration(pd.DataFrame(rows))
-    assert best == {"lr": 0.1}
-    assert ranking["val_accuracy"].tolist() == pytest.approx([0.85, 0.55])
+    frame = pd.DataFrame(rows)
+    assert choose_per_fold(frame) == {1: {"lr": 0.1}, 2: {"lr": 0.3}}  # each fold by its own validation
+    ranking = mean_ranking(frame)  # a summary only: fold 2's clips would vote on fold 1's choice here
+    assert ranking["lr"].tolist() == [0.1, 0.3] and ranking["val_accuracy"].tolist() == pytest.approx([0.7, 0.65])
+    with pytest.raises(ValueError, match="validation"):
+        choose_per_fold(frame.assign(val_accuracy=float("nan")))
 
 
 def test_list_options_survive_the_csv_round_trip(experiment, tmp_path):
     grid = {"granularity": ["layer"], "stages": [[2, 3]], "epochs": [1], "fold": [1]}
     run_sweep(experiment, tmp_path, grid=grid, base=BASE, use_wandb=False)
-    best, _ = best_configuration(pd.read_csv(tmp_path / "sweep.csv"))
-    assert best["stages"] == [2, 3]
+    frame = pd.read_csv(tmp_path / "sweep.csv")
+    assert choose_per_fold(frame)[1]["stages"] == [2, 3]
+
+
+def test_sweep_rows_are_keyed_by_base_options(experiment, tmp_path, monkeypatch):
+    grid = {**GRID, "lr": [0.05], "fold": [1]}
+    first = run_sweep(experiment, tmp_path, grid=grid, base=BASE, use_wandb=False)
+    calls = []
+    real = sweep_module.train_point
+    monkeypatch.setattr(sweep_module, "train_point", lambda *a, **k: calls.append(a) or real(*a, **k))
+    other = run_sweep(experiment, tmp_path, grid=grid, base={**BASE, "batch_size": 8}, use_wandb=False)
+    assert len(calls) == 1 and len(other) == 1  # other base options: the old row is not this run's
+    assert len(pd.read_csv(tmp_path / "sweep.csv")) == 2 and first["key"].iloc[0] != other["key"].iloc[0]
 
 
 def test_sweep_and_train_residual_commands(synthetic_esc50, tmp_path, capsys):
@@ -73,7 +93,7 @@ def test_sweep_and_train_residual_commands(synthetic_esc50, tmp_path, capsys):
     grid = tmp_path / "grid.json"
     grid.write_text(json.dumps({"granularity": ["layer", "head"], "lr": [0.3], "epochs": [2], "fold": [1]}))
     assert main(["sweep", *common, "--out", str(tmp_path / "sweep"), "--grid", str(grid), "--wandb", "off"]) == 0
-    assert "best by mean validation accuracy" in capsys.readouterr().out
+    assert "fold 1: chosen on its own validation split" in capsys.readouterr().out
     out = tmp_path / "residual"
     args = ["train-residual", *common, "--out", str(out), "--granularity", "layer", "--stages", "0,3",
             "--epochs", "2", "--lr", "0.1", "--folds", "1,2"]

@@ -22,6 +22,10 @@ def _common(parser: argparse.ArgumentParser, data_required: bool = True) -> None
     parser.add_argument("--on-bad-file", choices=["error", "skip"], default="error")
     parser.add_argument("--no-int16", action="store_true", help="skip LAION's int16 round trip of the audio")
     parser.add_argument("--template", action="append", help="prompt template with {label}; repeat to ensemble")
+    parser.add_argument(
+        "--cache-check", choices=["content", "mtime"], default="content",
+        help="how cached features recognise an unchanged audio file: content hash (default) or size+mtime (faster)",
+    )
 
 
 def _open(args):
@@ -37,6 +41,7 @@ def _open(args):
         on_bad_file=args.on_bad_file,
         int16_roundtrip=not args.no_int16,
         templates=tuple(args.template or DEFAULT_TEMPLATES),
+        cache_check=args.cache_check,
     )
 
 
@@ -138,6 +143,7 @@ def cmd_train_residual(args) -> None:
     from audio_residual.evaluation import ResultsStore, write_report
     from audio_residual.training.run import train_all_folds
     from audio_residual.training.tracking import RunTracker
+    from audio_residual.training.trainer import run_directory
 
     config = _train_config(args)
     exp = _open(args)
@@ -149,21 +155,22 @@ def cmd_train_residual(args) -> None:
     _report_skipped(exp, args.out)
     write_report(store, args.out, class_names=exp.table.class_names)
     print(rows[["fold", "accuracy", "top5", "val_accuracy", "trainable_params", "seconds"]].to_string(index=False))
-    print(f"results → {args.out / 'results.csv'}; λ and figures → {args.out / 'runs' / config.digest()}")
+    print(f"results → {args.out / 'results.csv'}; λ and figures → {run_directory(args.out, exp, config)}")
 
 
 def cmd_sweep(args) -> None:
     import json
 
-    from audio_residual.training.sweep import DEFAULT_GRID, best_configuration, run_sweep
+    from audio_residual.training.sweep import DEFAULT_GRID, choose_per_fold, mean_ranking, run_sweep
 
     grid = json.loads(args.grid.read_text()) if args.grid else DEFAULT_GRID
     exp = _open(args)
     base = {"batch_size": args.batch_size, "val_fraction": args.val_fraction}
     frame = run_sweep(exp, args.out, grid=grid, base=base, use_wandb=WANDB_CHOICES[args.wandb])
-    best, ranking = best_configuration(frame)
-    print(ranking.to_string(index=False))
-    print(f"best by mean validation accuracy: {best}; table → {args.out / 'sweep.csv'}")
+    print(mean_ranking(frame).to_string(index=False))
+    for fold, options in choose_per_fold(frame).items():
+        print(f"fold {fold}: chosen on its own validation split: {options}")
+    print(f"table → {args.out / 'sweep.csv'}")
 
 
 def cmd_experiment(args) -> None:

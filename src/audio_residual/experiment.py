@@ -22,6 +22,7 @@ from audio_residual.data_processing import (
     load_dataset,
     official_splits,
 )
+from audio_residual.io import digest
 
 DEFAULT_CACHE = Path("cache")
 
@@ -52,10 +53,13 @@ class Experiment:
         on_bad_file: str = "error",
         int16_roundtrip: bool = True,
         templates: tuple[str, ...] = DEFAULT_TEMPLATES,
+        cache_check: str = "content",
     ) -> Experiment:
         table = resolve_dataset(data)
         bundle = load_clap(model, device=device, amp=amp, class_names=table.class_names)
-        cache = FeatureCache(Path(cache_dir) / "features", bundle.feature_extractor, int16_roundtrip=int16_roundtrip)
+        cache = FeatureCache(
+            Path(cache_dir) / "features", bundle.feature_extractor, int16_roundtrip=int16_roundtrip, check=cache_check
+        )
         features = cache.compute(table, on_bad_file=on_bad_file)
         return cls(table, bundle, features, tuple(templates))
 
@@ -64,6 +68,26 @@ class Experiment:
         if self._classifier is None:
             self._classifier = ZeroShotClassifier(self.bundle, self.table.class_names, self.templates)
         return self._classifier
+
+    def identity(self, rows: np.ndarray | None = None) -> dict:
+        """What results computed on the given rows (default: all) depend on, besides the method's options.
+
+        The data as the model sees it (preprocessing and each audio file's identity), labels and folds, the
+        model and the prompt templates. Two runs share stored results only when this and the options agree.
+        """
+        rows = np.arange(len(self.table)) if rows is None else np.sort(np.asarray(rows))
+        table = self.table
+        return {
+            "model": self.bundle.model_id,
+            "features": self.features.digest(rows),
+            "labels": digest([table.class_names, table.labels[rows].tolist(), table.folds[rows].tolist()]),
+            "valid": digest(self.features.valid[rows].tolist()),
+            "templates": list(self.templates),
+        }
+
+    def key(self, procedure: dict) -> str:
+        """The key of results produced by `procedure` (a method and its options) on this experiment's data."""
+        return digest({"data": self.identity(), "procedure": procedure})
 
     def valid_indices(self, indices: np.ndarray | None = None) -> np.ndarray:
         """The given rows (default: all) minus the files that were skipped as bad input."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -41,3 +42,8 @@ def write_csv(path: str | Path, frame: pd.DataFrame) -> Path:
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
     return Path(path)
+
+
+def digest(value) -> str:
+    """A short stable hash of a JSON-able value: how stored results, statistics and sweep rows are keyed."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]

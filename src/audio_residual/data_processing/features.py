@@ -3,9 +3,14 @@
 Layout: `cache_dir/<config_hash>/config.json` records the preprocessing configuration, and
 `cache_dir/<config_hash>/<table name>-<table hash>/` holds one table's rows:
 `input_features.npy` (float32, row i = clip i of the table) and `index.json`, which maps each
-filename to its row, file identity (size, mtime_ns), status and `is_longer`. A row counts as cached
-only when the index says so and the file identity still matches; the index is rewritten atomically
-every `checkpoint_every` clips, so an interrupted run resumes where it stopped.
+filename to its row, file identity, status and `is_longer`. A row counts as cached only when the index
+says so and the file identity still matches; the index is rewritten atomically every `checkpoint_every`
+clips, so an interrupted run resumes where it stopped.
+
+File identity (`check`): "content" (default) hashes every file's bytes (BLAKE2b), so a file overwritten
+in place is recomputed even when it keeps its size and mtime; it re-reads the audio on every open (about
+1 s per GB from the page cache, far below one forward pass). "mtime" trusts size + modification time: no
+re-read, but an overwrite that preserves both (`cp -p`, `touch -r`, some sync tools) reuses stale features.
 """
 
 from __future__ import annotations
@@ -30,11 +35,13 @@ from audio_residual.data_processing.audio import (
     load_audio,
 )
 from audio_residual.data_processing.datasets import ClipTable
+from audio_residual.io import digest
 
 CACHE_FORMAT_VERSION = 1
 FEATURES_FILE = "input_features.npy"
 INDEX_FILE = "index.json"
 TRUNCATION_MODES = ("rand_trunc", "fusion")
+CHECK_MODES = ("content", "mtime")
 # Keys of `FeatureExtractor.to_dict()` that name the processor but do not change the features.
 _VOLATILE_EXTRACTOR_KEYS = frozenset({"processor_class", "auto_map"})
 
@@ -47,6 +54,13 @@ class CachedFeatures:
     is_longer: np.ndarray  # (N,) bool
     valid: np.ndarray  # (N,) bool, False where the audio file was skipped
     skipped: list[tuple[str, str]]  # (filename, reason)
+    identities: tuple[str, ...]  # per row: the audio file's identity (content hash or size:mtime)
+    config_hash: str  # the preprocessing configuration the rows were computed with
+
+    def digest(self, rows=None) -> str:
+        """What the given rows (default: all) are, as the model sees them: preprocessing + file identities."""
+        rows = range(len(self.identities)) if rows is None else rows
+        return digest([self.config_hash, [self.identities[int(r)] for r in rows]])
 
 
 def _json_default(value: Any) -> Any:
@@ -83,12 +97,16 @@ def _seeded_global_numpy_rng(seed: int) -> Iterator[None]:
         np.random.set_state(state)
 
 
-def _file_identity(path: Path) -> str | None:
+def _file_identity(path: Path, check: str = "content") -> str | None:
+    """`size:blake2b(content)` or `size:mtime_ns` (see the module docstring); None if unreadable."""
     try:
         info = path.stat()
-    except FileNotFoundError:
+        if check == "mtime":
+            return f"{info.st_size}:{info.st_mtime_ns}"
+        with path.open("rb") as handle:
+            return f"{info.st_size}:{hashlib.file_digest(handle, 'blake2b').hexdigest()[:32]}"
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
         return None
-    return f"{info.st_size}:{info.st_mtime_ns}"
 
 
 class FeatureCache:
@@ -110,6 +128,7 @@ class FeatureCache:
         truncation: str | None = None,
         padding: str | None = None,
         checkpoint_every: int = 25,
+        check: str = "content",
     ) -> None:
         if target_sr != feature_extractor.sampling_rate:
             raise ValueError(
@@ -124,6 +143,9 @@ class FeatureCache:
         if self.truncation not in TRUNCATION_MODES:
             raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {self.truncation!r}")
         self.checkpoint_every = max(1, checkpoint_every)
+        if check not in CHECK_MODES:
+            raise ValueError(f"cache check must be one of {CHECK_MODES}, got {check!r}")
+        self.check = check
         extractor_config = {
             key: value
             for key, value in feature_extractor.to_dict().items()
@@ -160,7 +182,9 @@ class FeatureCache:
         features_path, index_path = store / FEATURES_FILE, store / INDEX_FILE
 
         entries = self._read_index(index_path, features_path, len(table))
-        identities = [_file_identity(path) for path in table.paths()]
+        identities = [_file_identity(path, self.check) for path in tqdm(
+            table.paths(), desc="checking audio files", unit="file", leave=False, disable=self.check == "mtime"
+        )]
         todo = [
             row
             for row, (filename, identity) in enumerate(zip(table.filenames, identities, strict=True))
@@ -205,6 +229,8 @@ class FeatureCache:
             is_longer=np.array([entries[name].get("is_longer", False) for name in table.filenames]),
             valid=np.array(["reason" not in entries[name] for name in table.filenames]),
             skipped=skipped,
+            identities=tuple(entries[name]["identity"] or "" for name in table.filenames),
+            config_hash=self.config_hash,
         )
 
     def _extract(self, audio: np.ndarray, filename: str) -> tuple[np.ndarray, bool]:

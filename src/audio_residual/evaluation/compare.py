@@ -3,8 +3,9 @@
 The store is the one place results go, whichever code produced them:
 
     store = ResultsStore(out_dir / "results.csv")
-    if not store.has("residual", fold):
-        store.add_evaluation("residual", fold, test_logits, test_labels, n_classes, trainable_params=96, seconds=t)
+    key = exp.key({"method": "residual", "config": ...})   # everything that produces the row
+    if not store.reuse("residual", fold, key):
+        store.add_evaluation("residual", fold, key, test_logits, test_labels, n_classes, trainable_params=96, seconds=t)
 
 `results.csv` is rewritten atomically after every row, so a crash loses at most the row being computed.
 """
@@ -27,6 +28,7 @@ from audio_residual.io import atomic_path, write_csv
 RESULT_COLUMNS = (
     "method",
     "fold",
+    "key",
     "accuracy",
     "top5",
     "macro_precision",
@@ -82,61 +84,87 @@ def fold_metrics(logits, labels, n_classes: int) -> dict:
     }
 
 
-def _array_name(method: str, fold: int) -> str:
-    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', method)}__fold{int(fold)}.npz"
+def _array_name(method: str, key: str, fold: int) -> str:
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', method)}__{key}__fold{int(fold)}.npz"
 
 
 class ResultsStore:
-    """A tidy results table (one row per method × fold) kept on disk as CSV, with per-row arrays as npz.
+    """A tidy results table on disk (`results.csv`, arrays as npz), keyed by what produced each row.
 
-    Columns: `RESULT_COLUMNS`, then any extra keys rows bring (kept in first-seen order). Arrays of a row
-    (`confusion`, `per_class_accuracy`, or anything else) go to `<csv dir>/arrays/<method>__fold<k>.npz`,
-    written before the CSV row, so a row in the CSV always has its arrays.
+    A row is identified by (method, fold, key), where `key` digests everything that produced it: the data
+    as the model saw it, the model, the preprocessing, the templates and the method's own options (see
+    `Experiment.key`). `reuse` finds a stored row only under the same key, so a rerun with other options
+    computes new rows instead of returning old ones. Rows found by `reuse` or written by `add` form this
+    session's selection (one key per method), and `frame` — what every table, figure and report reads —
+    holds only those rows; `all_rows` is everything on disk. Arrays of a row go to
+    `<csv dir>/arrays/<method>__<key>__fold<k>.npz`, written before the CSV row.
     """
 
     def __init__(self, path_csv: str | Path):
         self.path = Path(path_csv)
         self.arrays_dir = self.path.parent / "arrays"
         if self.path.is_file():
-            self.frame = pd.read_csv(self.path)
+            self.all_rows = pd.read_csv(self.path, dtype={"key": str})
         else:
-            self.frame = pd.DataFrame(columns=list(RESULT_COLUMNS))
+            self.all_rows = pd.DataFrame(columns=list(RESULT_COLUMNS))
+        self.selected: dict[str, str] = {}  # method → key of this session's rows
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        """This session's rows: for each selected method, the rows stored under its selected key."""
+        rows = self.all_rows
+        mask = np.zeros(len(rows), dtype=bool)
+        for method, key in self.selected.items():
+            mask |= ((rows["method"] == method) & (rows["key"] == key)).to_numpy()
+        return rows[mask].reset_index(drop=True)
 
     def __len__(self) -> int:
         return len(self.frame)
 
-    def has(self, method: str, fold: int) -> bool:
-        return bool(((self.frame["method"] == method) & (self.frame["fold"] == int(fold))).any())
+    def _match(self, method: str, fold: int, key: str) -> pd.Series:
+        rows = self.all_rows
+        return (rows["method"] == method) & (rows["fold"] == int(fold)) & (rows["key"] == key)
+
+    def select(self, method: str, key: str) -> None:
+        """Make `method`'s rows under `key` part of this session's results (one key per method)."""
+        self.selected[method] = key
+
+    def reuse(self, method: str, fold: int, key: str) -> bool:
+        """Whether (method, fold) is stored under `key`; the method joins this session's results either way."""
+        self.select(method, key)
+        return bool(self._match(method, fold, key).any())
 
     def methods(self) -> list[str]:
-        """Method names in the order they were first added."""
+        """Method names of this session's rows, in the order they were first stored."""
         return list(dict.fromkeys(self.frame["method"]))
 
     def add(self, row: Mapping, arrays: Mapping[str, np.ndarray] | None = None) -> None:
-        """Insert or replace the (method, fold) row, save its arrays, and rewrite the CSV atomically.
+        """Insert or replace the (method, fold, key) row, save its arrays, and rewrite the CSV atomically.
 
-        `row` needs `method`, `fold` and `accuracy`; missing standard columns are left empty (NaN).
+        `row` needs `method`, `fold`, `key` and `accuracy`; missing standard columns are left empty (NaN).
         """
-        missing = {"method", "fold", "accuracy"} - set(row)
+        missing = {"method", "fold", "key", "accuracy"} - set(row)
         if missing:
             raise ValueError(f"a results row needs {sorted(missing)}")
         record = {column: row.get(column, np.nan) for column in RESULT_COLUMNS} | dict(row)
-        record["method"], record["fold"] = str(record["method"]), int(record["fold"])
+        record["method"], record["fold"], record["key"] = str(record["method"]), int(record["fold"]), str(record["key"])
         if arrays:
             self.arrays_dir.mkdir(parents=True, exist_ok=True)
-            with atomic_path(self.arrays_dir / _array_name(record["method"], record["fold"])) as tmp:
+            with atomic_path(self.arrays_dir / _array_name(record["method"], record["key"], record["fold"])) as tmp:
                 with open(tmp, "wb") as handle:
                     np.savez(handle, **{k: np.asarray(v) for k, v in arrays.items()})
-        keep = ~((self.frame["method"] == record["method"]) & (self.frame["fold"] == record["fold"]))
+        keep = ~self._match(record["method"], record["fold"], record["key"])
         new_row = pd.DataFrame([record])
-        frame = new_row if not keep.any() else pd.concat([self.frame[keep], new_row], ignore_index=True)
+        frame = new_row if not keep.any() else pd.concat([self.all_rows[keep], new_row], ignore_index=True)
         write_csv(self.path, frame)
-        self.frame = frame
+        self.all_rows = frame
+        self.select(record["method"], record["key"])
 
     def add_evaluation(
         self,
         method: str,
         fold: int,
+        key: str,
         logits,
         labels,
         n_classes: int,
@@ -150,19 +178,22 @@ class ResultsStore:
             "confusion": metrics.pop("confusion"),
             "per_class_accuracy": metrics.pop("per_class_accuracy"),
         }
-        row = {"method": method, "fold": int(fold), **metrics}
+        row = {"method": method, "fold": int(fold), "key": key, **metrics}
         row |= {"trainable_params": int(trainable_params), "seconds": float(seconds), **extra}
         self.add(row, arrays)
         return row
 
     def has_arrays(self, method: str) -> bool:
-        """Whether every fold of the method was added with its confusion and per-class arrays."""
+        """Whether every fold of this session's method rows was added with its confusion and per-class arrays."""
         folds = self.frame.loc[self.frame["method"] == method, "fold"]
-        return len(folds) > 0 and all((self.arrays_dir / _array_name(method, f)).is_file() for f in folds)
+        return len(folds) > 0 and all(self._array_path(method, f).is_file() for f in folds)
+
+    def _array_path(self, method: str, fold: int) -> Path:
+        return self.arrays_dir / _array_name(method, self.selected.get(method, ""), fold)
 
     def arrays(self, method: str, fold: int) -> dict[str, np.ndarray]:
-        """The arrays saved with a row; empty if none were saved."""
-        path = self.arrays_dir / _array_name(method, fold)
+        """The arrays saved with this session's (method, fold) row; empty if none were saved."""
+        path = self._array_path(method, fold)
         if not path.is_file():
             return {}
         with np.load(path, allow_pickle=False) as data:

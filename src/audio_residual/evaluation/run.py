@@ -44,6 +44,12 @@ def _method_list(methods: Sequence[str], finetune_epochs: int) -> list[str]:
     return [*names, FINETUNE_METHOD] if finetune_epochs > 0 else names
 
 
+def baseline_procedure(name: str, val_fraction: float, seed: int, finetune_epochs: int = 0) -> dict:
+    """What a baseline's rows depend on besides the data: the method, its validation split, seed, epochs."""
+    procedure = {"method": name, "val_fraction": val_fraction, "seed": seed}
+    return procedure | ({"epochs": finetune_epochs} if name == FINETUNE_METHOD else {})
+
+
 def run_baselines(
     exp: Experiment,
     out_dir: str | Path,
@@ -54,7 +60,7 @@ def run_baselines(
     force: bool = False,
     finetune_epochs: int = 0,
 ) -> ResultsStore:
-    """Evaluate each method on each official fold, skipping (method, fold) rows the store already has.
+    """Evaluate each method on each official fold, skipping rows the store holds under the same key.
 
     Every valid clip is embedded once and the embeddings are reused by every fold and embedding method.
     Models train on `split.train`, choose hyper-parameters / stop early on `split.val` (carved from the
@@ -64,8 +70,11 @@ def run_baselines(
     """
     store = ResultsStore(Path(out_dir) / RESULTS_CSV)
     names = _method_list(methods, finetune_epochs)
+    keys = {name: exp.key(baseline_procedure(name, val_fraction, seed, finetune_epochs)) for name in names}
     splits = [s for s in exp.splits(val_fraction=val_fraction, seed=seed) if folds is None or s.fold in folds]
-    todo = [(name, split) for split in splits for name in names if force or not store.has(name, split.fold)]
+    todo = [
+        (name, split) for split in splits for name in names if not store.reuse(name, split.fold, keys[name]) or force
+    ]
     if not todo:
         return store
     labels, n_classes, classifier = exp.table.labels, len(exp.table.class_names), exp.classifier
@@ -118,7 +127,7 @@ def run_baselines(
             if exp.bundle.device.type == "cuda":
                 torch.cuda.empty_cache()
         store.add_evaluation(
-            name, split.fold, logits, labels[split.test], n_classes, params, time.perf_counter() - start
+            name, split.fold, keys[name], logits, labels[split.test], n_classes, params, time.perf_counter() - start
         )
     return store
 

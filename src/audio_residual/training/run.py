@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,30 +35,69 @@ def save_lambda_figures(lambda_path: Path, out_dir: Path, title: str) -> pd.Data
 
 def train_all_folds(
     exp: Experiment,
-    config: TrainConfig,
+    config: TrainConfig | Mapping[int, TrainConfig],
     out_dir: str | Path,
     store: ResultsStore,
     method: str = "residual",
     folds: list[int] | None = None,
     force: bool = False,
     tracker: RunTracker | None = None,
+    procedure: dict | None = None,
 ) -> pd.DataFrame:
-    """Train `config` on each fold not yet in `store` (unless `force`); rows land in `store` as they finish.
+    """Train on each fold whose row `store` lacks under this procedure's key (unless `force`).
 
-    Checkpoints, λ and figures go to `run_directory(out_dir, config)`; a sweep into the same `out_dir`
-    has already trained (and timed) the configuration, so its folds are resumed, not retrained.
+    `config` is one configuration for every fold, or one per fold (a nested choice: fold k's configuration
+    chosen without fold k). `procedure` describes how the configurations were obtained and keys the rows;
+    by default it is the configuration itself. Checkpoints, λ and figures go to `run_directory(out_dir, exp,
+    config)`; a sweep into the same `out_dir` has already trained (and timed) a configuration, so its folds
+    are resumed, not retrained.
     """
     out_dir = Path(out_dir)
-    run_dir = run_directory(out_dir, config)
-    splits = [s for s in exp.splits(config.val_fraction, config.seed) if folds is None or s.fold in folds]
+    per_fold = config if isinstance(config, Mapping) else None
+    if per_fold is None:
+        procedure = procedure or {"method": method, "config": asdict(config)}
+        per_fold = {s.fold: config for s in exp.splits(config.val_fraction, config.seed)}
+    elif procedure is None:
+        raise ValueError("per-fold configurations need the procedure that chose them (it keys the results)")
+    key = exp.key(procedure)
     n_classes = len(exp.table.class_names)
-    for split in tqdm(splits, desc=f"{method} folds"):
-        if store.has(method, split.fold) and not force:
+    todo = [fold for fold in sorted(per_fold) if folds is None or fold in folds]
+    for fold in tqdm(todo, desc=f"{method} folds"):
+        fold_config = per_fold[fold]
+        if store.reuse(method, fold, key) and not force:
             continue
-        result = train_residual_fold(exp, split, config, out_dir=run_dir, logger=tracker, stats_dir=out_dir / "stats")
+        split = exp.split(fold, fold_config.val_fraction, fold_config.seed)
+        run_dir = run_directory(out_dir, exp, fold_config)
+        result = train_residual_fold(exp, split, fold_config, out_dir=run_dir, logger=tracker, stats_dir=out_dir / "stats")
         store.add_evaluation(
-            method, split.fold, result.test_logits, result.test_labels, n_classes, result.trainable_params,
-            result.seconds, val_accuracy=result.val_accuracy, best_epoch=result.best_epoch, config=config.digest(),
+            method, fold, key, result.test_logits, result.test_labels, n_classes, result.trainable_params,
+            result.seconds, val_accuracy=result.val_accuracy, best_epoch=result.best_epoch, config=fold_config.digest(),
         )
-        save_lambda_figures(run_dir / f"fold{split.fold}" / "lambda.safetensors", run_dir / f"fold{split.fold}", method)
+        save_lambda_figures(run_dir / f"fold{fold}" / "lambda.safetensors", run_dir / f"fold{fold}", method)
     return store.frame[store.frame["method"] == method]
+
+
+def train_chosen_per_fold(
+    exp: Experiment,
+    sweep: pd.DataFrame,
+    grid: dict,
+    base: dict,
+    out_dir: str | Path,
+    store: ResultsStore,
+    coarse: bool = True,
+) -> dict[int, dict]:
+    """ResiDual with each fold's configuration chosen on that fold's validation split (nested), into `store`.
+
+    Rows `residual` (and `residual_coarse`: the same choice, one λ per unit) are keyed by the grid and base
+    options, so the report names the procedure that produced them. Returns {fold: chosen options}.
+    """
+    from audio_residual.training.sweep import choose_per_fold
+
+    chosen = choose_per_fold(sweep)
+    configs = {fold: TrainConfig.from_dict({**base, **options}) for fold, options in chosen.items()}
+    procedure = {"selection": "best validation accuracy of each fold's own split", "grid": grid, "base": base}
+    train_all_folds(exp, configs, out_dir, store, method="residual", procedure=procedure)
+    if coarse:
+        coarse_configs = {fold: dataclasses.replace(c, coarse=True) for fold, c in configs.items()}
+        train_all_folds(exp, coarse_configs, out_dir, store, method="residual_coarse", procedure={**procedure, "coarse": True})
+    return chosen

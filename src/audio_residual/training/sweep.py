@@ -3,7 +3,13 @@
 Every grid point (including its fold) runs the same `train_point` function. With W&B, `wandb.agent`
 calls it once per point; several agents on several machines (`wandb agent ENTITY/PROJECT/SWEEP_ID`)
 share one sweep, which is the scale-out path. Without an account the grid runs in this process. Either
-way the rows land in `OUT/sweep.csv`, written atomically after each point, and a rerun skips done points.
+way the rows land in `OUT/sweep.csv`, written atomically after each point, and a rerun skips done points
+(a point is done only under the same data, model and base options: each row carries that key).
+
+Selection is nested: the configuration reported on test fold k is the one with the best validation
+accuracy on fold k's own split, whose validation clips come from the other folds (`choose_per_fold`).
+Averaging validation accuracy over folds would let fold k's clips, which sit in the other folds'
+validation sets, vote on the configuration reported on fold k.
 """
 
 from __future__ import annotations
@@ -60,19 +66,32 @@ def _point_key(point: dict) -> str:
 
 
 class SweepTable:
-    """`OUT/sweep.csv`: one row per finished grid point (options as JSON + metrics)."""
+    """`OUT/sweep.csv`: one row per finished grid point (options as JSON + metrics), keyed by `key`.
 
-    def __init__(self, path: Path):
+    `key` digests the data, model and base options the points were trained under; `frame` holds only the
+    rows of that key (other runs' rows stay on disk but are never read as this run's).
+    """
+
+    def __init__(self, path: Path, key: str):
         self.path = Path(path)
-        self.frame = pd.read_csv(self.path) if self.path.exists() else pd.DataFrame()
+        self.key = key
+        self.all_rows = pd.read_csv(self.path, dtype={"key": str}) if self.path.exists() else pd.DataFrame()
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        if self.all_rows.empty or "key" not in self.all_rows:
+            return pd.DataFrame()
+        return self.all_rows[self.all_rows["key"] == self.key].reset_index(drop=True)
 
     def done(self, point: dict) -> bool:
-        return not self.frame.empty and _point_key(point) in set(self.frame["point"])
+        frame = self.frame
+        return not frame.empty and _point_key(point) in set(frame["point"])
 
     def add(self, point: dict, row: dict) -> None:
-        record = {"point": _point_key(point), **{k: json.dumps(v) if isinstance(v, list) else v for k, v in point.items()}, **row}
-        self.frame = pd.concat([self.frame, pd.DataFrame([record])], ignore_index=True)
-        write_csv(self.path, self.frame)
+        options = {k: json.dumps(v) if isinstance(v, list) else v for k, v in point.items()}
+        record = {"point": _point_key(point), "key": self.key, **options, **row}
+        self.all_rows = pd.concat([self.all_rows, pd.DataFrame([record])], ignore_index=True)
+        write_csv(self.path, self.all_rows)
 
 
 def train_point(exp: Experiment, point: dict, base: dict, out_dir: Path, tracker: RunTracker | None = None) -> dict:
@@ -82,7 +101,7 @@ def train_point(exp: Experiment, point: dict, base: dict, out_dir: Path, tracker
     fold = int(point.get("fold", 1))
     split = exp.split(fold, config.val_fraction, config.seed)
     result = train_residual_fold(
-        exp, split, config, out_dir=run_directory(out_dir, config), logger=tracker, stats_dir=out_dir / "stats"
+        exp, split, config, out_dir=run_directory(out_dir, exp, config), logger=tracker, stats_dir=out_dir / "stats"
     )
     row = result.row()
     if tracker is not None:
@@ -103,7 +122,7 @@ def run_sweep(
     out_dir = Path(out_dir)
     grid = grid or DEFAULT_GRID
     base = base or {}
-    table = SweepTable(out_dir / "sweep.csv")
+    table = SweepTable(out_dir / "sweep.csv", exp.key({"sweep_base": base}))
     if use_wandb == "auto":
         use_wandb = wandb_available()
     if use_wandb:
@@ -128,15 +147,36 @@ def run_sweep(
     return table.frame
 
 
-def best_configuration(frame: pd.DataFrame) -> tuple[dict, pd.DataFrame]:
-    """The option set with the highest mean validation accuracy over folds (test accuracy plays no part)."""
-    options = [c for c in frame.columns if c not in ("point", "fold", *RESULT_COLUMNS)]
+def _options(frame: pd.DataFrame) -> list[str]:
+    return [c for c in frame.columns if c not in ("point", "key", "fold", *RESULT_COLUMNS)]
+
+
+def _decode(options: dict) -> dict:
+    """Grid values as they were given (lists come back from the CSV as JSON text)."""
+    options = {k: (json.loads(v) if isinstance(v, str) and v.startswith("[") else v) for k, v in options.items()}
+    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in options.items()}
+
+
+def choose_per_fold(frame: pd.DataFrame) -> dict[int, dict]:
+    """For each fold, the grid options with the best validation accuracy on that fold's own split.
+
+    Fold k's validation clips come from the other folds, so nothing of fold k takes part in choosing the
+    configuration reported on it; test accuracy plays no part at all. Ties keep the earlier grid point.
+    """
+    if frame.empty or frame["val_accuracy"].isna().all():
+        raise ValueError("the sweep has no validation accuracy to choose by: give it a validation fraction > 0")
+    options = _options(frame)
+    chosen = {}
+    for fold, rows in frame.groupby("fold", sort=True):
+        best = rows.sort_values("val_accuracy", ascending=False, kind="stable").iloc[0]
+        chosen[int(fold)] = _decode(best[options].to_dict())
+    return chosen
+
+
+def mean_ranking(frame: pd.DataFrame) -> pd.DataFrame:
+    """Option sets ranked by validation accuracy averaged over folds: a summary to read, never to choose by."""
+    options = _options(frame)
     grouped = frame.groupby(options, dropna=False).agg(
         val_accuracy=("val_accuracy", "mean"), test_accuracy=("test_accuracy", "mean"), folds=("fold", "nunique")
     )
-    grouped = grouped.sort_values("val_accuracy", ascending=False, kind="stable").reset_index()
-    best = grouped.iloc[0][options].to_dict()
-    best = {k: (json.loads(v) if isinstance(v, str) and v.startswith("[") else v) for k, v in best.items()}
-    best = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in best.items()}
-    return best, grouped
-
+    return grouped.sort_values("val_accuracy", ascending=False, kind="stable").reset_index()

@@ -25,7 +25,7 @@ from audio_residual.clap.classifier import audio_embeddings
 from audio_residual.data_processing import Split
 from audio_residual.evaluation.metrics import topk_accuracy
 from audio_residual.experiment import Experiment
-from audio_residual.io import write_csv, write_json
+from audio_residual.io import digest, write_csv, write_json
 from audio_residual.residual.units import ResiDual, ResidualConfig
 from audio_residual.training.checkpoint import load_checkpoint, save_checkpoint
 
@@ -107,20 +107,29 @@ class FoldResult:
         return {k: v for k, v in asdict(self).items() if k not in ("test_logits", "test_labels", "history")}
 
 
-def run_directory(out_dir: str | Path, config: TrainConfig) -> Path:
-    """Where a configuration's per-fold checkpoints, λ and figures live: `OUT/runs/<config digest>`."""
-    return Path(out_dir) / "runs" / config.digest()
+def run_key(exp: Experiment, config: TrainConfig) -> str:
+    """A configuration trained on this experiment's data and model: names its run folder and checkpoints."""
+    return exp.key({"train_config": asdict(config)})
+
+
+def run_directory(out_dir: str | Path, exp: Experiment, config: TrainConfig) -> Path:
+    """Where a configuration's per-fold checkpoints, λ and figures live: `OUT/runs/<run key>`.
+
+    The key covers the data and model too, so a rerun on changed audio never resumes an old checkpoint.
+    """
+    return Path(out_dir) / "runs" / run_key(exp, config)
 
 
 def fold_statistics(exp: Experiment, split: Split, stats_dir: Path | None, config: TrainConfig) -> ResidualStatistics:
     """PCA moments of the fold's training clips, loaded from `stats_dir` when already fitted for them.
 
-    The file name hashes what the moments depend on (model, training clips, token subsampling), so every
-    configuration of a sweep that shares the folder fits each fold's statistics once.
+    The file name hashes what the moments depend on (model, the training clips' audio and preprocessing,
+    token subsampling), so every configuration of a sweep that shares the folder fits each fold's
+    statistics once, and changed audio or options never reuse old moments.
     """
     train = np.sort(split.train)
-    identity = [exp.bundle.model_id, train.tolist(), config.tokens_per_clip, config.seed if config.tokens_per_clip else 0]
-    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]
+    identity = [exp.bundle.model_id, exp.features.digest(train), train.tolist(), config.tokens_per_clip, config.seed if config.tokens_per_clip else 0]
+    key = digest(identity)
     path = None if stats_dir is None else Path(stats_dir) / f"stats_fold{split.fold}_{key}.safetensors"
     if path is not None and path.exists():
         return ResidualStatistics.load(path)
@@ -203,7 +212,7 @@ def train_residual_fold(
     checkpoint = None if fold_dir is None else fold_dir / "checkpoint.safetensors"
     if checkpoint is not None and checkpoint.exists():
         states, info = load_checkpoint(checkpoint)
-        if info["config"] == config.digest():
+        if info["config"] == run_key(exp, config):
             residual.lambdas.load_state_dict(states["lambdas"])
             optimizer.load_state_dict(states["optimizer"])
             if scheduler is not None:
@@ -264,7 +273,7 @@ def train_residual_fold(
             states = {"lambdas": residual.lambdas.state_dict(), "optimizer": optimizer.state_dict(), "best": best["lambdas"]}
             if scheduler is not None:
                 states["scheduler"] = scheduler.state_dict()
-            info = {"config": config.digest(), "epoch": epoch + 1, "history": history, "best_epoch": best["epoch"],
+            info = {"config": run_key(exp, config), "epoch": epoch + 1, "history": history, "best_epoch": best["epoch"],
                     "best_val": best["val_accuracy"], "seconds": earlier_seconds + time.perf_counter() - started}
             save_checkpoint(checkpoint, states, info)
         if config.patience is not None and epoch + 1 - best["epoch"] >= config.patience:
