@@ -18,7 +18,7 @@ from audio_residual.data_processing.datasets import (
 )
 from audio_residual.data_processing.download import ESC50_URL, download_file, ensure_esc50, safe_extract
 from audio_residual.data_processing.features import CachedFeatures, FeatureCache
-from audio_residual.data_processing.folds import Split, carve_validation, official_splits
+from audio_residual.data_processing.folds import Split, carve_validation, few_shot_splits, official_splits
 from audio_residual.data_processing.synthetic import make_synthetic_esc50
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "check_esc50_complete",
     "download_file",
     "ensure_esc50",
+    "few_shot_splits",
     "load_audio",
     "load_csv_dataset",
     "load_dataset",
