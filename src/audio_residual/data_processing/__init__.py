@@ -14,7 +14,9 @@ from audio_residual.data_processing.datasets import (
     load_csv_dataset,
     load_dataset,
     load_esc50,
+    load_gtzan,
     load_urbansound8k,
+    stratified_folds,
 )
 from audio_residual.data_processing.download import ESC50_URL, download_file, ensure_esc50, safe_extract
 from audio_residual.data_processing.features import CachedFeatures, FeatureCache
@@ -40,9 +42,11 @@ __all__ = [
     "load_csv_dataset",
     "load_dataset",
     "load_esc50",
+    "load_gtzan",
     "load_many",
     "load_urbansound8k",
     "make_synthetic_esc50",
     "official_splits",
     "safe_extract",
+    "stratified_folds",
 ]
