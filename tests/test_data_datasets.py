@@ -12,6 +12,7 @@ from audio_residual.data_processing import (
     load_csv_dataset,
     load_dataset,
     load_esc50,
+    load_gtzan,
     load_urbansound8k,
     make_synthetic_esc50,
 )
@@ -173,3 +174,36 @@ def test_unrecognised_layout_explains_accepted_ones(tmp_path):
         DatasetError, match=r"ESC-50 \(meta/esc50\.csv.*UrbanSound8K \(metadata/UrbanSound8K\.csv"
     ):
         load_dataset(tmp_path)
+
+
+def write_gtzan(root: Path, genres=("rock", "blues", "jazz"), per_genre: int = 20, folder: str = "genres") -> Path:
+    for genre in genres:
+        (root / folder / genre).mkdir(parents=True)
+        for i in range(per_genre):
+            (root / folder / genre / f"{genre}.{i:05d}.wav").touch()
+    (root / folder / "blues" / ".DS_Store").touch()  # not audio: ignored
+    return root
+
+
+def test_gtzan_stratified_seeded_folds_and_recognised(tmp_path):
+    root = write_gtzan(tmp_path)
+    table = load_dataset(root)
+    assert table.name == "gtzan" and table.class_names == ("blues", "jazz", "rock")
+    assert len(table) == 60 and all(path.is_file() for path in table.paths())
+    assert table.filenames[0] == "genres/blues/blues.00000.wav"
+    assert np.array_equal(table.labels, np.repeat([0, 1, 2], 20))
+    assert table.fold_ids == tuple(range(1, 11))
+    for fold in table.fold_ids:  # 2 clips per genre in every fold
+        assert np.bincount(table.labels[table.folds == fold], minlength=3).tolist() == [2, 2, 2]
+    assert np.array_equal(load_gtzan(root, seed=0).folds, table.folds)
+    assert not np.array_equal(load_gtzan(root, seed=1).folds, table.folds)
+
+
+def test_gtzan_kaggle_folder_and_empty_genre(tmp_path):
+    assert load_dataset(write_gtzan(tmp_path / "kaggle", folder="genres_original")).filenames[0].startswith(
+        "genres_original/blues/"
+    )
+    root = write_gtzan(tmp_path / "broken")
+    (root / "genres" / "metal").mkdir()
+    with pytest.raises(DatasetError, match=r"genres/metal: genre folder holds no \.wav/\.au files"):
+        load_gtzan(root)

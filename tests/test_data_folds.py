@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from audio_residual.data_processing import ClipTable, carve_validation, official_splits
+from audio_residual.data_processing import ClipTable, carve_validation, few_shot_splits, official_splits
 
 
 @pytest.fixture
@@ -60,3 +60,57 @@ def test_small_class_keeps_a_training_clip():
 def test_bad_fraction_rejected():
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         carve_validation(np.arange(4), np.zeros(4, dtype=int), 1.0, seed=0)
+
+
+def balanced_table(tmp_path, per_class_per_fold: int = 6) -> ClipTable:
+    labels = np.tile(np.repeat(np.arange(3), per_class_per_fold), 5)
+    folds = np.repeat([1, 2, 3, 4, 5], 3 * per_class_per_fold)
+    order = np.random.default_rng(1).permutation(labels.size)  # rows not grouped by class or fold
+    return ClipTable("csv", tmp_path, [f"{i}.wav" for i in range(labels.size)], labels[order], folds[order],
+                     ("a", "b", "c"))  # fmt: skip
+
+
+@pytest.mark.parametrize("shots", [1, 4])
+def test_few_shot_balanced_disjoint_and_tests_the_official_fold(tmp_path, shots):
+    table = balanced_table(tmp_path)
+    splits = few_shot_splits(table, shots, seed=0, val_per_class=2)
+    assert [s.fold for s in splits] == [1, 2, 3, 4, 5]
+    for split in splits:
+        assert np.bincount(table.labels[split.train], minlength=3).tolist() == [shots] * 3
+        assert np.bincount(table.labels[split.val], minlength=3).tolist() == [2] * 3
+        assert np.array_equal(split.test, np.flatnonzero(table.folds == split.fold))
+        assert not np.any(table.folds[np.concatenate([split.train, split.val])] == split.fold)
+        assert np.intersect1d(split.train, split.val).size == 0
+
+
+def test_few_shot_default_validation_matches_shots_and_zero_gives_none(tmp_path):
+    table = balanced_table(tmp_path)
+    assert all(s.val.size == 3 * 2 for s in few_shot_splits(table, 2, seed=0))
+    assert all(s.val.size == 0 for s in few_shot_splits(table, 2, seed=0, val_per_class=0))
+
+
+def test_few_shot_deterministic_per_seed_nested_in_k_and_seeds_differ(tmp_path):
+    table = balanced_table(tmp_path)
+    first, again = few_shot_splits(table, 2, seed=3), few_shot_splits(table, 2, seed=3)
+    pairs = zip(first, again, strict=True)
+    assert all(np.array_equal(a.train, b.train) and np.array_equal(a.val, b.val) for a, b in pairs)
+    other = few_shot_splits(table, 2, seed=4)
+    assert not all(np.array_equal(a.train, b.train) for a, b in zip(first, other, strict=True))
+    larger = few_shot_splits(table, 4, seed=3, val_per_class=0)
+    assert all(np.isin(a.train, b.train).all() for a, b in zip(first, larger, strict=True))
+
+
+def test_few_shot_refuses_a_class_too_small_naming_it_and_the_fold(tmp_path):
+    table = balanced_table(tmp_path, per_class_per_fold=2)  # 8 clips per class outside any fold
+    few_shot_splits(table, 4, seed=0, val_per_class=4)
+    with pytest.raises(ValueError, match=r"class 'a' has 8 clip\(s\) outside test fold 1; 8-shot .* needs 9"):
+        few_shot_splits(table, 8, seed=0, val_per_class=1)
+
+
+def test_few_shot_never_draws_skipped_files(tmp_path):
+    table = balanced_table(tmp_path)
+    valid = np.ones(len(table), dtype=bool)
+    valid[::3] = False
+    for split in few_shot_splits(table, 3, seed=0, val_per_class=3, valid=valid):
+        assert valid[np.concatenate([split.train, split.val, split.test])].all()
+        assert np.array_equal(split.test, np.flatnonzero((table.folds == split.fold) & valid))

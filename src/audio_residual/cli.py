@@ -12,7 +12,11 @@ WANDB_CHOICES = {"auto": "auto", "on": True, "off": False}  # sweep/experiment: 
 
 
 def _common(parser: argparse.ArgumentParser, data_required: bool = True) -> None:
-    parser.add_argument("--data", required=data_required, help="dataset folder (ESC-50, UrbanSound8K) or 'esc50'")
+    parser.add_argument(
+        "--data",
+        required=data_required,
+        help="dataset folder (ESC-50, UrbanSound8K, GTZAN, datasets save_to_disk), 'esc50' or hf:OWNER/NAME[:config]",
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local folder, or 'tiny' (offline)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--cache", type=Path, default=Path("cache"), help="feature cache folder")

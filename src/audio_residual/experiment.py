@@ -22,15 +22,19 @@ from audio_residual.data_processing import (
     load_dataset,
     official_splits,
 )
+from audio_residual.data_processing.hf import is_hf_source, load_hf_dataset
 from audio_residual.io import digest
 
 DEFAULT_CACHE = Path("cache")
 
 
 def resolve_dataset(data: str | Path, download_dir: Path = Path("data")) -> ClipTable:
-    """`esc50` means the official ESC-50 (downloaded into `download_dir` once); anything else is a folder."""
+    """`esc50` means the official ESC-50 (downloaded into `download_dir` once); `hf:OWNER/NAME[:config]` or a
+    `save_to_disk` folder is a Hugging Face dataset (audio exported under `download_dir/hf`); else a folder."""
     if str(data).lower() in ("esc50", "esc-50"):
         return load_dataset(ensure_esc50(cache_dir=download_dir))
+    if is_hf_source(data):
+        return load_hf_dataset(data, export_root=download_dir / "hf")
     return load_dataset(Path(data))
 
 

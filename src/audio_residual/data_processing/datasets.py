@@ -1,4 +1,4 @@
-"""Clip tables for ESC-50, UrbanSound8K and generic CSV datasets.
+"""Clip tables for ESC-50, UrbanSound8K, GTZAN and generic CSV datasets.
 
 Every loader validates its metadata up front and raises `DatasetError` naming the file, line and
 column at fault, so a broken download or a hand-edited CSV fails before any audio is touched.
@@ -12,11 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.model_selection import StratifiedKFold
 
 ESC50_CSV = Path("meta") / "esc50.csv"
 ESC50_FOLDS = (1, 2, 3, 4, 5)
 URBANSOUND8K_CSV = Path("metadata") / "UrbanSound8K.csv"
 URBANSOUND8K_FOLDS = tuple(range(1, 11))
+GTZAN_DIRS = ("genres", "genres_original")  # the Marsyas archive's folder, and Kaggle's copy's
+GTZAN_SUFFIXES = (".wav", ".au")
+GTZAN_FOLDS = 10
 
 
 class DatasetError(ValueError):
@@ -238,6 +242,45 @@ def load_csv_dataset(
     return ClipTable("csv", Path(audio_dir), filenames, labels, folds, names)
 
 
+def stratified_folds(labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+    """Fold ids 1..n_folds per row for datasets without official folds: class-balanced and seeded."""
+    folds = np.zeros(len(labels), dtype=np.int64)
+    splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    for fold, (_, test) in enumerate(splitter.split(np.zeros(len(labels)), labels), start=1):
+        folds[test] = fold
+    return folds
+
+
+def _gtzan_genres_dir(root: Path) -> Path | None:
+    return next((root / name for name in GTZAN_DIRS if (root / name).is_dir()), None)
+
+
+def load_gtzan(root: Path | str, seed: int = 0) -> ClipTable:
+    """GTZAN genres: `genres/<genre>/<genre>.000NN.wav` (or `.au`, or Kaggle's `genres_original/`).
+
+    GTZAN has no official folds. This gives 10 stratified folds drawn with `seed` (10 clips per genre
+    per fold on the full 10 × 100 set), not Sturm's fault-filtered artist split: clips of one artist
+    can fall on both sides, so accuracies are optimistic and not comparable with fault-filtered figures.
+    Classes are the genre folders in sorted order; 30 s clips are cropped by the feature cache as usual.
+    """
+    root = Path(root)
+    genres_dir = _gtzan_genres_dir(root)
+    if genres_dir is None:
+        raise DatasetError(f"{root}: no GTZAN folder ({' or '.join(GTZAN_DIRS)}/<genre>/) found")
+    genres = sorted(d.name for d in genres_dir.iterdir() if d.is_dir())
+    filenames, labels = [], []
+    for label, genre in enumerate(genres):
+        clips = sorted(f for f in (genres_dir / genre).iterdir() if f.suffix.lower() in GTZAN_SUFFIXES)
+        if not clips:
+            raise DatasetError(f"{genres_dir / genre}: genre folder holds no {'/'.join(GTZAN_SUFFIXES)} files")
+        filenames += [f"{genres_dir.name}/{genre}/{clip.name}" for clip in clips]
+        labels += [label] * len(clips)
+    if len(genres) < 2:
+        raise DatasetError(f"{genres_dir}: GTZAN needs at least 2 genre folders, found {genres}")
+    labels = np.array(labels, dtype=np.int64)
+    return ClipTable("gtzan", root, filenames, labels, stratified_folds(labels, GTZAN_FOLDS, seed), genres)
+
+
 def load_dataset(path: Path | str) -> ClipTable:
     """Pick the loader from the folder layout."""
     path = Path(path)
@@ -245,7 +288,10 @@ def load_dataset(path: Path | str) -> ClipTable:
         return load_esc50(path)
     if (path / URBANSOUND8K_CSV).is_file():
         return load_urbansound8k(path)
+    if _gtzan_genres_dir(path) is not None:
+        return load_gtzan(path)
     raise DatasetError(
-        f"cannot recognise a dataset at {path}: expected either ESC-50 ({ESC50_CSV} + audio/) or "
-        f"UrbanSound8K ({URBANSOUND8K_CSV} + audio/fold1..10/); for other data use load_csv_dataset()"
+        f"cannot recognise a dataset at {path}: expected ESC-50 ({ESC50_CSV} + audio/), "
+        f"UrbanSound8K ({URBANSOUND8K_CSV} + audio/fold1..10/) or GTZAN (genres/<genre>/*.wav); "
+        "for other data use load_csv_dataset()"
     )

@@ -1,4 +1,4 @@
-"""Official cross-validation splits, with an optional validation set carved from training folds only."""
+"""Official cross-validation splits (full or k-shot), with validation drawn from training folds only."""
 
 from __future__ import annotations
 
@@ -51,4 +51,56 @@ def official_splits(table: ClipTable, val_fraction: float = 0.0, seed: int = 0) 
         in_fold = table.folds == fold
         train, val = carve_validation(all_idx[~in_fold], table.labels, val_fraction, seed + fold)
         splits.append(Split(fold=fold, train=train, test=all_idx[in_fold], val=val))
+    return splits
+
+
+def few_shot_splits(
+    table: ClipTable,
+    shots: int,
+    seed: int,
+    val_per_class: int | None = None,
+    valid: np.ndarray | None = None,
+) -> list[Split]:
+    """k-shot splits: per official fold, `shots` training clips per class drawn from the other folds.
+
+    Validation takes `val_per_class` further clips per class (None: as many as `shots`, so model choice
+    sees no more labels than training; 0: no validation) from the remaining training-fold clips only,
+    and the test set is the whole official fold. The draw depends only on
+    (seed, fold): one permutation per class, so the k-shot training set of a seed is nested in its
+    2k-shot one, which keeps few-shot curves from mixing sampling noise with the effect of k.
+    `valid` (a boolean mask over the table, e.g. `CachedFeatures.valid`) keeps skipped files out of
+    every set. A class with too few clips is refused rather than silently given fewer shots.
+    """
+    if shots < 1:
+        raise ValueError(f"shots must be ≥ 1, got {shots}")
+    n_val = shots if val_per_class is None else val_per_class
+    if n_val < 0:
+        raise ValueError(f"val_per_class must be ≥ 0, got {val_per_class}")
+    usable = np.ones(len(table), dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    if usable.shape != (len(table),):
+        raise ValueError(f"valid mask has shape {usable.shape}, the table has {len(table)} rows")
+    all_idx = np.arange(len(table), dtype=np.int64)
+    splits = []
+    for fold in table.fold_ids:
+        rng = np.random.default_rng([seed, fold])
+        in_fold = table.folds == fold
+        pool = all_idx[~in_fold & usable]
+        train_parts, val_parts = [], []
+        for label, name in enumerate(table.class_names):
+            members = rng.permutation(pool[table.labels[pool] == label])
+            if members.size < shots + n_val:
+                raise ValueError(
+                    f"class {name!r} has {members.size} clip(s) outside test fold {fold}; "
+                    f"{shots}-shot with {n_val} validation clip(s) per class needs {shots + n_val}"
+                )
+            train_parts.append(members[:shots])
+            val_parts.append(members[shots : shots + n_val])
+        splits.append(
+            Split(
+                fold=fold,
+                train=np.sort(np.concatenate(train_parts)),
+                test=all_idx[in_fold & usable],
+                val=np.sort(np.concatenate(val_parts)),
+            )
+        )
     return splits
