@@ -226,3 +226,29 @@ def test_lora_trains_adapters_only_counts_peft_params_and_picks_rank_on_validati
     train_logits = tuned.logits(features, np.arange(4), longer)
     start = zero_shot.logits(zero_shot.embed(features, np.arange(4), longer))
     assert _accuracy(train_logits, labels[:4]) > _accuracy(start, labels[:4])
+
+
+# ---- run_baselines ----------------------------------------------------------------------------------------
+
+
+def test_run_baselines_runs_the_peer_methods_on_request(synthetic_esc50, tmp_path):
+    import pandas as pd
+
+    from audio_residual.evaluation.run import run_baselines
+    from audio_residual.experiment import Experiment
+
+    exp = Experiment.open(synthetic_esc50, model="tiny", cache_dir=tmp_path / "cache", device="cpu")
+    methods = ("tip_adapter", "tip_adapter_f", "coop", "lora")
+    options = {"coop": {"epochs": 2}, "lora": {"epochs": 1, "ranks": 2}, "tip_adapter_f": {"epochs": 2}}
+    run_baselines(exp, tmp_path, methods=methods, folds=(1,), peer_options=options)
+    frame = pd.read_csv(tmp_path / "results.csv").set_index("method")
+    split = exp.split(1, val_fraction=0.1)
+    dim, width = exp.classifier.class_embeddings.shape[1], exp.bundle.model.text_model.config.hidden_size
+    n_ctx = len(exp.bundle.tokenizer("This is a sound of", add_special_tokens=False)["input_ids"])
+    assert frame.loc["tip_adapter", "trainable_params"] == 0
+    assert frame.loc["tip_adapter_f", "trainable_params"] == len(split.train) * dim
+    assert frame.loc["coop", "trainable_params"] == n_ctx * width
+    assert frame.loc["lora", "trainable_params"] > 0
+    assert frame["accuracy"].between(0, 1).all()
+    with pytest.raises(ValueError, match="unknown methods"):
+        run_baselines(exp, tmp_path, methods=("cocoop",))
