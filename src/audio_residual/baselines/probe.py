@@ -1,8 +1,8 @@
 """Linear probe by CLIP's protocol: scikit-learn L-BFGS logistic regression on frozen embeddings, C on validation.
 
-CLIP (Radford et al. 2021, appendix A.3) and LAION's CLAP/CLIP evaluations fit an L2-regularised
-multinomial `LogisticRegression` (L-BFGS) per dataset and sweep its inverse regularisation C on a log grid,
-choosing it on a validation split. Here the sweep fits on the training split only, scores each C on the
+CLIP (Radford et al. 2021, appendix A.3) fits an L2-regularised multinomial `LogisticRegression`
+(L-BFGS) per dataset and sweeps its inverse regularisation C on a log grid, choosing it on a validation
+split. Here the sweep fits on the training split only, scores each C on the
 validation split, and keeps the fit of the chosen C (trained on the training split, never on test).
 """
 
