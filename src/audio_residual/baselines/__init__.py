@@ -1,21 +1,29 @@
-"""Baselines against which ResiDual is compared: linear probe, contrastive adapter, full fine-tuning."""
+"""Baselines against which ResiDual is compared: linear probe, contrastive adapter, Tip-Adapter(-F), CoOp,
+LoRA and full fine-tuning."""
 
 from audio_residual.baselines.finetune import AudioClassifier, FineTuned, finetune_audio_encoder
-from audio_residual.baselines.linear import (
-    ContrastiveAdapter,
-    LinearProbe,
-    symmetric_infonce,
-    train_contrastive_adapter,
-    train_linear_probe,
-)
+from audio_residual.baselines.linear import ContrastiveAdapter, symmetric_infonce, train_contrastive_adapter
+from audio_residual.baselines.lora import LoraAudioClassifier, LoraTuned, train_lora
+from audio_residual.baselines.probe import LogisticProbe, train_logistic_probe
+from audio_residual.baselines.prompt_learning import CoOp, PromptLearner, train_coop
+from audio_residual.baselines.tip_adapter import TipAdapter, train_tip_adapter, train_tip_adapter_f
 
 __all__ = [
     "AudioClassifier",
+    "CoOp",
     "ContrastiveAdapter",
     "FineTuned",
-    "LinearProbe",
+    "LogisticProbe",
+    "LoraAudioClassifier",
+    "LoraTuned",
+    "PromptLearner",
+    "TipAdapter",
     "finetune_audio_encoder",
     "symmetric_infonce",
     "train_contrastive_adapter",
-    "train_linear_probe",
+    "train_coop",
+    "train_logistic_probe",
+    "train_lora",
+    "train_tip_adapter",
+    "train_tip_adapter_f",
 ]

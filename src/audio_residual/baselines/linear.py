@@ -1,20 +1,15 @@
-"""Cheap baselines on frozen, cached CLAP audio embeddings: a logistic-regression probe and a contrastive adapter.
+"""A cheap baseline on frozen, cached CLAP audio embeddings: a contrastive linear adapter.
 
-Both train on the CPU in seconds from the (n, D) L2-normalised embeddings that `Experiment.embed` returns,
+It trains on the CPU in seconds from the (n, D) L2-normalised embeddings that `Experiment.embed` returns,
 so every fold reuses one embedding pass. Hyper-parameters are chosen on the validation split only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-DEFAULT_PROBE_WEIGHT_DECAYS = (0.0, 1e-3, 1e-2, 1e-1)
 
 
 def _as_float(x) -> torch.Tensor:
@@ -33,94 +28,6 @@ def _validation_score(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float
     """(accuracy, -cross-entropy): larger is better; the loss breaks accuracy ties on small val sets."""
     accuracy = float((logits.argmax(1) == labels).float().mean())
     return accuracy, -float(F.cross_entropy(logits, labels))
-
-
-@dataclass
-class LinearProbe:
-    """Logistic regression on raw audio embeddings: logits = emb @ W.T + b (D·C + C parameters)."""
-
-    linear: nn.Linear
-    weight_decay: float
-    best_epoch: int
-    val_accuracy: float | None
-
-    @torch.no_grad()
-    def logits(self, emb) -> torch.Tensor:
-        return self.linear(_as_float(emb))
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.linear.parameters())
-
-
-def _fit_probe(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    n_classes: int,
-    val: tuple[torch.Tensor, torch.Tensor] | None,
-    epochs: int,
-    lr: float,
-    weight_decay: float,
-    seed: int,
-) -> tuple[nn.Linear, int, tuple[float, float] | None]:
-    """Full-batch AdamW; with a validation set, keep the epoch with the best validation score."""
-    torch.manual_seed(seed)
-    linear = nn.Linear(x.shape[1], n_classes)
-    optimizer = torch.optim.AdamW(linear.parameters(), lr=lr, weight_decay=weight_decay)
-    best_state, best_epoch, best_score = None, epochs, None
-    for epoch in range(1, epochs + 1):
-        optimizer.zero_grad()
-        F.cross_entropy(linear(x), y).backward()
-        optimizer.step()
-        if val is not None:
-            with torch.no_grad():
-                score = _validation_score(linear(val[0]), val[1])
-            if best_score is None or score > best_score:
-                best_score, best_epoch = score, epoch
-                best_state = {k: v.clone() for k, v in linear.state_dict().items()}
-    if best_state is not None:
-        linear.load_state_dict(best_state)
-    return linear, best_epoch, best_score
-
-
-def train_linear_probe(
-    train_emb,
-    train_labels,
-    n_classes: int,
-    val_emb=None,
-    val_labels=None,
-    epochs: int = 300,
-    lr: float = 0.05,
-    weight_decay: float | Sequence[float] = DEFAULT_PROBE_WEIGHT_DECAYS,
-    seed: int = 0,
-) -> LinearProbe:
-    """Multinomial logistic regression on frozen embeddings, full-batch AdamW on the CPU.
-
-    Embeddings are standardised with training statistics while fitting (unit-norm CLAP embeddings have
-    tiny per-dimension spread, which makes a fixed learning rate crawl); the standardisation is folded
-    back into the layer, so the probe applies to raw embeddings and has exactly D·C + C parameters.
-    With a validation split, the epoch (early stopping) and the weight decay (when several are given)
-    are the ones with the best validation accuracy, ties broken by validation loss. Without one, the
-    first weight decay is used for all `epochs`.
-    """
-    x, y = _as_float(train_emb), _as_labels(train_labels)
-    mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
-    val = None
-    if _has_validation(val_emb, val_labels):
-        val = ((_as_float(val_emb) - mean) / std, _as_labels(val_labels))
-    decays = [float(weight_decay)] if np.isscalar(weight_decay) else [float(w) for w in weight_decay]
-    if val is None:
-        decays = decays[:1]
-    best = None
-    for decay in decays:
-        linear, epoch, score = _fit_probe((x - mean) / std, y, n_classes, val, epochs, lr, decay, seed)
-        if best is None or (score is not None and score > best[3]):
-            best = (linear, decay, epoch, score)
-    linear, decay, epoch, score = best
-    with torch.no_grad():  # W·((e - μ)/σ) + b  =  (W/σ)·e + (b - (W/σ)·μ)
-        linear.weight.div_(std)
-        linear.bias.sub_(linear.weight @ mean)
-    return LinearProbe(linear, decay, epoch, None if score is None else score[0])
 
 
 class ContrastiveAdapter(nn.Module):

@@ -10,14 +10,15 @@ Typical use:
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from audio_residual.baselines import finetune_audio_encoder, train_contrastive_adapter, train_linear_probe
+from audio_residual.baselines import finetune_audio_encoder, train_contrastive_adapter, train_logistic_probe
 from audio_residual.evaluation import plots
 from audio_residual.evaluation.compare import (
     BASELINE_METHOD,
@@ -27,6 +28,7 @@ from audio_residual.evaluation.compare import (
     summary_table,
     summed_confusion,
 )
+from audio_residual.evaluation.peers import PEER_EMBEDDING_METHODS, PEER_METHODS, run_peer
 from audio_residual.experiment import Experiment
 from audio_residual.io import write_csv, write_text
 
@@ -37,9 +39,10 @@ RESULTS_CSV = "results.csv"
 
 def _method_list(methods: Sequence[str], finetune_epochs: int) -> list[str]:
     """Validated method names; fine-tuning is added by (and only by) `finetune_epochs > 0`."""
-    unknown = set(methods) - set(EMBEDDING_METHODS) - {FINETUNE_METHOD}
+    unknown = set(methods) - set(EMBEDDING_METHODS) - set(PEER_METHODS) - {FINETUNE_METHOD}
     if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}; choose from {EMBEDDING_METHODS} (+ finetune)")
+        choices = (*EMBEDDING_METHODS, *PEER_METHODS)
+        raise ValueError(f"unknown methods {sorted(unknown)}; choose from {choices} (+ finetune)")
     names = [m for m in dict.fromkeys(methods) if m != FINETUNE_METHOD]
     return [*names, FINETUNE_METHOD] if finetune_epochs > 0 else names
 
@@ -59,6 +62,7 @@ def run_baselines(
     seed: int = 0,
     force: bool = False,
     finetune_epochs: int = 0,
+    peer_options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> ResultsStore:
     """Evaluate each method on each official fold, skipping rows the store holds under the same key.
 
@@ -66,7 +70,8 @@ def run_baselines(
     Models train on `split.train`, choose hyper-parameters / stop early on `split.val` (carved from the
     training folds) and are scored on `split.test`. `seconds` is the wall time of training + test
     inference from cached embeddings (the shared embedding pass is not charged to any method); for
-    fine-tuning it is the whole fine-tuning run.
+    fine-tuning it is the whole fine-tuning run. The peer methods (`PEER_METHODS`: Tip-Adapter(-F), CoOp,
+    LoRA) run only when named in `methods`; `peer_options[name]` are keyword arguments for their training.
     """
     store = ResultsStore(Path(out_dir) / RESULTS_CSV)
     names = _method_list(methods, finetune_epochs)
@@ -78,7 +83,8 @@ def run_baselines(
     if not todo:
         return store
     labels, n_classes, classifier = exp.table.labels, len(exp.table.class_names), exp.classifier
-    if any(name in EMBEDDING_METHODS for name, _ in todo):
+    emb = None  # rows → cached audio embeddings, set when some method needs them
+    if any(name in EMBEDDING_METHODS or name in PEER_EMBEDDING_METHODS for name, _ in todo):
         rows = exp.valid_indices()
         position = np.full(len(exp.table), -1, dtype=np.int64)
         position[rows] = np.arange(len(rows))
@@ -92,7 +98,7 @@ def run_baselines(
         if name == "zeroshot":
             logits, params = classifier.logits(emb(split.test)), 0
         elif name == "linear_probe":
-            probe = train_linear_probe(
+            probe = train_logistic_probe(
                 emb(split.train), labels[split.train], n_classes, emb(split.val), labels[split.val], seed=seed
             )
             logits, params = probe.logits(emb(split.test)), probe.num_parameters
@@ -107,6 +113,9 @@ def run_baselines(
                 seed=seed,
             )
             logits, params = adapter.logits(emb(split.test)), adapter.num_parameters
+        elif name in PEER_METHODS:
+            options = (peer_options or {}).get(name)
+            logits, params = run_peer(name, exp, split, emb, seed, options)
         else:
             features = exp.features
             tuned = finetune_audio_encoder(

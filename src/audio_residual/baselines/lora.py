@@ -1,0 +1,171 @@
+"""LoRA (Hu et al., ICLR 2022) on the attention projections of CLAP's HTSAT audio encoder, through `peft`.
+
+Every Swin block's `attention.self.query` / `.value` Linear (optionally `.key`) gets a trainable low-rank
+update W + (α/r)·B A; the base weights stay frozen. The head is CLAP's own zero-shot classifier (frozen
+class text embeddings × logit scale), and LoRA's B starts at zero, so training starts exactly at zero-shot
+CLAP. The rank is chosen on the validation split from a small set, each rank trained with early stopping
+on validation. The shared bundle is never touched: the audio tower and projection are deep-copied first.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from tqdm.auto import tqdm
+
+from audio_residual.baselines.finetune import _batches, _train_mode
+from audio_residual.baselines.linear import _validation_score
+from audio_residual.clap.classifier import ZeroShotClassifier, audio_embeddings
+from audio_residual.clap.loading import ClapBundle
+
+DEFAULT_RANKS = (4, 16)
+ATTENTION_PROJECTIONS = ("query", "value")  # LoRA's original choice, W_q and W_v
+
+
+class LoraAudioClassifier(nn.Module):
+    """peft-wrapped audio tower + frozen projection + frozen zero-shot head: logits = s · cos(audio, class)."""
+
+    def __init__(self, audio_model: nn.Module, audio_projection: nn.Module, zero_shot: ZeroShotClassifier):
+        super().__init__()
+        self.audio_model = audio_model
+        self.audio_projection = audio_projection
+        self.register_buffer("class_embeddings", zero_shot.class_embeddings.detach().float().clone())
+        self.logit_scale = zero_shot.logit_scale
+
+    def forward(self, input_features: torch.Tensor, is_longer: torch.Tensor | None = None) -> torch.Tensor:
+        return self.logit_scale * audio_embeddings(self, input_features, is_longer) @ self.class_embeddings.T
+
+
+@dataclass
+class LoraTuned:
+    """The chosen rank's classifier, peft's trainable-parameter count and the validation record."""
+
+    model: LoraAudioClassifier
+    bundle: ClapBundle
+    rank: int
+    trainable_params: int
+    val_accuracy: float | None = None
+    val_accuracies: dict[int, float] = field(default_factory=dict)  # rank → best validation accuracy
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def num_parameters(self) -> int:
+        return self.trainable_params
+
+    @torch.no_grad()
+    def logits(self, input_features, indices, is_longer=None, batch_size: int = 32) -> torch.Tensor:
+        """Logits of the selected rows of a (memory-mapped) feature array, on the CPU."""
+        self.model.eval()
+        out = []
+        for _, x, longer in _batches(self.bundle, input_features, is_longer, np.asarray(indices), batch_size):
+            with self.bundle.autocast():
+                out.append(self.model(x, longer).float().cpu())
+        return torch.cat(out) if out else torch.empty(0, self.model.class_embeddings.shape[0])
+
+
+def lora_audio_model(
+    audio_model: nn.Module, rank: int, target_modules: Sequence[str], lora_alpha: float, dropout: float
+) -> nn.Module:
+    """A deep copy of the audio tower with LoRA adapters on the named attention projections (peft)."""
+    config = LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=list(target_modules), lora_dropout=dropout)
+    return get_peft_model(copy.deepcopy(audio_model), config)
+
+
+def _train_rank(
+    bundle, input_features, is_longer, labels, train_indices, val_indices, zero_shot, rank, target_modules,
+    lora_alpha, dropout, epochs, lr, weight_decay, batch_size, seed,
+) -> tuple[LoraTuned, tuple[float, float] | None]:  # fmt: skip
+    """One rank: AdamW on the LoRA weights; with validation, keep the best epoch (epoch 0 = zero-shot)."""
+    torch.manual_seed(seed)
+    audio = lora_audio_model(bundle.model.audio_model, rank, target_modules, lora_alpha, dropout)
+    model = LoraAudioClassifier(audio, copy.deepcopy(bundle.model.audio_projection), zero_shot).to(bundle.device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    result = LoraTuned(model, bundle, rank, audio.get_nb_trainable_parameters()[0])
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+    scaler = torch.amp.GradScaler(
+        "cuda", enabled=bundle.amp_dtype == torch.float16 and bundle.device.type == "cuda"
+    )
+
+    def validate() -> tuple[float, float]:
+        logits = result.logits(input_features, val_indices, is_longer, batch_size)
+        return _validation_score(logits, torch.from_numpy(labels[np.asarray(val_indices)]))
+
+    has_val = val_indices is not None and len(val_indices) > 0
+    best_score = validate() if has_val else None
+    best_state = [p.detach().clone() for p in trainable]
+    generator = np.random.default_rng(seed)
+    for epoch in tqdm(range(epochs), desc=f"LoRA r={rank}", leave=False):
+        _train_mode(model)
+        steps = _batches(bundle, input_features, is_longer, generator.permutation(train_indices), batch_size)
+        for batch, x, longer in tqdm(steps, desc=f"epoch {epoch + 1}", leave=False):
+            with bundle.autocast():
+                logits = model(x, longer)
+            loss = F.cross_entropy(logits.float(), torch.from_numpy(labels[batch]).to(bundle.device))
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            result.losses.append(float(loss.detach()))
+        if has_val:
+            score = validate()
+            if score > best_score:
+                best_score, best_state = score, [p.detach().clone() for p in trainable]
+    if has_val:
+        with torch.no_grad():
+            for p, best in zip(trainable, best_state, strict=True):
+                p.copy_(best)
+        result.val_accuracy = best_score[0]
+    model.eval().requires_grad_(False)
+    return result, best_score
+
+
+def train_lora(
+    bundle: ClapBundle,
+    input_features,
+    is_longer,
+    labels,
+    train_indices,
+    zero_shot: ZeroShotClassifier,
+    val_indices=None,
+    ranks: int | Sequence[int] = DEFAULT_RANKS,
+    target_modules: Sequence[str] = ATTENTION_PROJECTIONS,
+    lora_alpha: float = 8.0,
+    dropout: float = 0.0,
+    epochs: int = 5,
+    lr: float = 5e-4,
+    weight_decay: float = 0.01,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> LoraTuned:
+    """LoRA on the audio encoder's attention projections, the rank chosen by validation score.
+
+    `labels` indexes like `input_features` (the whole table). `lora_alpha` is fixed across ranks, as
+    Hu et al. do, so the update scale α/r shrinks with the rank. Without a validation split the first
+    rank is trained for all epochs.
+    """
+    labels, train_indices = np.asarray(labels), np.asarray(train_indices)
+    ranks = [int(ranks)] if np.isscalar(ranks) else [int(r) for r in ranks]
+    if not ranks or min(ranks) < 1:
+        raise ValueError(f"LoRA ranks must be positive integers, got {ranks}")
+    has_val = val_indices is not None and len(val_indices) > 0
+    best, best_score, accuracies = None, None, {}
+    for rank in ranks if has_val else ranks[:1]:
+        tuned, score = _train_rank(
+            bundle, input_features, is_longer, labels, train_indices, val_indices, zero_shot, rank,
+            target_modules, lora_alpha, dropout, epochs, lr, weight_decay, batch_size, seed,
+        )  # fmt: skip
+        if score is not None:
+            accuracies[rank] = score[0]
+        if best is None or score > best_score:
+            best, best_score = tuned, score
+        if bundle.device.type == "cuda":
+            torch.cuda.empty_cache()
+    best.val_accuracies = accuracies
+    return best

@@ -1,0 +1,172 @@
+"""Tip-Adapter and Tip-Adapter-F (Zhang et al., ECCV 2022) on frozen CLAP audio embeddings.
+
+A key-value cache of the training set adds a few-shot term to CLAP's zero-shot logits:
+
+    logits(f) = s · f Wᵀ  +  α · exp(-β (1 - f Kᵀ)) L
+
+with f the L2-normalised audio embedding, W the class text embeddings, s CLAP's logit scale, K the
+training embeddings (keys) and L their one-hot labels (values). α weighs the cache against zero-shot and
+β sharpens the affinities. Tip-Adapter is training-free (K fixed, 0 trainable parameters); Tip-Adapter-F
+trains K (N·D parameters) with cross-entropy. α and β are chosen on the validation split by grid search,
+as the paper does; α = 0 is in the grid, so the chosen model is never below zero-shot on validation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from audio_residual.baselines.linear import _as_float, _as_labels, _has_validation, _validation_score
+
+DEFAULT_ALPHAS = (0.0, *(float(a) for a in np.geomspace(0.01, 100, 25)))
+DEFAULT_BETAS = tuple(float(b) for b in np.geomspace(0.1, 50, 19))
+PAPER_ALPHA, PAPER_BETA = 1.0, 5.5  # the paper's defaults, used when there is no validation split
+
+
+class TipAdapter(nn.Module):
+    """The cache model; `keys` is a parameter that only Tip-Adapter-F trains."""
+
+    def __init__(
+        self,
+        keys: torch.Tensor,
+        labels: torch.Tensor,
+        class_embeddings: torch.Tensor,
+        logit_scale: float,
+        alpha: float,
+        beta: float,
+        train_keys: bool = False,
+    ):
+        super().__init__()
+        n_classes = class_embeddings.shape[0]
+        self.keys = nn.Parameter(F.normalize(_as_float(keys), dim=-1), requires_grad=train_keys)
+        self.register_buffer("values", F.one_hot(_as_labels(labels), n_classes).float())
+        self.register_buffer("class_embeddings", class_embeddings.detach().float().cpu())
+        self.logit_scale = float(logit_scale)
+        self.alpha, self.beta = float(alpha), float(beta)
+        self.best_epoch = 0
+        self.val_accuracy: float | None = None
+
+    def zero_shot_logits(self, emb: torch.Tensor) -> torch.Tensor:
+        """The same expression as `ZeroShotClassifier.logits`, so α = 0 reproduces it bit for bit."""
+        return self.logit_scale * emb @ self.class_embeddings.T
+
+    def cache_affinity(self, emb: torch.Tensor, beta: float) -> torch.Tensor:
+        """exp(-β (1 - f Kᵀ)) L: the cache's per-class evidence, (n, C)."""
+        return torch.exp(-beta * (1 - emb @ self.keys.T)) @ self.values
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        emb = _as_float(emb)
+        return self.zero_shot_logits(emb) + self.alpha * self.cache_affinity(emb, self.beta)
+
+    @torch.no_grad()
+    def logits(self, emb) -> torch.Tensor:
+        return self(emb)
+
+    @property
+    def num_parameters(self) -> int:
+        """Trainable parameters: 0 for the training-free cache, N·D when the keys are fine-tuned."""
+        return self.keys.numel() if self.keys.requires_grad else 0
+
+    @property
+    def cache_size(self) -> int:
+        """Stored (not trained) numbers: keys N·D plus one-hot values N·C."""
+        return self.keys.numel() + self.values.numel()
+
+
+@torch.no_grad()
+def _search(
+    adapter: TipAdapter, val_emb: torch.Tensor, val_labels: torch.Tensor, alphas, betas
+) -> tuple[float, float, tuple[float, float]]:
+    """(α, β, score) with the best validation (accuracy, -loss); ties keep the earlier grid point."""
+    zero_shot = adapter.zero_shot_logits(val_emb)
+    best = None
+    for beta in betas:
+        cache = adapter.cache_affinity(val_emb, beta)
+        for alpha in alphas:
+            score = _validation_score(zero_shot + alpha * cache, val_labels)
+            if best is None or score > best[2]:
+                best = (float(alpha), float(beta), score)
+    return best
+
+
+def train_tip_adapter(
+    train_emb,
+    train_labels,
+    class_embeddings: torch.Tensor,
+    logit_scale: float,
+    val_emb=None,
+    val_labels=None,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    betas: Sequence[float] = DEFAULT_BETAS,
+) -> TipAdapter:
+    """Training-free Tip-Adapter: cache the training embeddings, choose α and β on validation only."""
+    adapter = TipAdapter(train_emb, train_labels, class_embeddings, logit_scale, PAPER_ALPHA, PAPER_BETA)
+    if _has_validation(val_emb, val_labels):
+        adapter.alpha, adapter.beta, score = _search(
+            adapter, _as_float(val_emb), _as_labels(val_labels), alphas, betas
+        )
+        adapter.val_accuracy = score[0]
+    return adapter
+
+
+def train_tip_adapter_f(
+    train_emb,
+    train_labels,
+    class_embeddings: torch.Tensor,
+    logit_scale: float,
+    val_emb=None,
+    val_labels=None,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    betas: Sequence[float] = DEFAULT_BETAS,
+    epochs: int = 20,
+    lr: float = 1e-3,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> TipAdapter:
+    """Tip-Adapter-F: start from the training-free cache, fine-tune the keys with cross-entropy (AdamW,
+    cosine schedule, as in the paper), keep the epoch with the best validation score (epoch 0 = the
+    training-free cache included), then search α and β again on validation.
+
+    Training runs at the α, β of the training-free search; when that search chose α = 0 (the keys would
+    get no gradient), at the paper's α = 1, β = 5.5.
+    """
+    x, y = _as_float(train_emb), _as_labels(train_labels)
+    adapter = train_tip_adapter(x, y, class_embeddings, logit_scale, val_emb, val_labels, alphas, betas)
+    adapter.keys.requires_grad_(True)
+    if adapter.alpha == 0:
+        adapter.alpha, adapter.beta = PAPER_ALPHA, PAPER_BETA
+    val = (_as_float(val_emb), _as_labels(val_labels)) if _has_validation(val_emb, val_labels) else None
+    if epochs <= 0 or len(y) == 0:
+        return adapter
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    steps_per_epoch = -(-len(y) // batch_size)
+    optimizer = torch.optim.AdamW([adapter.keys], lr=lr, eps=1e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
+    best_keys = adapter.keys.detach().clone()
+    best_score = _validation_score(adapter.logits(val[0]), val[1]) if val is not None else None
+    for epoch in tqdm(range(1, epochs + 1), desc="Tip-Adapter-F", leave=False):
+        order = torch.randperm(len(y), generator=generator)
+        for start in range(0, len(y), batch_size):
+            batch = order[start : start + batch_size]
+            loss = F.cross_entropy(adapter(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        if val is not None:
+            score = _validation_score(adapter.logits(val[0]), val[1])
+            if score > best_score:
+                best_score, adapter.best_epoch = score, epoch
+                best_keys = adapter.keys.detach().clone()
+    if val is not None:
+        with torch.no_grad():
+            adapter.keys.copy_(best_keys)
+        adapter.alpha, adapter.beta, score = _search(adapter, val[0], val[1], alphas, betas)
+        adapter.val_accuracy = score[0]
+    return adapter
