@@ -23,6 +23,7 @@ def test_demo_writes_report_results_heads_and_figures(tmp_path):
     text = report.read_text()
     for method in METHODS:
         assert f"| {method} |" in text
-    assert "chosen on validation splits only" in text
+    assert "chosen by that fold's validation split" in text  # nested: one configuration line per test fold
+    assert all(f"- fold {fold}: `{{" in text for fold in range(1, 6))
     figures = [line for line in text.splitlines() if line.startswith("- ![")]
     assert figures and all((tmp_path / line.split("](")[1].rstrip(")")).exists() for line in figures)

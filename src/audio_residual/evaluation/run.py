@@ -47,9 +47,11 @@ def _method_list(methods: Sequence[str], finetune_epochs: int) -> list[str]:
     return [*names, FINETUNE_METHOD] if finetune_epochs > 0 else names
 
 
-def baseline_procedure(name: str, val_fraction: float, seed: int, finetune_epochs: int = 0) -> dict:
-    """What a baseline's rows depend on besides the data: the method, its validation split, seed, epochs."""
-    procedure = {"method": name, "val_fraction": val_fraction, "seed": seed}
+def baseline_procedure(
+    name: str, val_fraction: float, seed: int, finetune_epochs: int = 0, options: Mapping[str, Any] | None = None
+) -> dict:
+    """What a baseline's rows depend on besides the data: the method, its validation split, seed, options."""
+    procedure = {"method": name, "val_fraction": val_fraction, "seed": seed, "options": dict(options or {})}
     return procedure | ({"epochs": finetune_epochs} if name == FINETUNE_METHOD else {})
 
 
@@ -75,7 +77,11 @@ def run_baselines(
     """
     store = ResultsStore(Path(out_dir) / RESULTS_CSV)
     names = _method_list(methods, finetune_epochs)
-    keys = {name: exp.key(baseline_procedure(name, val_fraction, seed, finetune_epochs)) for name in names}
+    peer_options = peer_options or {}
+    keys = {
+        name: exp.key(baseline_procedure(name, val_fraction, seed, finetune_epochs, peer_options.get(name)))
+        for name in names
+    }
     splits = [s for s in exp.splits(val_fraction=val_fraction, seed=seed) if folds is None or s.fold in folds]
     todo = [
         (name, split) for split in splits for name in names if not store.reuse(name, split.fold, keys[name]) or force
@@ -114,8 +120,7 @@ def run_baselines(
             )
             logits, params = adapter.logits(emb(split.test)), adapter.num_parameters
         elif name in PEER_METHODS:
-            options = (peer_options or {}).get(name)
-            logits, params = run_peer(name, exp, split, emb, seed, options)
+            logits, params = run_peer(name, exp, split, emb, seed, peer_options.get(name))
         else:
             features = exp.features
             tuned = finetune_audio_encoder(
