@@ -53,8 +53,8 @@ def run_experiment(
     val_fraction = base.get("val_fraction", 0.1)
     store = run_baselines(exp, out, val_fraction=val_fraction, finetune_epochs=finetune_epochs)
     config = TrainConfig.from_dict({**base, **best})
-    train_all_folds(exp, config, out / "sweep", store, method="residual")
-    train_all_folds(exp, dataclasses.replace(config, coarse=True), out / "sweep", store, method="residual_coarse")
+    train_all_folds(exp, config, out / "sweep", store)  # rows named by the variant: "residual", …
+    train_all_folds(exp, dataclasses.replace(config, coarse=True), out / "sweep", store)  # "residual_coarse", …
     timings["comparison"] = time.perf_counter() - started
     table = write_report(store, out, class_names=exp.table.class_names)
     return {"analysis": analysis, "analysis_fold": analysis_fold, "ranking": ranking, "best": best, "config": config, "table": table, "timings": timings}

@@ -35,16 +35,19 @@ def train_all_folds(
     config: TrainConfig,
     out_dir: str | Path,
     store: ResultsStore,
-    method: str = "residual",
+    method: str | None = None,
     folds: list[int] | None = None,
     force: bool = False,
     tracker: RunTracker | None = None,
 ) -> pd.DataFrame:
     """Train `config` on each fold not yet in `store` (unless `force`); rows land in `store` as they finish.
 
+    Rows are labelled `method`, by default the procedure's name `config.variant`.
+
     Checkpoints, λ and figures go to `run_directory(out_dir, config)`; a sweep into the same `out_dir`
     has already trained (and timed) the configuration, so its folds are resumed, not retrained.
     """
+    method = method or config.variant
     out_dir = Path(out_dir)
     run_dir = run_directory(out_dir, config)
     splits = [s for s in exp.splits(config.val_fraction, config.seed) if folds is None or s.fold in folds]
