@@ -111,8 +111,8 @@ class TrainConfig:
         """The procedure's name in results: "residual-paper" when every field of the paper preset has its
         value, else the unit variant's label ("residual", "residual-center-drop-tail-zero-init-randn", …).
 
-        Different variants never share a name; which units and hyperparameters (granularity, stages, lr
-        outside the preset, …) are configuration, told apart by `digest`.
+        Different variants never share a name; which units carry λ and the hyperparameters outside the
+        preset (granularity, stages, k, weight decay, …) are configuration, told apart by `digest`.
         """
         paper = PRESETS["paper"]
         if not self.coarse and all(getattr(self, key) == value for key, value in paper.items()):
