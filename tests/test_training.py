@@ -24,7 +24,8 @@ def test_training_accuracy_rises_clearly_above_the_zero_shot_start(experiment):
     result = train_residual_fold(experiment, split, config)
     assert result.train_accuracy >= result.start_train_accuracy + 0.25
     full_rank = sum(h * d for h, d in [(2, 8), (2, 8), (2, 16), (4, 16), (4, 16), (4, 32)])  # Σ heads·d_head
-    assert 0.9 * full_rank <= result.trainable_params <= full_rank  # rank-deficient heads keep fewer
+    # Directions below float32's resolution (d_head · eps₃₂ · λ_max; a few per head on these tones) get no λ.
+    assert 0.85 * full_rank <= result.trainable_params <= full_rank
     assert 1 <= result.best_epoch <= 8 and len(result.history) == 8
     assert result.test_logits.shape == (len(split.test), 4)
 

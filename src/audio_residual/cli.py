@@ -107,38 +107,51 @@ def _int_list(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
 
 
-def _train_options(parser: argparse.ArgumentParser) -> None:
-    from audio_residual.training.trainer import OPTIMIZERS, SCHEDULES
+# train-residual options that become TrainConfig fields; an option left out takes the preset's value
+# (with --preset) or TrainConfig's default, hence default None below.
+TRAIN_OPTIONS = ("granularity", "kinds", "stages", "k", "evr", "init", "center", "tail", "coarse_center", "optimizer",
+                 "lr", "epochs", "batch_size", "schedule", "val_fraction", "patience", "tokens_per_clip", "seed")
 
-    parser.add_argument("--granularity", choices=["layer", "block", "head"], default="head")
-    parser.add_argument("--kinds", type=lambda v: tuple(v.split(",")), default=("attn",), help="attn, mlp or attn,mlp")
+
+def _train_options(parser: argparse.ArgumentParser) -> None:
+    from audio_residual.residual.units import CENTERS, COARSE_CENTERS, INITS, TAILS
+    from audio_residual.training.trainer import OPTIMIZERS, PRESETS, SCHEDULES
+
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="paper: the paper's procedure (randn, 90%% EVR, mean dropped, tail zeroed, "
+                             "schedule-free AdamW lr 0.8, batch 64, ≤ 30 epochs, patience 5); options given override it")
+    parser.add_argument("--granularity", choices=["layer", "block", "head"], default=None, help="default head")
+    parser.add_argument("--kinds", type=lambda v: tuple(v.split(",")), default=None, help="attn (default), mlp or attn,mlp")
     parser.add_argument("--stages", type=_int_list, default=None, help="e.g. 2,3 (default: all)")
     parser.add_argument("--k", type=int, default=None, help="keep at most k components per unit")
     parser.add_argument("--evr", type=float, default=None, help="or the fewest reaching this explained variance")
-    parser.add_argument("--init", choices=["ones", "randn"], default="ones")
+    parser.add_argument("--init", choices=INITS, default=None, help="λ starts at 1 (ones, default) or 1 + N(0, 1)")
+    parser.add_argument("--center", choices=CENTERS, default=None, help="drop: units leave without their mean (paper)")
+    parser.add_argument("--tail", choices=TAILS, default=None, help="zero: remove directions outside the basis (paper)")
     parser.add_argument("--coarse", action="store_true", help="one λ per unit instead of per component")
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
-    parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--schedule", choices=SCHEDULES, default="cosine")
-    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--coarse-center", choices=COARSE_CENTERS, default=None,
+                        help="coarse λ scales the unit around its mean (default) or around 0")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="default adamw")
+    parser.add_argument("--lr", type=float, default=None, help="default 0.01")
+    parser.add_argument("--epochs", type=int, default=None, help="default 10")
+    parser.add_argument("--schedule", choices=SCHEDULES, default=None, help="default cosine")
+    parser.add_argument("--val-fraction", type=float, default=None, help="default 0.1")
     parser.add_argument("--patience", type=int, default=None)
     parser.add_argument("--tokens-per-clip", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None, help="default 0")
     parser.add_argument("--folds", type=_int_list, default=None, help="e.g. 1,2 (default: all)")
     parser.add_argument("--wandb", choices=["online", "offline", "disabled"], default="disabled")
     parser.add_argument("--force", action="store_true", help="recompute (method, fold) rows already stored")
+    parser.set_defaults(batch_size=None)  # default 32, or the preset's
 
 
 def _train_config(args):
     from audio_residual.training.trainer import TrainConfig
 
-    return TrainConfig(
-        granularity=args.granularity, kinds=args.kinds, stages=args.stages, k=args.k, evr=args.evr,
-        init=args.init, coarse=args.coarse, optimizer=args.optimizer, lr=args.lr, weight_decay=0.0,
-        epochs=args.epochs, batch_size=args.batch_size, schedule=args.schedule, val_fraction=args.val_fraction,
-        patience=args.patience, tokens_per_clip=args.tokens_per_clip, seed=args.seed,
-    )
+    given = {name: getattr(args, name) for name in TRAIN_OPTIONS if getattr(args, name) is not None}
+    if args.coarse:
+        given["coarse"] = True
+    return TrainConfig.preset(args.preset, **given) if args.preset else TrainConfig(**given)
 
 
 def cmd_train_residual(args) -> None:
@@ -153,13 +166,12 @@ def cmd_train_residual(args) -> None:
     exp = _open(args)
     tracker = RunTracker(args.wandb, config=asdict(config), job_type="train-residual")
     store = ResultsStore(args.out / "results.csv")
-    method = "residual_coarse" if config.coarse else "residual"
-    rows = train_all_folds(exp, config, args.out, store, method=method, folds=args.folds, force=args.force, tracker=tracker)
+    rows = train_all_folds(exp, config, args.out, store, folds=args.folds, force=args.force, tracker=tracker)
     tracker.finish()
     _report_skipped(exp, args.out)
     write_report(store, args.out, class_names=exp.table.class_names)
     print(rows[["fold", "accuracy", "top5", "val_accuracy", "trainable_params", "seconds"]].to_string(index=False))
-    print(f"results → {args.out / 'results.csv'}; λ and figures → {run_directory(args.out, exp, config)}")
+    print(f"{config.variant} results → {args.out / 'results.csv'}; λ and figures → {run_directory(args.out, exp, config)}")
 
 
 def cmd_sweep(args) -> None:

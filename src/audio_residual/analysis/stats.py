@@ -102,11 +102,28 @@ class PCABasis:
         return PCABasis(self.name, self.mean, self.components[:keep], self.eigenvalues[:keep], self.total_variance)
 
 
-def pca_from_moments(name: str, moments: Moments, rel_tol: float = 1e-10) -> PCABasis:
-    """Exact PCA by eigendecomposition; directions with no variance (rank deficiency) are dropped."""
+FP32_EPS = float(torch.finfo(torch.float32).eps)
+
+
+def resolvable(eigenvalues: torch.Tensor, dim: int, rel_tol: float | None = None) -> torch.Tensor:
+    """Mask of the (descending) eigenvalues of a dim×dim covariance that float32 can tell from zero.
+
+    `StreamingMoments` forms the cross products in float32, so every covariance entry carries a rounding
+    error of order eps₃₂ times the largest variance λ_max. An error matrix E with entries that small has
+    ‖E‖₂ ≤ dim · eps₃₂ · λ_max, and by Weyl's inequality a direction with no variance at all can show an
+    eigenvalue up to ‖E‖₂. Eigenvalues at or below `rel_tol · λ_max` (default dim · eps₃₂, about 1e-4 for
+    HTSAT's 768-wide stage 3) are therefore noise: keeping them would spend λ on directions the data do
+    not have (a unit fitted on n tokens has rank ≤ n − 1 and now keeps at most that many components).
+    """
+    tol = dim * FP32_EPS if rel_tol is None else rel_tol
+    return eigenvalues > tol * max(float(eigenvalues[0]), 1e-300)
+
+
+def pca_from_moments(name: str, moments: Moments, rel_tol: float | None = None) -> PCABasis:
+    """Exact PCA by eigendecomposition; directions float32 cannot resolve (see `resolvable`) are dropped."""
     values, vectors = torch.linalg.eigh(moments.cov)
     values, vectors = values.flip(0), vectors.flip(1)
-    keep = values > rel_tol * max(float(values[0]), 1e-300)
+    keep = resolvable(values, len(values), rel_tol)
     return PCABasis(name, moments.mean, vectors[:, keep].T.contiguous(), values[keep], float(values.clamp(min=0).sum()))
 
 
@@ -256,7 +273,7 @@ class ResidualStatistics:
         values, vectors = torch.linalg.eigh(z.cov[cut, cut])
         u, singular, _ = torch.linalg.svd(w @ (vectors * values.clamp(min=0).sqrt()), full_matrices=False)
         eigenvalues = singular**2
-        keep = eigenvalues > 1e-10 * max(float(eigenvalues[0]), 1e-300)
+        keep = resolvable(eigenvalues, len(values))  # the covariance accumulated in float32 is d_head wide
         name = f"{block}.attn.head.{head}"
         return PCABasis(name, w @ z.mean[cut], u[:, keep].T.contiguous(), eigenvalues[keep], float(eigenvalues.sum()))
 

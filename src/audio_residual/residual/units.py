@@ -10,6 +10,17 @@ At λ = 1 this is exactly the identity, so training starts at the zero-shot mode
 * `layer` (the earlier student project's choice): one basis and one λ per stage, shared by its blocks.
 
 `coarse=True` learns one scalar per unit instead of one per component.
+
+Variants (the paper's adapter, Flegyas/ResiDual, makes the other choice on each; c is the point the gains
+scale around: μ, or 0 for a coarse unit with `coarse_center="zero"`):
+  RD(u) = c + Φᵀ diag(λ) Φ (u − c) + [tail keep] (I − ΦᵀΦ)(u − c) − [center drop] μ
+* `tail`: "keep" leaves the directions outside Φ as they are; "zero" removes them (paper: pruned
+  components get gain `component_padding = 0`).
+* `center`: "keep" returns the unit with its mean; "drop" returns it without μ (the paper centres the unit
+  and never adds μ back). Only keep/keep is the identity at λ = 1.
+* `coarse_center`: a coarse unit's one λ scales it around its mean ("mean") or around 0 ("zero": with
+  the tail zeroed that is λ·u on the unit's span, the paper's coarse adapter).
+* `init`: λ starts at 1 ("ones") or at 1 + N(0, 1) ("randn", the paper).
 """
 
 from __future__ import annotations
@@ -29,11 +40,14 @@ from audio_residual.clap.hooks import ClapHooks, HookPoint
 from audio_residual.io import atomic_path
 
 INITS = ("ones", "randn")
+CENTERS = ("keep", "drop")
+TAILS = ("keep", "zero")
+COARSE_CENTERS = ("mean", "zero")
 
 
 @dataclass
 class ResidualConfig:
-    """Which units get λ, how many components each keeps, and how λ starts."""
+    """Which units get λ, how many components each keeps, how λ starts, and which variant of RD they apply."""
 
     granularity: str = "head"
     kinds: tuple[str, ...] = ("attn",)
@@ -43,6 +57,9 @@ class ResidualConfig:
     init: str = "ones"  # "randn": λ = 1 + N(0, 1), as in the paper
     coarse: bool = False
     seed: int = 0
+    center: str = "keep"  # "drop": the unit leaves without its mean μ, as in the paper
+    tail: str = "keep"  # "zero": directions outside Φ are removed, as in the paper
+    coarse_center: str = "mean"  # coarse units only; "zero": λ scales the unit around 0
 
     def __post_init__(self):
         self.kinds = tuple(self.kinds)
@@ -59,6 +76,28 @@ class ResidualConfig:
             raise ValueError(f"evr must be in (0, 1], got {self.evr}")
         if self.k is not None and self.k < 1:
             raise ValueError(f"k must be ≥ 1, got {self.k}")
+        for option, value, choices in (("center", self.center, CENTERS), ("tail", self.tail, TAILS),
+                                       ("coarse_center", self.coarse_center, COARSE_CENTERS)):
+            if value not in choices:
+                raise ValueError(f"{option} must be one of {choices}, got {value!r}")
+        if self.coarse_center != "mean" and not self.coarse:
+            raise ValueError("coarse_center applies to coarse units only: set coarse=True or leave it 'mean'")
+
+    @property
+    def identity_at_one(self) -> bool:
+        """Whether λ = 1 leaves the model exactly as it is (only when both the mean and the tail are kept)."""
+        return self.center == "keep" and self.tail == "keep"
+
+    @property
+    def label(self) -> str:
+        """The unit procedure's name: "residual" (or "residual_coarse") plus one tag per non-default choice."""
+        tags = [
+            "around-zero" if self.coarse and self.coarse_center == "zero" else "",
+            "center-drop" if self.center == "drop" else "",
+            "tail-zero" if self.tail == "zero" else "",
+            "init-randn" if self.init == "randn" else "",
+        ]
+        return "-".join(["residual_coarse" if self.coarse else "residual", *filter(None, tags)])
 
 
 @dataclass
@@ -167,22 +206,37 @@ class ResiDual(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.lambdas.values())
 
-    def _gain(self, site: _Site) -> torch.Tensor:
-        """λ − 1 laid out like the site's components; padded slots get 0 (no effect)."""
+    def _gain(self, site: _Site, offset: float) -> torch.Tensor:
+        """λ − offset laid out like the site's components; padded slots get 0 (no effect)."""
         index = getattr(self, site.buffers["index"])
         lam = self.lambdas[site.group]
-        return torch.where(index >= 0, lam[index.clamp(min=0)] - 1, torch.zeros((), device=lam.device))
+        return torch.where(index >= 0, lam[index.clamp(min=0)] - offset, torch.zeros((), device=lam.device))
 
     def edit(self, tensor: torch.Tensor, site: _Site) -> torch.Tensor:
-        """RD applied to the activation at `site` (computed in fp32, returned in the input's dtype)."""
+        """RD applied to the activation at `site` (computed in fp32, returned in the input's dtype).
+
+        Head sites work on z_h, whose image under W_O,h is the unit: c, μ and the tail map through W_O,h,
+        so every variant of the formula in the module docstring holds for the contribution W_O,h z_h.
+        """
         buf = {role: getattr(self, name) for role, name in site.buffers.items()}
+        config = self.config
         x = tensor.float()
-        gain = self._gain(site)
+        around_zero = config.coarse and config.coarse_center == "zero"
+        centred = x if around_zero else x - buf["mean"]
+        keep_tail = config.tail == "keep"
+        gain = self._gain(site, offset=1.0 if keep_tail else 0.0)
         if site.kind == "head":  # x: (..., heads, d_head)
-            coords = torch.einsum("...hd,hkd->...hk", x - buf["mean"], buf["a"]) * gain
-            return (x + torch.einsum("...hk,hdk->...hd", coords, buf["b"])).to(tensor.dtype)
-        coords = ((x - buf["mean"]) @ buf["components"].T) * gain  # x: (..., d)
-        return (x + coords @ buf["components"]).to(tensor.dtype)
+            coords = torch.einsum("...hd,hkd->...hk", centred, buf["a"]) * gain
+            change = torch.einsum("...hk,hdk->...hd", coords, buf["b"])
+        else:  # x: (..., d)
+            change = ((centred @ buf["components"].T) * gain) @ buf["components"]
+        if keep_tail:
+            out = x + change  # x + Φᵀ diag(λ − 1) Φ (x − c)
+        else:
+            out = change if around_zero else buf["mean"] + change  # c + Φᵀ diag(λ) Φ (x − c)
+        if config.center == "drop":
+            out = out - buf["mean"]
+        return out.to(tensor.dtype)
 
     @contextlib.contextmanager
     def attached(self, model: nn.Module):

@@ -38,7 +38,7 @@ def train_all_folds(
     config: TrainConfig | Mapping[int, TrainConfig],
     out_dir: str | Path,
     store: ResultsStore,
-    method: str = "residual",
+    method: str | None = None,
     folds: list[int] | None = None,
     force: bool = False,
     tracker: RunTracker | None = None,
@@ -50,10 +50,14 @@ def train_all_folds(
     chosen without fold k). `procedure` describes how the configurations were obtained and keys the rows;
     by default it is the configuration itself. Checkpoints, λ and figures go to `run_directory(out_dir, exp,
     config)`; a sweep into the same `out_dir` has already trained (and timed) a configuration, so its folds
-    are resumed, not retrained.
+    are resumed, not retrained. Rows are labelled `method`, by default the variant's name (`config.variant`:
+    "residual", "residual-paper", …; "residual-mixed" when the folds' chosen variants differ).
     """
     out_dir = Path(out_dir)
     per_fold = config if isinstance(config, Mapping) else None
+    if method is None:
+        variants = {c.variant for c in (per_fold or {0: config}).values()}
+        method = variants.pop() if len(variants) == 1 else "residual-mixed"
     if per_fold is None:
         procedure = procedure or {"method": method, "config": asdict(config)}
         per_fold = {s.fold: config for s in exp.splits(config.val_fraction, config.seed)}
@@ -88,16 +92,16 @@ def train_chosen_per_fold(
 ) -> dict[int, dict]:
     """ResiDual with each fold's configuration chosen on that fold's validation split (nested), into `store`.
 
-    Rows `residual` (and `residual_coarse`: the same choice, one λ per unit) are keyed by the grid and base
-    options, so the report names the procedure that produced them. Returns {fold: chosen options}.
+    Rows are labelled by the chosen variant ("residual" for the default unit; its coarse twin, one λ per
+    unit, "residual_coarse") and keyed by the grid and base options. Returns {fold: chosen options}.
     """
     from audio_residual.training.sweep import choose_per_fold
 
     chosen = choose_per_fold(sweep)
     configs = {fold: TrainConfig.from_dict({**base, **options}) for fold, options in chosen.items()}
     procedure = {"selection": "best validation accuracy of each fold's own split", "grid": grid, "base": base}
-    train_all_folds(exp, configs, out_dir, store, method="residual", procedure=procedure)
+    train_all_folds(exp, configs, out_dir, store, procedure=procedure)
     if coarse:
         coarse_configs = {fold: dataclasses.replace(c, coarse=True) for fold, c in configs.items()}
-        train_all_folds(exp, coarse_configs, out_dir, store, method="residual_coarse", procedure={**procedure, "coarse": True})
+        train_all_folds(exp, coarse_configs, out_dir, store, procedure={**procedure, "coarse": True})
     return chosen

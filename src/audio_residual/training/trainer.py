@@ -31,6 +31,21 @@ from audio_residual.training.checkpoint import load_checkpoint, save_checkpoint
 
 OPTIMIZERS = ("adam", "adamw", "schedulefree")
 SCHEDULES = ("constant", "cosine")
+# The paper's procedure (Basile et al.; Flegyas/ResiDual configs): unit variant and training recipe.
+PRESETS: dict[str, dict] = {
+    "paper": {
+        "init": "randn",
+        "evr": 0.9,
+        "center": "drop",
+        "tail": "zero",
+        "optimizer": "schedulefree",
+        "schedule": "constant",  # schedule-free AdamW has no schedule
+        "lr": 0.8,
+        "batch_size": 64,
+        "epochs": 30,
+        "patience": 5,
+    }
+}
 
 
 class TrainingDiverged(RuntimeError):
@@ -48,6 +63,9 @@ class TrainConfig:
     evr: float | None = None
     init: str = "ones"
     coarse: bool = False
+    center: str = "keep"  # ResiDual variant options: see `audio_residual.residual.units`
+    tail: str = "keep"
+    coarse_center: str = "mean"
     optimizer: str = "adamw"
     lr: float = 1e-2
     weight_decay: float = 0.0  # pulls λ towards 0 (suppression), not towards 1: off by default
@@ -81,8 +99,28 @@ class TrainConfig:
             raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
         return cls(**values)
 
+    @classmethod
+    def preset(cls, name: str, **overrides) -> TrainConfig:
+        """A named procedure (`PRESETS`), with any field overridden: `TrainConfig.preset("paper", stages=(3,))`."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    @property
+    def variant(self) -> str:
+        """The procedure's name in results: "residual-paper" when every field of the paper preset has its
+        value, else the unit variant's label ("residual", "residual-center-drop-tail-zero-init-randn", …).
+
+        Different variants never share a name; which units carry λ and the hyperparameters outside the
+        preset (granularity, stages, k, weight decay, …) are configuration, told apart by `digest`.
+        """
+        paper = PRESETS["paper"]
+        if not self.coarse and all(getattr(self, key) == value for key, value in paper.items()):
+            return "residual-paper"
+        return self.residual_config().label
+
     def residual_config(self) -> ResidualConfig:
-        return ResidualConfig(self.granularity, self.kinds, self.stages, self.k, self.evr, self.init, self.coarse, self.seed)
+        return ResidualConfig(**{f.name: getattr(self, f.name) for f in fields(ResidualConfig)})
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
