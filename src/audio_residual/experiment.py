@@ -52,9 +52,10 @@ class Experiment:
         on_bad_file: str = "error",
         int16_roundtrip: bool = True,
         templates: tuple[str, ...] = DEFAULT_TEMPLATES,
+        revision: str | None = None,
     ) -> Experiment:
         table = resolve_dataset(data)
-        bundle = load_clap(model, device=device, amp=amp, class_names=table.class_names)
+        bundle = load_clap(model, device=device, amp=amp, class_names=table.class_names, revision=revision)
         cache = FeatureCache(Path(cache_dir) / "features", bundle.feature_extractor, int16_roundtrip=int16_roundtrip)
         features = cache.compute(table, on_bad_file=on_bad_file)
         return cls(table, bundle, features, tuple(templates))
@@ -64,6 +65,15 @@ class Experiment:
         if self._classifier is None:
             self._classifier = ZeroShotClassifier(self.bundle, self.table.class_names, self.templates)
         return self._classifier
+
+    def provenance(self) -> dict:
+        """Weights, preprocessing recipe, prompt templates and dataset: what a stored result depends on."""
+        return {
+            **self.bundle.provenance,
+            **self.features.recipe,
+            "templates": list(self.templates),
+            "dataset": self.table.name,
+        }
 
     def valid_indices(self, indices: np.ndarray | None = None) -> np.ndarray:
         """The given rows (default: all) minus the files that were skipped as bad input."""

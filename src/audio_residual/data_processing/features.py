@@ -16,7 +16,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,9 @@ from audio_residual.data_processing.audio import (
 )
 from audio_residual.data_processing.datasets import ClipTable
 
-CACHE_FORMAT_VERSION = 1
+# 2: fusion clips of ≤ 10 s are stored with is_longer False (LAION's inference rule), no longer the
+# extractor's per-call random pick.
+CACHE_FORMAT_VERSION = 2
 FEATURES_FILE = "input_features.npy"
 INDEX_FILE = "index.json"
 TRUNCATION_MODES = ("rand_trunc", "fusion")
@@ -47,6 +49,7 @@ class CachedFeatures:
     is_longer: np.ndarray  # (N,) bool
     valid: np.ndarray  # (N,) bool, False where the audio file was skipped
     skipped: list[tuple[str, str]]  # (filename, reason)
+    recipe: dict = field(default_factory=dict)  # how they were made: `FeatureCache.recipe`
 
 
 def _json_default(value: Any) -> Any:
@@ -81,6 +84,17 @@ def _seeded_global_numpy_rng(seed: int) -> Iterator[None]:
         yield
     finally:
         np.random.set_state(state)
+
+
+def laion_is_longer(n_samples: int, feature_extractor) -> bool:
+    """LAION's inference rule (`get_audio_features`): a clip takes the fusion branch only when its mel
+    has more frames than one 10 s chunk; shorter clips use the global mel alone.
+
+    transformers' extractor instead flags one clip per call at random when none is longer, which would
+    make a clip's embedding depend on the batch it was extracted with.
+    """
+    hop = feature_extractor.hop_length
+    return n_samples // hop > feature_extractor.nb_max_samples // hop  # frame counts, centred STFT
 
 
 def _file_identity(path: Path) -> str | None:
@@ -141,6 +155,17 @@ class FeatureCache:
         config_json = json.dumps(self.config, sort_keys=True, default=_json_default)
         self.config_hash = hashlib.sha256(config_json.encode()).hexdigest()[:16]
         self.config_dir = Path(cache_dir) / self.config_hash
+
+    @property
+    def recipe(self) -> dict:
+        """The preprocessing steps that decide the features, for provenance records."""
+        return {
+            "sample_rate": self.target_sr,
+            "int16_roundtrip": self.int16_roundtrip,
+            "truncation": self.truncation,
+            "padding": self.padding,
+            "min_seconds": self.min_seconds,
+        }
 
     def store_dir(self, table: ClipTable) -> Path:
         """Folder of `table`'s rows: one per (audio folder, ordered filenames)."""
@@ -205,6 +230,7 @@ class FeatureCache:
             is_longer=np.array([entries[name].get("is_longer", False) for name in table.filenames]),
             valid=np.array(["reason" not in entries[name] for name in table.filenames]),
             skipped=skipped,
+            recipe=self.recipe,
         )
 
     def _extract(self, audio: np.ndarray, filename: str) -> tuple[np.ndarray, bool]:
@@ -223,8 +249,7 @@ class FeatureCache:
                 return_tensors="np",
             )
         if self.truncation == "fusion":
-            # Keep the extractor's flag: for a single short clip it sets True, and the fusion model expects that.
-            is_longer = bool(np.asarray(output["is_longer"]).reshape(-1)[0])
+            is_longer = laion_is_longer(audio.size, self.feature_extractor)
         return np.asarray(output["input_features"][0], dtype=np.float32), bool(is_longer)
 
     def _feature_shape(self) -> tuple[int, ...]:
