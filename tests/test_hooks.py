@@ -15,10 +15,12 @@ def _hook_count(model) -> int:
 
 def _check_decomposition(model, batch: int) -> None:
     hooks = ClapHooks(model)
-    x = torch.randn(batch, 1, 1001, 64)
+    fusion = model.config.audio_config.enable_fusion
+    x = torch.randn(batch, 4 if fusion else 1, 1001, 64)
+    is_longer = (torch.arange(batch) == 0).reshape(-1, 1) if fusion else None  # clip 0 takes the fusion branch
     with torch.no_grad():
-        embeds, cache = hooks.run_with_cache(x, names=lambda name: True)
-        plain = audio_embeddings(model, x)
+        embeds, cache = hooks.run_with_cache(x, names=lambda name: True, is_longer=is_longer)
+        plain = audio_embeddings(model, x, is_longer)
     assert torch.equal(embeds, plain)  # read-only hooks do not perturb the forward
     for s, b, layer in hooks.blocks():
         p = f"layers.{s}.blocks.{b}."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ def _common(parser: argparse.ArgumentParser, data_required: bool = True) -> None
         help="dataset folder (ESC-50, UrbanSound8K, GTZAN, datasets save_to_disk), 'esc50' or hf:OWNER/NAME[:config]",
     )
     parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local folder, or 'tiny' (offline)")
+    parser.add_argument("--revision", default=None, help="hub model revision: branch, tag or commit hash")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--cache", type=Path, default=Path("cache"), help="feature cache folder")
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
@@ -33,10 +35,12 @@ def _common(parser: argparse.ArgumentParser, data_required: bool = True) -> None
 
 
 def _open(args):
+    """The experiment of the command's options; its provenance is written to OUT/provenance.json."""
     from audio_residual.clap.classifier import DEFAULT_TEMPLATES
     from audio_residual.experiment import Experiment
+    from audio_residual.io import write_json
 
-    return Experiment.open(
+    exp = Experiment.open(
         args.data,
         model=args.model,
         cache_dir=args.cache,
@@ -46,7 +50,10 @@ def _open(args):
         int16_roundtrip=not args.no_int16,
         templates=tuple(args.template or DEFAULT_TEMPLATES),
         cache_check=args.cache_check,
+        revision=args.revision,
     )
+    write_json(args.out / "provenance.json", exp.provenance())
+    return exp
 
 
 def _report_skipped(exp, out: Path) -> None:
@@ -65,6 +72,7 @@ def cmd_zeroshot(args) -> None:
     from audio_residual.io import write_csv
 
     exp = _open(args)
+    print("provenance:", json.dumps(exp.provenance()))
     frame = zero_shot_by_fold(exp, batch_size=args.batch_size)
     path = write_csv(args.out / "zeroshot.csv", frame)
     _report_skipped(exp, args.out)
@@ -190,8 +198,6 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_experiment(args) -> None:
-    import json
-
     from audio_residual.demo import run_experiment, write_experiment_report
     from audio_residual.training.sweep import DEFAULT_GRID
 

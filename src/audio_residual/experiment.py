@@ -58,9 +58,10 @@ class Experiment:
         int16_roundtrip: bool = True,
         templates: tuple[str, ...] = DEFAULT_TEMPLATES,
         cache_check: str = "content",
+        revision: str | None = None,
     ) -> Experiment:
         table = resolve_dataset(data)
-        bundle = load_clap(model, device=device, amp=amp, class_names=table.class_names)
+        bundle = load_clap(model, device=device, amp=amp, class_names=table.class_names, revision=revision)
         cache = FeatureCache(
             Path(cache_dir) / "features", bundle.feature_extractor, int16_roundtrip=int16_roundtrip, check=cache_check
         )
@@ -82,7 +83,7 @@ class Experiment:
         rows = np.arange(len(self.table)) if rows is None else np.sort(np.asarray(rows))
         table = self.table
         return {
-            "model": self.bundle.model_id,
+            "model": self.bundle.provenance,
             "features": self.features.digest(rows),
             "labels": digest([table.class_names, table.labels[rows].tolist(), table.folds[rows].tolist()]),
             "valid": digest(self.features.valid[rows].tolist()),
@@ -92,6 +93,15 @@ class Experiment:
     def key(self, procedure: dict) -> str:
         """The key of results produced by `procedure` (a method and its options) on this experiment's data."""
         return digest({"data": self.identity(), "procedure": procedure})
+
+    def provenance(self) -> dict:
+        """Weights, preprocessing recipe, prompt templates and dataset: what a stored result depends on."""
+        return {
+            **self.bundle.provenance,
+            **self.features.recipe,
+            "templates": list(self.templates),
+            "dataset": self.table.name,
+        }
 
     def valid_indices(self, indices: np.ndarray | None = None) -> np.ndarray:
         """The given rows (default: all) minus the files that were skipped as bad input."""

@@ -123,6 +123,7 @@ def collect_patterns(
     stages: Sequence[int] | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     device: torch.device | str = "cpu",
+    is_longer: np.ndarray | None = None,
 ) -> PatternReservoir:
     """One forward pass over `input_features[indices]` filling a `PatternReservoir`."""
     indices = np.asarray(indices)
@@ -132,7 +133,7 @@ def collect_patterns(
     with ClapHooks(model).hooks([("*.attn.hook_pattern", reservoir.hook)]):
         for start in tqdm(range(0, len(indices), batch_size), desc="attention patterns", leave=False):
             rows = indices[start : start + batch_size]
-            x, _ = model_inputs(input_features, rows, device)
+            x, longer = model_inputs(input_features, rows, device, is_longer)
             with autocast():
-                audio_embeddings(model, x)
+                audio_embeddings(model, x, longer)
     return reservoir

@@ -44,6 +44,7 @@ def run_analysis(
         "fold": int(fold),
         "fit_on": "train",
         "train_folds": train_folds,
+        "provenance": exp.provenance(),
     }
     stats = ResidualStatistics.fit(
         bundle.model,
@@ -53,6 +54,7 @@ def run_analysis(
         tokens_per_clip=tokens_per_clip,
         autocast=bundle.autocast,
         device=bundle.device,
+        is_longer=features.is_longer,
         metadata=metadata,
     )
     paths = {"stats": stats.save(out / f"stats_fold{fold}.safetensors")}
@@ -65,6 +67,7 @@ def run_analysis(
         batch_size=batch_size,
         autocast=bundle.autocast,
         device=bundle.device,
+        is_longer=features.is_longer,
     )
     spectra = pd.concat([spectra_table(stats), reservoir.table()], ignore_index=True)
     paths["heads"] = write_csv(out / "heads.csv", spectra)

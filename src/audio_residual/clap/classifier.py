@@ -41,6 +41,8 @@ def model_inputs(
 
 def audio_embeddings(model, input_features: torch.Tensor, is_longer: torch.Tensor | None = None) -> torch.Tensor:
     """Differentiable L2-normalised audio embeddings: the path ResiDual hooks and training go through."""
+    if is_longer is None and model.audio_model.config.enable_fusion:
+        raise ValueError("a fusion CLAP (enable_fusion) needs is_longer for every clip: pass the cached flags")
     pooled = model.audio_model(input_features=input_features, is_longer=is_longer).pooler_output
     return F.normalize(model.audio_projection(pooled).float(), dim=-1)
 

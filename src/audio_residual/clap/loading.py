@@ -7,10 +7,13 @@ constructor and pins numpy<2, while the same LAION weights are published for tra
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import huggingface_hub
 import torch
+import transformers
 from transformers import ClapModel, ClapProcessor
 
 DEFAULT_MODEL = "laion/clap-htsat-unfused"
@@ -26,10 +29,27 @@ class ClapBundle:
     model_id: str
     device: torch.device
     amp_dtype: torch.dtype | None = None  # autocast dtype on CUDA; None means plain fp32
+    revision: str | None = None  # the hub revision asked for (branch, tag or commit), if any
+    commit: str | None = None  # the commit the hub files were loaded from; None for local folders
 
     @property
     def feature_extractor(self):
         return self.processor.feature_extractor
+
+    @property
+    def enable_fusion(self) -> bool:
+        return bool(self.model.config.audio_config.enable_fusion)
+
+    @property
+    def provenance(self) -> dict:
+        """Which weights these are: id or path, revision asked, commit resolved on the hub, library version."""
+        return {
+            "model": self.model_id,
+            "revision": self.revision,
+            "commit": self.commit,
+            "transformers": transformers.__version__,
+            "enable_fusion": self.enable_fusion,
+        }
 
     @property
     def tokenizer(self):
@@ -65,28 +85,67 @@ def resolve_amp(amp: str | None, device: torch.device) -> torch.dtype | None:
     return choices[amp]
 
 
+def truncation_for(model: ClapModel) -> str:
+    """The extractor's truncation a CLAP model was trained with; it also picks the mel filterbank.
+
+    In transformers' extractor, "fusion" means HTK filters and 4 stacked channels, "rand_trunc" Slaney
+    filters and 1 channel: the mode follows the model's `enable_fusion`, whatever the processor file says.
+    """
+    return "fusion" if model.config.audio_config.enable_fusion else "rand_trunc"
+
+
+def align_truncation(model: ClapModel, processor: ClapProcessor, model_id: str) -> None:
+    """Set the processor's truncation from the model, warning when the checkpoint's processor disagreed."""
+    extractor = processor.feature_extractor
+    wanted = truncation_for(model)
+    if extractor.truncation != wanted:
+        warnings.warn(
+            f"{model_id}: the processor says truncation={extractor.truncation!r} but the model has "
+            f"enable_fusion={model.config.audio_config.enable_fusion}, which needs truncation={wanted!r}; "
+            f"using {wanted!r}",
+            stacklevel=3,
+        )
+        extractor.truncation = wanted
+
+
+def resolved_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit a hub model's files came from, read off the cached snapshot (no network).
+
+    transformers 5 no longer keeps it on the config (`_commit_hash`); the snapshot folder is named by it.
+    """
+    path = huggingface_hub.try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    return Path(path).parent.name if isinstance(path, str) else None
+
+
 def load_clap(
     model: str | Path = DEFAULT_MODEL,
     device: str | torch.device | None = "auto",
     amp: str | None = "auto",
     class_names: tuple[str, ...] | None = None,
+    revision: str | None = None,
 ) -> ClapBundle:
-    """Load CLAP from a hub id or a local folder (eval mode, frozen).
+    """Load CLAP from a hub id (at `revision`, default the newest) or a local folder (eval mode, frozen).
 
     `model="tiny"` builds the offline random-initialised CLAP; its tokenizer is trained on `class_names`.
     """
     device = resolve_device(device)
+    path = Path(model)
+    if revision is not None and (str(model) == TINY_MODEL or path.exists()):
+        raise ValueError(f"revision {revision!r} applies to hub models, not to {str(model)!r}")
+    commit = None
     if str(model) == TINY_MODEL:
         from audio_residual.clap.tiny import build_tiny_clap
 
         model_obj, processor = build_tiny_clap(class_names or ())
         model_id = TINY_MODEL
     else:
-        path = Path(model)
         if path.exists() and not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is a local path but holds no config.json: not a saved CLAP model")
-        model_obj = ClapModel.from_pretrained(str(model))
-        processor = ClapProcessor.from_pretrained(str(model))
+        model_obj = ClapModel.from_pretrained(str(model), revision=revision)
+        processor = ClapProcessor.from_pretrained(str(model), revision=revision)
         model_id = str(model)
+        if not path.exists():
+            commit = resolved_commit(model_id, revision)
+    align_truncation(model_obj, processor, model_id)
     model_obj.to(device).eval().requires_grad_(False)
-    return ClapBundle(model_obj, processor, model_id, device, resolve_amp(amp, device))
+    return ClapBundle(model_obj, processor, model_id, device, resolve_amp(amp, device), revision, commit)

@@ -21,7 +21,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,9 @@ from audio_residual.data_processing.audio import (
 from audio_residual.data_processing.datasets import ClipTable
 from audio_residual.io import digest
 
-CACHE_FORMAT_VERSION = 1
+# 2: fusion clips of ≤ 10 s are stored with is_longer False (LAION's inference rule), no longer the
+# extractor's per-call random pick.
+CACHE_FORMAT_VERSION = 2
 FEATURES_FILE = "input_features.npy"
 INDEX_FILE = "index.json"
 TRUNCATION_MODES = ("rand_trunc", "fusion")
@@ -56,6 +58,7 @@ class CachedFeatures:
     skipped: list[tuple[str, str]]  # (filename, reason)
     identities: tuple[str, ...]  # per row: the audio file's identity (content hash or size:mtime)
     config_hash: str  # the preprocessing configuration the rows were computed with
+    recipe: dict = field(default_factory=dict)  # how they were made: `FeatureCache.recipe`
 
     def digest(self, rows=None) -> str:
         """What the given rows (default: all) are, as the model sees them: preprocessing + file identities."""
@@ -95,6 +98,17 @@ def _seeded_global_numpy_rng(seed: int) -> Iterator[None]:
         yield
     finally:
         np.random.set_state(state)
+
+
+def laion_is_longer(n_samples: int, feature_extractor) -> bool:
+    """LAION's inference rule (`get_audio_features`): a clip takes the fusion branch only when its mel
+    has more frames than one 10 s chunk; shorter clips use the global mel alone.
+
+    transformers' extractor instead flags one clip per call at random when none is longer, which would
+    make a clip's embedding depend on the batch it was extracted with.
+    """
+    hop = feature_extractor.hop_length
+    return n_samples // hop > feature_extractor.nb_max_samples // hop  # frame counts, centred STFT
 
 
 def _file_identity(path: Path, check: str = "content") -> str | None:
@@ -164,6 +178,17 @@ class FeatureCache:
         self.config_hash = hashlib.sha256(config_json.encode()).hexdigest()[:16]
         self.config_dir = Path(cache_dir) / self.config_hash
 
+    @property
+    def recipe(self) -> dict:
+        """The preprocessing steps that decide the features, for provenance records."""
+        return {
+            "sample_rate": self.target_sr,
+            "int16_roundtrip": self.int16_roundtrip,
+            "truncation": self.truncation,
+            "padding": self.padding,
+            "min_seconds": self.min_seconds,
+        }
+
     def store_dir(self, table: ClipTable) -> Path:
         """Folder of `table`'s rows: one per (audio folder, ordered filenames)."""
         identity = json.dumps([str(table.audio_dir.resolve()), list(table.filenames)])
@@ -231,6 +256,7 @@ class FeatureCache:
             skipped=skipped,
             identities=tuple(entries[name]["identity"] or "" for name in table.filenames),
             config_hash=self.config_hash,
+            recipe=self.recipe,
         )
 
     def _extract(self, audio: np.ndarray, filename: str) -> tuple[np.ndarray, bool]:
@@ -249,8 +275,7 @@ class FeatureCache:
                 return_tensors="np",
             )
         if self.truncation == "fusion":
-            # Keep the extractor's flag: for a single short clip it sets True, and the fusion model expects that.
-            is_longer = bool(np.asarray(output["is_longer"]).reshape(-1)[0])
+            is_longer = laion_is_longer(audio.size, self.feature_extractor)
         return np.asarray(output["input_features"][0], dtype=np.float32), bool(is_longer)
 
     def _feature_shape(self) -> tuple[int, ...]:

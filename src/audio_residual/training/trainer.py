@@ -181,7 +181,8 @@ def fold_statistics(exp: Experiment, split: Split, stats_dir: Path | None, confi
         autocast=exp.bundle.autocast,
         device=exp.bundle.device,
         is_longer=exp.features.is_longer,
-        metadata={"model": exp.bundle.model_id, "dataset": exp.table.name, "fold": split.fold, "train_clips": key},
+        metadata={"model": exp.bundle.model_id, "dataset": exp.table.name, "fold": split.fold, "train_clips": key,
+                  "provenance": exp.provenance()},
     )
     if path is not None:
         stats.save(path)
@@ -338,7 +339,8 @@ def train_residual_fold(
         history=history,
     )
     if fold_dir is not None:
-        residual.save(fold_dir / "lambda.safetensors", metadata={"fold": split.fold, "config": asdict(config)})
+        metadata = {"fold": split.fold, "config": asdict(config), "provenance": exp.provenance()}
+        residual.save(fold_dir / "lambda.safetensors", metadata=metadata)
         write_csv(fold_dir / "history.csv", pd.DataFrame(history))
         write_json(fold_dir / "result.json", result.row())
     return result
