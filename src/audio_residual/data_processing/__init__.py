@@ -16,7 +16,13 @@ from audio_residual.data_processing.datasets import (
     load_esc50,
     load_urbansound8k,
 )
-from audio_residual.data_processing.download import ESC50_URL, download_file, ensure_esc50, safe_extract
+from audio_residual.data_processing.download import (
+    ESC50_URL,
+    DownloadError,
+    download_file,
+    ensure_esc50,
+    safe_extract,
+)
 from audio_residual.data_processing.features import CachedFeatures, FeatureCache
 from audio_residual.data_processing.folds import Split, carve_validation, official_splits
 from audio_residual.data_processing.synthetic import make_synthetic_esc50
@@ -29,6 +35,7 @@ __all__ = [
     "CachedFeatures",
     "ClipTable",
     "DatasetError",
+    "DownloadError",
     "FeatureCache",
     "Split",
     "carve_validation",
