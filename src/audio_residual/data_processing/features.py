@@ -16,7 +16,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,10 @@ from audio_residual.data_processing.audio import (
     MODEL_SAMPLE_RATE,
     BadAudioError,
     check_bad_file_policy,
-    load_audio,
+    load_audio_checked,
 )
 from audio_residual.data_processing.datasets import ClipTable
+from audio_residual.io import umask_mode
 
 CACHE_FORMAT_VERSION = 1
 FEATURES_FILE = "input_features.npy"
@@ -47,6 +48,7 @@ class CachedFeatures:
     is_longer: np.ndarray  # (N,) bool
     valid: np.ndarray  # (N,) bool, False where the audio file was skipped
     skipped: list[tuple[str, str]]  # (filename, reason)
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (filename, reason): used, but suspect
 
 
 def _json_default(value: Any) -> Any:
@@ -62,6 +64,7 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
             json.dump(payload, handle, indent=1, sort_keys=True, default=_json_default)
             handle.flush()
             os.fsync(handle.fileno())
+        umask_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -176,7 +179,7 @@ class FeatureCache:
                 ):
                     filename = table.filenames[row]
                     try:
-                        audio = load_audio(
+                        audio, warnings = load_audio_checked(
                             table.audio_dir / filename,
                             target_sr=self.target_sr,
                             int16_roundtrip=self.int16_roundtrip,
@@ -190,6 +193,8 @@ class FeatureCache:
                         continue
                     features[row], is_longer = self._extract(audio, filename)
                     entries[filename] = {"row": row, "identity": identities[row], "is_longer": is_longer}
+                    if warnings:
+                        entries[filename]["warnings"] = warnings
                     if n_done % self.checkpoint_every == 0:
                         self._checkpoint(features, entries, index_path, len(table))
             finally:
@@ -205,6 +210,9 @@ class FeatureCache:
             is_longer=np.array([entries[name].get("is_longer", False) for name in table.filenames]),
             valid=np.array(["reason" not in entries[name] for name in table.filenames]),
             skipped=skipped,
+            warnings=[
+                (name, reason) for name in table.filenames for reason in entries[name].get("warnings", [])
+            ],
         )
 
     def _extract(self, audio: np.ndarray, filename: str) -> tuple[np.ndarray, bool]:
@@ -265,6 +273,7 @@ class FeatureCache:
         )
         created.flush()
         del created
+        umask_mode(tmp)
         os.replace(tmp, features_path)
         (features_path.parent / INDEX_FILE).unlink(missing_ok=True)
         return np.load(features_path, mmap_mode="r+"), True
