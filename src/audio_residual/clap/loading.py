@@ -7,6 +7,7 @@ constructor and pins numpy<2, while the same LAION weights are published for tra
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,14 +44,27 @@ class ClapBundle:
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """`auto` picks cuda, then mps, then cpu."""
+    """`auto` picks cuda, then mps, then cpu; an unknown or unavailable device is a ValueError naming it."""
     if device is None or str(device) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device {str(device)!r}: use auto, cpu, cuda, cuda:N or mps")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine; use cpu or auto")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r}: MPS is not available on this machine; use cpu or auto")
+    return resolved
 
 
 def resolve_amp(amp: str | None, device: torch.device) -> torch.dtype | None:
@@ -63,6 +77,25 @@ def resolve_amp(amp: str | None, device: torch.device) -> torch.dtype | None:
     if amp not in choices:
         raise ValueError(f"amp must be one of auto, bf16, fp16, none; got {amp!r}")
     return choices[amp]
+
+
+def _check_local_model(path: Path) -> None:
+    """For a local path (one that exists, or is written as a path), refuse anything but a saved CLAP folder."""
+    text = str(path)
+    if not path.exists():
+        if path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1:
+            raise FileNotFoundError(f"model folder not found: {path}")
+        return  # a hub id such as laion/clap-htsat-unfused
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{path} is a local path but holds no config.json: not a saved CLAP model")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err}): not a saved CLAP model") from err
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != "clap":
+        raise ValueError(f"{path} holds a model of type {model_type!r}, not 'clap'")
 
 
 def load_clap(
@@ -82,11 +115,12 @@ def load_clap(
         model_obj, processor = build_tiny_clap(class_names or ())
         model_id = TINY_MODEL
     else:
-        path = Path(model)
-        if path.exists() and not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is a local path but holds no config.json: not a saved CLAP model")
-        model_obj = ClapModel.from_pretrained(str(model))
-        processor = ClapProcessor.from_pretrained(str(model))
+        _check_local_model(Path(model))
+        try:
+            model_obj = ClapModel.from_pretrained(str(model))
+            processor = ClapProcessor.from_pretrained(str(model))
+        except OSError as err:  # transformers' own messages run over several lines; keep the first
+            raise OSError(f"cannot load CLAP model {str(model)!r}: {str(err).splitlines()[0]}") from err
         model_id = str(model)
     model_obj.to(device).eval().requires_grad_(False)
     return ClapBundle(model_obj, processor, model_id, device, resolve_amp(amp, device))
