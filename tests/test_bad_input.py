@@ -150,6 +150,22 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys, tmp_path, monkeypatch, small_da
     assert err.strip() == "audio-residual zeroshot: interrupted; rerun the same command to resume"
 
 
+def test_esc50_without_network_is_one_line_and_leaves_no_folder(capsys, tmp_path, monkeypatch):
+    import socket
+
+    import audio_residual.data_processing.download as download_module
+
+    with socket.socket() as probe:  # a port nobody listens on: the connection is refused, as offline
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(download_module, "ESC50_URL", f"http://127.0.0.1:{port}/master.zip")
+    monkeypatch.chdir(tmp_path)
+    code, err = run(capsys, "zeroshot", "--data", "esc50", "--model", "tiny", "--out", "out", "--device", "cpu")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "cannot download http://127.0.0.1" in err and "pass --data /path/to/ESC-50-master" in err
+    assert not (tmp_path / "data").exists()
+
+
 # ---- model and device -------------------------------------------------------------------------------
 
 
