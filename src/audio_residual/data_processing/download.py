@@ -110,17 +110,20 @@ def download_file(url: str, dest: Path | str, timeout: float = 60.0, sha256: str
             part.open("ab" if offset else "wb") as out,
             tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=dest.name) as progress,
         ):
-            try:
-                while chunk := response.read(_CHUNK_BYTES):
-                    out.write(chunk)
-                    size += len(chunk)
-                    progress.update(len(chunk))
-            except (http.client.HTTPException, OSError) as err:
-                of_total = f" of {total}" if total is not None else ""
-                raise DownloadError(
-                    f"download of {url} stopped at {size}{of_total} bytes; rerun to resume from {part} "
-                    f"(connection lost: {type(err).__name__})"
-                ) from err
+            while True:
+                try:
+                    chunk = response.read(_CHUNK_BYTES)
+                except (http.client.HTTPException, OSError) as err:  # a cut chunked body, a reset, a timeout
+                    of_total = f" of {total}" if total is not None else ""
+                    raise DownloadError(
+                        f"download of {url} stopped at {size}{of_total} bytes; rerun to resume from {part} "
+                        f"(connection lost: {type(err).__name__})"
+                    ) from err
+                if not chunk:
+                    break
+                out.write(chunk)
+                size += len(chunk)
+                progress.update(len(chunk))
     if total is not None and size < total:
         raise DownloadError(f"download of {url} stopped at {size} of {total} bytes; rerun to resume from {part}")
     if total is not None and size > total:
