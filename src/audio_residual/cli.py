@@ -5,29 +5,87 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from audio_residual.clap.loading import DEFAULT_MODEL
 
 WANDB_CHOICES = {"auto": "auto", "on": True, "off": False}  # sweep/experiment: W&B if logged in, always, never
+INTERRUPTED_EXIT = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
+
+
+def _bounded(
+    kind: type, low: float, high: float | None = None, low_open: bool = False, high_open: bool = False
+) -> Callable:
+    """An argparse type: a `kind` between `low` and `high` (open ends excluded), with a message stating the range."""
+    rule = f"{'greater than' if low_open else 'at least'} {low:g}"
+    if high is not None:
+        rule += f" and {'less than' if high_open else 'at most'} {high:g}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        below = value < low or (low_open and value == low)
+        above = high is not None and (value > high or (high_open and value == high))
+        if below or above:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {rule}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = _bounded(int, 1)
+NON_NEGATIVE_INT = _bounded(int, 0)
+NON_NEGATIVE = _bounded(float, 0.0)
+POSITIVE = _bounded(float, 0.0, low_open=True)
+EVR = _bounded(float, 0.0, 1.0, low_open=True)  # explained-variance ratio in (0, 1]
+VAL_FRACTION = _bounded(float, 0.0, 1.0, high_open=True)  # share of training clips held out, [0, 1)
+
+
+def _template(text: str) -> str:
+    from audio_residual.clap.classifier import check_template
+
+    try:
+        return check_template(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _device(text: str) -> str:
+    from audio_residual.clap.loading import resolve_device
+
+    try:
+        resolve_device(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def _common(parser: argparse.ArgumentParser, data_required: bool = True) -> None:
     parser.add_argument(
-        "--data",
-        required=data_required,
-        help="dataset folder (ESC-50, UrbanSound8K, GTZAN, datasets save_to_disk), 'esc50' or hf:OWNER/NAME[:config]",
+        "--data", required=data_required,
+        help="dataset folder (ESC-50, UrbanSound8K, GTZAN, datasets save_to_disk, or the audio folder of --csv), 'esc50' or hf:OWNER/NAME[:config]",
     )
+    parser.add_argument("--csv", type=Path, default=None, help="CSV of filename,label,fold for the --data folder")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local folder, or 'tiny' (offline)")
     parser.add_argument("--revision", default=None, help="hub model revision: branch, tag or commit hash")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--cache", type=Path, default=Path("cache"), help="feature cache folder")
-    parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    parser.add_argument("--device", type=_device, default="auto", help="auto, cuda, cuda:N, mps or cpu")
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"], help="CUDA autocast")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=32)
     parser.add_argument("--on-bad-file", choices=["error", "skip"], default="error")
+    parser.add_argument(
+        "--min-seconds", type=NON_NEGATIVE, default=1.0,
+        help="shorter clips are bad files (stop the run, or skipped with --on-bad-file skip); 0 accepts any",
+    )
     parser.add_argument("--no-int16", action="store_true", help="skip LAION's int16 round trip of the audio")
-    parser.add_argument("--template", action="append", help="prompt template with {label}; repeat to ensemble")
+    parser.add_argument(
+        "--template", type=_template, action="append", help="prompt template with {label}; repeat to ensemble"
+    )
     parser.add_argument(
         "--cache-check", choices=["content", "mtime"], default="content",
         help="how cached features recognise an unchanged audio file: content hash (default) or size+mtime (faster)",
@@ -51,20 +109,75 @@ def _open(args):
         templates=tuple(args.template or DEFAULT_TEMPLATES),
         cache_check=args.cache_check,
         revision=args.revision,
+        csv=args.csv,
+        min_seconds=args.min_seconds,
     )
     write_json(args.out / "provenance.json", exp.provenance())
     return exp
 
 
 def _report_skipped(exp, out: Path) -> None:
+    """OUT/skipped.csv (files left out) and OUT/warnings.csv (files used but suspect: clipping, DC only).
+
+    Each is removed when empty, so a list from an earlier run never outlives the files it named.
+    """
     import pandas as pd
 
     from audio_residual.io import write_csv
 
-    skipped = exp.features.skipped
-    if skipped:
-        write_csv(out / "skipped.csv", pd.DataFrame(skipped, columns=["filename", "reason"]))
-        print(f"skipped {len(skipped)} bad file(s), listed in {out / 'skipped.csv'}")
+    lists = [
+        ("skipped.csv", exp.features.skipped, "skipped {n} bad file(s)"),
+        ("warnings.csv", exp.features.warnings, "{n} clip(s) used despite a warning (clipping, DC only)"),
+    ]
+    for name, entries, message in lists:
+        path = out / name
+        if entries:
+            write_csv(path, pd.DataFrame(entries, columns=["filename", "reason"]))
+            print(f"{message.format(n=len(entries))}, listed in {path}")
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _check_folds(exp, folds, option: str) -> None:
+    """Folds asked for on the command line must exist in the dataset (checked before any training)."""
+    unknown = sorted(set(folds) - set(exp.table.fold_ids))
+    if unknown:
+        raise ValueError(f"{option}: no fold {unknown[0]} in {exp.table.name!r}: folds are {list(exp.table.fold_ids)}")
+
+
+def _read_grid(path: Path | None) -> dict:
+    """The sweep grid from JSON: an object mapping training options (and 'fold') to non-empty lists."""
+    import json
+    from dataclasses import fields
+
+    from audio_residual.training.sweep import DEFAULT_GRID
+    from audio_residual.training.trainer import TrainConfig
+
+    if path is None:
+        return DEFAULT_GRID
+    try:
+        grid = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--grid {path}: not valid JSON ({err})") from err
+    if not isinstance(grid, dict) or not grid:
+        raise ValueError(f"--grid {path}: expected a JSON object {{option: [values]}}, got {json.dumps(grid)[:60]}")
+    known = {f.name for f in fields(TrainConfig)} | {"fold"}
+    for key, values in grid.items():
+        if key not in known:
+            raise ValueError(f"--grid {path}: unknown option {key!r}; known: {sorted(known)}")
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"--grid {path}: {key!r} must map to a non-empty list of values, got {values!r}")
+    return grid
+
+
+def _check_writable(path: Path, option: str) -> None:
+    """Fail before any computing if results could not be written there."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ValueError(f"{option} {path} is not a writable folder ({err.strerror or err})") from err
 
 
 def cmd_zeroshot(args) -> None:
@@ -73,9 +186,9 @@ def cmd_zeroshot(args) -> None:
 
     exp = _open(args)
     print("provenance:", json.dumps(exp.provenance()))
+    _report_skipped(exp, args.out)
     frame = zero_shot_by_fold(exp, batch_size=args.batch_size)
     path = write_csv(args.out / "zeroshot.csv", frame)
-    _report_skipped(exp, args.out)
     print(frame.to_string(index=False))
     print(summarize(frame), f"→ {path}")
 
@@ -96,6 +209,8 @@ def cmd_analyze(args) -> None:
     from audio_residual.analysis.run import run_analysis
 
     exp = _open(args)
+    _check_folds(exp, [args.fold], "--fold")
+    _report_skipped(exp, args.out)
     result = run_analysis(
         exp,
         args.fold,
@@ -106,13 +221,18 @@ def cmd_analyze(args) -> None:
         ablation_max_clips=args.ablation_max_clips,
         pattern_cap=args.pattern_cap,
     )
-    _report_skipped(exp, args.out)
     for name, path in result["paths"].items():
         print(f"{name}: {path}")
 
 
 def _int_list(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part.strip()]
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not values:
+        raise argparse.ArgumentTypeError("the list is empty")
+    return values
 
 
 # train-residual options that become TrainConfig fields; an option left out takes the preset's value
@@ -131,8 +251,8 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--granularity", choices=["layer", "block", "head"], default=None, help="default head")
     parser.add_argument("--kinds", type=lambda v: tuple(v.split(",")), default=None, help="attn (default), mlp or attn,mlp")
     parser.add_argument("--stages", type=_int_list, default=None, help="e.g. 2,3 (default: all)")
-    parser.add_argument("--k", type=int, default=None, help="keep at most k components per unit")
-    parser.add_argument("--evr", type=float, default=None, help="or the fewest reaching this explained variance")
+    parser.add_argument("--k", type=POSITIVE_INT, default=None, help="keep at most k components per unit")
+    parser.add_argument("--evr", type=EVR, default=None, help="or the fewest reaching this explained variance")
     parser.add_argument("--init", choices=INITS, default=None, help="λ starts at 1 (ones, default) or 1 + N(0, 1)")
     parser.add_argument("--center", choices=CENTERS, default=None, help="drop: units leave without their mean (paper)")
     parser.add_argument("--tail", choices=TAILS, default=None, help="zero: remove directions outside the basis (paper)")
@@ -140,12 +260,12 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coarse-center", choices=COARSE_CENTERS, default=None,
                         help="coarse λ scales the unit around its mean (default) or around 0")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="default adamw")
-    parser.add_argument("--lr", type=float, default=None, help="default 0.01")
-    parser.add_argument("--epochs", type=int, default=None, help="default 10")
+    parser.add_argument("--lr", type=POSITIVE, default=None, help="default 0.01")
+    parser.add_argument("--epochs", type=POSITIVE_INT, default=None, help="default 10")
     parser.add_argument("--schedule", choices=SCHEDULES, default=None, help="default cosine")
-    parser.add_argument("--val-fraction", type=float, default=None, help="default 0.1")
-    parser.add_argument("--patience", type=int, default=None)
-    parser.add_argument("--tokens-per-clip", type=int, default=None)
+    parser.add_argument("--val-fraction", type=VAL_FRACTION, default=None, help="default 0.1")
+    parser.add_argument("--patience", type=POSITIVE_INT, default=None, help="stop after N epochs without gain")
+    parser.add_argument("--tokens-per-clip", type=POSITIVE_INT, default=None)
     parser.add_argument("--seed", type=int, default=None, help="default 0")
     parser.add_argument("--folds", type=_int_list, default=None, help="e.g. 1,2 (default: all)")
     parser.add_argument("--wandb", choices=["online", "offline", "disabled"], default="disabled")
@@ -172,23 +292,27 @@ def cmd_train_residual(args) -> None:
 
     config = _train_config(args)
     exp = _open(args)
-    tracker = RunTracker(args.wandb, config=asdict(config), job_type="train-residual")
+    _check_folds(exp, args.folds or [], "--folds")
+    _report_skipped(exp, args.out)
+    tracker = RunTracker(args.wandb, config=asdict(config), job_type="train-residual", wandb_dir=args.out)
     store = ResultsStore(args.out / "results.csv")
     rows = train_all_folds(exp, config, args.out, store, folds=args.folds, force=args.force, tracker=tracker)
     tracker.finish()
-    _report_skipped(exp, args.out)
     write_report(store, args.out, class_names=exp.table.class_names)
-    print(rows[["fold", "accuracy", "top5", "val_accuracy", "trainable_params", "seconds"]].to_string(index=False))
+    columns = ["fold", "accuracy", "top5", "val_accuracy", "trainable_params", "seconds"]
+    if len(exp.table.class_names) <= 5:  # top-5 of at most 5 classes is always 1
+        columns.remove("top5")
+    print(rows[columns].to_string(index=False))
     print(f"{config.variant} results → {args.out / 'results.csv'}; λ and figures → {run_directory(args.out, exp, config)}")
 
 
 def cmd_sweep(args) -> None:
-    import json
+    from audio_residual.training.sweep import choose_per_fold, mean_ranking, run_sweep
 
-    from audio_residual.training.sweep import DEFAULT_GRID, choose_per_fold, mean_ranking, run_sweep
-
-    grid = json.loads(args.grid.read_text()) if args.grid else DEFAULT_GRID
+    grid = _read_grid(args.grid)
     exp = _open(args)
+    _check_folds(exp, grid.get("fold", []), f"--grid {args.grid}")
+    _report_skipped(exp, args.out)
     base = {"batch_size": args.batch_size, "val_fraction": args.val_fraction}
     frame = run_sweep(exp, args.out, grid=grid, base=base, use_wandb=WANDB_CHOICES[args.wandb])
     print(mean_ranking(frame).to_string(index=False))
@@ -199,17 +323,18 @@ def cmd_sweep(args) -> None:
 
 def cmd_experiment(args) -> None:
     from audio_residual.demo import run_experiment, write_experiment_report
-    from audio_residual.training.sweep import DEFAULT_GRID
 
-    grid = json.loads(args.grid.read_text()) if args.grid else DEFAULT_GRID
+    grid = _read_grid(args.grid)
     exp = _open(args)
+    _check_folds(exp, grid.get("fold", []), f"--grid {args.grid}")
+    _check_folds(exp, [args.analysis_fold], "--analysis-fold")
+    _report_skipped(exp, args.out)
     base = {"batch_size": args.batch_size, "val_fraction": args.val_fraction}
     outcome = run_experiment(
         exp, args.out, grid, base, analysis_fold=args.analysis_fold, finetune_epochs=args.finetune_epochs,
         use_wandb=WANDB_CHOICES[args.wandb],
         analysis_options={"ablation_max_clips": args.ablation_max_clips},
     )
-    _report_skipped(exp, args.out)
     report = write_experiment_report(exp, outcome, args.out)
     print(outcome["table"])
     print(f"report → {report}")
@@ -234,17 +359,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="unit spectra, attention-pattern PCA and head ablation of one fold → OUT/")
     _common(p)
     p.add_argument("--fold", type=int, required=True, help="test fold; statistics use the other (training) folds")
-    p.add_argument("--tokens-per-clip", type=int, default=None, help="subsample tokens per clip and block")
+    p.add_argument("--tokens-per-clip", type=POSITIVE_INT, default=None, help="subsample tokens per clip and block")
     p.add_argument("--ablation-stages", type=_int_list, default=None, help="comma-separated stages, e.g. 2,3")
-    p.add_argument("--ablation-max-clips", type=int, default=None, help="evaluate ablations on at most N test clips")
-    p.add_argument("--pattern-cap", type=int, default=512, help="attention patterns kept per block (reservoir)")
+    p.add_argument(
+        "--ablation-max-clips", type=POSITIVE_INT, default=None, help="evaluate ablations on at most N test clips"
+    )
+    p.add_argument("--pattern-cap", type=POSITIVE_INT, default=512, help="attention patterns kept per block (reservoir)")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("generate-data", help="write a generated ESC-50-shaped dataset (offline)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--classes", type=int, default=5)
-    p.add_argument("--clips-per-class", type=int, default=10)
-    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--classes", type=POSITIVE_INT, default=5)
+    p.add_argument("--clips-per-class", type=POSITIVE_INT, default=10)
+    p.add_argument("--seconds", type=POSITIVE, default=5.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 
@@ -256,17 +383,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="grid over λ-training options (W&B sweep when logged in, else local)")
     _common(p)
     p.add_argument("--grid", type=Path, default=None, help="JSON {option: [values]}, 'fold' included")
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--val-fraction", type=VAL_FRACTION, default=0.1)
     p.add_argument("--wandb", choices=["auto", "on", "off"], default="auto")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("experiment", help="the whole study: analysis, sweep, ResiDual, baselines → OUT/report.md")
     _common(p)
     p.add_argument("--grid", type=Path, default=None, help="JSON {option: [values]}, 'fold' included")
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--val-fraction", type=VAL_FRACTION, default=0.1)
     p.add_argument("--analysis-fold", type=int, default=1)
-    p.add_argument("--ablation-max-clips", type=int, default=200)
-    p.add_argument("--finetune-epochs", type=int, default=0, help="> 0 adds full fine-tuning (GPU advised)")
+    p.add_argument("--ablation-max-clips", type=POSITIVE_INT, default=200)
+    p.add_argument(
+        "--finetune-epochs", type=NON_NEGATIVE_INT, default=0, help="> 0 adds full fine-tuning (GPU advised)"
+    )
     p.add_argument("--wandb", choices=["auto", "on", "off"], default="auto")
     p.set_defaults(func=cmd_experiment)
 
@@ -278,10 +407,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; bad input and environment failures (OSError) are one line on stderr and exit 2."""
     args = build_parser().parse_args(argv)
     try:
+        for option in ("out", "cache"):
+            if getattr(args, option, None) is not None:
+                _check_writable(getattr(args, option), f"--{option}")
         args.func(args)
-    except (FileNotFoundError, ValueError) as error:
+    except KeyboardInterrupt:
+        print(f"audio-residual {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    except (OSError, ValueError) as error:
         print(f"audio-residual {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

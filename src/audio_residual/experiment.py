@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from audio_residual.clap.classifier import DEFAULT_TEMPLATES, ZeroShotClassifier, model_inputs
+from audio_residual.clap.classifier import DEFAULT_TEMPLATES, ZeroShotClassifier, check_template, model_inputs
 from audio_residual.clap.loading import DEFAULT_MODEL, ClapBundle, load_clap
 from audio_residual.data_processing import (
     CachedFeatures,
@@ -19,6 +19,7 @@ from audio_residual.data_processing import (
     FeatureCache,
     Split,
     ensure_esc50,
+    load_csv_dataset,
     load_dataset,
     official_splits,
 )
@@ -28,14 +29,35 @@ from audio_residual.io import digest
 DEFAULT_CACHE = Path("cache")
 
 
-def resolve_dataset(data: str | Path, download_dir: Path = Path("data")) -> ClipTable:
+def resolve_dataset(
+    data: str | Path, download_dir: Path = Path("data"), csv: str | Path | None = None
+) -> ClipTable:
     """`esc50` means the official ESC-50 (downloaded into `download_dir` once); `hf:OWNER/NAME[:config]` or a
-    `save_to_disk` folder is a Hugging Face dataset (audio exported under `download_dir/hf`); else a folder."""
+    `save_to_disk` folder is a Hugging Face dataset (audio exported under `download_dir/hf`); else a folder.
+
+    With `csv`, the folder holds the audio and `csv` lists it as `filename,label,fold` (filenames
+    relative to the folder).
+    """
+    if csv is not None:
+        if not Path(data).is_dir():
+            raise FileNotFoundError(f"audio folder not found: {data} (--data with --csv names the audio folder)")
+        return load_csv_dataset(Path(data), csv)
     if str(data).lower() in ("esc50", "esc-50"):
         return load_dataset(ensure_esc50(cache_dir=download_dir))
     if is_hf_source(data):
         return load_hf_dataset(data, export_root=download_dir / "hf")
     return load_dataset(Path(data))
+
+
+def check_folds_usable(table: ClipTable, features: CachedFeatures) -> None:
+    """Refuse a fold left without clips by skipped files: its metrics would be NaN and training would see nothing."""
+    for fold in table.fold_ids:
+        rows = table.folds == fold
+        if not features.valid[rows].any():
+            raise ValueError(
+                f"fold {fold} of {table.name!r} has no usable clips: all {int(rows.sum())} were skipped as bad "
+                f"files (first: {features.skipped[0][0]}: {features.skipped[0][1]}); fix them or drop the fold"
+            )
 
 
 @dataclass
@@ -57,16 +79,21 @@ class Experiment:
         on_bad_file: str = "error",
         int16_roundtrip: bool = True,
         templates: tuple[str, ...] = DEFAULT_TEMPLATES,
+        csv: str | Path | None = None,
         cache_check: str = "content",
         revision: str | None = None,
+        min_seconds: float = 1.0,
     ) -> Experiment:
-        table = resolve_dataset(data)
+        templates = tuple(check_template(t) for t in templates)  # before any slow step
+        table = resolve_dataset(data, csv=csv)
         bundle = load_clap(model, device=device, amp=amp, class_names=table.class_names, revision=revision)
         cache = FeatureCache(
-            Path(cache_dir) / "features", bundle.feature_extractor, int16_roundtrip=int16_roundtrip, check=cache_check
+            Path(cache_dir) / "features", bundle.feature_extractor, int16_roundtrip=int16_roundtrip,
+            min_seconds=min_seconds, check=cache_check,
         )
         features = cache.compute(table, on_bad_file=on_bad_file)
-        return cls(table, bundle, features, tuple(templates))
+        check_folds_usable(table, features)
+        return cls(table, bundle, features, templates)
 
     @property
     def classifier(self) -> ZeroShotClassifier:

@@ -1,4 +1,8 @@
-"""Atomic writes: a crash never leaves a half-written result behind (temp file + os.replace)."""
+"""Atomic writes: a crash never leaves a half-written result behind (temp file + os.replace).
+
+Temporary files are created private (mode 0600); `umask_mode` gives the final file the mode a plain
+`open()` would have had, so results stay readable by whoever the user's umask allows.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,13 @@ from pathlib import Path
 import pandas as pd
 
 
+def umask_mode(path: str | Path) -> None:
+    """Set `path` to 0666 minus the process umask, as if `open()` had created it."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path; on success it replaces `path`, on error it is deleted."""
@@ -22,6 +33,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        umask_mode(tmp)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

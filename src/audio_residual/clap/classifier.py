@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from collections.abc import Sequence
 
 import numpy as np
@@ -12,6 +13,25 @@ from tqdm.auto import tqdm
 from audio_residual.clap.loading import ClapBundle
 
 DEFAULT_TEMPLATES = ("This is a sound of {label}.",)
+
+
+def check_template(template: str) -> str:
+    """`template` itself if it holds `{label}` and no other field; else a ValueError naming it.
+
+    Without `{label}` every class would get the same prompt and zero-shot would be chance.
+    """
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise ValueError(
+            f"prompt template {template!r} is malformed ({err}); write it like {DEFAULT_TEMPLATES[0]!r}"
+        ) from err
+    if "label" not in fields or set(fields) != {"label"}:
+        raise ValueError(
+            f"prompt template {template!r} must contain {{label}} and no other field (found {fields}); "
+            f"write it like {DEFAULT_TEMPLATES[0]!r}"
+        )
+    return template
 
 
 def class_prompts(class_names: Sequence[str], template: str) -> list[str]:
@@ -55,7 +75,9 @@ class ZeroShotClassifier:
             raise ValueError("zero-shot classification needs at least one class name")
         self.bundle = bundle
         self.class_names = tuple(class_names)
-        self.templates = tuple(templates)
+        self.templates = tuple(check_template(t) for t in templates)
+        if not self.templates:
+            raise ValueError("zero-shot classification needs at least one prompt template")
         per_template = [text_embeddings(bundle, class_prompts(self.class_names, t)) for t in self.templates]
         # Several templates: average the normalised embeddings per class, then renormalise (CLIP's ensembling).
         self.class_embeddings = F.normalize(torch.stack(per_template).mean(0), dim=-1)

@@ -7,6 +7,7 @@ constructor and pins numpy<2, while the same LAION weights are published for tra
 from __future__ import annotations
 
 import contextlib
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,14 +64,27 @@ class ClapBundle:
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """`auto` picks cuda, then mps, then cpu."""
+    """`auto` picks cuda, then mps, then cpu; an unknown or unavailable device is a ValueError naming it."""
     if device is None or str(device) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device {str(device)!r}: use auto, cpu, cuda, cuda:N or mps")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine; use cpu or auto")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r}: MPS is not available on this machine; use cpu or auto")
+    return resolved
 
 
 def resolve_amp(amp: str | None, device: torch.device) -> torch.dtype | None:
@@ -115,6 +129,23 @@ def resolved_commit(repo_id: str, revision: str | None) -> str | None:
     """
     path = huggingface_hub.try_to_load_from_cache(repo_id, "config.json", revision=revision)
     return Path(path).parent.name if isinstance(path, str) else None
+def _check_local_model(path: Path) -> None:
+    """For a local path (one that exists, or is written as a path), refuse anything but a saved CLAP folder."""
+    text = str(path)
+    if not path.exists():
+        if path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1:
+            raise FileNotFoundError(f"model folder not found: {path}")
+        return  # a hub id such as laion/clap-htsat-unfused
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{path} is a local path but holds no config.json: not a saved CLAP model")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err}): not a saved CLAP model") from err
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != "clap":
+        raise ValueError(f"{path} holds a model of type {model_type!r}, not 'clap'")
 
 
 def load_clap(
@@ -139,10 +170,12 @@ def load_clap(
         model_obj, processor = build_tiny_clap(class_names or ())
         model_id = TINY_MODEL
     else:
-        if path.exists() and not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is a local path but holds no config.json: not a saved CLAP model")
-        model_obj = ClapModel.from_pretrained(str(model), revision=revision)
-        processor = ClapProcessor.from_pretrained(str(model), revision=revision)
+        _check_local_model(Path(model))
+        try:
+            model_obj = ClapModel.from_pretrained(str(model), revision=revision)
+            processor = ClapProcessor.from_pretrained(str(model), revision=revision)
+        except OSError as err:  # transformers' own messages run over several lines; keep the first
+            raise OSError(f"cannot load CLAP model {str(model)!r}: {str(err).splitlines()[0]}") from err
         model_id = str(model)
         if not path.exists():
             commit = resolved_commit(model_id, revision)

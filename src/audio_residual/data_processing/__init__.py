@@ -18,7 +18,13 @@ from audio_residual.data_processing.datasets import (
     load_urbansound8k,
     stratified_folds,
 )
-from audio_residual.data_processing.download import ESC50_URL, download_file, ensure_esc50, safe_extract
+from audio_residual.data_processing.download import (
+    ESC50_URL,
+    DownloadError,
+    download_file,
+    ensure_esc50,
+    safe_extract,
+)
 from audio_residual.data_processing.features import CachedFeatures, FeatureCache
 from audio_residual.data_processing.folds import Split, carve_validation, few_shot_splits, official_splits
 from audio_residual.data_processing.synthetic import make_synthetic_esc50
@@ -31,6 +37,7 @@ __all__ = [
     "CachedFeatures",
     "ClipTable",
     "DatasetError",
+    "DownloadError",
     "FeatureCache",
     "Split",
     "carve_validation",

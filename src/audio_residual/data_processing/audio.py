@@ -18,6 +18,9 @@ from tqdm.auto import tqdm
 MODEL_SAMPLE_RATE = 48_000
 BAD_FILE_POLICIES = ("error", "skip")
 _INT16_SCALE = 32767.0
+FULL_SCALE = 0.999  # |sample| at or above this counts as clipped (int16 full scale is 0.99997)
+CLIPPED_WARN_FRACTION = 0.01  # warn when at least 1 % of samples are clipped
+DC_STD_LIMIT = 1e-4  # a mono signal varying less than this (-80 dBFS) around a non-zero mean is DC only
 
 
 class BadAudioError(ValueError):
@@ -66,18 +69,31 @@ def quantise_int16(audio: np.ndarray) -> np.ndarray:
     return (quantised / _INT16_SCALE).astype(np.float32)
 
 
-def load_audio(
+def audio_warnings(frames: np.ndarray, mono: np.ndarray) -> list[str]:
+    """Reasons to distrust a usable clip: heavy clipping or a constant (DC-only) signal.
+
+    Both still give features, so they are reported like skipped files rather than refused.
+    """
+    reasons = []
+    clipped = float(np.mean(np.abs(frames) >= FULL_SCALE))
+    if clipped >= CLIPPED_WARN_FRACTION:
+        reasons.append(f"clipped: {clipped:.0%} of samples at full scale (±1)")
+    spread, offset = float(mono.std()), float(mono.mean())
+    if spread < DC_STD_LIMIT and abs(offset) >= DC_STD_LIMIT:
+        reasons.append(f"DC only: constant offset {offset:+.3g} with no signal around it (std {spread:.1e})")
+    return reasons
+
+
+def load_audio_checked(
     path: Path | str,
     target_sr: int = MODEL_SAMPLE_RATE,
     int16_roundtrip: bool = True,
     min_seconds: float = 1.0,
-) -> np.ndarray:
-    """Float32 mono waveform at `target_sr`; raises `BadAudioError` for anything unusable.
-
-    `min_seconds` defaults to 1 s because shorter ESC-50-style clips are almost always truncated
-    downloads; pass 0 to accept any non-empty clip.
-    """
+) -> tuple[np.ndarray, list[str]]:
+    """`load_audio`'s waveform and the `audio_warnings` of the file (empty when it looks normal)."""
     path = Path(path)
+    if path.is_dir():
+        raise BadAudioError(path, "is a directory, not an audio file")
     if not path.is_file():
         raise BadAudioError(path, "file not found")
     if path.stat().st_size == 0:
@@ -95,15 +111,34 @@ def load_audio(
         raise BadAudioError(path, "contains NaN or infinite samples")
     duration = frames.shape[0] / sample_rate
     if duration < min_seconds:
-        raise BadAudioError(path, f"too short: {duration:.2f} s < min_seconds={min_seconds:g} s")
+        raise BadAudioError(
+            path,
+            f"too short: {duration:.2f} s < min_seconds={min_seconds:g} s ({frames.shape[0]} samples at "
+            f"{sample_rate} Hz; lower the minimum with --min-seconds)",
+        )
     if not np.any(frames):
         raise BadAudioError(path, "silent: every sample is zero")
     audio = frames.mean(axis=1, dtype=np.float32)
+    warnings = audio_warnings(frames, audio)
     if sample_rate != target_sr:
         audio = soxr.resample(audio, sample_rate, target_sr, quality="HQ").astype(np.float32)
     if int16_roundtrip:
         audio = quantise_int16(audio)
-    return audio
+    return audio, warnings
+
+
+def load_audio(
+    path: Path | str,
+    target_sr: int = MODEL_SAMPLE_RATE,
+    int16_roundtrip: bool = True,
+    min_seconds: float = 1.0,
+) -> np.ndarray:
+    """Float32 mono waveform at `target_sr`; raises `BadAudioError` for anything unusable.
+
+    `min_seconds` defaults to 1 s because shorter ESC-50-style clips are almost always truncated
+    downloads; a clip of exactly `min_seconds` passes. Pass 0 to accept any non-empty clip.
+    """
+    return load_audio_checked(path, target_sr, int16_roundtrip, min_seconds)[0]
 
 
 def load_many(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 import pandas as pd
@@ -94,6 +94,11 @@ def _read_csv(csv_path: Path, required_columns: Sequence[str]) -> pd.DataFrame:
         frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError as err:
         raise DatasetError(f"{csv_path}: the CSV is empty (no header, no rows)") from err
+    except UnicodeDecodeError as err:
+        raise DatasetError(
+            f"{csv_path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+            "save it as UTF-8"
+        ) from err
     missing = [column for column in required_columns if column not in frame.columns]
     if missing:
         raise DatasetError(f"{csv_path}: missing column(s) {missing}; columns present: {list(frame.columns)}")
@@ -124,7 +129,29 @@ def _check_folds(folds: np.ndarray, allowed: Sequence[int], csv_path: Path, colu
         )
 
 
+def _escapes(filename: str) -> bool:
+    """Whether a CSV filename could point outside the audio folder (absolute, drive-rooted, or `..`)."""
+    posix, windows = PurePosixPath(filename), PureWindowsPath(filename)
+    return (
+        posix.is_absolute()
+        or bool(windows.drive or windows.root)
+        or ".." in posix.parts
+        or ".." in windows.parts
+    )
+
+
+def _check_inside(filenames: Sequence[str], csv_path: Path, column: str) -> None:
+    """Refuse, before any audio is read, a filename that would read a file outside the audio folder."""
+    for row, filename in enumerate(filenames):
+        if _escapes(filename):
+            raise DatasetError(
+                f"{csv_path}: line {_line(row)}, column {column!r}: filename {filename!r} points outside "
+                "the audio folder (absolute or '..'); give paths relative to it"
+            )
+
+
 def _check_unique(filenames: Sequence[str], csv_path: Path, column: str) -> None:
+    _check_inside(filenames, csv_path, column)
     first_row: dict[str, int] = {}
     for row, filename in enumerate(filenames):
         if not filename:
@@ -200,6 +227,7 @@ def load_urbansound8k(root: Path | str) -> ClipTable:
     frame = _read_csv(csv_path, ["slice_file_name", "fold", "classID", "class"])
     folds = _int_column(frame, "fold", csv_path)
     _check_folds(folds, URBANSOUND8K_FOLDS, csv_path, "fold")
+    _check_inside(tuple(frame["slice_file_name"]), csv_path, "slice_file_name")
     filenames = tuple(
         f"fold{fold}/{name}" for fold, name in zip(folds.tolist(), frame["slice_file_name"], strict=True)
     )
@@ -292,6 +320,6 @@ def load_dataset(path: Path | str) -> ClipTable:
         return load_gtzan(path)
     raise DatasetError(
         f"cannot recognise a dataset at {path}: expected ESC-50 ({ESC50_CSV} + audio/), "
-        f"UrbanSound8K ({URBANSOUND8K_CSV} + audio/fold1..10/) or GTZAN (genres/<genre>/*.wav); "
-        "for other data use load_csv_dataset()"
+        f"UrbanSound8K ({URBANSOUND8K_CSV} + audio/fold1..10/) or GTZAN (genres/<genre>/*.wav); for other "
+        "data give a CSV of filename,label,fold (--csv FILE, filenames relative to the folder)"
     )

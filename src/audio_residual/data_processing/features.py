@@ -32,10 +32,10 @@ from audio_residual.data_processing.audio import (
     MODEL_SAMPLE_RATE,
     BadAudioError,
     check_bad_file_policy,
-    load_audio,
+    load_audio_checked,
 )
 from audio_residual.data_processing.datasets import ClipTable
-from audio_residual.io import digest
+from audio_residual.io import digest, umask_mode
 
 # 2: fusion clips of ≤ 10 s are stored with is_longer False (LAION's inference rule), no longer the
 # extractor's per-call random pick.
@@ -59,6 +59,7 @@ class CachedFeatures:
     identities: tuple[str, ...]  # per row: the audio file's identity (content hash or size:mtime)
     config_hash: str  # the preprocessing configuration the rows were computed with
     recipe: dict = field(default_factory=dict)  # how they were made: `FeatureCache.recipe`
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (filename, reason): used, but suspect
 
     def digest(self, rows=None) -> str:
         """What the given rows (default: all) are, as the model sees them: preprocessing + file identities."""
@@ -79,6 +80,7 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
             json.dump(payload, handle, indent=1, sort_keys=True, default=_json_default)
             handle.flush()
             os.fsync(handle.fileno())
+        umask_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -225,7 +227,7 @@ class FeatureCache:
                 ):
                     filename = table.filenames[row]
                     try:
-                        audio = load_audio(
+                        audio, warnings = load_audio_checked(
                             table.audio_dir / filename,
                             target_sr=self.target_sr,
                             int16_roundtrip=self.int16_roundtrip,
@@ -239,6 +241,8 @@ class FeatureCache:
                         continue
                     features[row], is_longer = self._extract(audio, filename)
                     entries[filename] = {"row": row, "identity": identities[row], "is_longer": is_longer}
+                    if warnings:
+                        entries[filename]["warnings"] = warnings
                     if n_done % self.checkpoint_every == 0:
                         self._checkpoint(features, entries, index_path, len(table))
             finally:
@@ -257,6 +261,9 @@ class FeatureCache:
             identities=tuple(entries[name]["identity"] or "" for name in table.filenames),
             config_hash=self.config_hash,
             recipe=self.recipe,
+            warnings=[
+                (name, reason) for name in table.filenames for reason in entries[name].get("warnings", [])
+            ],
         )
 
     def _extract(self, audio: np.ndarray, filename: str) -> tuple[np.ndarray, bool]:
@@ -316,6 +323,7 @@ class FeatureCache:
         )
         created.flush()
         del created
+        umask_mode(tmp)
         os.replace(tmp, features_path)
         (features_path.parent / INDEX_FILE).unlink(missing_ok=True)
         return np.load(features_path, mmap_mode="r+"), True

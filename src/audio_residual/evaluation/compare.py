@@ -268,8 +268,11 @@ def _format_params(count: float) -> str:
     return "—" if pd.isna(count) else f"{int(count):,}"
 
 
-def markdown_table(summary: pd.DataFrame, baseline: str = BASELINE_METHOD) -> str:
-    """Table 1 of the earlier project, extended: method | accuracy mean ± std | top-5 | macro-F1 | params | p."""
+def markdown_table(summary: pd.DataFrame, baseline: str = BASELINE_METHOD, n_classes: int | None = None) -> str:
+    """Table 1 of the earlier project, extended: method | accuracy mean ± std | top-5 | macro-F1 | params | p.
+
+    With `n_classes` ≤ 5 the top-5 cell shows "—": every prediction is then in the top 5.
+    """
     lines = [
         f"| method | accuracy (mean ± std) | top-5 | macro-F1 | trainable params | p vs {baseline} (t-test / Wilcoxon) |",
         "|---|---|---|---|---|---|",
@@ -278,8 +281,9 @@ def markdown_table(summary: pd.DataFrame, baseline: str = BASELINE_METHOD) -> st
         p = "—" if row.method == baseline else f"{_format_p(row.ttest_p)} / {_format_p(row.wilcoxon_p)}"
         if isinstance(row.note, str) and row.note and row.method != baseline:
             p += f" ({row.note})"
+        top5 = "—" if n_classes is not None and n_classes <= 5 else f"{row.top5_mean:.4f}"
         lines.append(
-            f"| {row.method} | {row.accuracy_mean:.4f} ± {row.accuracy_std:.4f} | {row.top5_mean:.4f} "
+            f"| {row.method} | {row.accuracy_mean:.4f} ± {row.accuracy_std:.4f} | {top5} "
             f"| {row.macro_f1_mean:.4f} | {_format_params(row.trainable_params)} | {p} |"
         )
     return "\n".join(lines) + "\n"

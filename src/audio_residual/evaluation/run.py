@@ -159,7 +159,7 @@ def write_report(
     out_dir = Path(out_dir)
     summary = summary_table(store, baseline=baseline)
     write_csv(out_dir / "summary.csv", summary)
-    markdown = markdown_table(summary, baseline=baseline)
+    markdown = markdown_table(summary, baseline=baseline, n_classes=None if class_names is None else len(class_names))
     write_text(out_dir / "table.md", markdown)
     figures = out_dir / "figures"
     plots.save(plots.fold_accuracy(store.frame), figures / "fold_accuracy.png")

@@ -131,7 +131,7 @@ def run_sweep(
         sweep_id = wandb.sweep(wandb_sweep_config(grid), project=project)
 
         def agent_step() -> None:
-            tracker = RunTracker("online", project=project)
+            tracker = RunTracker("online", project=project, wandb_dir=out_dir)
             point = {k: tracker.run.config[k] for k in grid}
             if not table.done(point):
                 table.add(point, train_point(exp, point, base, out_dir, tracker))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -24,7 +25,14 @@ def wandb_available() -> bool:
 class RunTracker:
     """Per-epoch metrics and λ histograms; a no-op when disabled, so training code never branches."""
 
-    def __init__(self, mode: str = "disabled", project: str = "audio-residual", config: dict | None = None, **init):
+    def __init__(
+        self,
+        mode: str = "disabled",
+        project: str = "audio-residual",
+        config: dict | None = None,
+        wandb_dir: str | Path | None = None,  # W&B's files go to wandb_dir/wandb instead of ./wandb
+        **init,
+    ):
         if mode not in MODES:
             raise ValueError(f"W&B mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
@@ -32,6 +40,9 @@ class RunTracker:
         if mode != "disabled":
             import wandb
 
+            if wandb_dir is not None:
+                Path(wandb_dir).mkdir(parents=True, exist_ok=True)
+                init["dir"] = str(wandb_dir)
             self.run = wandb.run or wandb.init(project=project, config=config, mode=mode, **init)
 
     def log(self, metrics: dict, step: int | None = None) -> None:
