@@ -373,7 +373,7 @@ def _report_for(data: Path, model_id: str) -> str:
     heads = pd.DataFrame({"view": ["contribution"], "granularity": ["head"], "stage": [0], "id90": [3.0],
                           "participation_ratio": [2.0]})
     outcome = {"analysis": {"spectra": heads}, "analysis_fold": 1, "ranking": pd.DataFrame({"lr": [0.1]}),
-               "best": {"lr": 0.1}, "table": "| table |", "timings": {"analysis": 1.0}}
+               "chosen": {1: {"lr": 0.1}}, "table": "| table |", "timings": {"analysis": 1.0}}
     exp = SimpleNamespace(table=load_esc50(data), bundle=SimpleNamespace(model_id=model_id))
     return _report(exp, outcome, data)
 

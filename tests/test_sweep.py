@@ -66,8 +66,10 @@ def test_choice_is_per_fold_and_ignores_test_accuracy():
     assert choose_per_fold(frame) == {1: {"lr": 0.1}, 2: {"lr": 0.3}}  # each fold by its own validation
     ranking = mean_ranking(frame)  # a summary only: fold 2's clips would vote on fold 1's choice here
     assert ranking["lr"].tolist() == [0.1, 0.3] and ranking["val_accuracy"].tolist() == pytest.approx([0.7, 0.65])
-    with pytest.raises(ValueError, match="validation"):
+    with pytest.raises(ValueError, match="fold 1: 2 configurations but no validation accuracy"):
         choose_per_fold(frame.assign(val_accuracy=float("nan")))
+    single = frame[frame["lr"] == 0.3].assign(val_accuracy=float("nan"))  # nothing to choose between
+    assert choose_per_fold(single) == {1: {"lr": 0.3}, 2: {"lr": 0.3}}
 
 
 def test_list_options_survive_the_csv_round_trip(experiment, tmp_path):

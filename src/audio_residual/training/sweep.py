@@ -163,12 +163,17 @@ def choose_per_fold(frame: pd.DataFrame) -> dict[int, dict]:
     Fold k's validation clips come from the other folds, so nothing of fold k takes part in choosing the
     configuration reported on it; test accuracy plays no part at all. Ties keep the earlier grid point.
     """
-    if frame.empty or frame["val_accuracy"].isna().all():
-        raise ValueError("the sweep has no validation accuracy to choose by: give it a validation fraction > 0")
+    if frame.empty:
+        raise ValueError("the sweep has no finished grid points to choose from")
     options = _options(frame)
     chosen = {}
     for fold, rows in frame.groupby("fold", sort=True):
-        best = rows.sort_values("val_accuracy", ascending=False, kind="stable").iloc[0]
+        if len(rows) > 1 and rows["val_accuracy"].isna().all():
+            raise ValueError(
+                f"fold {fold}: {len(rows)} configurations but no validation accuracy to choose between them;"
+                " give the sweep a validation fraction > 0 (one that leaves validation clips in every class)"
+            )
+        best = rows.sort_values("val_accuracy", ascending=False, kind="stable", na_position="last").iloc[0]
         chosen[int(fold)] = _decode(best[options].to_dict())
     return chosen
 

@@ -1,0 +1,130 @@
+"""Where every output of a run lives, decided once (open_clip decides its run folder in one place).
+
+    OUT/
+      provenance.json           model, revision, commit, preprocessing recipe, templates
+      results.csv, arrays/      one row per (method, fold, key) + its confusion / per-class arrays
+      summary.csv, table.md     the comparison of this run's rows
+      report.md, figures/       the study's report and its pictures
+      skipped.csv, warnings.csv bad files left out / suspect files used
+      zeroshot.csv              `audio-residual zeroshot`
+      heads.csv, analysis/      unit spectra, pattern PCA, ablation of the analysis fold
+      sweep.csv                 one row per finished grid point
+      stats/                    PCA moments per (fold, training clips), shared by every configuration
+      runs/<run key>/fold<k>/   checkpoint, λ, history, result and λ figures of one configuration on one fold
+
+Every function that writes takes the output folder and asks this module for the path, so a newcomer finds
+the whole layout here and a training run finds the sweep's runs by key, not by a folder-naming convention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The paths of one output folder."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, out: str | Path | RunLayout) -> RunLayout:
+        return out if isinstance(out, RunLayout) else cls(Path(out))
+
+    def __truediv__(self, name: str) -> Path:
+        return self.root / name
+
+    @property
+    def provenance(self) -> Path:
+        return self.root / "provenance.json"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.csv"
+
+    @property
+    def arrays(self) -> Path:
+        return self.root / "arrays"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.csv"
+
+    @property
+    def table(self) -> Path:
+        return self.root / "table.md"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def skipped(self) -> Path:
+        return self.root / "skipped.csv"
+
+    @property
+    def warnings(self) -> Path:
+        return self.root / "warnings.csv"
+
+    @property
+    def zeroshot(self) -> Path:
+        return self.root / "zeroshot.csv"
+
+    @property
+    def heads(self) -> Path:
+        return self.root / "heads.csv"
+
+    @property
+    def analysis(self) -> Path:
+        return self.root / "analysis"
+
+    @property
+    def sweep(self) -> Path:
+        return self.root / "sweep.csv"
+
+    @property
+    def stats(self) -> Path:
+        return self.root / "stats"
+
+    def stats_file(self, fold: int, key: str) -> Path:
+        """PCA moments of fold `fold`'s training clips; `key` digests what they depend on."""
+        return self.stats / f"stats_fold{fold}_{key}.safetensors"
+
+    def run(self, key: str) -> Path:
+        """One configuration's folder; `key` digests the configuration, data and model."""
+        return self.root / "runs" / key
+
+    def fold(self, key: str, fold: int) -> FoldLayout:
+        return FoldLayout(self.run(key) / f"fold{fold}")
+
+
+@dataclass(frozen=True)
+class FoldLayout:
+    """The files of one configuration trained on one fold."""
+
+    root: Path
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoint.safetensors"
+
+    @property
+    def lambdas(self) -> Path:
+        return self.root / "lambda.safetensors"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.csv"
+
+    @property
+    def result(self) -> Path:
+        return self.root / "result.json"
+
+    @property
+    def lambda_table(self) -> Path:
+        return self.root / "lambdas.csv"
