@@ -82,7 +82,7 @@ def test_test_fold_is_never_used_for_choices(experiment, monkeypatch):
     seen_stats, seen_logits = [], []
     real_fit, real_logits = trainer.ResidualStatistics.fit, trainer.residual_logits
     monkeypatch.setattr(trainer.ResidualStatistics, "fit", lambda *a, **k: seen_stats.append(np.asarray(a[2])) or real_fit(*a, **k))
-    monkeypatch.setattr(trainer, "residual_logits", lambda e, r, idx, b=32: seen_logits.append(np.asarray(idx)) or real_logits(e, r, idx, b))
+    monkeypatch.setattr(trainer, "residual_logits", lambda e, r, idx, b=32, p=None: seen_logits.append(np.asarray(idx)) or real_logits(e, r, idx, b, p))
     train_residual_fold(experiment, split, TrainConfig(granularity="layer", epochs=2, batch_size=16))
     assert set(seen_stats[0]) == set(split.train)
     test = set(split.test)

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from audio_residual.clap.classifier import audio_embeddings, model_inputs
-from audio_residual.clap.hooks import ClapHooks, HookPoint
+from audio_residual.clap.hooks import ClapHooks, HookFn, HookPoint, NameFilter
 from audio_residual.io import atomic_path
 
 GRANULARITIES = ("layer", "block", "head")
@@ -43,14 +44,29 @@ class StreamingMoments:
         self.sum = torch.zeros(dim, dtype=torch.float64)
         self.sum_outer = torch.zeros(dim, dim, dtype=torch.float64)
 
+    def set_shift(self, rows: torch.Tensor) -> None:
+        """Centre on these rows' mean: every process of a sharded pass takes it from the same first batch."""
+        self.shift = rows.reshape(-1, rows.shape[-1]).float().mean(0).detach()
+
     def update(self, rows: torch.Tensor) -> None:
-        rows = rows.reshape(-1, rows.shape[-1]).float()
         if self.shift is None:
-            self.shift = rows.mean(0).detach()
+            self.set_shift(rows)
+        rows = rows.reshape(-1, rows.shape[-1]).float()
         centred = rows - self.shift.to(rows.device)
         self.sum += centred.sum(0).double().cpu()
         self.sum_outer += (centred.T @ centred).double().cpu()
         self.count += rows.shape[0]
+
+    def all_reduce(self, group=None) -> None:
+        """Sum count and float64 sums over the processes of `group` (each must share the same shift)."""
+        device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+        parts = [self.sum, self.sum_outer, torch.tensor([float(self.count)], dtype=torch.float64)]
+        reduced = []
+        for part in parts:
+            part = part.to(device)
+            dist.all_reduce(part, group=group)
+            reduced.append(part.cpu())
+        self.sum, self.sum_outer, self.count = reduced[0], reduced[1], int(reduced[2].item())
 
     def mean_cov(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.count == 0:
@@ -154,19 +170,26 @@ class ResidualStatistics:
         device: torch.device | str = "cpu",
         is_longer: np.ndarray | None = None,
         metadata: dict | None = None,
+        extra_hooks: Sequence[tuple[NameFilter, HookFn]] = (),
+        forward: Callable[[np.ndarray], object] | None = None,
+        distributed: bool = False,
     ) -> ResidualStatistics:
         """One pass over `input_features[indices]` (the training folds only: the caller says which).
 
-        `tokens_per_clip` subsamples that many tokens per clip and block (uniformly, fixed seed) to save
-        time on big stages; None uses every token.
+        `tokens_per_clip` subsamples that many tokens per clip and block (uniformly, seeded per batch) to
+        save time on big stages; None uses every token. `extra_hooks` ride along in the same forward (the
+        analysis fills its attention-pattern reservoir there). `forward(rows)` replaces the full forward,
+        e.g. one from a cached stage input: only the blocks it runs get statistics. With `distributed`, in
+        an initialised `torch.distributed` group, each process runs every world_size-th batch and the float64
+        sums are all-reduced, so every process returns the single-process result.
         """
         indices = np.asarray(indices)
         if len(indices) == 0:
             raise ValueError("statistics need at least one clip: the index set is empty")
         hooks = ClapHooks(model)
         accumulators: dict[str, dict[str, StreamingMoments]] = {}
-        generator = torch.Generator().manual_seed(seed)
-        batch = 0  # clips in the current forward pass: the hooks see batch·windows rows
+        generator = torch.Generator()
+        batch, priming = 0, False  # clips in the current forward pass: the hooks see batch·windows rows
 
         def take(tensor: torch.Tensor, width: int) -> torch.Tensor:
             tokens = tensor.reshape(batch, -1, width)  # z arrives as (..., heads, d_head): concatenate heads
@@ -181,22 +204,45 @@ class ResidualStatistics:
                 moments = accumulators.setdefault(key, {})
                 if kind not in moments:
                     moments[kind] = StreamingMoments(point.width)
-                moments[kind].update(take(tensor, point.width))
+                if priming:
+                    moments[kind].set_shift(take(tensor, point.width))
+                else:
+                    moments[kind].update(take(tensor, point.width))
 
             return hook
 
-        fwd = [("*.attn.hook_z", accumulate("z")), ("*.hook_mlp_out", accumulate("mlp"))]
-        with hooks.hooks(fwd):
-            for start in tqdm(range(0, len(indices), batch_size), desc="PCA statistics", leave=False):
-                rows = indices[start : start + batch_size]
-                x, longer = model_inputs(input_features, rows, device, is_longer)
-                batch = len(rows)
-                with autocast():
-                    audio_embeddings(model, x, longer)
+        def run(number: int) -> None:
+            nonlocal batch
+            rows = indices[number * batch_size : (number + 1) * batch_size]
+            batch = len(rows)
+            generator.manual_seed(seed * 1_000_003 + number)
+            with autocast():
+                if forward is None:
+                    audio_embeddings(model, *model_inputs(input_features, rows, device, is_longer))
+                else:
+                    forward(rows)
+
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        numbers = range(rank, -(-len(indices) // batch_size), world)
+        stats_hooks = [("*.attn.hook_z", accumulate("z")), ("*.hook_mlp_out", accumulate("mlp"))]
+        if rank != 0:
+            with hooks.hooks(stats_hooks):  # the shifts come from batch 0, as in one process
+                priming = True
+                run(0)
+                priming = False
+        with hooks.hooks([*stats_hooks, *extra_hooks]):
+            for number in tqdm(numbers, desc="PCA statistics", leave=False):
+                run(number)
+        if distributed:
+            for key in sorted(accumulators):
+                for kind in sorted(accumulators[key]):
+                    accumulators[key][kind].all_reduce()
 
         blocks, w_out, heads = {}, {}, {}
         for s, b, layer in hooks.blocks():
             key = f"layers.{s}.blocks.{b}"
+            if key not in accumulators:  # a forward from a cached stage input skips the earlier stages
+                continue
             z_mean, z_cov = accumulators[key]["z"].mean_cov()
             count = accumulators[key]["z"].count
             w = layer.attention.output.dense.weight.detach().double().cpu()

@@ -28,6 +28,7 @@ from audio_residual.experiment import Experiment
 from audio_residual.io import digest, write_csv, write_json
 from audio_residual.residual.units import ResiDual, ResidualConfig
 from audio_residual.training.checkpoint import load_checkpoint, save_checkpoint
+from audio_residual.training.prefix import StagePrefix, first_stage
 
 OPTIMIZERS = ("adam", "adamw", "schedulefree")
 SCHEDULES = ("constant", "cosine")
@@ -158,15 +159,20 @@ def run_directory(out_dir: str | Path, exp: Experiment, config: TrainConfig) -> 
     return Path(out_dir) / "runs" / run_key(exp, config)
 
 
-def fold_statistics(exp: Experiment, split: Split, stats_dir: Path | None, config: TrainConfig) -> ResidualStatistics:
+def fold_statistics(
+    exp: Experiment, split: Split, stats_dir: Path | None, config: TrainConfig, prefix: StagePrefix | None = None
+) -> ResidualStatistics:
     """PCA moments of the fold's training clips, loaded from `stats_dir` when already fitted for them.
 
     The file name hashes what the moments depend on (model, the training clips' audio and preprocessing,
-    token subsampling), so every configuration of a sweep that shares the folder fits each fold's
-    statistics once, and changed audio or options never reuse old moments.
+    token subsampling, and the first stage when they are fitted from a cached `prefix`, which covers only the
+    stages from there on), so every configuration of a sweep that shares the folder and first λ stage fits
+    each fold's statistics once, and changed audio or options never reuse old moments.
     """
     train = np.sort(split.train)
     identity = [exp.bundle.model_id, exp.features.digest(train), train.tolist(), config.tokens_per_clip, config.seed if config.tokens_per_clip else 0]
+    if prefix is not None:
+        identity.append(f"from stage {prefix.stage}")
     key = digest(identity)
     path = None if stats_dir is None else Path(stats_dir) / f"stats_fold{split.fold}_{key}.safetensors"
     if path is not None and path.exists():
@@ -181,6 +187,7 @@ def fold_statistics(exp: Experiment, split: Split, stats_dir: Path | None, confi
         autocast=exp.bundle.autocast,
         device=exp.bundle.device,
         is_longer=exp.features.is_longer,
+        forward=None if prefix is None else prefix.embed,
         metadata={"model": exp.bundle.model_id, "dataset": exp.table.name, "fold": split.fold, "train_clips": key,
                   "provenance": exp.provenance()},
     )
@@ -189,15 +196,24 @@ def fold_statistics(exp: Experiment, split: Split, stats_dir: Path | None, confi
     return stats
 
 
+def embedder(exp: Experiment, prefix: StagePrefix | None = None):
+    """rows → audio embeddings: from the cached stage input when there is a prefix, else the full model."""
+    if prefix is not None:
+        return prefix.embed
+    return lambda rows: audio_embeddings(exp.bundle.model, *exp.batch(rows))
+
+
 @torch.no_grad()
-def residual_logits(exp: Experiment, residual: ResiDual | None, indices: np.ndarray, batch_size: int = 32) -> torch.Tensor:
+def residual_logits(
+    exp: Experiment, residual: ResiDual | None, indices: np.ndarray, batch_size: int = 32, prefix: StagePrefix | None = None
+) -> torch.Tensor:
     """Zero-shot logits of the given clips with ResiDual attached (None: the plain model)."""
-    model = exp.bundle.model
+    model, embed = exp.bundle.model, embedder(exp, prefix)
     out = []
     for start in range(0, len(indices), batch_size):
-        x, is_longer = exp.batch(indices[start : start + batch_size])
+        rows = indices[start : start + batch_size]
         with exp.bundle.autocast(), residual.attached(model) if residual is not None else contextlib.nullcontext():
-            emb = audio_embeddings(model, x, is_longer)
+            emb = embed(rows)
         out.append(exp.classifier.logits(emb).float().cpu())
     return torch.cat(out) if out else torch.empty(0, len(exp.table.class_names))
 
@@ -232,14 +248,18 @@ def train_residual_fold(
 
     With `out_dir`, a checkpoint is written after every epoch and an interrupted run resumes from it;
     `seconds` then sums the wall time of every session of the run. Statistics are cached in `stats_dir`
-    (default `out_dir`).
+    (default `out_dir`). When every λ stage is ≥ 1, the input of the first λ stage is cached once per clip
+    (`StagePrefix`, shared by every run on the same features) and every forward starts there.
     """
     started = time.perf_counter()
     out_dir = None if out_dir is None else Path(out_dir)
     fold_dir = None if out_dir is None else out_dir / f"fold{split.fold}"
     device = exp.bundle.device
     labels_all = torch.as_tensor(np.array(exp.table.labels))
-    stats = fold_statistics(exp, split, stats_dir if stats_dir is not None else out_dir, config)
+    stage = first_stage(config.stages)
+    prefix = StagePrefix(exp, stage, config.batch_size) if stage >= 1 else None
+    embed = embedder(exp, prefix)
+    stats = fold_statistics(exp, split, stats_dir if stats_dir is not None else out_dir, config, prefix)
     residual = ResiDual.from_statistics(stats, config.residual_config()).to(device)
     params = list(residual.lambdas.values())
     steps_per_epoch = math.ceil(len(split.train) / config.batch_size)
@@ -261,10 +281,10 @@ def train_residual_fold(
 
     def accuracy(indices: np.ndarray) -> float:
         _set_mode(optimizer, False)
-        logits = residual_logits(exp, residual, indices, config.batch_size)
+        logits = residual_logits(exp, residual, indices, config.batch_size, prefix)
         return topk_accuracy(logits, exp.table.labels[indices])
 
-    start_train_accuracy = topk_accuracy(residual_logits(exp, None, split.train, config.batch_size), exp.table.labels[split.train])
+    start_train_accuracy = topk_accuracy(residual_logits(exp, None, split.train, config.batch_size, prefix), exp.table.labels[split.train])
     generator = torch.Generator().manual_seed(config.seed)
     for epoch in tqdm(range(start_epoch, config.epochs), desc=f"fold {split.fold} λ training", leave=False,
                       initial=start_epoch, total=config.epochs):
@@ -274,10 +294,9 @@ def train_residual_fold(
         losses, correct = [], 0
         for start in range(0, len(order), config.batch_size):
             rows = order[start : start + config.batch_size]
-            x, is_longer = exp.batch(rows)
             y = labels_all[rows].to(device)
             with exp.bundle.autocast(), residual.attached(exp.bundle.model):
-                emb = audio_embeddings(exp.bundle.model, x, is_longer)
+                emb = embed(rows)
             logits = exp.classifier.logit_scale * emb.float() @ class_embeddings.T
             loss = F.cross_entropy(logits, y)
             if not torch.isfinite(loss):
@@ -322,7 +341,7 @@ def train_residual_fold(
     if best["lambdas"] is not None:
         residual.lambdas.load_state_dict(best["lambdas"])
     train_accuracy = accuracy(split.train)
-    test_logits = residual_logits(exp, residual, split.test, config.batch_size)
+    test_logits = residual_logits(exp, residual, split.test, config.batch_size, prefix)
     test_labels = exp.table.labels[split.test]
     result = FoldResult(
         fold=split.fold,

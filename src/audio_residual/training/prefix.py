@@ -1,0 +1,165 @@
+"""Frozen-prefix cache: the input of Swin stage s, computed once per clip, and a forward that starts there.
+
+When λ sits only in stages ≥ s, the mel front end and stages 0..s−1 are frozen and deterministic, so every
+epoch would recompute the same stage-s input. `StagePrefix` stores it (float32 memmap, resumable) next to the
+feature cache it came from, keyed by the model, the precision and the feature store's index, so every run of a
+sweep (any fold, any configuration with the same first λ stage) shares it. `embed` runs stages s.. and
+transformers' encoder tail on it: the same modules on the same tensor as the full forward, so the audio
+embeddings are the same, and hook points of stages ≥ s (ResiDual, statistics) fire as usual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from audio_residual.clap.classifier import model_inputs
+from audio_residual.clap.hooks import audio_encoder
+from audio_residual.io import atomic_path, write_json
+
+PREFIX_FORMAT_VERSION = 1
+
+
+def first_stage(stages) -> int:
+    """The first stage that carries λ, or 0 when every stage does (`stages` None)."""
+    return 0 if stages is None else min(int(s) for s in stages)
+
+
+def stage_input(model, input_features: torch.Tensor, stage: int, is_longer: torch.Tensor | None = None) -> torch.Tensor:
+    """The hidden states entering stage `stage` (batch, tokens, d): the full model stopped before that stage."""
+    encoder = audio_encoder(model)
+    if not 1 <= stage < len(encoder.layers):
+        raise ValueError(f"a prefix ends before stage 1..{len(encoder.layers) - 1}, got {stage}")
+    captured = {}
+
+    class _Stop(Exception):
+        pass
+
+    def grab(_module, args):
+        captured["hidden"] = args[0]
+        raise _Stop
+
+    handle = encoder.layers[stage].register_forward_pre_hook(grab)
+    try:
+        model.audio_model(input_features=input_features, is_longer=is_longer)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured["hidden"]
+
+
+def embed_from_stage(model, hidden: torch.Tensor, stage: int) -> torch.Tensor:
+    """L2-normalised audio embeddings from the input of stage `stage` (as `audio_embeddings` from mels).
+
+    Stages run through their transformers modules (hooks included); after the stage loop this repeats
+    `ClapAudioEncoder.forward`'s tail: final norm, group-2D reshape, average pool, then the projection.
+    """
+    encoder = audio_encoder(model)
+    for i in range(stage, len(encoder.layers)):
+        hidden = encoder.layers[i](hidden, encoder.input_resolutions[i])[0]
+    last = encoder.norm(hidden)
+    batch, _, channels = last.shape
+    frames = encoder.spec_size  # image height after reshape_mel2img: num_mel_bins · freq_ratio
+    scale = 2 ** (len(encoder.depths) - 1)
+    freq, time = frames // scale // encoder.patch_stride[0], frames // scale // encoder.patch_stride[1]
+    last = last.permute(0, 2, 1).contiguous().reshape(batch, channels, freq, time)
+    c_freq_bin = freq // encoder.freq_ratio
+    last = last.reshape(batch, channels, freq // c_freq_bin, c_freq_bin, time)
+    last = last.permute(0, 1, 3, 2, 4).contiguous().reshape(batch, channels, c_freq_bin, -1)
+    pooled = torch.flatten(encoder.avgpool(torch.flatten(last, 2)), 1)
+    return F.normalize(model.audio_projection(pooled).float(), dim=-1)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Exclusive lock while one process fills the cache (W&B agents on one machine share it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class StagePrefix:
+    """Stage-`stage` inputs of an experiment's valid clips (row-aligned with its table)."""
+
+    def __init__(self, exp, stage: int, batch_size: int = 32):
+        self.exp, self.stage = exp, int(stage)
+        self.model, self.device = exp.bundle.model, exp.bundle.device
+        self.hidden, self.dtype = self._build(batch_size)
+
+    def folder(self) -> Path | None:
+        """`<feature store>/prefix-<key>/`, or None when the features are not a cached file (in memory then)."""
+        filename = getattr(self.exp.features.input_features, "filename", None)
+        if filename is None:
+            return None
+        store = Path(filename).parent
+        index = store / "index.json"
+        identity = [
+            self.exp.bundle.model_id,
+            str(self.exp.bundle.amp_dtype),
+            self.device.type,
+            hashlib.sha256(index.read_bytes()).hexdigest() if index.exists() else str(filename),
+        ]
+        return store / f"prefix-{hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]}"
+
+    def _build(self, batch_size: int) -> tuple[np.ndarray, torch.dtype]:
+        rows = self.exp.valid_indices()
+        folder = self.folder()
+        if folder is None:
+            return self._fill(None, None, rows, 0, batch_size)
+        path, meta_path = folder / f"stage{self.stage}.npy", folder / f"stage{self.stage}.json"
+        with _locked(folder / f"stage{self.stage}.lock"):
+            meta = json.loads(meta_path.read_text()) if meta_path.exists() and path.exists() else {}
+            done = meta.get("rows_done", 0) if meta.get("format_version") == PREFIX_FORMAT_VERSION else 0
+            if done < len(rows):
+                self._fill(path, meta_path, rows, done, batch_size)
+            meta = json.loads(meta_path.read_text())
+        return np.load(path, mmap_mode="r"), getattr(torch, meta["dtype"])
+
+    @torch.no_grad()
+    def _fill(self, path, meta_path, rows, done, batch_size) -> tuple[np.ndarray, torch.dtype]:
+        """Compute rows[done:] in batches; on disk, record progress after every flushed batch (resumable)."""
+        features, is_longer = self.exp.features.input_features, self.exp.features.is_longer
+        x, longer = model_inputs(features, rows[:1], self.device, is_longer)
+        shape = tuple(stage_input(self.model, x, self.stage, longer).shape[1:])
+        if path is None:
+            store = np.zeros((len(features), *shape), dtype=np.float32)
+        elif done == 0:
+            with atomic_path(path) as tmp:
+                np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(features), *shape)).flush()
+            store = np.load(path, mmap_mode="r+")
+        else:
+            store = np.load(path, mmap_mode="r+")
+        dtype = torch.float32
+        for start in tqdm(range(done, len(rows), batch_size), desc=f"stage-{self.stage} prefix", leave=False):
+            batch = rows[start : start + batch_size]
+            with self.exp.bundle.autocast():
+                x, longer = model_inputs(features, batch, self.device, is_longer)
+                hidden = stage_input(self.model, x, self.stage, longer)
+            dtype = hidden.dtype
+            store[batch] = hidden.float().cpu().numpy()
+            if path is not None:
+                store.flush()
+                write_json(meta_path, {"format_version": PREFIX_FORMAT_VERSION, "stage": self.stage,
+                                       "rows_done": min(start + batch_size, len(rows)), "dtype": str(dtype).split(".")[1]})
+        return store, dtype
+
+    def batch(self, rows: np.ndarray) -> torch.Tensor:
+        """Cached stage inputs of `rows` on the model's device, in the dtype the model produced them in."""
+        return torch.from_numpy(np.ascontiguousarray(self.hidden[rows])).to(self.device, self.dtype)
+
+    def embed(self, rows: np.ndarray) -> torch.Tensor:
+        """Audio embeddings of `rows` from their cached stage input (differentiable through λ hooks)."""
+        return embed_from_stage(self.model, self.batch(rows), self.stage)

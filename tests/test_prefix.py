@@ -1,0 +1,101 @@
+"""Frozen-prefix cache: same embeddings and logits as the full model, shared on disk, resumable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from audio_residual.analysis.stats import ResidualStatistics
+from audio_residual.clap.classifier import audio_embeddings
+from audio_residual.experiment import Experiment
+from audio_residual.residual.units import build_residual
+from audio_residual.training import TrainConfig, train_residual_fold, trainer
+from audio_residual.training import prefix as prefix_module
+from audio_residual.training.prefix import StagePrefix, embed_from_stage, stage_input
+
+
+@pytest.fixture(scope="module")
+def experiment(synthetic_esc50, tmp_path_factory):
+    return Experiment.open(synthetic_esc50, model="tiny", cache_dir=tmp_path_factory.mktemp("cache"), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def trained_residual(experiment):
+    """A ResiDual on stages 2–3 with λ far from 1, so a wrong path could not hide behind the identity."""
+    rows = experiment.valid_indices()[:8]
+    model = experiment.bundle.model
+    stats = ResidualStatistics.fit(model, experiment.features.input_features, rows, batch_size=8)
+    return build_residual(stats, granularity="head", stages=(2, 3), init="randn", seed=3)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_forward_from_a_stage_input_equals_the_full_forward(experiment, trained_residual, stage):
+    model = experiment.bundle.model
+    x, _ = experiment.batch(np.arange(6))
+    with torch.no_grad():
+        hidden = stage_input(model, x, stage)
+        assert torch.equal(embed_from_stage(model, hidden, stage), audio_embeddings(model, x))
+        if stage <= 2:
+            with trained_residual.attached(model):
+                edited = embed_from_stage(model, hidden, stage)
+                assert torch.equal(edited, audio_embeddings(model, x))
+            assert not torch.allclose(edited, audio_embeddings(model, x))  # the λ hooks fired
+
+
+def test_cached_prefix_gives_bit_identical_logits(experiment, trained_residual):
+    prefix = StagePrefix(experiment, 2, batch_size=5)  # batches unlike the evaluation's
+    rows = experiment.valid_indices()[3:20]
+    for residual in (None, trained_residual):
+        full = trainer.residual_logits(experiment, residual, rows, batch_size=7)
+        cached = trainer.residual_logits(experiment, residual, rows, batch_size=7, prefix=prefix)
+        assert torch.equal(full, cached)
+
+
+def test_prefix_lives_beside_the_features_and_is_reused(experiment, monkeypatch):
+    first = StagePrefix(experiment, 3)
+    folder = first.folder()
+    assert folder.parent == Path(experiment.features.input_features.filename).parent
+    assert (folder / "stage3.npy").exists()
+    monkeypatch.setattr(prefix_module, "stage_input", lambda *a, **k: pytest.fail("recomputed a cached prefix"))
+    again = StagePrefix(experiment, 3)
+    np.testing.assert_array_equal(again.hidden, first.hidden)
+
+
+def test_interrupted_prefix_resumes_from_the_recorded_row(experiment, monkeypatch):
+    prefix = StagePrefix(experiment, 1, batch_size=8)
+    meta_path = prefix.folder() / "stage1.json"
+    complete = np.array(prefix.hidden)
+    meta = json.loads(meta_path.read_text())
+    meta["rows_done"] = 16
+    meta_path.write_text(json.dumps(meta))
+    seen = []
+    real = prefix_module.stage_input
+    monkeypatch.setattr(prefix_module, "stage_input", lambda m, x, *a, **k: seen.append(len(x)) or real(m, x, *a, **k))
+    resumed = StagePrefix(experiment, 1, batch_size=8)
+    valid = len(experiment.valid_indices())
+    assert sum(seen) == 1 + valid - 16  # one shape probe, then only the rows not done
+    np.testing.assert_array_equal(resumed.hidden, complete)
+
+
+def test_training_with_late_stages_uses_the_prefix_and_matches_the_full_path(experiment, monkeypatch):
+    split = experiment.splits(val_fraction=0.2)[0]
+    config = TrainConfig(granularity="head", stages=(3,), epochs=2, lr=0.3, batch_size=12, init="randn")
+    patch_embed = experiment.bundle.model.audio_model.audio_encoder.patch_embed
+    calls = []
+    handle = patch_embed.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        StagePrefix(experiment, 3)  # cached beforehand, so training itself never runs the front end
+        calls.clear()
+        cached = train_residual_fold(experiment, split, config)
+        assert calls == []
+        monkeypatch.setattr(trainer, "first_stage", lambda stages: 0)  # the full model every step
+        full = train_residual_fold(experiment, split, config)
+        assert calls
+    finally:
+        handle.remove()
+    np.testing.assert_array_equal(cached.test_logits, full.test_logits)
+    assert [h["train_loss"] for h in cached.history] == [h["train_loss"] for h in full.history]
