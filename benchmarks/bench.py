@@ -273,62 +273,34 @@ def demo_seconds() -> float:
     return seconds
 
 
-def _encoder_tail(encoder, hidden: torch.Tensor, frames: int) -> torch.Tensor:
-    """transformers' ClapAudioEncoder.forward after the stage loop: final norm, group-2D reshape, avgpool."""
-    last = encoder.norm(hidden)
-    batch, _, channels = last.shape
-    scale = 2 ** (len(encoder.depths) - 1)
-    freq_shape, temporal_shape = frames // scale // encoder.patch_stride[0], frames // scale // encoder.patch_stride[1]
-    last = last.permute(0, 2, 1).contiguous().reshape(batch, channels, freq_shape, temporal_shape)
-    c_freq_bin = freq_shape // encoder.freq_ratio
-    last = last.reshape(batch, channels, freq_shape // c_freq_bin, c_freq_bin, temporal_shape)
-    last = last.permute(0, 1, 3, 2, 4).contiguous().reshape(batch, channels, c_freq_bin, -1)
-    return torch.flatten(encoder.avgpool(torch.flatten(last, 2)), 1)
+def _prefix_speedup(stages: tuple[int, ...]) -> float:
+    """Train step (head λ on `stages`) running the whole encoder / the same step from the cached input of the first.
 
-
-def prefix_cache_speedup() -> float:
-    """Train step (head λ on stages 2, 3) running the whole encoder / the same step from a cached stage-2 input.
-
-    With λ only on stages 2–3, stages 0–1 (and the mel front end) are frozen and deterministic, so their output
-    can be stored once per clip. The cached path calls the transformers stages 2, 3 and the encoder tail
-    directly; it is checked against the full forward (max abs diff ≤ 1e-5) before timing. Prints the
-    per-clip storage of the cached input next to that of the mel features.
+    The cached path is `training.prefix.embed_from_stage` (the transformers stages from there on and the encoder
+    tail), as λ training uses it; it is checked against the full forward before timing. Prints the per-clip
+    storage of the cached input next to that of the mel features.
     """
     from audio_residual.clap.classifier import audio_embeddings
-    from audio_residual.clap.hooks import audio_encoder
+    from audio_residual.training.prefix import embed_from_stage, stage_input
 
     model = _frozen_model()
-    encoder = audio_encoder(model)
+    stage = min(stages)
     features = _features(BATCH)
-    residual = _residual(model, features[:STATS_CLIPS], stages=(2, 3))
+    residual = _residual(model, features[:STATS_CLIPS], stages=stages)
     x = torch.from_numpy(features)
     classes, labels = _classes(model.config.projection_dim)
     scale = float(model.logit_scale_a.exp())
     optimizer = torch.optim.AdamW(residual.lambdas.values(), lr=1e-2)
-
-    cached = {}
-    handle = encoder.layers[2].register_forward_pre_hook(lambda _m, args: cached.__setitem__("hidden", args[0].detach()))
     with torch.no_grad():
-        full = audio_embeddings(model, x)
-    handle.remove()
-    hidden2 = cached["hidden"].clone()
-    frames = encoder.config.num_mel_bins * encoder.freq_ratio  # image height after reshape_mel2img
-
-    def from_cache() -> torch.Tensor:
-        hidden = hidden2
-        for i in range(2, len(encoder.layers)):
-            hidden = encoder.layers[i](hidden, encoder.input_resolutions[i])[0]
-        return F.normalize(model.audio_projection(_encoder_tail(encoder, hidden, frames)).float(), dim=-1)
-
-    with torch.no_grad():
-        diff = float((from_cache() - full).abs().max())
+        hidden = stage_input(model, x, stage)
+        diff = float((embed_from_stage(model, hidden, stage) - audio_embeddings(model, x)).abs().max())
         with residual.attached(model):
-            diff = max(diff, float((from_cache() - audio_embeddings(model, x)).abs().max()))
+            diff = max(diff, float((embed_from_stage(model, hidden, stage) - audio_embeddings(model, x)).abs().max()))
     assert diff <= 1e-5, f"cached-prefix embeddings differ from the full forward by {diff}"
-    per_clip, mel = hidden2[0].numel() * hidden2.element_size(), features[0].nbytes
-    print(f"# prefix_cache: stage-2 input {tuple(hidden2.shape[1:])} = {per_clip / 1024:.0f} KiB/clip fp32"
-          f" vs mel {features.shape[1:]} = {mel / 1024:.0f} KiB/clip ({per_clip / mel:.2f}×); max diff {diff:.1e}",
-          file=sys.stderr)
+    per_clip, mel = hidden[0].numel() * hidden.element_size(), features[0].nbytes
+    print(f"# prefix_cache (stages {stages}): stage-{stage} input {tuple(hidden.shape[1:])} = {per_clip / 1024:.0f}"
+          f" KiB/clip fp32 vs mel {features.shape[1:]} = {mel / 1024:.0f} KiB/clip ({per_clip / mel:.2f}×);"
+          f" max diff {diff:.1e}", file=sys.stderr)
 
     def step(embed: Callable[[], torch.Tensor]) -> Callable[[], None]:
         def run() -> None:
@@ -340,7 +312,40 @@ def prefix_cache_speedup() -> float:
 
         return run
 
-    return _ratio(step(lambda: audio_embeddings(model, x)), step(from_cache))
+    return _ratio(step(lambda: audio_embeddings(model, x)), step(lambda: embed_from_stage(model, hidden, stage)))
+
+
+def prefix_cache_speedup() -> float:
+    """λ on stages 2–3: step running the whole encoder / step from the cached stage-2 input."""
+    return _prefix_speedup((2, 3))
+
+
+def prefix_cache_speedup_stage3() -> float:
+    """λ on stage 3 only: step running the whole encoder / step from the cached stage-3 input."""
+    return _prefix_speedup((3,))
+
+
+@torch.no_grad()
+def analysis_pass_overhead() -> float:
+    """The analysis pass (statistics + attention-pattern reservoir, one forward) / plain forwards, 2 batches."""
+    from audio_residual.analysis.patterns import PatternReservoir
+    from audio_residual.analysis.stats import ResidualStatistics
+    from audio_residual.clap.classifier import audio_embeddings
+
+    model = _model()
+    features = _features(2 * BATCH)
+    rows = np.arange(len(features))
+
+    def plain() -> None:
+        for start in range(0, len(rows), BATCH):
+            audio_embeddings(model, torch.from_numpy(features[rows[start : start + BATCH]]))
+
+    def analysis() -> None:
+        reservoir = PatternReservoir(cap=512)
+        ResidualStatistics.fit(model, features, rows, batch_size=BATCH,
+                               extra_hooks=[("*.attn.hook_pattern", reservoir.hook)])
+
+    return _ratio(analysis, plain)
 
 
 BENCHMARKS: dict[str, Callable[[], float]] = {
@@ -351,6 +356,8 @@ BENCHMARKS: dict[str, Callable[[], float]] = {
     "cached_loading_share": cached_loading_share,
     "demo_seconds": demo_seconds,
     "prefix_cache_speedup": prefix_cache_speedup,
+    "prefix_cache_speedup_stage3": prefix_cache_speedup_stage3,
+    "analysis_pass_overhead": analysis_pass_overhead,
 }
 
 

@@ -49,6 +49,7 @@ class PatternReservoir:
         self.rng = np.random.default_rng(seed)
         self.samples: dict[str, torch.Tensor] = {}  # block → (n ≤ cap, heads, w⁴) float16
         self.seen: dict[str, int] = {}  # block → windows offered so far
+        self._buffers: dict[str, torch.Tensor] = {}  # block → storage that `samples` views
 
     def hook(self, tensor: torch.Tensor, point: HookPoint) -> None:
         if self.stages is None or point.stage in self.stages:
@@ -58,26 +59,30 @@ class PatternReservoir:
         """Offer a batch of windows (windows, heads, w², w²); keeps each seen window with probability cap/seen."""
         rows = patterns.detach().reshape(patterns.shape[0], patterns.shape[1], -1)
         seen = self.seen.get(block, 0)
-        store = self.samples.get(block)
-        if store is None:
-            store = torch.empty(0, *rows.shape[1:], dtype=torch.float16)
+        buffer = self._buffers.get(block)
+        if buffer is None or (seen < self.cap and buffer.shape[0] < min(self.cap, seen + len(rows))):
+            # Grow geometrically up to cap: no per-batch re-copy while the reservoir fills.
+            size = min(self.cap, max(2 * (0 if buffer is None else buffer.shape[0]), seen + len(rows)))
+            grown = torch.empty(size, *rows.shape[1:], dtype=torch.float16)
+            if seen:
+                grown[:seen] = buffer[:seen]
+            buffer = self._buffers[block] = grown
         # Algorithm R: item t (0-based) fills slot t while t < cap, else replaces slot j ~ U{0..t} if j < cap.
         positions = seen + np.arange(len(rows))
         fill = positions < self.cap
-        slots = np.where(fill, positions, self.rng.integers(0, positions + 1))
-        accepted = np.flatnonzero(slots < self.cap)
+        n_fill = int(fill.sum())
+        if n_fill:  # the filling items are a leading run of the batch: one converting copy, no gather
+            buffer[seen : seen + n_fill].copy_(rows[:n_fill])
+        slots = self.rng.integers(0, positions[n_fill:] + 1) if n_fill < len(rows) else np.empty(0, np.int64)
+        accepted = n_fill + np.flatnonzero(slots < self.cap)
         if len(accepted):
             # Later items overwrite earlier ones that drew the same slot, as the sequential algorithm would.
-            _, last = np.unique(slots[accepted][::-1], return_index=True)
-            accepted = accepted[::-1][last]
-            new = rows[torch.from_numpy(accepted).to(rows.device)].to("cpu", torch.float16)
-            targets = torch.from_numpy(slots[accepted])
-            grow = int(targets.max()) + 1 - store.shape[0]
-            if grow > 0:
-                store = torch.cat([store, torch.empty(grow, *store.shape[1:], dtype=store.dtype)])
-            store[targets] = new
-        self.samples[block] = store
+            targets = slots[accepted - n_fill]
+            _, last = np.unique(targets[::-1], return_index=True)
+            accepted, targets = accepted[::-1][last], targets[::-1][last]
+            buffer[torch.from_numpy(targets)] = rows[torch.from_numpy(accepted).to(rows.device)].to("cpu", torch.float16)
         self.seen[block] = seen + len(rows)
+        self.samples[block] = buffer[: min(self.cap, self.seen[block])]
 
     def eigenvalues(self) -> dict[str, torch.Tensor]:
         """Unit name (`layers.{s}.blocks.{b}.attn.head.{h}`) → descending pattern-covariance eigenvalues."""

@@ -10,7 +10,7 @@ import pandas as pd
 
 from audio_residual.analysis import plots
 from audio_residual.analysis.ablation import head_ablation
-from audio_residual.analysis.patterns import collect_patterns
+from audio_residual.analysis.patterns import PatternReservoir
 from audio_residual.analysis.spectra import evr_curves, explained_variance_ratio, spectra_table
 from audio_residual.analysis.stats import ResidualStatistics
 from audio_residual.io import write_csv, write_json
@@ -46,6 +46,8 @@ def run_analysis(
         "train_folds": train_folds,
         "provenance": exp.provenance(),
     }
+    # One forward for both: the moments and the attention-pattern reservoir ride the same hooks' pass.
+    reservoir = PatternReservoir(cap=pattern_cap)
     stats = ResidualStatistics.fit(
         bundle.model,
         features.input_features,
@@ -56,19 +58,10 @@ def run_analysis(
         device=bundle.device,
         is_longer=features.is_longer,
         metadata=metadata,
+        extra_hooks=[("*.attn.hook_pattern", reservoir.hook)],
     )
     paths = {"stats": stats.save(out / f"stats_fold{fold}.safetensors")}
 
-    reservoir = collect_patterns(
-        bundle.model,
-        features.input_features,
-        split.train,
-        cap=pattern_cap,
-        batch_size=batch_size,
-        autocast=bundle.autocast,
-        device=bundle.device,
-        is_longer=features.is_longer,
-    )
     spectra = pd.concat([spectra_table(stats), reservoir.table()], ignore_index=True)
     paths["heads"] = write_csv(out / "heads.csv", spectra)
 
