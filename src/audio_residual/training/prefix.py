@@ -2,7 +2,7 @@
 
 When λ sits only in stages ≥ s, the mel front end and stages 0..s−1 are frozen and deterministic, so every
 epoch would recompute the same stage-s input. `StagePrefix` stores it (float32 memmap, resumable) next to the
-feature cache it came from, keyed by the model, the precision and the feature store's index, so every run of a
+feature cache it came from, keyed by the model, the precision and the features' audio and preprocessing, so every run of a
 sweep (any fold, any configuration with the same first λ stage) shares it. `embed` runs stages s.. and
 transformers' encoder tail on it: the same modules on the same tensor as the full forward, so the audio
 embeddings are the same, and hook points of stages ≥ s (ResiDual, statistics) fire as usual.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 
 from audio_residual.clap.classifier import model_inputs
 from audio_residual.clap.hooks import audio_encoder
-from audio_residual.io import atomic_path, write_json
+from audio_residual.io import atomic_path, digest, write_json
 
 PREFIX_FORMAT_VERSION = 1
 
@@ -104,15 +103,8 @@ class StagePrefix:
         filename = getattr(self.exp.features.input_features, "filename", None)
         if filename is None:
             return None
-        store = Path(filename).parent
-        index = store / "index.json"
-        identity = [
-            self.exp.bundle.model_id,
-            str(self.exp.bundle.amp_dtype),
-            self.device.type,
-            hashlib.sha256(index.read_bytes()).hexdigest() if index.exists() else str(filename),
-        ]
-        return store / f"prefix-{hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]}"
+        identity = [self.exp.bundle.model_id, str(self.exp.bundle.amp_dtype), self.device.type, self.exp.features.digest()]
+        return Path(filename).parent / f"prefix-{digest(identity)}"
 
     def _build(self, batch_size: int) -> tuple[np.ndarray, torch.dtype]:
         rows = self.exp.valid_indices()
