@@ -74,6 +74,7 @@ def _common(parser: argparse.ArgumentParser, data_required: bool = True) -> None
     parser.add_argument("--revision", default=None, help="hub model revision: branch, tag or commit hash")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--cache", type=Path, default=Path("cache"), help="feature cache folder")
+    parser.add_argument("--workers", type=int, default=1, help="processes for feature extraction (same cache)")
     parser.add_argument("--device", type=_device, default="auto", help="auto, cuda, cuda:N, mps or cpu")
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"], help="CUDA autocast")
     parser.add_argument("--batch-size", type=POSITIVE_INT, default=32)
@@ -111,6 +112,7 @@ def _open(args):
         revision=args.revision,
         csv=args.csv,
         min_seconds=args.min_seconds,
+        feature_workers=args.workers,
     )
     write_json(args.out / "provenance.json", exp.provenance())
     return exp

@@ -83,6 +83,7 @@ class Experiment:
         cache_check: str = "content",
         revision: str | None = None,
         min_seconds: float = 1.0,
+        feature_workers: int = 1,
     ) -> Experiment:
         templates = tuple(check_template(t) for t in templates)  # before any slow step
         table = resolve_dataset(data, csv=csv)
@@ -91,7 +92,7 @@ class Experiment:
             Path(cache_dir) / "features", bundle.feature_extractor, int16_roundtrip=int16_roundtrip,
             min_seconds=min_seconds, check=cache_check,
         )
-        features = cache.compute(table, on_bad_file=on_bad_file)
+        features = cache.compute(table, on_bad_file=on_bad_file, workers=feature_workers)
         check_folds_usable(table, features)
         return cls(table, bundle, features, templates)
 

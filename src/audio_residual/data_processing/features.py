@@ -18,9 +18,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import multiprocessing
 import os
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,8 +198,14 @@ class FeatureCache:
         identity = json.dumps([str(table.audio_dir.resolve()), list(table.filenames)])
         return self.config_dir / f"{table.name}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
 
-    def compute(self, table: ClipTable, on_bad_file: str = "error") -> CachedFeatures:
-        """Features for every clip of `table`, computing only rows missing from or stale in the cache."""
+    def compute(self, table: ClipTable, on_bad_file: str = "error", workers: int = 1) -> CachedFeatures:
+        """Features for every clip of `table`, computing only rows missing from or stale in the cache.
+
+        `workers` > 1 decodes, resamples and extracts in that many processes; rows are written in the same
+        order with the same per-file seeds, so the cache is byte-identical to a one-process run.
+        """
+        if workers < 1:
+            raise ValueError(f"workers must be ≥ 1, got {workers}")
         check_bad_file_policy(on_bad_file)
         if len(table) == 0:
             raise ValueError(f"table {table.name!r} has no clips")
@@ -221,31 +229,25 @@ class FeatureCache:
             features, created = self._open_for_writing(features_path, len(table))
             if created:
                 entries, todo = {}, list(range(len(table)))
+            clips = self._clips(table.audio_dir, [table.filenames[row] for row in todo], workers)
             try:
-                for n_done, row in enumerate(
-                    tqdm(todo, desc=f"CLAP features ({table.name})", unit="clip"), 1
-                ):
+                progress = tqdm(clips, total=len(todo), desc=f"CLAP features ({table.name})", unit="clip")
+                for n_done, (row, (clip, is_longer, reason, warnings)) in enumerate(zip(todo, progress, strict=True), 1):
                     filename = table.filenames[row]
-                    try:
-                        audio, warnings = load_audio_checked(
-                            table.audio_dir / filename,
-                            target_sr=self.target_sr,
-                            int16_roundtrip=self.int16_roundtrip,
-                            min_seconds=self.min_seconds,
-                        )
-                    except BadAudioError as err:
+                    if reason is not None:
                         features[row] = 0.0
-                        entries[filename] = {"row": row, "identity": identities[row], "reason": err.reason}
+                        entries[filename] = {"row": row, "identity": identities[row], "reason": reason}
                         if on_bad_file == "error":
-                            raise
+                            raise BadAudioError(table.audio_dir / filename, reason)
                         continue
-                    features[row], is_longer = self._extract(audio, filename)
+                    features[row] = clip
                     entries[filename] = {"row": row, "identity": identities[row], "is_longer": is_longer}
                     if warnings:
                         entries[filename]["warnings"] = warnings
                     if n_done % self.checkpoint_every == 0:
                         self._checkpoint(features, entries, index_path, len(table))
             finally:
+                clips.close()  # stops the worker pool now, also on an error
                 self._checkpoint(features, entries, index_path, len(table))
                 del features
 
@@ -265,6 +267,29 @@ class FeatureCache:
                 (name, reason) for name in table.filenames for reason in entries[name].get("warnings", [])
             ],
         )
+
+    def _clip(self, audio_dir: Path, filename: str) -> tuple[np.ndarray | None, bool, str | None, list[str]]:
+        """Features, is_longer, None and warnings of one file, or (None, False, reason, []) when it cannot be used."""
+        try:
+            audio, warnings = load_audio_checked(
+                audio_dir / filename, target_sr=self.target_sr, int16_roundtrip=self.int16_roundtrip,
+                min_seconds=self.min_seconds,
+            )
+        except BadAudioError as err:
+            return None, False, err.reason, []
+        return (*self._extract(audio, filename), None, warnings)
+
+    def _clips(self, audio_dir: Path, filenames: list[str], workers: int) -> Iterator[tuple]:
+        """`_clip` of each file, in order: here, or in a pool of `workers` spawned processes."""
+        if workers == 1 or len(filenames) < 2:
+            yield from (self._clip(audio_dir, name) for name in filenames)
+            return
+        context = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch threads
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(self,)) as pool:
+            try:
+                yield from pool.map(_worker_clip, [audio_dir] * len(filenames), filenames, chunksize=4)
+            finally:
+                pool.shutdown(cancel_futures=True)
 
     def _extract(self, audio: np.ndarray, filename: str) -> tuple[np.ndarray, bool]:
         seed = _stable_seed(filename)
@@ -334,3 +359,15 @@ class FeatureCache:
         _write_json_atomic(
             index_path, {"format_version": CACHE_FORMAT_VERSION, "n_rows": n_rows, "entries": entries}
         )
+
+
+_WORKER_CACHE: FeatureCache | None = None  # the cache a pool worker extracts for (set once per process)
+
+
+def _init_worker(cache: FeatureCache) -> None:
+    global _WORKER_CACHE
+    _WORKER_CACHE = cache
+
+
+def _worker_clip(audio_dir: Path, filename: str) -> tuple[np.ndarray | None, bool, str | None, list[str]]:
+    return _WORKER_CACHE._clip(audio_dir, filename)
