@@ -1,0 +1,65 @@
+"""Two gloo processes on the CPU give the single-process statistics and feature cache."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from transformers import ClapFeatureExtractor
+
+from audio_residual.analysis.distributed import ShardedFeatureCache, fit_on_cpu_processes
+from audio_residual.analysis.stats import ResidualStatistics
+from audio_residual.data_processing import FeatureCache, load_esc50, make_synthetic_esc50
+
+CLASSES = ("dog", "rain", "sea_waves")
+
+
+def test_two_processes_give_the_single_process_moments(tiny_bundle, tmp_path):
+    features = np.random.default_rng(0).standard_normal((7, 1, 1001, 64)).astype(np.float32)
+    np.save(tmp_path / "x.npy", features)
+    rows = np.array([6, 0, 2, 5, 1, 3])  # 3 batches of 2: rank 0 runs two, rank 1 one (after priming on batch 0)
+    shared = fit_on_cpu_processes("tiny", CLASSES, tmp_path / "x.npy", rows, 2, tmp_path / "stats.safetensors")
+    single = ResidualStatistics.fit(tiny_bundle.model, features, rows, batch_size=2)
+    assert shared.blocks.keys() == single.blocks.keys()
+    for block, parts in single.blocks.items():
+        for kind, moments in parts.items():
+            assert shared.blocks[block][kind].count == moments.count
+            assert float((shared.blocks[block][kind].mean - moments.mean).abs().max()) <= 1e-10
+            assert float((shared.blocks[block][kind].cov - moments.cov).abs().max()) <= 1e-10
+
+
+def _features_rank(rank: int, world: int, init_method: str, root: str, cache_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    try:
+        cache = ShardedFeatureCache(cache_dir, ClapFeatureExtractor(max_length_s=2, truncation="fusion"))
+        cached = cache.compute(load_esc50(root), on_bad_file="skip")
+        assert cached.valid.sum() == len(cached.valid) - 1
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def table_root(tmp_path):
+    root = make_synthetic_esc50(tmp_path / "esc", n_classes=2, clips_per_class=3, seed=2)
+    table = load_esc50(root)
+    (table.audio_dir / table.filenames[4]).write_bytes(b"broken")
+    return root
+
+
+def test_sharded_feature_pass_writes_the_single_process_cache(table_root, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = (2, f"tcp://127.0.0.1:{port}", str(table_root), str(tmp_path / "two"))
+    torch.multiprocessing.spawn(_features_rank, args=args, nprocs=2)
+    table = load_esc50(table_root)
+    single = FeatureCache(tmp_path / "one", ClapFeatureExtractor(max_length_s=2, truncation="fusion"))
+    single.compute(table, on_bad_file="skip")
+    sharded = ShardedFeatureCache(tmp_path / "two", ClapFeatureExtractor(max_length_s=2, truncation="fusion"))
+    one, two = single.store_dir(table), sharded.store_dir(table)
+    assert (one / "input_features.npy").read_bytes() == (two / "input_features.npy").read_bytes()
+    assert json.loads((one / "index.json").read_text()) == json.loads((two / "index.json").read_text())
