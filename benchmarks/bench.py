@@ -4,12 +4,14 @@ Each figure is measured within one run and prints as `name value`. Ratios are me
 after a warm-up, the two sides interleaved so machine load hits both alike; `demo_seconds` is a plain
 wall time. Run all, or name some:
 
-    PYTHONPATH=src python benchmarks/bench.py [capture_overhead pca_pass_overhead ... prefix_cache_speedup]
+    PYTHONPATH=src python benchmarks/bench.py [capture_overhead pca_pass_overhead ... scale_seconds] [--scale-clips N]
 
 Targets: capture_overhead ≤ 1.15, pca_pass_overhead ≤ 1.30, pca_rss_ratio ≤ 1.10,
-residual_step_overhead ≤ 1.25, cached_loading_share ≤ 0.05, demo_seconds ≤ 300 (2-core CPU).
-prefix_cache_speedup has no target: it answers whether caching the frozen stages 0–1 pays (> 1 means faster;
-weigh it against the storage, printed beside it).
+residual_step_overhead ≤ 1.25, cached_loading_share ≤ 0.05, demo_seconds ≤ 300 (2-core CPU),
+prefix_cache_speedup_stage3 ≥ 3, analysis_pass_overhead ≤ 1.30, feature_workers_speedup ≥ 1.8 (2 cores),
+distributed_stats_equal ≤ 1e-10. prefix_cache_speedup (stages 2–3) has no target: weigh it against the
+storage printed beside it. scale_seconds (the study at ESC-50 scale, `--scale-clips`, default 2000) is
+printed without a target on a CPU.
 """
 
 from __future__ import annotations
@@ -348,6 +350,94 @@ def analysis_pass_overhead() -> float:
     return _ratio(analysis, plain)
 
 
+FEATURE_CLIPS = 240  # generated 5 s clips for the feature-worker figure (pool start-up is counted)
+SCALE_CLIPS = 2000  # `--scale-clips N` changes it: the issue's ESC-50 scale by default
+
+
+def feature_workers_speedup() -> float:
+    """Feature extraction (decode, resample, log-mel) of FEATURE_CLIPS generated clips: 1 process / 2 workers.
+
+    One cold run each into a fresh cache (the pool's start-up counts); the two caches are checked byte-equal.
+    """
+    from audio_residual.clap.tiny import build_tiny_clap
+    from audio_residual.data_processing import FeatureCache, load_esc50, make_synthetic_esc50
+
+    extractor = build_tiny_clap(())[1].feature_extractor
+    with tempfile.TemporaryDirectory() as tmp:
+        table = load_esc50(make_synthetic_esc50(Path(tmp) / "esc", n_classes=4, clips_per_class=FEATURE_CLIPS // 4))
+        seconds, files = {}, []
+        for workers in (1, 2):
+            cache = FeatureCache(Path(tmp) / f"cache{workers}", extractor)
+            started = time.perf_counter()
+            cache.compute(table, workers=workers)
+            seconds[workers] = time.perf_counter() - started
+            files.append((cache.store_dir(table) / "input_features.npy").read_bytes())
+        assert files[0] == files[1], "2 workers wrote other features than 1 process"
+    print(f"# feature_workers_speedup: {len(table)} clips, {seconds[1]:.1f} s in 1 process"
+          f" ({len(table) / seconds[1]:.1f} clips/s), {seconds[2]:.1f} s with 2 workers", file=sys.stderr)
+    return seconds[1] / seconds[2]
+
+
+def distributed_stats_equal() -> float:
+    """Max abs difference of every mean and covariance: statistics by 2 gloo CPU processes vs 1 process.
+
+    Full-size random HTSAT-tiny saved as a local model folder, 5 clips in 3 batches of 2.
+    """
+    from audio_residual.analysis.distributed import fit_on_cpu_processes
+    from audio_residual.analysis.stats import ResidualStatistics
+    from audio_residual.clap.tiny import build_htsat_tiny_random
+
+    model, processor = build_htsat_tiny_random(("dog",))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        path = _feature_file(Path(tmp), 5)
+        rows = np.arange(5)
+        shared = fit_on_cpu_processes(str(folder), ("dog",), path, rows, 2, Path(tmp) / "stats.safetensors")
+        with torch.no_grad():
+            single = ResidualStatistics.fit(model.eval(), np.load(path, mmap_mode="r"), rows, batch_size=2)
+    return max(
+        float((getattr(shared.blocks[block][kind], part) - getattr(moments, part)).abs().max())
+        for block, parts in single.blocks.items()
+        for kind, moments in parts.items()
+        for part in ("mean", "cov")
+    )
+
+
+def scale_seconds() -> float:
+    """Wall time (s) of `audio-residual experiment` on SCALE_CLIPS generated 5 s clips (fresh process, fresh cache).
+
+    Full-size random HTSAT-tiny saved as a local model folder; a one-point grid (head λ on stage 3 only, lr 0.01,
+    10 epochs) on folds 1–2; 2 feature workers; W&B off; head ablation on 2 clips (184 heads × clips full
+    forwards would dominate on a CPU). Classes: SCALE_CLIPS/40 (50 at 2000, as ESC-50), at least 2.
+    """
+    import json
+
+    from audio_residual.clap.tiny import build_htsat_tiny_random
+    from audio_residual.data_processing import make_synthetic_esc50
+
+    classes = max(2, min(50, SCALE_CLIPS // 40))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_synthetic_esc50(Path(tmp) / "esc", n_classes=classes, clips_per_class=SCALE_CLIPS // classes)
+        model, processor = build_htsat_tiny_random(())
+        model.save_pretrained(Path(tmp) / "model")
+        processor.save_pretrained(Path(tmp) / "model")
+        grid = {"lr": [0.01], "epochs": [10], "stages": [[3]], "granularity": ["head"], "fold": [1, 2]}
+        (Path(tmp) / "grid.json").write_text(json.dumps(grid))
+        command = [sys.executable, "-m", "audio_residual.cli", "experiment", "--data", str(data),
+                   "--model", str(Path(tmp) / "model"), "--out", str(Path(tmp) / "out"), "--cache", str(Path(tmp) / "cache"),
+                   "--grid", str(Path(tmp) / "grid.json"), "--wandb", "off", "--workers", "2",
+                   "--ablation-max-clips", "2"]
+        started = time.perf_counter()
+        subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+        seconds = time.perf_counter() - started
+    print(f"# scale_seconds: {classes * (SCALE_CLIPS // classes)} clips, {classes} classes; 1-min load average"
+          f" {os.getloadavg()[0]:.1f}", file=sys.stderr)
+    return seconds
+
+
 BENCHMARKS: dict[str, Callable[[], float]] = {
     "capture_overhead": capture_overhead,
     "pca_pass_overhead": pca_pass_overhead,
@@ -358,19 +448,27 @@ BENCHMARKS: dict[str, Callable[[], float]] = {
     "prefix_cache_speedup": prefix_cache_speedup,
     "prefix_cache_speedup_stage3": prefix_cache_speedup_stage3,
     "analysis_pass_overhead": analysis_pass_overhead,
+    "feature_workers_speedup": feature_workers_speedup,
+    "distributed_stats_equal": distributed_stats_equal,
+    "scale_seconds": scale_seconds,
 }
 
 
 def main(argv: list[str]) -> int:
+    global SCALE_CLIPS
     if argv[:1] == ["_rss_child"]:
         _rss_child(argv[1])
         return 0
+    if "--scale-clips" in argv:
+        at = argv.index("--scale-clips")
+        SCALE_CLIPS, argv = int(argv[at + 1]), argv[:at] + argv[at + 2:]
     unknown = [name for name in argv if name not in BENCHMARKS]
     if unknown:
         print(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}", file=sys.stderr)
         return 2
     for name in argv or BENCHMARKS:
-        print(f"{name} {BENCHMARKS[name]():.3f}", flush=True)
+        value = BENCHMARKS[name]()
+        print(f"{name} {value:.3f}" if value == 0 or abs(value) >= 1e-3 else f"{name} {value:.2e}", flush=True)
     return 0
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from audio_residual.data_processing.audio import (
@@ -284,7 +285,10 @@ class FeatureCache:
         if workers == 1 or len(filenames) < 2:
             yield from (self._clip(audio_dir, name) for name in filenames)
             return
-        context = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch threads
+        # Fork starts a worker in milliseconds (spawn re-imports transformers: seconds). The workers run only
+        # numpy and soxr, never torch or CUDA, so the parent's torch threads and CUDA context do not matter.
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(self,)) as pool:
             try:
                 yield from pool.map(_worker_clip, [audio_dir] * len(filenames), filenames, chunksize=4)
@@ -365,8 +369,10 @@ _WORKER_CACHE: FeatureCache | None = None  # the cache a pool worker extracts fo
 
 
 def _init_worker(cache: FeatureCache) -> None:
+    """One BLAS thread per worker: the workers already fill the cores, more threads would only contend."""
     global _WORKER_CACHE
     _WORKER_CACHE = cache
+    threadpool_limits(1)
 
 
 def _worker_clip(audio_dir: Path, filename: str) -> tuple[np.ndarray | None, bool, str | None, list[str]]:
