@@ -99,3 +99,15 @@ def test_training_with_late_stages_uses_the_prefix_and_matches_the_full_path(exp
         handle.remove()
     np.testing.assert_array_equal(cached.test_logits, full.test_logits)
     assert [h["train_loss"] for h in cached.history] == [h["train_loss"] for h in full.history]
+
+
+def test_sweep_runs_with_the_same_first_stage_share_prefix_and_statistics(experiment, tmp_path, monkeypatch):
+    split = experiment.splits(val_fraction=0.2)[1]
+    fits, real_fit = [], ResidualStatistics.fit
+    monkeypatch.setattr(trainer.ResidualStatistics, "fit", lambda *a, **k: fits.append(k.get("forward")) or real_fit(*a, **k))
+    for lr in (0.01, 0.1):  # two sweep points on one fold
+        train_residual_fold(experiment, split, TrainConfig(stages=(3,), epochs=1, lr=lr, batch_size=12),
+                            out_dir=tmp_path / f"run{lr}", stats_dir=tmp_path / "stats")
+    assert len(fits) == 1 and fits[0] is not None  # fitted once, from the cached stage-3 input
+    stats = ResidualStatistics.load(next((tmp_path / "stats").glob("*.safetensors")))
+    assert stats.stages() == [3]
