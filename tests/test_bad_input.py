@@ -139,12 +139,12 @@ def test_read_only_cache_fails_before_computing(capsys, tmp_path, small_data):
 
 
 def test_ctrl_c_is_one_line_and_exit_130(capsys, tmp_path, monkeypatch, small_data):
-    from audio_residual.experiment import Experiment
+    from audio_residual.workspace import Workspace
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Experiment, "open", interrupted)
+    monkeypatch.setattr(Workspace, "open", interrupted)
     code, err = run(capsys, *zeroshot_args(small_data, tmp_path))
     assert code == 130
     assert err.strip() == "audio-residual zeroshot: interrupted; rerun the same command to resume"
@@ -368,19 +368,15 @@ def test_top5_is_not_shown_for_five_classes_or_fewer():
 
 
 def _report_for(data: Path, model_id: str) -> str:
-    from audio_residual.demo import _report
+    from audio_residual.study import _title, describe
 
-    heads = pd.DataFrame({"view": ["contribution"], "granularity": ["head"], "stage": [0], "id90": [3.0],
-                          "participation_ratio": [2.0]})
-    outcome = {"analysis": {"spectra": heads}, "analysis_fold": 1, "ranking": pd.DataFrame({"lr": [0.1]}),
-               "chosen": {1: {"lr": 0.1}}, "table": "| table |", "timings": {"analysis": 1.0}}
-    exp = SimpleNamespace(table=load_esc50(data), bundle=SimpleNamespace(model_id=model_id))
-    return _report(exp, outcome, data)
+    ws = SimpleNamespace(table=load_esc50(data), bundle=SimpleNamespace(model_id=model_id))
+    return "\n".join([f"# {_title(ws)}", *describe(ws)])
 
 
 def test_report_describes_the_data_actually_used(small_data, data_copy):
     recorded = _report_for(data_copy, "tiny")
-    assert recorded.startswith("# Audio-ResiDual experiment")
+    assert recorded.startswith("# Audio-ResiDual study")
     assert f"ESC-50 layout at `{data_copy}`, audio recordings: 15 clips, 3 classes, 5 folds" in recorded
     assert "model is random-initialised" in recorded and "generated" not in recorded
     generated = _report_for(small_data, "tiny")

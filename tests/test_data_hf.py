@@ -10,7 +10,7 @@ from transformers import ClapFeatureExtractor
 
 from audio_residual.data_processing import DatasetError, FeatureCache, load_audio
 from audio_residual.data_processing.hf import EXPORT_INDEX, load_hf_dataset, parse_hf_spec
-from audio_residual.experiment import resolve_dataset
+from audio_residual.workspace import resolve_dataset
 
 
 def write_clips(folder, n_per_class=5) -> tuple[list[bytes], list[int]]:

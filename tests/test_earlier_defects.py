@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from audio_residual.analysis.stats import ResidualStatistics
 from audio_residual.clap.classifier import audio_embeddings
 from audio_residual.clap.hooks import ClapHooks
-from audio_residual.experiment import Experiment
 from audio_residual.residual.units import ResiDual, ResidualConfig
 from audio_residual.training import TrainConfig, train_residual_fold
+from audio_residual.workspace import Workspace
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +78,8 @@ def test_lambda_one_is_the_identity_only_because_the_mean_is_kept(tiny_bundle, s
 
 
 def test_training_loss_uses_logit_scaled_similarities(synthetic_esc50, tmp_path, monkeypatch):
-    exp = Experiment.open(synthetic_esc50, model="tiny", cache_dir=tmp_path, device="cpu")
-    split = exp.splits(val_fraction=0.2)[0]
+    ws = Workspace.open(synthetic_esc50, model="tiny", cache_dir=tmp_path, device="cpu")
+    split = ws.splits(val_fraction=0.2)[0]
     seen = []
     real = F.cross_entropy
     monkeypatch.setattr(F, "cross_entropy", lambda logits, y, *a, **k: seen.append(logits.detach()) or real(logits, y, *a, **k))
@@ -87,11 +87,11 @@ def test_training_loss_uses_logit_scaled_similarities(synthetic_esc50, tmp_path,
     import audio_residual.training.trainer as trainer
 
     order = split.train[torch.randperm(len(split.train), generator=torch.Generator().manual_seed(0)).numpy()]
-    train_residual_fold(exp, split, config)
+    train_residual_fold(ws, split, config)
     assert trainer.F is F and seen
     with torch.no_grad():
-        plain = audio_embeddings(exp.bundle.model, torch.from_numpy(np.asarray(exp.features.input_features[order])))
-    expected = exp.classifier.logits(plain)  # λ = 1 at the first step: exactly zero-shot logits
-    assert exp.classifier.logit_scale == pytest.approx(float(exp.bundle.model.logit_scale_a.exp()))
-    assert exp.classifier.logit_scale > 10
+        plain = audio_embeddings(ws.bundle.model, torch.from_numpy(np.asarray(ws.features.input_features[order])))
+    expected = ws.classifier.logits(plain)  # λ = 1 at the first step: exactly zero-shot logits
+    assert ws.classifier.logit_scale == pytest.approx(float(ws.bundle.model.logit_scale_a.exp()))
+    assert ws.classifier.logit_scale > 10
     torch.testing.assert_close(seen[0], expected, rtol=1e-4, atol=1e-4)

@@ -19,6 +19,7 @@ from audio_residual.evaluation import (
     summary_table,
     summed_confusion,
 )
+from audio_residual.io import save_figure
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -129,48 +130,49 @@ def test_per_class_deltas_confusion_sums_and_plots(tmp_path):
     deltas = per_class_deltas(store, ["a", "b"]).set_index("class_name")
     assert deltas.loc["a", "delta"] == pytest.approx(0.5) and deltas.loc["b", "delta"] == pytest.approx(1.0)
     np.testing.assert_array_equal(summed_confusion(store, "zeroshot"), [[2, 2], [4, 0]])
-    path = plots.save(plots.class_deltas(per_class_deltas(store, ["a", "b"]), "probe"), tmp_path / "d.png")
+    path = save_figure(plots.class_deltas(per_class_deltas(store, ["a", "b"]), "probe"), tmp_path / "d.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    plots.save(plots.confusion_heatmap(summed_confusion(store, "probe"), ["a", "b"]), tmp_path / "c.png")
-    plots.save(plots.fold_accuracy(store.frame), tmp_path / "f.png")
+    save_figure(plots.confusion_heatmap(summed_confusion(store, "probe"), ["a", "b"]), tmp_path / "c.png")
+    save_figure(plots.fold_accuracy(store.frame), tmp_path / "f.png")
     assert {p.name for p in tmp_path.glob("*.png")} == {"d.png", "c.png", "f.png"}
 
 
 @pytest.fixture(scope="module")
 def tiny_experiment(synthetic_esc50, tmp_path_factory):
-    from audio_residual.experiment import Experiment
+    from audio_residual.workspace import Workspace
 
-    return Experiment.open(
+    return Workspace.open(
         synthetic_esc50, model="tiny", cache_dir=tmp_path_factory.mktemp("cache"), device="cpu"
     )
 
 
 def test_run_baselines_end_to_end_and_resume(tiny_experiment, tmp_path, monkeypatch):
-    from audio_residual.evaluation.run import run_baselines, write_report
+    from audio_residual.baselines import run_baselines
+    from audio_residual.evaluation import write_report
 
-    exp = tiny_experiment
+    ws = tiny_experiment
     calls = []
-    embed = exp.embed
-    monkeypatch.setattr(exp, "embed", lambda rows, **kw: calls.append(len(rows)) or embed(rows, **kw))
-    store = run_baselines(exp, tmp_path)
-    assert calls == [len(exp.valid_indices())]  # one embedding pass shared by every fold and method
+    embed = ws.embed
+    monkeypatch.setattr(ws, "embed", lambda rows, **kw: calls.append(len(rows)) or embed(rows, **kw))
+    store = run_baselines(ws, tmp_path)
+    assert calls == [len(ws.valid_indices())]  # one embedding pass shared by every fold and method
     frame = pd.read_csv(tmp_path / "results.csv")
     methods = ("zeroshot", "linear_probe", "contrastive_adapter")
     assert sorted(zip(frame["method"], frame["fold"], strict=True)) == sorted(
         (m, f) for m in methods for f in range(1, 6)
     )
     params = frame.groupby("method")["trainable_params"].first()
-    dim, n_classes = exp.classifier.class_embeddings.shape[1], len(exp.table.class_names)
+    dim, n_classes = ws.classifier.class_embeddings.shape[1], len(ws.table.class_names)
     assert params.to_dict() == {"zeroshot": 0, "linear_probe": dim * n_classes + n_classes,
                                 "contrastive_adapter": dim * dim + dim}  # fmt: skip
 
     # zero-shot rows equal the classifier applied to the test fold
-    split = exp.splits(0.1, 0)[0]
-    logits = exp.classifier.logits(embed(split.test))
-    expected = fold_metrics(logits, exp.table.labels[split.test], n_classes)["accuracy"]
+    split = ws.splits(0.1, 0)[0]
+    logits = ws.classifier.logits(embed(split.test))
+    expected = fold_metrics(logits, ws.table.labels[split.test], n_classes)["accuracy"]
     assert frame.query("method == 'zeroshot' and fold == 1")["accuracy"].item() == pytest.approx(expected)
 
-    markdown = write_report(store, tmp_path, exp.table.class_names)
+    markdown = write_report(store, tmp_path, ws.table.class_names)
     assert (tmp_path / "table.md").read_text() == markdown
     assert all(f"| {m} |" in markdown for m in methods)
     assert len(pd.read_csv(tmp_path / "summary.csv")) == 3
@@ -178,18 +180,18 @@ def test_run_baselines_end_to_end_and_resume(tiny_experiment, tmp_path, monkeypa
     assert {"fold_accuracy.png", "confusion_zeroshot.png", "class_deltas_linear_probe.png"} <= figures
 
     calls.clear()
-    rerun = run_baselines(exp, tmp_path)  # everything done: nothing is embedded or recomputed
+    rerun = run_baselines(ws, tmp_path)  # everything done: nothing is embedded or recomputed
     assert calls == [] and rerun.frame.equals(store.frame)
-    forced = run_baselines(exp, tmp_path, methods=("zeroshot",), folds=(2,), force=True)
-    assert calls == [len(exp.valid_indices())] and len(forced.all_rows) == 15 and forced.methods() == ["zeroshot"]
+    forced = run_baselines(ws, tmp_path, methods=("zeroshot",), folds=(2,), force=True)
+    assert calls == [len(ws.valid_indices())] and len(forced.all_rows) == 15 and forced.methods() == ["zeroshot"]
     before = store.frame.query("method == 'zeroshot'").reset_index(drop=True)
     assert not forced.frame.equals(before)  # fold 2's zero-shot row was rewritten (new seconds)
-    other = run_baselines(exp, tmp_path, methods=("zeroshot",), val_fraction=0.2)  # other options: new rows
+    other = run_baselines(ws, tmp_path, methods=("zeroshot",), val_fraction=0.2)  # other options: new rows
     assert len(other.all_rows) == 20 and len(other) == 5 and other.frame["key"].nunique() == 1
 
 
 def test_run_baselines_finetune_fold(tiny_experiment, tmp_path):
-    from audio_residual.evaluation.run import run_baselines
+    from audio_residual.baselines import run_baselines
 
     store = run_baselines(tiny_experiment, tmp_path, methods=("zeroshot",), folds=(1,), finetune_epochs=1)
     assert store.methods() == ["zeroshot", "finetune"] and len(store) == 2

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from audio_residual.cli import main
 from audio_residual.data_processing import make_synthetic_esc50
-from audio_residual.demo import run_experiment
-from audio_residual.experiment import Experiment
+from audio_residual.study import run_study
+from audio_residual.workspace import Workspace
 
 GRID = {"granularity": ["layer"], "lr": [0.02, 0.4], "epochs": [2], "fold": [1, 2, 3]}
 BASE = {"batch_size": 16, "val_fraction": 0.3, "schedule": "constant"}
@@ -22,9 +22,9 @@ NOT_TEST = ["best_epoch", "start_train_accuracy", "train_accuracy", "val_accurac
 
 
 def _study(data, out, cache):
-    exp = Experiment.open(data, model="tiny", cache_dir=cache, device="cpu")
-    outcome = run_experiment(exp, out, GRID, BASE, analysis_options={"pattern_cap": 16, "ablation_max_clips": 4})
-    return exp, outcome
+    ws = Workspace.open(data, model="tiny", cache_dir=cache, device="cpu")
+    outcome = run_study(ws, out, GRID, BASE, analysis_options={"pattern_cap": 16, "ablation_max_clips": 4})
+    return ws, outcome
 
 
 def _overwrite_with_noise(data, fold: int) -> None:
@@ -41,12 +41,12 @@ def test_nothing_of_fold_k_chooses_what_is_reported_on_fold_k(tmp_path):
     """Fold 1's test audio replaced by noise: fold 1's configuration, λ and non-test numbers do not move."""
     data = make_synthetic_esc50(tmp_path / "data", n_classes=3, clips_per_class=10, seed=3)
     exp_a, first = _study(data, tmp_path / "a", tmp_path / "cache")
-    sweep_a = pd.read_csv(tmp_path / "a" / "sweep" / "sweep.csv")
+    sweep_a = pd.read_csv(tmp_path / "a" / "sweep.csv")
     _overwrite_with_noise(data, fold=1)
     exp_b, second = _study(data, tmp_path / "b", tmp_path / "cache")
-    sweep_b = pd.read_csv(tmp_path / "b" / "sweep" / "sweep.csv")
+    sweep_b = pd.read_csv(tmp_path / "b" / "sweep.csv")
 
-    assert first["chosen"][1] == second["chosen"][1]
+    assert first.chosen[1] == second.chosen[1]
     fold1 = (sweep_a["fold"] == 1).to_numpy()
     pd.testing.assert_frame_equal(sweep_a.loc[fold1, NOT_TEST], sweep_b.loc[fold1, NOT_TEST])
     # The other folds' validation sets hold fold 1's clips: their numbers are allowed to move, and do.
@@ -54,11 +54,12 @@ def test_nothing_of_fold_k_chooses_what_is_reported_on_fold_k(tmp_path):
         sweep_a.loc[~fold1, "train_accuracy"].equals(sweep_b.loc[~fold1, "train_accuracy"])
     )
 
-    from audio_residual.training.trainer import TrainConfig, run_directory
+    from audio_residual.layout import RunLayout
+    from audio_residual.training.trainer import TrainConfig, run_key
 
-    config = TrainConfig.from_dict({**BASE, **first["chosen"][1]})
-    lam_a = load_file(run_directory(tmp_path / "a" / "sweep", exp_a, config) / "fold1" / "lambda.safetensors")
-    lam_b = load_file(run_directory(tmp_path / "b" / "sweep", exp_b, config) / "fold1" / "lambda.safetensors")
+    config = TrainConfig.from_dict({**BASE, **first.chosen[1]})
+    lam_a = load_file(RunLayout(tmp_path / "a").fold(run_key(exp_a, config), 1).lambdas)
+    lam_b = load_file(RunLayout(tmp_path / "b").fold(run_key(exp_b, config), 1).lambdas)
     assert lam_a.keys() == lam_b.keys() and all(lam_a[k].equal(lam_b[k]) for k in lam_a)
 
     rows_a = pd.read_csv(tmp_path / "a" / "results.csv").query("method == 'residual' and fold == 1")
@@ -87,13 +88,13 @@ def test_a_rerun_with_other_options_never_reports_the_old_rows(synthetic_esc50, 
 def test_cached_features_follow_content_not_mtime(tmp_path):
     data = make_synthetic_esc50(tmp_path / "data", n_classes=2, clips_per_class=5, seed=1)
 
-    def open_(check: str) -> Experiment:
-        return Experiment.open(data, model="tiny", cache_dir=tmp_path / check, device="cpu", cache_check=check)
+    def open_(check: str) -> Workspace:
+        return Workspace.open(data, model="tiny", cache_dir=tmp_path / check, device="cpu", cache_check=check)
 
-    exp = open_("content")
-    before = np.array(exp.features.input_features[0])
+    ws = open_("content")
+    before = np.array(ws.features.input_features[0])
     np.testing.assert_array_equal(open_("mtime").features.input_features[0], before)
-    path = exp.table.paths()[0]
+    path = ws.table.paths()[0]
     info = path.stat()
     audio, rate = sf.read(path, dtype="float32")
     sf.write(path, np.roll(audio, 4000), rate, subtype=sf.info(path).subtype)  # same size, new content
@@ -103,6 +104,6 @@ def test_cached_features_follow_content_not_mtime(tmp_path):
     np.testing.assert_array_equal(open_("mtime").features.input_features[0], before)  # the documented trade-off
     checked = open_("content")
     assert not np.array_equal(checked.features.input_features[0], before)
-    assert checked.key({"m": 1}) != exp.key({"m": 1})  # results are keyed by the new audio
+    assert checked.key({"m": 1}) != ws.key({"m": 1})  # results are keyed by the new audio
     shutil.rmtree(tmp_path / "content")
     np.testing.assert_array_equal(open_("content").features.input_features[0], checked.features.input_features[0])

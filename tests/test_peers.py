@@ -234,21 +234,21 @@ def test_lora_trains_adapters_only_counts_peft_params_and_picks_rank_on_validati
 def test_run_baselines_runs_the_peer_methods_on_request(synthetic_esc50, tmp_path):
     import pandas as pd
 
-    from audio_residual.evaluation.run import run_baselines
-    from audio_residual.experiment import Experiment
+    from audio_residual.baselines import run_baselines
+    from audio_residual.workspace import Workspace
 
-    exp = Experiment.open(synthetic_esc50, model="tiny", cache_dir=tmp_path / "cache", device="cpu")
+    ws = Workspace.open(synthetic_esc50, model="tiny", cache_dir=tmp_path / "cache", device="cpu")
     methods = ("tip_adapter", "tip_adapter_f", "coop", "lora")
     options = {"coop": {"epochs": 2}, "lora": {"epochs": 1, "ranks": 2}, "tip_adapter_f": {"epochs": 2}}
-    run_baselines(exp, tmp_path, methods=methods, folds=(1,), peer_options=options)
+    run_baselines(ws, tmp_path, methods=methods, folds=(1,), peer_options=options)
     frame = pd.read_csv(tmp_path / "results.csv").set_index("method")
-    split = exp.split(1, val_fraction=0.1)
-    dim, width = exp.classifier.class_embeddings.shape[1], exp.bundle.model.text_model.config.hidden_size
-    n_ctx = len(exp.bundle.tokenizer("This is a sound of", add_special_tokens=False)["input_ids"])
+    split = ws.split(1, val_fraction=0.1)
+    dim, width = ws.classifier.class_embeddings.shape[1], ws.bundle.model.text_model.config.hidden_size
+    n_ctx = len(ws.bundle.tokenizer("This is a sound of", add_special_tokens=False)["input_ids"])
     assert frame.loc["tip_adapter", "trainable_params"] == 0
     assert frame.loc["tip_adapter_f", "trainable_params"] == len(split.train) * dim
     assert frame.loc["coop", "trainable_params"] == n_ctx * width
     assert frame.loc["lora", "trainable_params"] > 0
     assert frame["accuracy"].between(0, 1).all()
     with pytest.raises(ValueError, match="unknown methods"):
-        run_baselines(exp, tmp_path, methods=("cocoop",))
+        run_baselines(ws, tmp_path, methods=("cocoop",))

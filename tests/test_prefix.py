@@ -11,16 +11,16 @@ import torch
 
 from audio_residual.analysis.stats import ResidualStatistics
 from audio_residual.clap.classifier import audio_embeddings
-from audio_residual.experiment import Experiment
 from audio_residual.residual.units import build_residual
 from audio_residual.training import TrainConfig, train_residual_fold, trainer
 from audio_residual.training import prefix as prefix_module
 from audio_residual.training.prefix import StagePrefix, embed_from_stage, stage_input
+from audio_residual.workspace import Workspace
 
 
 @pytest.fixture(scope="module")
 def experiment(synthetic_esc50, tmp_path_factory):
-    return Experiment.open(synthetic_esc50, model="tiny", cache_dir=tmp_path_factory.mktemp("cache"), device="cpu")
+    return Workspace.open(synthetic_esc50, model="tiny", cache_dir=tmp_path_factory.mktemp("cache"), device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_sweep_runs_with_the_same_first_stage_share_prefix_and_statistics(experi
     monkeypatch.setattr(trainer.ResidualStatistics, "fit", lambda *a, **k: fits.append(k.get("forward")) or real_fit(*a, **k))
     for lr in (0.01, 0.1):  # two sweep points on one fold
         train_residual_fold(experiment, split, TrainConfig(stages=(3,), epochs=1, lr=lr, batch_size=12),
-                            out_dir=tmp_path / f"run{lr}", stats_dir=tmp_path / "stats")
+                            out=tmp_path)
     assert len(fits) == 1 and fits[0] is not None  # fitted once, from the cached stage-3 input
     stats = ResidualStatistics.load(next((tmp_path / "stats").glob("*.safetensors")))
     assert stats.stages() == [3]

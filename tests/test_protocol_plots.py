@@ -6,6 +6,7 @@ import pytest
 from matplotlib.container import ErrorbarContainer
 
 from audio_residual.evaluation import plots
+from audio_residual.io import save_figure
 
 
 @pytest.fixture
@@ -46,7 +47,7 @@ def test_accuracy_vs_parameters_points_spreads_and_panels(results, tmp_path):
         (zero_line,) = [line for line in ax.get_lines() if line.get_label() == "zeroshot (0 params)"]
         assert zero_line.get_ydata()[0] == pytest.approx(0.52)
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["zeroshot (0 params)", "linear_probe", "residual"]
-    plots.save(fig, tmp_path / "params.png")
+    save_figure(fig, tmp_path / "params.png")
 
 
 def test_accuracy_vs_parameters_without_shots_column(results):
@@ -66,7 +67,7 @@ def test_few_shot_curves_lines_per_method_and_full_data_levels(results, tmp_path
         (level,) = [line for line in ax.get_lines() if line.get_label() == f"{method} (full data)"]
         assert level.get_ydata()[0] == pytest.approx(stats(results, method)[0])
     assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "4"] and ax.get_xscale() == "log"
-    plots.save(fig, tmp_path / "few.png")
+    save_figure(fig, tmp_path / "few.png")
 
 
 def test_transfer_heatmap_cells_and_labels(tmp_path):
@@ -80,4 +81,4 @@ def test_transfer_heatmap_cells_and_labels(tmp_path):
     assert sorted(t.get_text() for t in ax.texts) == ["0.30", "0.40", "0.65", "0.70"]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["plain zero-shot", "esc50", "us8k"]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["esc50", "us8k"]
-    plots.save(fig, tmp_path / "transfer.png")
+    save_figure(fig, tmp_path / "transfer.png")

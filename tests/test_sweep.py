@@ -8,7 +8,6 @@ import pandas as pd
 import pytest
 
 from audio_residual.cli import main
-from audio_residual.experiment import Experiment
 from audio_residual.training import sweep as sweep_module
 from audio_residual.training.sweep import (
     choose_per_fold,
@@ -17,6 +16,7 @@ from audio_residual.training.sweep import (
     run_sweep,
     wandb_sweep_config,
 )
+from audio_residual.workspace import Workspace
 
 GRID = {"granularity": ["layer"], "lr": [0.05, 0.3], "epochs": [2], "fold": [1, 2]}
 BASE = {"batch_size": 16, "val_fraction": 0.2}
@@ -24,7 +24,7 @@ BASE = {"batch_size": 16, "val_fraction": 0.2}
 
 @pytest.fixture(scope="module")
 def experiment(synthetic_esc50, tmp_path_factory):
-    return Experiment.open(synthetic_esc50, model="tiny", cache_dir=tmp_path_factory.mktemp("cache"), device="cpu")
+    return Workspace.open(synthetic_esc50, model="tiny", cache_dir=tmp_path_factory.mktemp("cache"), device="cpu")
 
 
 def test_grid_and_wandb_config_agree():

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from audio_residual.experiment import Experiment
 from audio_residual.training import TrainConfig, TrainingDiverged, train_residual_fold
 from audio_residual.training.checkpoint import load_checkpoint, save_checkpoint
+from audio_residual.workspace import Workspace
 
 
 @pytest.fixture(scope="module")
 def experiment(synthetic_esc50, tmp_path_factory):
-    return Experiment.open(synthetic_esc50, model="tiny", cache_dir=tmp_path_factory.mktemp("cache"), device="cpu")
+    return Workspace.open(synthetic_esc50, model="tiny", cache_dir=tmp_path_factory.mktemp("cache"), device="cpu")
 
 
 def test_training_accuracy_rises_clearly_above_the_zero_shot_start(experiment):
@@ -47,11 +47,11 @@ def test_interrupted_run_resumes_from_its_checkpoint(experiment, tmp_path, monke
 
     monkeypatch.setattr(trainer, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        train_residual_fold(experiment, split, config, out_dir=tmp_path)
+        train_residual_fold(experiment, split, config, out=tmp_path)
     _, info = load_checkpoint(tmp_path / f"fold{split.fold}" / "checkpoint.safetensors")
     assert info["epoch"] == 2
     monkeypatch.setattr(trainer, "save_checkpoint", real_save)
-    resumed = train_residual_fold(experiment, split, config, out_dir=tmp_path)
+    resumed = train_residual_fold(experiment, split, config, out=tmp_path)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
     np.testing.assert_allclose(resumed.test_logits, full.test_logits, rtol=1e-4, atol=1e-4)
     assert json.loads((tmp_path / f"fold{split.fold}" / "result.json").read_text())["fold"] == split.fold
@@ -60,9 +60,9 @@ def test_interrupted_run_resumes_from_its_checkpoint(experiment, tmp_path, monke
 
 def test_checkpoint_for_another_config_is_not_reused(experiment, tmp_path):
     split = experiment.splits(val_fraction=0.2)[2]
-    train_residual_fold(experiment, split, TrainConfig(granularity="layer", epochs=1, batch_size=16), out_dir=tmp_path)
+    train_residual_fold(experiment, split, TrainConfig(granularity="layer", epochs=1, batch_size=16), out=tmp_path)
     other = train_residual_fold(
-        experiment, split, TrainConfig(granularity="layer", epochs=2, lr=0.02, batch_size=16), out_dir=tmp_path
+        experiment, split, TrainConfig(granularity="layer", epochs=2, lr=0.02, batch_size=16), out=tmp_path
     )
     assert [h["epoch"] for h in other.history] == [1, 2]
 

@@ -14,14 +14,14 @@ from audio_residual.clap.loading import load_clap
 from audio_residual.data_processing import ClipTable, FeatureCache, load_esc50, make_synthetic_esc50
 from audio_residual.evaluation.transfer import (
     PLAIN_ROW,
-    target_experiment,
+    target_workspace,
     transfer_accuracy,
     transfer_logits,
     transfer_matrix,
     transfer_table,
 )
-from audio_residual.experiment import Experiment
 from audio_residual.residual.units import build_residual
+from audio_residual.workspace import Workspace
 
 
 def classes(table: ClipTable, keep: list[int], name: str) -> ClipTable:
@@ -41,23 +41,23 @@ def pair(tmp_path_factory, single_thread):
                                            sample_rate=16000))  # fmt: skip
     bundle = load_clap("tiny", device="cpu", class_names=full.class_names)
     table_a = classes(full, [0, 1, 2], "a")
-    exp_a = Experiment(table_a, bundle, FeatureCache(tmp / "cache" / "features", bundle.feature_extractor).compute(table_a))
-    exp_b = target_experiment(exp_a, classes(full, [3, 4], "b"), cache_dir=tmp / "cache")
+    exp_a = Workspace(table_a, bundle, FeatureCache(tmp / "cache" / "features", bundle.feature_extractor).compute(table_a))
+    exp_b = target_workspace(exp_a, classes(full, [3, 4], "b"), cache_dir=tmp / "cache")
     assert set(exp_a.table.class_names).isdisjoint(exp_b.table.class_names)
     stats = ResidualStatistics.fit(bundle.model, exp_a.features.input_features, exp_a.valid_indices(), batch_size=9)
     return exp_a, exp_b, build_residual(stats, granularity="head")
 
 
-def trained(residual, exp, steps: int = 5):
+def trained(residual, ws, steps: int = 5):
     """A few cross-entropy steps on A's clips: λ moves away from 1 as in real training."""
     residual = copy.deepcopy(residual)
     optimizer = torch.optim.Adam(residual.parameters(), lr=0.2)
-    rows = exp.valid_indices()
-    x, longer = exp.batch(rows)
+    rows = ws.valid_indices()
+    x, longer = ws.batch(rows)
     for _ in range(steps):
-        with residual.attached(exp.bundle.model):
-            logits = exp.classifier.logits(audio_embeddings(exp.bundle.model, x, longer))
-        loss = F.cross_entropy(logits, torch.as_tensor(exp.table.labels[rows]))
+        with residual.attached(ws.bundle.model):
+            logits = ws.classifier.logits(audio_embeddings(ws.bundle.model, x, longer))
+        loss = F.cross_entropy(logits, torch.as_tensor(ws.table.labels[rows]))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from audio_residual.clap.loading import DEFAULT_MODEL
+from audio_residual.layout import RunLayout
 
 WANDB_CHOICES = {"auto": "auto", "on": True, "off": False}  # sweep/experiment: W&B if logged in, always, never
 INTERRUPTED_EXIT = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
@@ -94,12 +95,12 @@ def _common(parser: argparse.ArgumentParser, data_required: bool = True) -> None
 
 
 def _open(args):
-    """The experiment of the command's options; its provenance is written to OUT/provenance.json."""
+    """The workspace of the command's options; its provenance is written to OUT/provenance.json."""
     from audio_residual.clap.classifier import DEFAULT_TEMPLATES
-    from audio_residual.experiment import Experiment
     from audio_residual.io import write_json
+    from audio_residual.workspace import Workspace
 
-    exp = Experiment.open(
+    ws = Workspace.open(
         args.data,
         model=args.model,
         cache_dir=args.cache,
@@ -114,11 +115,11 @@ def _open(args):
         min_seconds=args.min_seconds,
         feature_workers=args.workers,
     )
-    write_json(args.out / "provenance.json", exp.provenance())
-    return exp
+    write_json(RunLayout(args.out).provenance, ws.provenance())
+    return ws
 
 
-def _report_skipped(exp, out: Path) -> None:
+def _report_skipped(ws, out: Path) -> None:
     """OUT/skipped.csv (files left out) and OUT/warnings.csv (files used but suspect: clipping, DC only).
 
     Each is removed when empty, so a list from an earlier run never outlives the files it named.
@@ -127,12 +128,12 @@ def _report_skipped(exp, out: Path) -> None:
 
     from audio_residual.io import write_csv
 
+    layout = RunLayout(out)
     lists = [
-        ("skipped.csv", exp.features.skipped, "skipped {n} bad file(s)"),
-        ("warnings.csv", exp.features.warnings, "{n} clip(s) used despite a warning (clipping, DC only)"),
+        (layout.skipped, ws.features.skipped, "skipped {n} bad file(s)"),
+        (layout.warnings, ws.features.warnings, "{n} clip(s) used despite a warning (clipping, DC only)"),
     ]
-    for name, entries, message in lists:
-        path = out / name
+    for path, entries, message in lists:
         if entries:
             write_csv(path, pd.DataFrame(entries, columns=["filename", "reason"]))
             print(f"{message.format(n=len(entries))}, listed in {path}")
@@ -140,11 +141,11 @@ def _report_skipped(exp, out: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def _check_folds(exp, folds, option: str) -> None:
+def _check_folds(ws, folds, option: str) -> None:
     """Folds asked for on the command line must exist in the dataset (checked before any training)."""
-    unknown = sorted(set(folds) - set(exp.table.fold_ids))
+    unknown = sorted(set(folds) - set(ws.table.fold_ids))
     if unknown:
-        raise ValueError(f"{option}: no fold {unknown[0]} in {exp.table.name!r}: folds are {list(exp.table.fold_ids)}")
+        raise ValueError(f"{option}: no fold {unknown[0]} in {ws.table.name!r}: folds are {list(ws.table.fold_ids)}")
 
 
 def _read_grid(path: Path | None) -> dict:
@@ -186,11 +187,11 @@ def cmd_zeroshot(args) -> None:
     from audio_residual.evaluation.zeroshot import summarize, zero_shot_by_fold
     from audio_residual.io import write_csv
 
-    exp = _open(args)
-    print("provenance:", json.dumps(exp.provenance()))
-    _report_skipped(exp, args.out)
-    frame = zero_shot_by_fold(exp, batch_size=args.batch_size)
-    path = write_csv(args.out / "zeroshot.csv", frame)
+    ws = _open(args)
+    print("provenance:", json.dumps(ws.provenance()))
+    _report_skipped(ws, args.out)
+    frame = zero_shot_by_fold(ws, batch_size=args.batch_size)
+    path = write_csv(RunLayout(args.out).zeroshot, frame)
     print(frame.to_string(index=False))
     print(summarize(frame), f"→ {path}")
 
@@ -210,11 +211,11 @@ def cmd_analyze(args) -> None:
     matplotlib.use("Agg")  # headless: figures are only written to PNG
     from audio_residual.analysis.run import run_analysis
 
-    exp = _open(args)
-    _check_folds(exp, [args.fold], "--fold")
-    _report_skipped(exp, args.out)
+    ws = _open(args)
+    _check_folds(ws, [args.fold], "--fold")
+    _report_skipped(ws, args.out)
     result = run_analysis(
-        exp,
+        ws,
         args.fold,
         args.out,
         tokens_per_clip=args.tokens_per_clip,
@@ -223,7 +224,7 @@ def cmd_analyze(args) -> None:
         ablation_max_clips=args.ablation_max_clips,
         pattern_cap=args.pattern_cap,
     )
-    for name, path in result["paths"].items():
+    for name, path in result.paths.items():
         print(f"{name}: {path}")
 
 
@@ -290,56 +291,56 @@ def cmd_train_residual(args) -> None:
     from audio_residual.evaluation import ResultsStore, write_report
     from audio_residual.training.run import train_all_folds
     from audio_residual.training.tracking import RunTracker
-    from audio_residual.training.trainer import run_directory
+    from audio_residual.training.trainer import run_key
 
     config = _train_config(args)
-    exp = _open(args)
-    _check_folds(exp, args.folds or [], "--folds")
-    _report_skipped(exp, args.out)
+    ws = _open(args)
+    _check_folds(ws, args.folds or [], "--folds")
+    _report_skipped(ws, args.out)
     tracker = RunTracker(args.wandb, config=asdict(config), job_type="train-residual", wandb_dir=args.out)
-    store = ResultsStore(args.out / "results.csv")
-    rows = train_all_folds(exp, config, args.out, store, folds=args.folds, force=args.force, tracker=tracker)
+    layout = RunLayout(args.out)
+    store = ResultsStore(layout.results)
+    rows = train_all_folds(ws, config, args.out, store, folds=args.folds, force=args.force, tracker=tracker)
     tracker.finish()
-    write_report(store, args.out, class_names=exp.table.class_names)
+    write_report(store, args.out, class_names=ws.table.class_names)
     columns = ["fold", "accuracy", "top5", "val_accuracy", "trainable_params", "seconds"]
-    if len(exp.table.class_names) <= 5:  # top-5 of at most 5 classes is always 1
+    if len(ws.table.class_names) <= 5:  # top-5 of at most 5 classes is always 1
         columns.remove("top5")
     print(rows[columns].to_string(index=False))
-    print(f"{config.variant} results → {args.out / 'results.csv'}; λ and figures → {run_directory(args.out, exp, config)}")
+    print(f"{config.variant} results → {layout.results}; λ and figures → {layout.run(run_key(ws, config))}")
 
 
 def cmd_sweep(args) -> None:
     from audio_residual.training.sweep import choose_per_fold, mean_ranking, run_sweep
 
     grid = _read_grid(args.grid)
-    exp = _open(args)
-    _check_folds(exp, grid.get("fold", []), f"--grid {args.grid}")
-    _report_skipped(exp, args.out)
+    ws = _open(args)
+    _check_folds(ws, grid.get("fold", []), f"--grid {args.grid}")
+    _report_skipped(ws, args.out)
     base = {"batch_size": args.batch_size, "val_fraction": args.val_fraction}
-    frame = run_sweep(exp, args.out, grid=grid, base=base, use_wandb=WANDB_CHOICES[args.wandb])
+    frame = run_sweep(ws, args.out, grid=grid, base=base, use_wandb=WANDB_CHOICES[args.wandb])
     print(mean_ranking(frame).to_string(index=False))
     for fold, options in choose_per_fold(frame).items():
         print(f"fold {fold}: chosen on its own validation split: {options}")
-    print(f"table → {args.out / 'sweep.csv'}")
+    print(f"table → {RunLayout(args.out).sweep}")
 
 
 def cmd_experiment(args) -> None:
-    from audio_residual.demo import run_experiment, write_experiment_report
+    from audio_residual.study import run_study
 
     grid = _read_grid(args.grid)
-    exp = _open(args)
-    _check_folds(exp, grid.get("fold", []), f"--grid {args.grid}")
-    _check_folds(exp, [args.analysis_fold], "--analysis-fold")
-    _report_skipped(exp, args.out)
+    ws = _open(args)
+    _check_folds(ws, grid.get("fold", []), f"--grid {args.grid}")
+    _check_folds(ws, [args.analysis_fold], "--analysis-fold")
+    _report_skipped(ws, args.out)
     base = {"batch_size": args.batch_size, "val_fraction": args.val_fraction}
-    outcome = run_experiment(
-        exp, args.out, grid, base, analysis_fold=args.analysis_fold, finetune_epochs=args.finetune_epochs,
+    outcome = run_study(
+        ws, args.out, grid, base, analysis_fold=args.analysis_fold, finetune_epochs=args.finetune_epochs,
         use_wandb=WANDB_CHOICES[args.wandb],
         analysis_options={"ablation_max_clips": args.ablation_max_clips},
     )
-    report = write_experiment_report(exp, outcome, args.out)
-    print(outcome["table"])
-    print(f"report → {report}")
+    print(outcome.table)
+    print(f"report → {RunLayout(args.out).report}")
 
 
 def cmd_demo(args) -> None:

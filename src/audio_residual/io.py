@@ -59,3 +59,10 @@ def write_csv(path: str | Path, frame: pd.DataFrame) -> Path:
 def digest(value) -> str:
     """A short stable hash of a JSON-able value: how stored results, statistics and sweep rows are keyed."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save_figure(fig, path: str | Path, dpi: int = 150) -> Path:
+    """A matplotlib figure as PNG, written atomically (a crash never leaves a truncated image)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    return Path(path)

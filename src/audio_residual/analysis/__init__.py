@@ -2,7 +2,7 @@
 
 from audio_residual.analysis.ablation import head_ablation, head_mean, mean_ablated, select_clips
 from audio_residual.analysis.patterns import PatternReservoir, collect_patterns, gram_eigenvalues
-from audio_residual.analysis.run import run_analysis
+from audio_residual.analysis.run import AnalysisResult, run_analysis
 from audio_residual.analysis.spectra import (
     ID_THRESHOLDS,
     TABLE_COLUMNS,
@@ -41,6 +41,7 @@ __all__ = [
     "parse_unit",
     "participation_ratio",
     "pca_from_moments",
+    "AnalysisResult",
     "run_analysis",
     "select_clips",
     "spectra_table",

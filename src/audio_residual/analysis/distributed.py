@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     """torchrun entry: sharded feature extraction, then the sharded statistics pass of one fold's training clips."""
     from audio_residual.analysis.stats import ResidualStatistics
     from audio_residual.clap.loading import load_clap
-    from audio_residual.experiment import Experiment, resolve_dataset
+    from audio_residual.workspace import Workspace, resolve_dataset
 
     parser = argparse.ArgumentParser(prog="python -m audio_residual.analysis.distributed", description=main.__doc__)
     parser.add_argument("--data", required=True, help="dataset folder or 'esc50'")
@@ -136,11 +136,11 @@ def main(argv: list[str] | None = None) -> None:
         table = resolve_dataset(args.data)
         bundle = load_clap(args.model, device="cuda" if cuda else "cpu", amp=args.amp, class_names=table.class_names)
         cache = ShardedFeatureCache(args.cache / "features", bundle.feature_extractor)
-        exp = Experiment(table, bundle, cache.compute(table, workers=args.workers))
-        split = exp.split(args.fold)
+        ws = Workspace(table, bundle, cache.compute(table, workers=args.workers))
+        split = ws.split(args.fold)
         stats = ResidualStatistics.fit(
-            bundle.model, exp.features.input_features, split.train, batch_size=args.batch_size,
-            autocast=bundle.autocast, device=bundle.device, is_longer=exp.features.is_longer, distributed=True,
+            bundle.model, ws.features.input_features, split.train, batch_size=args.batch_size,
+            autocast=bundle.autocast, device=bundle.device, is_longer=ws.features.is_longer, distributed=True,
             metadata={"model_id": bundle.model_id, "dataset": table.name, "fold": args.fold, "fit_on": "train",
                       "processes": dist.get_world_size()},
         )

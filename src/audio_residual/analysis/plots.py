@@ -7,21 +7,12 @@ No backend is chosen here, so notebooks keep inline plots; headless callers (CLI
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
 from audio_residual.analysis.spectra import parse_unit
-from audio_residual.io import atomic_path
-
-
-def save(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
-    """Write a PNG atomically (temp file + rename), so a crash never leaves a truncated image."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-    return Path(path)
 
 
 def _figure(width: float, height: float) -> Figure:

@@ -3,21 +3,34 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 from audio_residual.analysis import plots
 from audio_residual.analysis.ablation import head_ablation
 from audio_residual.analysis.patterns import PatternReservoir
 from audio_residual.analysis.spectra import evr_curves, explained_variance_ratio, spectra_table
 from audio_residual.analysis.stats import ResidualStatistics
-from audio_residual.io import write_csv, write_json
+from audio_residual.io import save_figure, write_csv, write_json
+
+
+@dataclass
+class AnalysisResult:
+    """What one fold's analysis produced: the fitted statistics, the tables and the figures (also on disk)."""
+
+    stats: ResidualStatistics
+    spectra: pd.DataFrame  # one row per unit and view (contribution PCA, attention-pattern PCA)
+    ablation: pd.DataFrame  # one row per mean-ablated head
+    figures: dict[str, Figure]  # shown inline by notebooks, saved as PNG beside the tables
+    paths: dict[str, Path]
 
 
 def run_analysis(
-    exp,
+    ws,
     fold: int,
     out_dir: str | Path,
     tokens_per_clip: int | None = None,
@@ -25,26 +38,26 @@ def run_analysis(
     ablation_stages: Sequence[int] | None = None,
     ablation_max_clips: int | None = None,
     pattern_cap: int = 512,
-) -> dict:
+) -> AnalysisResult:
     """Fit statistics on fold `fold`'s TRAINING clips only, then write, under `out_dir`:
 
     stats_fold{K}.safetensors, heads.csv (one row per unit: contribution PCA of heads/blocks/layers and
     pattern PCA of heads, column `view`), ablation.csv (mean-ablated heads on the fold's test clips),
-    summary.json and PNG figures. Returns the paths and the frames (`spectra`, `ablation`) and `stats`.
+    summary.json and PNG figures.
     """
     out = Path(out_dir)
-    split = exp.split(fold)
+    split = ws.split(fold)
     if len(split.train) == 0:
         raise ValueError(f"fold {fold} has no training clips to fit statistics on")
-    bundle, features = exp.bundle, exp.features
-    train_folds = sorted({int(f) for f in exp.table.folds[split.train]})
+    bundle, features = ws.bundle, ws.features
+    train_folds = sorted({int(f) for f in ws.table.folds[split.train]})
     metadata = {
         "model_id": bundle.model_id,
-        "dataset": exp.table.name,
+        "dataset": ws.table.name,
         "fold": int(fold),
         "fit_on": "train",
         "train_folds": train_folds,
-        "provenance": exp.provenance(),
+        "provenance": ws.provenance(),
     }
     # One forward for both: the moments and the attention-pattern reservoir ride the same hooks' pass.
     reservoir = PatternReservoir(cap=pattern_cap)
@@ -66,9 +79,9 @@ def run_analysis(
     paths["heads"] = write_csv(out / "heads.csv", spectra)
 
     ablation = head_ablation(
-        exp.classifier,
+        ws.classifier,
         features.input_features,
-        exp.table.labels,
+        ws.table.labels,
         split.test,
         stats,
         stages=ablation_stages,
@@ -90,7 +103,7 @@ def run_analysis(
         "ablation": plots.ablation_heatmap(ablation),
     }
     for name, fig in figures.items():
-        paths[f"png_{name}"] = plots.save(fig, out / f"{name}.png")
+        paths[f"png_{name}"] = save_figure(fig, out / f"{name}.png")
     summary = {
         **stats.metadata,
         "test_clips": int(len(split.test)),
@@ -100,4 +113,4 @@ def run_analysis(
         "pattern_windows_seen": reservoir.seen,
     }
     paths["summary"] = write_json(out / "summary.json", summary)
-    return {"paths": paths, "spectra": spectra, "ablation": ablation, "stats": stats}
+    return AnalysisResult(stats, spectra, ablation, figures, paths)

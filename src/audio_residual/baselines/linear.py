@@ -1,6 +1,6 @@
 """A cheap baseline on frozen, cached CLAP audio embeddings: a contrastive linear adapter.
 
-It trains on the CPU in seconds from the (n, D) L2-normalised embeddings that `Experiment.embed` returns,
+It trains on the CPU in seconds from the (n, D) L2-normalised embeddings that `Workspace.embed` returns,
 so every fold reuses one embedding pass. Hyper-parameters are chosen on the validation split only.
 """
 

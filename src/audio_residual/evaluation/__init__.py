@@ -1,4 +1,4 @@
-"""Evaluation: metrics, zero-shot by fold, the results store and comparison, plots, and the baseline runner."""
+"""Evaluation: metrics, zero-shot by fold, the keyed results store, paired comparison, plots and the report."""
 
 from audio_residual.evaluation.compare import (
     RESULT_COLUMNS,
@@ -13,7 +13,7 @@ from audio_residual.evaluation.compare import (
     summed_confusion,
 )
 from audio_residual.evaluation.metrics import topk_accuracy
-from audio_residual.evaluation.run import run_baselines, write_report
+from audio_residual.evaluation.report import write_report
 
 __all__ = [
     "RESULT_COLUMNS",
@@ -24,7 +24,6 @@ __all__ = [
     "paired_tests",
     "per_class_accuracy",
     "per_class_deltas",
-    "run_baselines",
     "summary_table",
     "summed_confusion",
     "topk_accuracy",

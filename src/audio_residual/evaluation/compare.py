@@ -3,7 +3,7 @@
 The store is the one place results go, whichever code produced them:
 
     store = ResultsStore(out_dir / "results.csv")
-    key = exp.key({"method": "residual", "config": ...})   # everything that produces the row
+    key = ws.key({"method": "residual", "config": ...})   # everything that produces the row
     if not store.reuse("residual", fold, key):
         store.add_evaluation("residual", fold, key, test_logits, test_labels, n_classes, trainable_params=96, seconds=t)
 
@@ -93,7 +93,7 @@ class ResultsStore:
 
     A row is identified by (method, fold, key), where `key` digests everything that produced it: the data
     as the model saw it, the model, the preprocessing, the templates and the method's own options (see
-    `Experiment.key`). `reuse` finds a stored row only under the same key, so a rerun with other options
+    `Workspace.key`). `reuse` finds a stored row only under the same key, so a rerun with other options
     computes new rows instead of returning old ones. Rows found by `reuse` or written by `add` form this
     session's selection (one key per method), and `frame` — what every table, figure and report reads —
     holds only those rows; `all_rows` is everything on disk. Arrays of a row go to

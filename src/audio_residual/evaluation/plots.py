@@ -7,21 +7,10 @@ picks a backend nor leaks open figures; Jupyter still displays the returned obje
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
-
-from audio_residual.io import atomic_path
-
-
-def save(fig: Figure, path: str | Path, dpi: int = 150) -> Path:
-    """Write the figure as PNG atomically (a crash never leaves a truncated image)."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-    return Path(path)
 
 
 def fold_accuracy(results: pd.DataFrame, metric: str = "accuracy") -> Figure:

@@ -19,34 +19,34 @@ import torch
 from audio_residual.baselines.linear import ContrastiveAdapter
 from audio_residual.data_processing import ClipTable, FeatureCache
 from audio_residual.evaluation.metrics import topk_accuracy
-from audio_residual.experiment import DEFAULT_CACHE, Experiment
 from audio_residual.residual.units import ResiDual
 from audio_residual.training.trainer import residual_logits
+from audio_residual.workspace import DEFAULT_CACHE, Workspace
 
 Adapted = ResiDual | ContrastiveAdapter | None
 TRANSFER_COLUMNS = ("source", "method", "target", "encoders", "accuracy", "accuracy_std", "zeroshot", "retention")
 PLAIN_ROW = "plain zero-shot"
 
 
-def target_experiment(
-    source: Experiment,
+def target_workspace(
+    source: Workspace,
     table: ClipTable,
     cache_dir: str | Path = DEFAULT_CACHE,
     on_bad_file: str = "error",
     int16_roundtrip: bool = True,
-) -> Experiment:
+) -> Workspace:
     """Dataset B on the model of `source`: adapted encoders were fitted to that model, so B must use it too.
 
     (The offline tiny model learns its tokenizer from class names: load it with A's and B's names.)
     """
     bundle = source.bundle
     cache = FeatureCache(Path(cache_dir) / "features", bundle.feature_extractor, int16_roundtrip=int16_roundtrip)
-    return Experiment(table, bundle, cache.compute(table, on_bad_file=on_bad_file), source.templates)
+    return Workspace(table, bundle, cache.compute(table, on_bad_file=on_bad_file), source.templates)
 
 
 @torch.no_grad()
 def transfer_logits(
-    target: Experiment, adapted: Adapted = None, rows: np.ndarray | None = None, batch_size: int = 32
+    target: Workspace, adapted: Adapted = None, rows: np.ndarray | None = None, batch_size: int = 32
 ) -> torch.Tensor:
     """Zero-shot logits over the target's classes, (len(rows), C_B), on the CPU; rows default to all of B."""
     rows = target.valid_indices() if rows is None else np.asarray(rows)
@@ -59,13 +59,13 @@ def transfer_logits(
     return residual_logits(target, adapted, rows, batch_size)
 
 
-def transfer_accuracy(target: Experiment, adapted: Adapted = None, rows: np.ndarray | None = None) -> float:
+def transfer_accuracy(target: Workspace, adapted: Adapted = None, rows: np.ndarray | None = None) -> float:
     rows = target.valid_indices() if rows is None else np.asarray(rows)
     return topk_accuracy(transfer_logits(target, adapted, rows), target.table.labels[rows], 1)
 
 
 def transfer_table(
-    targets: Mapping[str, Experiment], encoders: Mapping[tuple[str, str], Adapted | Sequence[Adapted]]
+    targets: Mapping[str, Workspace], encoders: Mapping[tuple[str, str], Adapted | Sequence[Adapted]]
 ) -> pd.DataFrame:
     """One row per (source A, method, target B ≠ A): B's accuracy with A's adapted encoder(s) and without.
 
@@ -73,14 +73,14 @@ def transfer_table(
     mean and `accuracy_std` their sample standard deviation (0 for one). `zeroshot` is the plain
     model on the same clips, and `retention` = accuracy − zeroshot (negative: CLAP's ability was lost).
     """
-    plain = {name: transfer_accuracy(exp) for name, exp in targets.items()}
+    plain = {name: transfer_accuracy(ws) for name, ws in targets.items()}
     records = []
     for (source, method), adapted in encoders.items():
         group = list(adapted) if isinstance(adapted, Sequence) else [adapted]
-        for name, exp in targets.items():
+        for name, ws in targets.items():
             if name == source:
                 continue
-            scores = np.array([transfer_accuracy(exp, encoder) for encoder in group])
+            scores = np.array([transfer_accuracy(ws, encoder) for encoder in group])
             records.append(
                 {
                     "source": source,

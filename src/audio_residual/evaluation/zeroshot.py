@@ -6,16 +6,16 @@ import numpy as np
 import pandas as pd
 
 from audio_residual.evaluation.metrics import topk_accuracy
-from audio_residual.experiment import Experiment
+from audio_residual.workspace import Workspace
 
 
-def zero_shot_by_fold(exp: Experiment, batch_size: int = 32) -> pd.DataFrame:
+def zero_shot_by_fold(ws: Workspace, batch_size: int = 32) -> pd.DataFrame:
     """One row per fold: fold, n, accuracy, top5 (each clip is embedded once, whatever the fold count)."""
-    rows = exp.valid_indices()
-    logits = exp.classifier.logits(exp.embed(rows, batch_size=batch_size, desc="zero-shot"))
-    labels, folds = exp.table.labels[rows], exp.table.folds[rows]
+    rows = ws.valid_indices()
+    logits = ws.classifier.logits(ws.embed(rows, batch_size=batch_size, desc="zero-shot"))
+    labels, folds = ws.table.labels[rows], ws.table.folds[rows]
     records = []
-    for fold in exp.table.fold_ids:
+    for fold in ws.table.fold_ids:
         mask = folds == fold
         records.append(
             {

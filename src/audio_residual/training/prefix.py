@@ -91,11 +91,11 @@ def _locked(path: Path):
 
 
 class StagePrefix:
-    """Stage-`stage` inputs of an experiment's valid clips (row-aligned with its table)."""
+    """Stage-`stage` inputs of a workspace's valid clips (row-aligned with its table)."""
 
-    def __init__(self, exp, stage: int, batch_size: int = 32):
-        self.exp, self.stage = exp, int(stage)
-        self.model, self.device = exp.bundle.model, exp.bundle.device
+    def __init__(self, ws, stage: int, batch_size: int = 32):
+        self.exp, self.stage = ws, int(stage)
+        self.model, self.device = ws.bundle.model, ws.bundle.device
         self.hidden, self.dtype = self._build(batch_size)
 
     def folder(self) -> Path | None:

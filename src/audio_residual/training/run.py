@@ -12,31 +12,31 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from audio_residual.evaluation.compare import ResultsStore
-from audio_residual.experiment import Experiment
-from audio_residual.io import write_csv
+from audio_residual.io import save_figure, write_csv
+from audio_residual.layout import FoldLayout, RunLayout
 from audio_residual.residual.units import ResiDual
-from audio_residual.training.trainer import TrainConfig, run_directory, train_residual_fold
+from audio_residual.training.trainer import TrainConfig, run_key, train_residual_fold
+from audio_residual.workspace import Workspace
 
 if TYPE_CHECKING:
     from audio_residual.training.tracking import RunTracker
 
 
-def save_lambda_figures(lambda_path: Path, out_dir: Path, title: str) -> pd.DataFrame:
-    """λ table (CSV) and pictures of a trained ResiDual file; returns the table."""
-    from audio_residual.analysis.plots import save
+def save_lambda_figures(files: FoldLayout, title: str) -> pd.DataFrame:
+    """λ table (CSV) and pictures of a trained fold's ResiDual file; returns the table."""
     from audio_residual.residual.plots import lambda_heatmap, lambda_profile
 
-    table = pd.DataFrame(ResiDual.load(lambda_path).lambda_table())
-    write_csv(out_dir / "lambdas.csv", table)
-    save(lambda_heatmap(table, title=f"{title}: λ per component"), out_dir / "lambda_heatmap.png")
-    save(lambda_profile(table, title=f"{title}: λ by component rank"), out_dir / "lambda_profile.png")
+    table = pd.DataFrame(ResiDual.load(files.lambdas).lambda_table())
+    write_csv(files.lambda_table, table)
+    save_figure(lambda_heatmap(table, title=f"{title}: λ per component"), files.root / "lambda_heatmap.png")
+    save_figure(lambda_profile(table, title=f"{title}: λ by component rank"), files.root / "lambda_profile.png")
     return table
 
 
 def train_all_folds(
-    exp: Experiment,
+    ws: Workspace,
     config: TrainConfig | Mapping[int, TrainConfig],
-    out_dir: str | Path,
+    out: str | Path | RunLayout,
     store: ResultsStore,
     method: str | None = None,
     folds: list[int] | None = None,
@@ -48,45 +48,44 @@ def train_all_folds(
 
     `config` is one configuration for every fold, or one per fold (a nested choice: fold k's configuration
     chosen without fold k). `procedure` describes how the configurations were obtained and keys the rows;
-    by default it is the configuration itself. Checkpoints, λ and figures go to `run_directory(out_dir, exp,
-    config)`; a sweep into the same `out_dir` has already trained (and timed) a configuration, so its folds
-    are resumed, not retrained. Rows are labelled `method`, by default the variant's name (`config.variant`:
+    by default it is the configuration itself. Checkpoints, λ and figures go to `out`'s run folder of each
+    configuration (`RunLayout.fold`); a sweep into the same `out` has already trained (and timed) a
+    configuration, so its folds are resumed, not retrained. Rows are labelled `method`, by default the variant's name (`config.variant`:
     "residual", "residual-paper", …; "residual-mixed" when the folds' chosen variants differ).
     """
-    out_dir = Path(out_dir)
+    layout = RunLayout.of(out)
     per_fold = config if isinstance(config, Mapping) else None
     if method is None:
         variants = {c.variant for c in (per_fold or {0: config}).values()}
         method = variants.pop() if len(variants) == 1 else "residual-mixed"
     if per_fold is None:
         procedure = procedure or {"method": method, "config": asdict(config)}
-        per_fold = {s.fold: config for s in exp.splits(config.val_fraction, config.seed)}
+        per_fold = {s.fold: config for s in ws.splits(config.val_fraction, config.seed)}
     elif procedure is None:
         raise ValueError("per-fold configurations need the procedure that chose them (it keys the results)")
-    key = exp.key(procedure)
-    n_classes = len(exp.table.class_names)
+    key = ws.key(procedure)
+    n_classes = len(ws.table.class_names)
     todo = [fold for fold in sorted(per_fold) if folds is None or fold in folds]
     for fold in tqdm(todo, desc=f"{method} folds"):
         fold_config = per_fold[fold]
         if store.reuse(method, fold, key) and not force:
             continue
-        split = exp.split(fold, fold_config.val_fraction, fold_config.seed)
-        run_dir = run_directory(out_dir, exp, fold_config)
-        result = train_residual_fold(exp, split, fold_config, out_dir=run_dir, logger=tracker, stats_dir=out_dir / "stats")
+        split = ws.split(fold, fold_config.val_fraction, fold_config.seed)
+        result = train_residual_fold(ws, split, fold_config, out=layout, logger=tracker)
         store.add_evaluation(
             method, fold, key, result.test_logits, result.test_labels, n_classes, result.trainable_params,
             result.seconds, val_accuracy=result.val_accuracy, best_epoch=result.best_epoch, config=fold_config.digest(),
         )
-        save_lambda_figures(run_dir / f"fold{fold}" / "lambda.safetensors", run_dir / f"fold{fold}", method)
+        save_lambda_figures(layout.fold(run_key(ws, fold_config), fold), method)
     return store.frame[store.frame["method"] == method]
 
 
 def train_chosen_per_fold(
-    exp: Experiment,
+    ws: Workspace,
     sweep: pd.DataFrame,
     grid: dict,
     base: dict,
-    out_dir: str | Path,
+    out: str | Path | RunLayout,
     store: ResultsStore,
     coarse: bool = True,
 ) -> dict[int, dict]:
@@ -100,8 +99,8 @@ def train_chosen_per_fold(
     chosen = choose_per_fold(sweep)
     configs = {fold: TrainConfig.from_dict({**base, **options}) for fold, options in chosen.items()}
     procedure = {"selection": "best validation accuracy of each fold's own split", "grid": grid, "base": base}
-    train_all_folds(exp, configs, out_dir, store, procedure=procedure)
+    train_all_folds(ws, configs, out, store, procedure=procedure)
     if coarse:
         coarse_configs = {fold: dataclasses.replace(c, coarse=True) for fold, c in configs.items()}
-        train_all_folds(exp, coarse_configs, out_dir, store, procedure={**procedure, "coarse": True})
+        train_all_folds(ws, coarse_configs, out, store, procedure={**procedure, "coarse": True})
     return chosen

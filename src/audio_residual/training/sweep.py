@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from audio_residual.experiment import Experiment
 from audio_residual.io import write_csv
+from audio_residual.layout import RunLayout
 from audio_residual.training.tracking import RunTracker, wandb_available
-from audio_residual.training.trainer import TrainConfig, run_directory, train_residual_fold
+from audio_residual.training.trainer import TrainConfig, train_residual_fold
+from audio_residual.workspace import Workspace
 
 RESULT_COLUMNS = (
     "best_epoch",
@@ -94,14 +95,14 @@ class SweepTable:
         write_csv(self.path, self.all_rows)
 
 
-def train_point(exp: Experiment, point: dict, base: dict, out_dir: Path, tracker: RunTracker | None = None) -> dict:
+def train_point(ws: Workspace, point: dict, base: dict, out: RunLayout, tracker: RunTracker | None = None) -> dict:
     """Train one grid point on its fold; returns the row (validation and test accuracy, params, time)."""
     options = {**base, **{k: v for k, v in point.items() if k != "fold"}}
     config = TrainConfig.from_dict(options)
     fold = int(point.get("fold", 1))
-    split = exp.split(fold, config.val_fraction, config.seed)
+    split = ws.split(fold, config.val_fraction, config.seed)
     result = train_residual_fold(
-        exp, split, config, out_dir=run_directory(out_dir, exp, config), logger=tracker, stats_dir=out_dir / "stats"
+        ws, split, config, out=out, logger=tracker
     )
     row = result.row()
     if tracker is not None:
@@ -111,18 +112,18 @@ def train_point(exp: Experiment, point: dict, base: dict, out_dir: Path, tracker
 
 
 def run_sweep(
-    exp: Experiment,
-    out_dir: str | Path,
+    ws: Workspace,
+    out: str | Path | RunLayout,
     grid: dict[str, list] | None = None,
     base: dict | None = None,
     use_wandb: str | bool = "auto",
     project: str = "audio-residual",
 ) -> pd.DataFrame:
     """Run every grid point (W&B agent or local loop) and return the sweep table."""
-    out_dir = Path(out_dir)
+    layout = RunLayout.of(out)
     grid = grid or DEFAULT_GRID
     base = base or {}
-    table = SweepTable(out_dir / "sweep.csv", exp.key({"sweep_base": base}))
+    table = SweepTable(layout.sweep, ws.key({"sweep_base": base}))
     if use_wandb == "auto":
         use_wandb = wandb_available()
     if use_wandb:
@@ -131,10 +132,10 @@ def run_sweep(
         sweep_id = wandb.sweep(wandb_sweep_config(grid), project=project)
 
         def agent_step() -> None:
-            tracker = RunTracker("online", project=project, wandb_dir=out_dir)
+            tracker = RunTracker("online", project=project, wandb_dir=layout.root)
             point = {k: tracker.run.config[k] for k in grid}
             if not table.done(point):
-                table.add(point, train_point(exp, point, base, out_dir, tracker))
+                table.add(point, train_point(ws, point, base, layout, tracker))
             tracker.finish()
 
         wandb.agent(sweep_id, function=agent_step, project=project)
@@ -143,7 +144,7 @@ def run_sweep(
 
         for point in tqdm(grid_points(grid), desc="sweep (local grid)"):
             if not table.done(point):
-                table.add(point, train_point(exp, point, base, out_dir))
+                table.add(point, train_point(ws, point, base, layout))
     return table.frame
 
 

@@ -24,11 +24,12 @@ from audio_residual.analysis.stats import ResidualStatistics
 from audio_residual.clap.classifier import audio_embeddings
 from audio_residual.data_processing import Split
 from audio_residual.evaluation.metrics import topk_accuracy
-from audio_residual.experiment import Experiment
 from audio_residual.io import digest, write_csv, write_json
+from audio_residual.layout import RunLayout
 from audio_residual.residual.units import ResiDual, ResidualConfig
 from audio_residual.training.checkpoint import load_checkpoint, save_checkpoint
 from audio_residual.training.prefix import StagePrefix, first_stage
+from audio_residual.workspace import Workspace
 
 OPTIMIZERS = ("adam", "adamw", "schedulefree")
 SCHEDULES = ("constant", "cosine")
@@ -146,23 +147,15 @@ class FoldResult:
         return {k: v for k, v in asdict(self).items() if k not in ("test_logits", "test_labels", "history")}
 
 
-def run_key(exp: Experiment, config: TrainConfig) -> str:
-    """A configuration trained on this experiment's data and model: names its run folder and checkpoints."""
-    return exp.key({"train_config": asdict(config)})
-
-
-def run_directory(out_dir: str | Path, exp: Experiment, config: TrainConfig) -> Path:
-    """Where a configuration's per-fold checkpoints, λ and figures live: `OUT/runs/<run key>`.
-
-    The key covers the data and model too, so a rerun on changed audio never resumes an old checkpoint.
-    """
-    return Path(out_dir) / "runs" / run_key(exp, config)
+def run_key(ws: Workspace, config: TrainConfig) -> str:
+    """A configuration trained on this workspace's data and model: names its run folder and checkpoints."""
+    return ws.key({"train_config": asdict(config)})
 
 
 def fold_statistics(
-    exp: Experiment, split: Split, stats_dir: Path | None, config: TrainConfig, prefix: StagePrefix | None = None
+    ws: Workspace, split: Split, out: RunLayout | None, config: TrainConfig, prefix: StagePrefix | None = None
 ) -> ResidualStatistics:
-    """PCA moments of the fold's training clips, loaded from `stats_dir` when already fitted for them.
+    """PCA moments of the fold's training clips, loaded from `out`'s statistics when already fitted for them.
 
     The file name hashes what the moments depend on (model, the training clips' audio and preprocessing,
     token subsampling, and the first stage when they are fitted from a cached `prefix`, which covers only the
@@ -170,52 +163,52 @@ def fold_statistics(
     each fold's statistics once, and changed audio or options never reuse old moments.
     """
     train = np.sort(split.train)
-    identity = [exp.bundle.model_id, exp.features.digest(train), train.tolist(), config.tokens_per_clip, config.seed if config.tokens_per_clip else 0]
+    identity = [ws.bundle.provenance, ws.features.digest(train), train.tolist(), config.tokens_per_clip, config.seed if config.tokens_per_clip else 0]
     if prefix is not None:
         identity.append(f"from stage {prefix.stage}")
     key = digest(identity)
-    path = None if stats_dir is None else Path(stats_dir) / f"stats_fold{split.fold}_{key}.safetensors"
+    path = None if out is None else out.stats_file(split.fold, key)
     if path is not None and path.exists():
         return ResidualStatistics.load(path)
     stats = ResidualStatistics.fit(
-        exp.bundle.model,
-        exp.features.input_features,
+        ws.bundle.model,
+        ws.features.input_features,
         train,
         batch_size=config.batch_size,
         tokens_per_clip=config.tokens_per_clip,
         seed=config.seed,
-        autocast=exp.bundle.autocast,
-        device=exp.bundle.device,
-        is_longer=exp.features.is_longer,
+        autocast=ws.bundle.autocast,
+        device=ws.bundle.device,
+        is_longer=ws.features.is_longer,
         forward=None if prefix is None else prefix.embed,
-        metadata={"model": exp.bundle.model_id, "dataset": exp.table.name, "fold": split.fold, "train_clips": key,
-                  "provenance": exp.provenance()},
+        metadata={"model": ws.bundle.model_id, "dataset": ws.table.name, "fold": split.fold, "train_clips": key,
+                  "provenance": ws.provenance()},
     )
     if path is not None:
         stats.save(path)
     return stats
 
 
-def embedder(exp: Experiment, prefix: StagePrefix | None = None):
+def embedder(ws: Workspace, prefix: StagePrefix | None = None):
     """rows → audio embeddings: from the cached stage input when there is a prefix, else the full model."""
     if prefix is not None:
         return prefix.embed
-    return lambda rows: audio_embeddings(exp.bundle.model, *exp.batch(rows))
+    return lambda rows: audio_embeddings(ws.bundle.model, *ws.batch(rows))
 
 
 @torch.no_grad()
 def residual_logits(
-    exp: Experiment, residual: ResiDual | None, indices: np.ndarray, batch_size: int = 32, prefix: StagePrefix | None = None
+    ws: Workspace, residual: ResiDual | None, indices: np.ndarray, batch_size: int = 32, prefix: StagePrefix | None = None
 ) -> torch.Tensor:
     """Zero-shot logits of the given clips with ResiDual attached (None: the plain model)."""
-    model, embed = exp.bundle.model, embedder(exp, prefix)
+    model, embed = ws.bundle.model, embedder(ws, prefix)
     out = []
     for start in range(0, len(indices), batch_size):
         rows = indices[start : start + batch_size]
-        with exp.bundle.autocast(), residual.attached(model) if residual is not None else contextlib.nullcontext():
+        with ws.bundle.autocast(), residual.attached(model) if residual is not None else contextlib.nullcontext():
             emb = embed(rows)
-        out.append(exp.classifier.logits(emb).float().cpu())
-    return torch.cat(out) if out else torch.empty(0, len(exp.table.class_names))
+        out.append(ws.classifier.logits(emb).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, len(ws.table.class_names))
 
 
 def _optimizer(config: TrainConfig, params, total_steps: int):
@@ -237,41 +230,40 @@ def _set_mode(optimizer, training: bool) -> None:
 
 
 def train_residual_fold(
-    exp: Experiment,
+    ws: Workspace,
     split: Split,
     config: TrainConfig,
-    out_dir: str | Path | None = None,
+    out: str | Path | RunLayout | None = None,
     logger=None,
-    stats_dir: str | Path | None = None,
 ) -> FoldResult:
     """Fit statistics on the fold's training clips, train λ, pick the epoch on validation, test once.
 
-    With `out_dir`, a checkpoint is written after every epoch and an interrupted run resumes from it;
-    `seconds` then sums the wall time of every session of the run. Statistics are cached in `stats_dir`
-    (default `out_dir`). When every λ stage is ≥ 1, the input of the first λ stage is cached once per clip
+    With an output folder `out`, statistics are cached under it, a checkpoint is written after every epoch
+    and an interrupted run resumes from it (`seconds` then sums the wall time of every session of the run);
+    the files of the run are `RunLayout.fold(run_key(ws, config), fold)`. When every λ stage is ≥ 1, the input of the first λ stage is cached once per clip
     (`StagePrefix`, shared by every run on the same features) and every forward starts there.
     """
     started = time.perf_counter()
-    out_dir = None if out_dir is None else Path(out_dir)
-    fold_dir = None if out_dir is None else out_dir / f"fold{split.fold}"
-    device = exp.bundle.device
-    labels_all = torch.as_tensor(np.array(exp.table.labels))
+    layout = None if out is None else RunLayout.of(out)
+    files = None if layout is None else layout.fold(run_key(ws, config), split.fold)
+    device = ws.bundle.device
+    labels_all = torch.as_tensor(np.array(ws.table.labels))
     stage = first_stage(config.stages)
-    prefix = StagePrefix(exp, stage, config.batch_size) if stage >= 1 else None
-    embed = embedder(exp, prefix)
-    stats = fold_statistics(exp, split, stats_dir if stats_dir is not None else out_dir, config, prefix)
+    prefix = StagePrefix(ws, stage, config.batch_size) if stage >= 1 else None
+    embed = embedder(ws, prefix)
+    stats = fold_statistics(ws, split, layout, config, prefix)
     residual = ResiDual.from_statistics(stats, config.residual_config()).to(device)
     params = list(residual.lambdas.values())
     steps_per_epoch = math.ceil(len(split.train) / config.batch_size)
     optimizer, scheduler = _optimizer(config, params, steps_per_epoch * config.epochs)
-    class_embeddings = exp.classifier.class_embeddings.to(device)
+    class_embeddings = ws.classifier.class_embeddings.to(device)
 
     history: list[dict] = []
     start_epoch, best, earlier_seconds = 0, {"epoch": 0, "val_accuracy": -1.0, "lambdas": None}, 0.0
-    checkpoint = None if fold_dir is None else fold_dir / "checkpoint.safetensors"
+    checkpoint = None if files is None else files.checkpoint
     if checkpoint is not None and checkpoint.exists():
         states, info = load_checkpoint(checkpoint)
-        if info["config"] == run_key(exp, config):
+        if info["config"] == run_key(ws, config):
             residual.lambdas.load_state_dict(states["lambdas"])
             optimizer.load_state_dict(states["optimizer"])
             if scheduler is not None:
@@ -281,10 +273,10 @@ def train_residual_fold(
 
     def accuracy(indices: np.ndarray) -> float:
         _set_mode(optimizer, False)
-        logits = residual_logits(exp, residual, indices, config.batch_size, prefix)
-        return topk_accuracy(logits, exp.table.labels[indices])
+        logits = residual_logits(ws, residual, indices, config.batch_size, prefix)
+        return topk_accuracy(logits, ws.table.labels[indices])
 
-    start_train_accuracy = topk_accuracy(residual_logits(exp, None, split.train, config.batch_size, prefix), exp.table.labels[split.train])
+    start_train_accuracy = topk_accuracy(residual_logits(ws, None, split.train, config.batch_size, prefix), ws.table.labels[split.train])
     generator = torch.Generator().manual_seed(config.seed)
     for epoch in tqdm(range(start_epoch, config.epochs), desc=f"fold {split.fold} λ training", leave=False,
                       initial=start_epoch, total=config.epochs):
@@ -295,9 +287,9 @@ def train_residual_fold(
         for start in range(0, len(order), config.batch_size):
             rows = order[start : start + config.batch_size]
             y = labels_all[rows].to(device)
-            with exp.bundle.autocast(), residual.attached(exp.bundle.model):
+            with ws.bundle.autocast(), residual.attached(ws.bundle.model):
                 emb = embed(rows)
-            logits = exp.classifier.logit_scale * emb.float() @ class_embeddings.T
+            logits = ws.classifier.logit_scale * emb.float() @ class_embeddings.T
             loss = F.cross_entropy(logits, y)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
@@ -331,7 +323,7 @@ def train_residual_fold(
             states = {"lambdas": residual.lambdas.state_dict(), "optimizer": optimizer.state_dict(), "best": best["lambdas"]}
             if scheduler is not None:
                 states["scheduler"] = scheduler.state_dict()
-            info = {"config": run_key(exp, config), "epoch": epoch + 1, "history": history, "best_epoch": best["epoch"],
+            info = {"config": run_key(ws, config), "epoch": epoch + 1, "history": history, "best_epoch": best["epoch"],
                     "best_val": best["val_accuracy"], "seconds": earlier_seconds + time.perf_counter() - started}
             save_checkpoint(checkpoint, states, info)
         if config.patience is not None and epoch + 1 - best["epoch"] >= config.patience:
@@ -341,8 +333,8 @@ def train_residual_fold(
     if best["lambdas"] is not None:
         residual.lambdas.load_state_dict(best["lambdas"])
     train_accuracy = accuracy(split.train)
-    test_logits = residual_logits(exp, residual, split.test, config.batch_size, prefix)
-    test_labels = exp.table.labels[split.test]
+    test_logits = residual_logits(ws, residual, split.test, config.batch_size, prefix)
+    test_labels = ws.table.labels[split.test]
     result = FoldResult(
         fold=split.fold,
         best_epoch=best["epoch"],
@@ -357,9 +349,9 @@ def train_residual_fold(
         test_labels=test_labels,
         history=history,
     )
-    if fold_dir is not None:
-        metadata = {"fold": split.fold, "config": asdict(config), "provenance": exp.provenance()}
-        residual.save(fold_dir / "lambda.safetensors", metadata=metadata)
-        write_csv(fold_dir / "history.csv", pd.DataFrame(history))
-        write_json(fold_dir / "result.json", result.row())
+    if files is not None:
+        metadata = {"fold": split.fold, "config": asdict(config), "provenance": ws.provenance()}
+        residual.save(files.lambdas, metadata=metadata)
+        write_csv(files.history, pd.DataFrame(history))
+        write_json(files.result, result.row())
     return result

@@ -1,7 +1,7 @@
-"""One object that ties a dataset, a CLAP model and cached features together: what every command needs.
+"""The workspace: a dataset, the CLAP model and the cached features of its clips — what every step works on.
 
-    exp = Experiment.open("data/ESC-50-master", model="laion/clap-htsat-unfused")
-    exp.features.input_features[exp.valid_indices()]   # memory-mapped log-mels
+    ws = Workspace.open("data/ESC-50-master", model="laion/clap-htsat-unfused")
+    ws.features.input_features[ws.valid_indices()]   # memory-mapped log-mels
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def check_folds_usable(table: ClipTable, features: CachedFeatures) -> None:
 
 
 @dataclass
-class Experiment:
+class Workspace:
     table: ClipTable
     bundle: ClapBundle
     features: CachedFeatures
@@ -84,7 +84,7 @@ class Experiment:
         revision: str | None = None,
         min_seconds: float = 1.0,
         feature_workers: int = 1,
-    ) -> Experiment:
+    ) -> Workspace:
         templates = tuple(check_template(t) for t in templates)  # before any slow step
         table = resolve_dataset(data, csv=csv)
         bundle = load_clap(model, device=device, amp=amp, class_names=table.class_names, revision=revision)
@@ -119,7 +119,7 @@ class Experiment:
         }
 
     def key(self, procedure: dict) -> str:
-        """The key of results produced by `procedure` (a method and its options) on this experiment's data."""
+        """The key of results produced by `procedure` (a method and its options) on this workspace's data."""
         return digest({"data": self.identity(), "procedure": procedure})
 
     def provenance(self) -> dict:

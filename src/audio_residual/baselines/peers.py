@@ -13,9 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from audio_residual.baselines import train_coop, train_lora, train_tip_adapter, train_tip_adapter_f
+from audio_residual.baselines.lora import train_lora
+from audio_residual.baselines.prompt_learning import train_coop
+from audio_residual.baselines.tip_adapter import train_tip_adapter, train_tip_adapter_f
 from audio_residual.data_processing import Split
-from audio_residual.experiment import Experiment
+from audio_residual.workspace import Workspace
 
 PEER_EMBEDDING_METHODS = ("tip_adapter", "tip_adapter_f", "coop")
 PEER_FEATURE_METHODS = ("lora",)
@@ -24,7 +26,7 @@ PEER_METHODS = (*PEER_EMBEDDING_METHODS, *PEER_FEATURE_METHODS)
 
 def run_peer(
     name: str,
-    exp: Experiment,
+    ws: Workspace,
     split: Split,
     emb: Callable[[np.ndarray], torch.Tensor] | None,
     seed: int,
@@ -35,7 +37,7 @@ def run_peer(
     `emb` maps table rows to cached audio embeddings (needed by the embedding methods).
     """
     options = dict(options or {})
-    labels, classifier = exp.table.labels, exp.classifier
+    labels, classifier = ws.table.labels, ws.classifier
     if name in ("tip_adapter", "tip_adapter_f"):
         train = train_tip_adapter
         if name == "tip_adapter_f":
@@ -52,11 +54,11 @@ def run_peer(
         )
         return model.logits(emb(split.test)), model.num_parameters
     if name == "coop":  # with several templates, CoOp starts from the first
-        options.setdefault("template", exp.templates[0])
+        options.setdefault("template", ws.templates[0])
         options.setdefault("seed", seed)
         model = train_coop(
-            exp.bundle,
-            exp.table.class_names,
+            ws.bundle,
+            ws.table.class_names,
             emb(split.train),
             labels[split.train],
             emb(split.val),
@@ -66,9 +68,9 @@ def run_peer(
         return model.logits(emb(split.test)), model.num_parameters
     if name == "lora":
         options.setdefault("seed", seed)
-        features = exp.features
+        features = ws.features
         tuned = train_lora(
-            exp.bundle,
+            ws.bundle,
             features.input_features,
             features.is_longer,
             labels,
@@ -80,7 +82,7 @@ def run_peer(
         logits = tuned.logits(features.input_features, split.test, features.is_longer)
         params = tuned.trainable_params
         del tuned  # free the model copy before the next fold
-        if exp.bundle.device.type == "cuda":
+        if ws.bundle.device.type == "cuda":
             torch.cuda.empty_cache()
         return logits, params
     raise ValueError(f"unknown peer method {name!r}; choose from {PEER_METHODS}")

@@ -1,10 +1,8 @@
-"""Run the baselines fold by fold into a resumable `ResultsStore`, then write the report (CSV, markdown, PNGs).
+"""Run the baselines fold by fold into the resumable `ResultsStore` of an output folder.
 
-Typical use:
-
-    store = run_baselines(exp, "runs/esc50")              # zeroshot, linear_probe, contrastive_adapter
-    # ... ResiDual adds its rows with store.add_evaluation("residual", fold, ...) ...
-    print(write_report(store, "runs/esc50", exp.table.class_names))
+    store = run_baselines(ws, "runs/esc50")              # zeroshot, linear_probe, contrastive_adapter
+    # ... ResiDual adds its rows with store.add_evaluation(...) ...
+    write_report(store, "runs/esc50", ws.table.class_names)   # audio_residual.evaluation.report
 """
 
 from __future__ import annotations
@@ -18,23 +16,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from audio_residual.baselines import finetune_audio_encoder, train_contrastive_adapter, train_logistic_probe
-from audio_residual.evaluation import plots
-from audio_residual.evaluation.compare import (
-    BASELINE_METHOD,
-    ResultsStore,
-    markdown_table,
-    per_class_deltas,
-    summary_table,
-    summed_confusion,
-)
-from audio_residual.evaluation.peers import PEER_EMBEDDING_METHODS, PEER_METHODS, run_peer
-from audio_residual.experiment import Experiment
-from audio_residual.io import write_csv, write_text
+from audio_residual.baselines.finetune import finetune_audio_encoder
+from audio_residual.baselines.linear import train_contrastive_adapter
+from audio_residual.baselines.peers import PEER_EMBEDDING_METHODS, PEER_METHODS, run_peer
+from audio_residual.baselines.probe import train_logistic_probe
+from audio_residual.evaluation.compare import ResultsStore
+from audio_residual.layout import RunLayout
+from audio_residual.workspace import Workspace
 
 EMBEDDING_METHODS = ("zeroshot", "linear_probe", "contrastive_adapter")
 FINETUNE_METHOD = "finetune"
-RESULTS_CSV = "results.csv"
 
 
 def _method_list(methods: Sequence[str], finetune_epochs: int) -> list[str]:
@@ -56,7 +47,7 @@ def baseline_procedure(
 
 
 def run_baselines(
-    exp: Experiment,
+    ws: Workspace,
     out_dir: str | Path,
     methods: Sequence[str] = EMBEDDING_METHODS,
     folds: Sequence[int] | None = None,
@@ -75,26 +66,26 @@ def run_baselines(
     fine-tuning it is the whole fine-tuning run. The peer methods (`PEER_METHODS`: Tip-Adapter(-F), CoOp,
     LoRA) run only when named in `methods`; `peer_options[name]` are keyword arguments for their training.
     """
-    store = ResultsStore(Path(out_dir) / RESULTS_CSV)
+    store = ResultsStore(RunLayout.of(out_dir).results)
     names = _method_list(methods, finetune_epochs)
     peer_options = peer_options or {}
     keys = {
-        name: exp.key(baseline_procedure(name, val_fraction, seed, finetune_epochs, peer_options.get(name)))
+        name: ws.key(baseline_procedure(name, val_fraction, seed, finetune_epochs, peer_options.get(name)))
         for name in names
     }
-    splits = [s for s in exp.splits(val_fraction=val_fraction, seed=seed) if folds is None or s.fold in folds]
+    splits = [s for s in ws.splits(val_fraction=val_fraction, seed=seed) if folds is None or s.fold in folds]
     todo = [
         (name, split) for split in splits for name in names if not store.reuse(name, split.fold, keys[name]) or force
     ]
     if not todo:
         return store
-    labels, n_classes, classifier = exp.table.labels, len(exp.table.class_names), exp.classifier
+    labels, n_classes, classifier = ws.table.labels, len(ws.table.class_names), ws.classifier
     emb = None  # rows → cached audio embeddings, set when some method needs them
     if any(name in EMBEDDING_METHODS or name in PEER_EMBEDDING_METHODS for name, _ in todo):
-        rows = exp.valid_indices()
-        position = np.full(len(exp.table), -1, dtype=np.int64)
+        rows = ws.valid_indices()
+        position = np.full(len(ws.table), -1, dtype=np.int64)
         position[rows] = np.arange(len(rows))
-        embeddings = exp.embed(rows, desc="audio embeddings (all folds)")
+        embeddings = ws.embed(rows, desc="audio embeddings (all folds)")
 
         def emb(indices: np.ndarray) -> torch.Tensor:
             return embeddings[torch.from_numpy(position[indices])]
@@ -120,11 +111,11 @@ def run_baselines(
             )
             logits, params = adapter.logits(emb(split.test)), adapter.num_parameters
         elif name in PEER_METHODS:
-            logits, params = run_peer(name, exp, split, emb, seed, peer_options.get(name))
+            logits, params = run_peer(name, ws, split, emb, seed, peer_options.get(name))
         else:
-            features = exp.features
+            features = ws.features
             tuned = finetune_audio_encoder(
-                exp.bundle,
+                ws.bundle,
                 features.input_features,
                 features.is_longer,
                 labels,
@@ -138,38 +129,9 @@ def run_baselines(
             logits = tuned.logits(features.input_features, split.test, features.is_longer)
             params = tuned.trainable_params
             del tuned  # free the model copy before the next fold
-            if exp.bundle.device.type == "cuda":
+            if ws.bundle.device.type == "cuda":
                 torch.cuda.empty_cache()
         store.add_evaluation(
             name, split.fold, keys[name], logits, labels[split.test], n_classes, params, time.perf_counter() - start
         )
     return store
-
-
-def write_report(
-    store: ResultsStore,
-    out_dir: str | Path,
-    class_names: Sequence[str] | None = None,
-    baseline: str = BASELINE_METHOD,
-) -> str:
-    """summary.csv, table.md and PNG figures next to results.csv; returns the markdown table.
-
-    Per-class and confusion figures are drawn for methods whose rows were added with arrays.
-    """
-    out_dir = Path(out_dir)
-    summary = summary_table(store, baseline=baseline)
-    write_csv(out_dir / "summary.csv", summary)
-    markdown = markdown_table(summary, baseline=baseline, n_classes=None if class_names is None else len(class_names))
-    write_text(out_dir / "table.md", markdown)
-    figures = out_dir / "figures"
-    plots.save(plots.fold_accuracy(store.frame), figures / "fold_accuracy.png")
-    with_arrays = [m for m in store.methods() if store.has_arrays(m)]
-    for method in with_arrays:
-        matrix = summed_confusion(store, method)
-        title = f"{method}: confusion summed over folds"
-        plots.save(plots.confusion_heatmap(matrix, class_names, title), figures / f"confusion_{method}.png")
-    if baseline in with_arrays:
-        deltas = per_class_deltas(store, class_names, baseline=baseline, methods=with_arrays)
-        for method in dict.fromkeys(deltas["method"]):
-            plots.save(plots.class_deltas(deltas, method, baseline), figures / f"class_deltas_{method}.png")
-    return markdown

@@ -1,0 +1,73 @@
+"""The one setup the three notebooks share: real run or smoke run, data, model, output folder, options.
+
+    from audio_residual.notebook import setup
+    nb = setup()          # AUDIO_RESIDUAL_SMOKE=1: tiny random CLAP on generated data, for CI
+    ws = nb.open()        # the Workspace every cell works on
+
+All three notebooks write into the same output folder (`nb.layout`), so notebook 3 finds notebook 2's
+sweep and runs there instead of silently recomputing them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from audio_residual.layout import RunLayout
+from audio_residual.training.sweep import DEFAULT_GRID
+from audio_residual.workspace import Workspace
+
+SMOKE_ENV = "AUDIO_RESIDUAL_SMOKE"
+
+
+@dataclass
+class NotebookSetup:
+    """Everything a notebook cell needs to know about where it runs."""
+
+    smoke: bool
+    data: str | Path
+    model: str
+    cache: Path
+    layout: RunLayout
+    base: dict  # training options shared by every grid point
+    grid: dict  # the sweep (fold included)
+    finetune_epochs: int
+    analysis_fold: int = 1
+    analysis_options: dict = field(default_factory=dict)
+
+    def open(self) -> Workspace:
+        ws = Workspace.open(self.data, model=self.model, cache_dir=self.cache)
+        print(f"{'SMOKE' if self.smoke else 'REAL'} run: {ws.table.name}, {len(ws.table)} clips, "
+              f"{len(ws.table.class_names)} classes, folds {list(ws.table.fold_ids)}; model {self.model} on "
+              f"{ws.bundle.device}; outputs in {self.layout.root}")
+        return ws
+
+
+def setup(smoke: bool | None = None, root: str | Path = "runs") -> NotebookSetup:
+    """The real study (ESC-50, `laion/clap-htsat-unfused`) or, with AUDIO_RESIDUAL_SMOKE=1, a smoke run."""
+    smoke = os.environ.get(SMOKE_ENV) == "1" if smoke is None else smoke
+    root = Path(root)
+    if smoke:
+        from audio_residual.data_processing import make_synthetic_esc50
+
+        out = root / "smoke"
+        data = make_synthetic_esc50(out / "data", n_classes=4, clips_per_class=6, n_folds=3, seed=0)
+        return NotebookSetup(
+            smoke=True, data=data, model="tiny", cache=out / "cache", layout=RunLayout(out),
+            base={"batch_size": 16, "val_fraction": 0.2, "schedule": "constant"},
+            grid={"granularity": ["layer", "head"], "lr": [0.1], "epochs": [2], "fold": [1, 2, 3]},
+            finetune_epochs=1,
+            analysis_options={"tokens_per_clip": 200, "batch_size": 8, "ablation_max_clips": 4, "pattern_cap": 64},
+        )
+    return NotebookSetup(
+        smoke=False, data="esc50", model="laion/clap-htsat-unfused", cache=Path("cache"),
+        layout=RunLayout(root / "esc50"),
+        base={"batch_size": 64, "val_fraction": 0.1, "schedule": "cosine", "optimizer": "adamw"},
+        grid=DEFAULT_GRID,  # 2 × 2 × 3 × 2 options × 5 folds = 120 runs
+        finetune_epochs=5 if torch.cuda.is_available() else 0,  # full fine-tuning only on a GPU
+        # Ablation costs one pass over the evaluated clips per head (184 heads): cap the clips.
+        analysis_options={"batch_size": 16, "ablation_max_clips": 200, "pattern_cap": 512},
+    )
