@@ -7,7 +7,8 @@
       report.md, figures/       the study's report and its pictures
       skipped.csv, warnings.csv bad files left out / suspect files used
       zeroshot.csv              `audio-residual zeroshot`
-      heads.csv, analysis/      unit spectra, pattern PCA, ablation of the analysis fold
+      heads.csv                 unit spectra and pattern PCA of the analysis fold (copied from analysis/)
+      analysis/                 `AnalysisLayout`: statistics, heads.csv, ablation.csv, summary.json, figures
       sweep.csv                 one row per finished grid point
       stats/                    PCA moments per (fold, training clips), shared by every configuration
       runs/<run key>/fold<k>/   checkpoint, λ, history, result and λ figures of one configuration on one fold
@@ -80,8 +81,8 @@ class RunLayout:
         return self.root / "heads.csv"
 
     @property
-    def analysis(self) -> Path:
-        return self.root / "analysis"
+    def analysis(self) -> AnalysisLayout:
+        return AnalysisLayout(self.root / "analysis")
 
     @property
     def sweep(self) -> Path:
@@ -128,3 +129,32 @@ class FoldLayout:
     @property
     def lambda_table(self) -> Path:
         return self.root / "lambdas.csv"
+
+
+@dataclass(frozen=True)
+class AnalysisLayout:
+    """The files of one fold's analysis (`audio-residual analyze --out DIR` writes straight into DIR)."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, out: str | Path | AnalysisLayout) -> AnalysisLayout:
+        return out if isinstance(out, AnalysisLayout) else cls(Path(out))
+
+    def stats(self, fold: int) -> Path:
+        return self.root / f"stats_fold{fold}.safetensors"
+
+    @property
+    def heads(self) -> Path:
+        return self.root / "heads.csv"
+
+    @property
+    def ablation(self) -> Path:
+        return self.root / "ablation.csv"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    def figure(self, name: str) -> Path:
+        return self.root / f"{name}.png"

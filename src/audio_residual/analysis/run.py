@@ -16,6 +16,7 @@ from audio_residual.analysis.patterns import PatternReservoir
 from audio_residual.analysis.spectra import evr_curves, explained_variance_ratio, spectra_table
 from audio_residual.analysis.stats import ResidualStatistics
 from audio_residual.io import save_figure, write_csv, write_json
+from audio_residual.layout import AnalysisLayout
 
 
 @dataclass
@@ -32,7 +33,7 @@ class AnalysisResult:
 def run_analysis(
     ws,
     fold: int,
-    out_dir: str | Path,
+    out_dir: str | Path | AnalysisLayout,
     tokens_per_clip: int | None = None,
     batch_size: int = 16,
     ablation_stages: Sequence[int] | None = None,
@@ -45,7 +46,7 @@ def run_analysis(
     pattern PCA of heads, column `view`), ablation.csv (mean-ablated heads on the fold's test clips),
     summary.json and PNG figures.
     """
-    out = Path(out_dir)
+    out = AnalysisLayout.of(out_dir)
     split = ws.split(fold)
     if len(split.train) == 0:
         raise ValueError(f"fold {fold} has no training clips to fit statistics on")
@@ -73,10 +74,10 @@ def run_analysis(
         metadata=metadata,
         extra_hooks=[("*.attn.hook_pattern", reservoir.hook)],
     )
-    paths = {"stats": stats.save(out / f"stats_fold{fold}.safetensors")}
+    paths = {"stats": stats.save(out.stats(fold))}
 
     spectra = pd.concat([spectra_table(stats), reservoir.table()], ignore_index=True)
-    paths["heads"] = write_csv(out / "heads.csv", spectra)
+    paths["heads"] = write_csv(out.heads, spectra)
 
     ablation = head_ablation(
         ws.classifier,
@@ -89,7 +90,7 @@ def run_analysis(
         batch_size=batch_size,
         is_longer=features.is_longer,
     )
-    paths["ablation"] = write_csv(out / "ablation.csv", ablation)
+    paths["ablation"] = write_csv(out.ablation, ablation)
 
     pattern_curves = {name: np.cumsum(explained_variance_ratio(v)) for name, v in reservoir.eigenvalues().items()}
     figures = {
@@ -103,7 +104,7 @@ def run_analysis(
         "ablation": plots.ablation_heatmap(ablation),
     }
     for name, fig in figures.items():
-        paths[f"png_{name}"] = save_figure(fig, out / f"{name}.png")
+        paths[f"png_{name}"] = save_figure(fig, out.figure(name))
     summary = {
         **stats.metadata,
         "test_clips": int(len(split.test)),
@@ -112,5 +113,5 @@ def run_analysis(
         "pattern_cap": pattern_cap,
         "pattern_windows_seen": reservoir.seen,
     }
-    paths["summary"] = write_json(out / "summary.json", summary)
+    paths["summary"] = write_json(out.summary, summary)
     return AnalysisResult(stats, spectra, ablation, figures, paths)
