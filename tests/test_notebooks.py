@@ -26,7 +26,7 @@ NOTEBOOKS = (
     "3_Evaluate_and_compare_CLAP_performance.ipynb",
 )
 KERNEL = "python3"
-SMOKE_OUT = Path("runs") / "smoke"  # notebooks 2 and 3 write here, relative to their working directory
+SMOKE_OUT = Path("runs") / "smoke"  # setup()'s smoke layout, relative to the notebook's working directory
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +43,7 @@ def python3_kernel() -> str:
 def smoke_env(tmp_path, monkeypatch) -> Path:
     """Environment the kernel inherits; returns the notebook's working directory."""
     work = tmp_path / "work"
-    scratch = tmp_path / "tmp"  # notebook 1 writes under tempfile.mkdtemp(): keep that inside tmp_path too
+    scratch = tmp_path / "tmp"  # anything a notebook writes under tempfile stays inside tmp_path too
     work.mkdir()
     scratch.mkdir()
     monkeypatch.setenv("AUDIO_RESIDUAL_SMOKE", "1")
@@ -102,23 +102,35 @@ def test_committed_notebook_is_clean(name):
     assert "SMOKE" in "".join(c.source for c in notebook.cells), f"{name} has no smoke switch"
 
 
+def _images(cell) -> int:
+    return sum("image/png" in output.get("data", {}) for output in cell.get("outputs", []))
+
+
 def test_notebook_1_analysis(smoke_env, python3_kernel):
     notebook = _execute(NOTEBOOKS[0], smoke_env, python3_kernel)
-    scratch = smoke_env.parent / "tmp"
+    out = smoke_env / SMOKE_OUT / "analysis"  # nb.layout.analysis
     for table in ("heads.csv", "ablation.csv", "stats_fold1.safetensors"):
-        assert list(scratch.rglob(table)), f"notebook 1 wrote no {table}"
+        assert (out / table).is_file(), f"notebook 1 wrote no {table}"
+    for tag, figures in (("architecture", 1), ("figures", 7), ("ablation", 1)):  # drawn inline from the objects
+        shown = sum(_images(c) for c in notebook.cells if tag in c.get("metadata", {}).get("tags", []))
+        assert shown == figures, f"cells tagged {tag!r} showed {shown} figures, expected {figures}"
     assert "max |Σ_h head_h + b_O − attn_out|" in _all_text(notebook)
 
 
 def test_notebook_2_residual(smoke_env, python3_kernel):
     notebook = _execute(NOTEBOOKS[1], smoke_env, python3_kernel)
     out = smoke_env / SMOKE_OUT
-    assert (out / "sweep" / "sweep.csv").is_file() and (out / "results.csv").is_file()
-    assert list((out / "sweep" / "runs").glob("*/fold1/lambda.safetensors"))
-    text = _all_text(notebook)
-    assert "max |RD embedding − zero-shot embedding| = 0" in text  # λ = 1 is the identity
-    results = _tagged(notebook, "results")
-    assert "residual" in results and "zeroshot" in results
+    assert (out / "sweep.csv").is_file()
+    # The PCA cell and the sweep share fold 1's statistics file (same training clips, same key, same folder).
+    assert [p.parent.name for p in out.rglob("stats_fold1_*.safetensors")] == ["stats"]
+    assert list((out / "runs").glob("*/fold1/lambda.safetensors"))
+    assert not (out / "results.csv").exists(), "notebook 2 ran baselines or wrote results: that is notebook 3's job"
+    assert _all_text(notebook).count("max |RD embedding − zero-shot embedding| = 0\n") == 3  # λ = 1 is the identity
+    chosen = _tagged(notebook, "chosen")
+    for fold in (1, 2, 3):
+        assert f"fold {fold}: chosen on its own validation split" in chosen
+    lambdas = [c for c in notebook.cells if "lambdas" in c.get("metadata", {}).get("tags", [])]
+    assert sum(_images(c) for c in lambdas) == 2  # λ heatmap and profile of fold 1's chosen run
 
 
 def test_notebook_3_comparison(smoke_env, python3_kernel):
