@@ -19,10 +19,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from audio_residual.analysis.spectra import TABLE_COLUMNS, spectrum_summary
-from audio_residual.clap.classifier import audio_embeddings, model_inputs
+from audio_residual.clap.batches import batches
+from audio_residual.clap.classifier import audio_embeddings
 from audio_residual.clap.hooks import ClapHooks, HookPoint
 
 
@@ -136,9 +136,7 @@ def collect_patterns(
         raise ValueError("pattern statistics need at least one clip: the index set is empty")
     reservoir = PatternReservoir(cap, seed, stages)
     with ClapHooks(model).hooks([("*.attn.hook_pattern", reservoir.hook)]):
-        for start in tqdm(range(0, len(indices), batch_size), desc="attention patterns", leave=False):
-            rows = indices[start : start + batch_size]
-            x, longer = model_inputs(input_features, rows, device, is_longer)
+        for _, x, longer in batches(input_features, indices, batch_size, device, is_longer, desc="attention patterns"):
             with autocast():
                 audio_embeddings(model, x, longer)
     return reservoir

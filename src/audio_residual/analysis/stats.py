@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from audio_residual.clap.classifier import audio_embeddings, model_inputs
+from audio_residual.clap.batches import batches, model_inputs
+from audio_residual.clap.classifier import audio_embeddings
 from audio_residual.clap.hooks import ClapHooks, HookFn, HookPoint, NameFilter
 from audio_residual.io import atomic_path
 
@@ -171,15 +171,16 @@ class ResidualStatistics:
         is_longer: np.ndarray | None = None,
         metadata: dict | None = None,
         extra_hooks: Sequence[tuple[NameFilter, HookFn]] = (),
-        forward: Callable[[np.ndarray], object] | None = None,
+        forward: Callable[[torch.Tensor, torch.Tensor | None], object] | None = None,
         distributed: bool = False,
     ) -> ResidualStatistics:
         """One pass over `input_features[indices]` (the training folds only: the caller says which).
 
         `tokens_per_clip` subsamples that many tokens per clip and block (uniformly, seeded per batch) to
         save time on big stages; None uses every token. `extra_hooks` ride along in the same forward (the
-        analysis fills its attention-pattern reservoir there). `forward(rows)` replaces the full forward,
-        e.g. one from a cached stage input: only the blocks it runs get statistics. With `distributed`, in
+        analysis fills its attention-pattern reservoir there). `forward(x, is_longer)` replaces the full
+        forward on each batch of `input_features`, e.g. `StagePrefix.forward` on the cached stage inputs
+        (`input_features=prefix.hidden`): only the blocks it runs get statistics. With `distributed`, in
         an initialised `torch.distributed` group, each process runs every world_size-th batch and the float64
         sums are all-reduced, so every process returns the single-process result.
         """
@@ -211,28 +212,29 @@ class ResidualStatistics:
 
             return hook
 
-        def run(number: int) -> None:
+        embed = forward if forward is not None else (lambda x, longer: audio_embeddings(model, x, longer))
+
+        def run(number: int, x: torch.Tensor, longer: torch.Tensor | None) -> None:
             nonlocal batch
-            rows = indices[number * batch_size : (number + 1) * batch_size]
-            batch = len(rows)
+            batch = len(x)
             generator.manual_seed(seed * 1_000_003 + number)
             with autocast():
-                if forward is None:
-                    audio_embeddings(model, *model_inputs(input_features, rows, device, is_longer))
-                else:
-                    forward(rows)
+                embed(x, longer)
 
         rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         numbers = range(rank, -(-len(indices) // batch_size), world)
+        # This process's batches back to back: only the overall last batch can be short, and it comes last.
+        mine = np.concatenate([indices[n * batch_size : (n + 1) * batch_size] for n in numbers] or [indices[:0]])
         stats_hooks = [("*.attn.hook_z", accumulate("z")), ("*.hook_mlp_out", accumulate("mlp"))]
         if rank != 0:
             with hooks.hooks(stats_hooks):  # the shifts come from batch 0, as in one process
                 priming = True
-                run(0)
+                run(0, *model_inputs(input_features, indices[:batch_size], device, is_longer))
                 priming = False
         with hooks.hooks([*stats_hooks, *extra_hooks]):
-            for number in tqdm(numbers, desc="PCA statistics", leave=False):
-                run(number)
+            steps = batches(input_features, mine, batch_size, device, is_longer, desc="PCA statistics")
+            for number, (_, x, longer) in zip(numbers, steps, strict=True):
+                run(number, x, longer)
         if distributed:
             for key in sorted(accumulators):
                 for kind in sorted(accumulators[key]):

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from audio_residual.analysis.stats import ResidualStatistics
-from audio_residual.clap.classifier import audio_embeddings
 from audio_residual.data_processing import Split
 from audio_residual.evaluation.metrics import topk_accuracy
 from audio_residual.io import digest, write_csv, write_json
@@ -170,17 +169,19 @@ def fold_statistics(
     path = None if out is None else out.stats_file(split.fold, key)
     if path is not None and path.exists():
         return ResidualStatistics.load(path)
+    # From a prefix, the batches are its cached stage inputs, which no longer need the fusion flags.
+    features, is_longer = (ws.features.input_features, ws.features.is_longer) if prefix is None else (prefix.hidden, None)
     stats = ResidualStatistics.fit(
         ws.bundle.model,
-        ws.features.input_features,
+        features,
         train,
         batch_size=config.batch_size,
         tokens_per_clip=config.tokens_per_clip,
         seed=config.seed,
         autocast=ws.bundle.autocast,
         device=ws.bundle.device,
-        is_longer=ws.features.is_longer,
-        forward=None if prefix is None else prefix.embed,
+        is_longer=is_longer,
+        forward=None if prefix is None else prefix.forward,
         metadata={"model": ws.bundle.model_id, "dataset": ws.table.name, "fold": split.fold, "train_clips": key,
                   "provenance": ws.provenance()},
     )
@@ -189,24 +190,17 @@ def fold_statistics(
     return stats
 
 
-def embedder(ws: Workspace, prefix: StagePrefix | None = None):
-    """rows → audio embeddings: from the cached stage input when there is a prefix, else the full model."""
-    if prefix is not None:
-        return prefix.embed
-    return lambda rows: audio_embeddings(ws.bundle.model, *ws.batch(rows))
-
-
 @torch.no_grad()
 def residual_logits(
     ws: Workspace, residual: ResiDual | None, indices: np.ndarray, batch_size: int = 32, prefix: StagePrefix | None = None
 ) -> torch.Tensor:
-    """Zero-shot logits of the given clips with ResiDual attached (None: the plain model)."""
-    model, embed = ws.bundle.model, embedder(ws, prefix)
+    """Zero-shot logits of the given clips with ResiDual attached (None: the plain model); from the cached
+    stage input when there is a prefix, else from the log-mels."""
+    source = ws if prefix is None else prefix
     out = []
-    for start in range(0, len(indices), batch_size):
-        rows = indices[start : start + batch_size]
-        with ws.bundle.autocast(), residual.attached(model) if residual is not None else contextlib.nullcontext():
-            emb = embed(rows)
+    for _, x, longer in source.batches(indices, batch_size):
+        with ws.bundle.autocast(), residual.attached(ws.bundle.model) if residual is not None else contextlib.nullcontext():
+            emb = source.forward(x, longer)
         out.append(ws.classifier.logits(emb).float().cpu())
     return torch.cat(out) if out else torch.empty(0, len(ws.table.class_names))
 
@@ -250,13 +244,12 @@ def train_residual_fold(
     labels_all = torch.as_tensor(np.array(ws.table.labels))
     stage = first_stage(config.stages)
     prefix = StagePrefix(ws, stage, config.batch_size) if stage >= 1 else None
-    embed = embedder(ws, prefix)
+    source = ws if prefix is None else prefix
     stats = fold_statistics(ws, split, layout, config, prefix)
     residual = ResiDual.from_statistics(stats, config.residual_config()).to(device)
     params = list(residual.lambdas.values())
     steps_per_epoch = math.ceil(len(split.train) / config.batch_size)
     optimizer, scheduler = _optimizer(config, params, steps_per_epoch * config.epochs)
-    class_embeddings = ws.classifier.class_embeddings.to(device)
 
     history: list[dict] = []
     start_epoch, best, earlier_seconds = 0, {"epoch": 0, "val_accuracy": -1.0, "lambdas": None}, 0.0
@@ -281,19 +274,17 @@ def train_residual_fold(
     for epoch in tqdm(range(start_epoch, config.epochs), desc=f"fold {split.fold} λ training", leave=False,
                       initial=start_epoch, total=config.epochs):
         generator.manual_seed(config.seed * 100_003 + epoch)  # reshuffles identically after a resume
-        order = split.train[torch.randperm(len(split.train), generator=generator).numpy()]
         _set_mode(optimizer, True)
         losses, correct = [], 0
-        for start in range(0, len(order), config.batch_size):
-            rows = order[start : start + config.batch_size]
+        for step, (rows, x, longer) in enumerate(source.batches(split.train, config.batch_size, generator), 1):
             y = labels_all[rows].to(device)
             with ws.bundle.autocast(), residual.attached(ws.bundle.model):
-                emb = embed(rows)
-            logits = ws.classifier.logit_scale * emb.float() @ class_embeddings.T
+                emb = source.forward(x, longer)
+            logits = ws.classifier.logits(emb)
             loss = F.cross_entropy(logits, y)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
-                    f"fold {split.fold}, epoch {epoch + 1}, step {start // config.batch_size + 1}: loss is {loss.item()}"
+                    f"fold {split.fold}, epoch {epoch + 1}, step {step}: loss is {loss.item()}"
                     f" (lr {config.lr}, optimizer {config.optimizer}); lower the learning rate"
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -307,7 +298,7 @@ def train_residual_fold(
         record = {
             "epoch": epoch + 1,
             "train_loss": float(np.mean(losses)),
-            "train_accuracy": correct / len(order),
+            "train_accuracy": correct / len(split.train),
             "val_accuracy": val_accuracy,
             "lr": optimizer.param_groups[0]["lr"],
         }
