@@ -153,7 +153,7 @@ def test_analyze_train_residual_and_experiment_run_on_a_fused_model(fused_dir, m
     grid.write_text(json.dumps({"granularity": ["layer"], "lr": [0.1], "epochs": [1], "fold": [1, 2]}))
     experiment = tmp_path / "experiment"
     assert main(["experiment", *common, "--out", str(experiment), "--grid", str(grid), "--val-fraction", "0.2",
-                 "--ablation-max-clips", "2", "--wandb", "off"]) == 0
+                 "--ablation-max-clips", "2", "--wandb", "disabled"]) == 0
     assert (experiment / "report.md").is_file()
     assert json.loads((experiment / "provenance.json").read_text()) == provenance
     capsys.readouterr()

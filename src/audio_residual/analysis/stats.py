@@ -26,9 +26,7 @@ from audio_residual.clap.batches import batches, model_inputs
 from audio_residual.clap.classifier import audio_embeddings
 from audio_residual.clap.hooks import ClapHooks, HookFn, HookPoint, NameFilter
 from audio_residual.io import atomic_path
-
-GRANULARITIES = ("layer", "block", "head")
-UNIT_KINDS = ("attn", "mlp")
+from audio_residual.names import Granularity, Unit, UnitKind, block_name, choose, parse_block
 
 
 class StreamingMoments:
@@ -201,7 +199,7 @@ class ResidualStatistics:
 
         def accumulate(kind: str):
             def hook(tensor: torch.Tensor, point: HookPoint) -> None:
-                key = f"layers.{point.stage}.blocks.{point.block}"
+                key = block_name(point.stage, point.block)
                 moments = accumulators.setdefault(key, {})
                 if kind not in moments:
                     moments[kind] = StreamingMoments(point.width)
@@ -242,7 +240,7 @@ class ResidualStatistics:
 
         blocks, w_out, heads = {}, {}, {}
         for s, b, layer in hooks.blocks():
-            key = f"layers.{s}.blocks.{b}"
+            key = block_name(s, b)
             if key not in accumulators:  # a forward from a cached stage input skips the earlier stages
                 continue
             z_mean, z_cov = accumulators[key]["z"].mean_cov()
@@ -282,31 +280,30 @@ class ResidualStatistics:
         return Moments(w @ z.mean[cut], w @ z.cov[cut, cut] @ w.T, z.count)
 
     def stages(self) -> list[int]:
-        return sorted({int(key.split(".")[1]) for key in self.blocks})
+        return sorted({parse_block(key)[0] for key in self.blocks})
 
     def blocks_of(self, stage: int) -> list[str]:
-        return [key for key in self.blocks if int(key.split(".")[1]) == stage]
+        return [key for key in self.blocks if parse_block(key)[0] == stage]
 
     def unit_moments(self, granularity: str, kind: str = "attn", stages: Sequence[int] | None = None) -> dict[str, Moments]:
         """Moments of every unit at a granularity: `layer` pools a stage's blocks, `head` splits attention."""
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        if kind not in UNIT_KINDS:
-            raise ValueError(f"unit kind must be one of {UNIT_KINDS}, got {kind!r}")
+        granularity = choose(Granularity, granularity, "granularity")
+        kind = choose(UnitKind, kind, "unit kind")
         stages = self.stages() if stages is None else list(stages)
         units: dict[str, Moments] = {}
         for stage in stages:
-            if granularity == "layer":
-                units[f"layers.{stage}.{kind}"] = Moments.pool([self.blocks[k][kind] for k in self.blocks_of(stage)])
+            if granularity == Granularity.LAYER:
+                units[Unit(stage, kind=kind).name] = Moments.pool([self.blocks[k][kind] for k in self.blocks_of(stage)])
                 continue
             for block in self.blocks_of(stage):
-                if granularity == "block":
-                    units[f"{block}.{kind}"] = self.blocks[block][kind]
-                elif kind == "mlp":
+                _, b = parse_block(block)
+                if granularity == Granularity.BLOCK:
+                    units[Unit(stage, b, kind).name] = self.blocks[block][kind]
+                elif kind == UnitKind.MLP:
                     raise ValueError("MLP units have no heads: use granularity 'block' or 'layer'")
                 else:
                     for h in range(self.num_heads(block)):
-                        units[f"{block}.attn.head.{h}"] = self.head_moments(block, h)
+                        units[Unit(stage, b, head=h).name] = self.head_moments(block, h)
         return units
 
     def head_pca(self, block: str, head: int) -> PCABasis:
@@ -322,12 +319,12 @@ class ResidualStatistics:
         u, singular, _ = torch.linalg.svd(w @ (vectors * values.clamp(min=0).sqrt()), full_matrices=False)
         eigenvalues = singular**2
         keep = resolvable(eigenvalues, len(values))  # the covariance accumulated in float32 is d_head wide
-        name = f"{block}.attn.head.{head}"
+        name = Unit(*parse_block(block), head=head).name
         return PCABasis(name, w @ z.mean[cut], u[:, keep].T.contiguous(), eigenvalues[keep], float(eigenvalues.sum()))
 
     def pca(self, granularity: str, kind: str = "attn", stages: Sequence[int] | None = None) -> dict[str, PCABasis]:
         """Exact PCA of every unit at a granularity (`head` uses the cheap head-space route)."""
-        if granularity == "head" and kind == "attn":
+        if granularity == Granularity.HEAD and kind == UnitKind.ATTN:
             stages = self.stages() if stages is None else list(stages)
             return {
                 basis.name: basis
