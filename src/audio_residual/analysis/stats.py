@@ -141,10 +141,6 @@ def pca_from_moments(name: str, moments: Moments, rel_tol: float | None = None) 
     return PCABasis(name, moments.mean, vectors[:, keep].T.contiguous(), values[keep], float(values.clamp(min=0).sum()))
 
 
-def head_slice(point: HookPoint, head: int) -> slice:
-    return slice(head * point.head_dim, (head + 1) * point.head_dim)
-
-
 class ResidualStatistics:
     """Per-block moments of head contexts, attention outputs and MLP outputs of one fitted index set."""
 
