@@ -50,6 +50,12 @@ def test_fold_metrics_top5_and_absent_classes():
     assert m["macro_recall"] == 0.0 and np.isnan(m["per_class_accuracy"][1])
 
 
+def test_fold_metrics_of_no_clips_are_zero_counts_and_nan_averages():
+    m = fold_metrics(torch.zeros(0, 3), np.zeros(0, dtype=np.int64), 3)
+    np.testing.assert_array_equal(m["confusion"], np.zeros((3, 3)))
+    assert np.isnan(m["macro_f1"]) and np.isnan(m["per_class_accuracy"]).all()
+
+
 def _row(method, fold, accuracy, params=0, key="k1"):
     return {"method": method, "fold": fold, "key": key, "accuracy": accuracy, "top5": 1.0, "macro_precision": accuracy,
             "macro_recall": accuracy, "macro_f1": accuracy, "trainable_params": params, "seconds": 1.0}  # fmt: skip

@@ -12,7 +12,8 @@ import torch
 from safetensors import safe_open
 from transformers import ClapFeatureExtractor
 
-from audio_residual.clap.classifier import audio_embeddings, model_inputs
+from audio_residual.clap.batches import model_inputs
+from audio_residual.clap.classifier import audio_embeddings
 from audio_residual.clap.loading import load_clap
 from audio_residual.clap.tiny import build_tiny_clap
 from audio_residual.cli import main
@@ -152,7 +153,7 @@ def test_analyze_train_residual_and_experiment_run_on_a_fused_model(fused_dir, m
     grid.write_text(json.dumps({"granularity": ["layer"], "lr": [0.1], "epochs": [1], "fold": [1, 2]}))
     experiment = tmp_path / "experiment"
     assert main(["experiment", *common, "--out", str(experiment), "--grid", str(grid), "--val-fraction", "0.2",
-                 "--ablation-max-clips", "2", "--wandb", "off"]) == 0
+                 "--ablation-max-clips", "2", "--wandb", "disabled"]) == 0
     assert (experiment / "report.md").is_file()
     assert json.loads((experiment / "provenance.json").read_text()) == provenance
     capsys.readouterr()

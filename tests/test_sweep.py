@@ -94,7 +94,7 @@ def test_sweep_and_train_residual_commands(synthetic_esc50, tmp_path, capsys):
     common = ["--data", str(synthetic_esc50), "--model", "tiny", "--cache", str(tmp_path / "cache"), "--device", "cpu"]
     grid = tmp_path / "grid.json"
     grid.write_text(json.dumps({"granularity": ["layer", "head"], "lr": [0.3], "epochs": [2], "fold": [1]}))
-    assert main(["sweep", *common, "--out", str(tmp_path / "sweep"), "--grid", str(grid), "--wandb", "off"]) == 0
+    assert main(["sweep", *common, "--out", str(tmp_path / "sweep"), "--grid", str(grid), "--wandb", "disabled"]) == 0
     assert "fold 1: chosen on its own validation split" in capsys.readouterr().out
     out = tmp_path / "residual"
     args = ["train-residual", *common, "--out", str(out), "--granularity", "layer", "--stages", "0,3",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -59,6 +60,15 @@ def test_interrupted_run_resumes_from_its_checkpoint(experiment, tmp_path, monke
     np.testing.assert_allclose(resumed.test_logits, full.test_logits, rtol=1e-4, atol=1e-4)
     assert json.loads(files.result.read_text())["fold"] == split.fold
     assert files.lambdas.exists()
+
+
+def test_without_validation_the_last_epoch_is_kept_and_no_validation_accuracy_is_recorded(experiment, tmp_path):
+    split = experiment.splits()[0]
+    config = TrainConfig(granularity="layer", epochs=2, lr=0.05, batch_size=16, val_fraction=0.0)
+    result = train_residual_fold(experiment, split, config, out=tmp_path)
+    assert result.best_epoch == 2 and math.isnan(result.val_accuracy)
+    _, info = load_checkpoint(RunLayout(tmp_path).fold(run_key(experiment, config), split.fold).checkpoint)
+    assert info["best_epoch"] == 2 and info["best_val"] is None  # not an epoch number posing as an accuracy
 
 
 def test_checkpoint_for_another_config_is_not_reused(experiment, tmp_path):

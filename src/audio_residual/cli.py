@@ -11,8 +11,10 @@ from pathlib import Path
 
 from audio_residual.clap.loading import DEFAULT_MODEL
 from audio_residual.layout import RunLayout
+from audio_residual.training.tracking import MODES as WANDB_MODES
 
-WANDB_CHOICES = {"auto": "auto", "on": True, "off": False}  # sweep/experiment: W&B if logged in, always, never
+WANDB_HELP = "auto: online when logged in, else disabled; offline: log locally, `wandb sync` later"
+
 INTERRUPTED_EXIT = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
 
 
@@ -271,7 +273,7 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens-per-clip", type=POSITIVE_INT, default=None)
     parser.add_argument("--seed", type=int, default=None, help="default 0")
     parser.add_argument("--folds", type=_int_list, default=None, help="e.g. 1,2 (default: all)")
-    parser.add_argument("--wandb", choices=["online", "offline", "disabled"], default="disabled")
+    parser.add_argument("--wandb", choices=WANDB_MODES, default="disabled", help=WANDB_HELP)
     parser.add_argument("--force", action="store_true", help="recompute (method, fold) rows already stored")
     parser.set_defaults(batch_size=None)  # default 32, or the preset's
 
@@ -318,7 +320,7 @@ def cmd_sweep(args) -> None:
     _check_folds(ws, grid.get("fold", []), f"--grid {args.grid}")
     _report_skipped(ws, args.out)
     base = {"batch_size": args.batch_size, "val_fraction": args.val_fraction}
-    frame = run_sweep(ws, args.out, grid=grid, base=base, use_wandb=WANDB_CHOICES[args.wandb])
+    frame = run_sweep(ws, args.out, grid=grid, base=base, use_wandb=args.wandb)
     print(mean_ranking(frame).to_string(index=False))
     for fold, options in choose_per_fold(frame).items():
         print(f"fold {fold}: chosen on its own validation split: {options}")
@@ -336,7 +338,7 @@ def cmd_experiment(args) -> None:
     base = {"batch_size": args.batch_size, "val_fraction": args.val_fraction}
     outcome = run_study(
         ws, args.out, grid, base, analysis_fold=args.analysis_fold, finetune_epochs=args.finetune_epochs,
-        use_wandb=WANDB_CHOICES[args.wandb],
+        use_wandb=args.wandb,
         analysis_options={"ablation_max_clips": args.ablation_max_clips},
     )
     print(outcome.table)
@@ -387,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--grid", type=Path, default=None, help="JSON {option: [values]}, 'fold' included")
     p.add_argument("--val-fraction", type=VAL_FRACTION, default=0.1)
-    p.add_argument("--wandb", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--wandb", choices=WANDB_MODES, default="auto", help=WANDB_HELP)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("experiment", help="the whole study: analysis, sweep, ResiDual, baselines → OUT/report.md")
@@ -399,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--finetune-epochs", type=NON_NEGATIVE_INT, default=0, help="> 0 adds full fine-tuning (GPU advised)"
     )
-    p.add_argument("--wandb", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--wandb", choices=WANDB_MODES, default="auto", help=WANDB_HELP)
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("demo", help="offline end-to-end run on generated data with the tiny model")

@@ -6,12 +6,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from audio_residual.clap.classifier import DEFAULT_TEMPLATES, ZeroShotClassifier, check_template, model_inputs
+from audio_residual.clap.batches import Batch, batches, model_inputs
+from audio_residual.clap.classifier import (
+    DEFAULT_TEMPLATES,
+    ZeroShotClassifier,
+    audio_embeddings,
+    check_template,
+)
 from audio_residual.clap.loading import DEFAULT_MODEL, ClapBundle, load_clap
 from audio_residual.data_processing import (
     CachedFeatures,
@@ -153,6 +161,15 @@ class Workspace:
     def batch(self, rows: np.ndarray):
         """Model inputs of the given rows on the model's device: (input_features, is_longer (n, 1))."""
         return model_inputs(self.features.input_features, rows, self.bundle.device, self.features.is_longer)
+
+    def batches(self, rows, batch_size: int, shuffle_generator=None, desc: str | None = None) -> Iterator[Batch]:
+        """(rows, input_features, is_longer) batches of the given rows on the model's device (see `batches`)."""
+        f = self.features
+        return batches(f.input_features, rows, batch_size, self.bundle.device, f.is_longer, shuffle_generator, desc)
+
+    def forward(self, input_features: torch.Tensor, is_longer: torch.Tensor | None = None) -> torch.Tensor:
+        """Audio embeddings of one batch from `batches` (differentiable: ResiDual's hooks act here)."""
+        return audio_embeddings(self.bundle.model, input_features, is_longer)
 
     def embed(self, indices: np.ndarray, batch_size: int = 32, desc: str = "audio embeddings"):
         f = self.features

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from audio_residual.analysis.stats import ResidualStatistics
 from audio_residual.clap.classifier import ZeroShotClassifier
 from audio_residual.clap.hooks import ClapHooks, HookPoint
+from audio_residual.names import Unit, hook_name, parse_block
 
 
 def head_mean(stats: ResidualStatistics, block: str, head: int) -> torch.Tensor:
@@ -40,7 +41,7 @@ def mean_ablated(model, stats: ResidualStatistics, units: Iterable[tuple[str, in
             z[..., head, :] = mean.to(z.device, z.dtype)
             return z
 
-        fwd.append((f"{block}.attn.hook_z", replace))
+        fwd.append((hook_name(*parse_block(block), "attn.hook_z"), replace))
     with ClapHooks(model).hooks(fwd):
         yield
 
@@ -53,7 +54,7 @@ def _heads(stats: ResidualStatistics, stages: Sequence[int] | None) -> list[tupl
     out = []
     for stage in stages:
         for block in stats.blocks_of(stage):
-            out += [(block, stage, int(block.rsplit(".", 1)[1]), h) for h in range(stats.num_heads(block))]
+            out += [(block, stage, parse_block(block)[1], h) for h in range(stats.num_heads(block))]
     return out
 
 
@@ -111,7 +112,7 @@ def head_ablation(
         pred = ablated.argmax(1).numpy()
         correct = pred == labels
         record = {
-            "unit": f"{block}.attn.head.{head}",
+            "unit": Unit(stage, block_index, head=head).name,
             "stage": stage,
             "block": block_index,
             "head": head,

@@ -19,11 +19,12 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from audio_residual.analysis.spectra import TABLE_COLUMNS, spectrum_summary
-from audio_residual.clap.classifier import audio_embeddings, model_inputs
+from audio_residual.clap.batches import batches
+from audio_residual.clap.classifier import audio_embeddings
 from audio_residual.clap.hooks import ClapHooks, HookPoint
+from audio_residual.names import Unit, block_name, parse_block
 
 
 def gram_eigenvalues(samples: torch.Tensor) -> torch.Tensor:
@@ -53,7 +54,7 @@ class PatternReservoir:
 
     def hook(self, tensor: torch.Tensor, point: HookPoint) -> None:
         if self.stages is None or point.stage in self.stages:
-            self.add(f"layers.{point.stage}.blocks.{point.block}", tensor)
+            self.add(block_name(point.stage, point.block), tensor)
 
     def add(self, block: str, patterns: torch.Tensor) -> None:
         """Offer a batch of windows (windows, heads, w², w²); keeps each seen window with probability cap/seen."""
@@ -89,16 +90,15 @@ class PatternReservoir:
         out = {}
         for block, store in self.samples.items():
             for h in range(store.shape[1]):
-                out[f"{block}.attn.head.{h}"] = gram_eigenvalues(store[:, h])
+                out[Unit(*parse_block(block), head=h).name] = gram_eigenvalues(store[:, h])
         return out
 
     def table(self) -> pd.DataFrame:
         """Rows in `spectra.TABLE_COLUMNS` with view='pattern', dim = w⁴, samples = windows kept."""
         rows = []
         for name, values in self.eigenvalues().items():
-            block = name.rsplit(".attn.", 1)[0]
-            stage, block_index = (int(part) for part in block.split(".")[1::2])
-            store = self.samples[block]
+            unit = Unit.parse(name)
+            store = self.samples[unit.block_name]
             values = values[values > 1e-10 * max(float(values[0]), 1e-300)]  # the subsample's rank
             rows.append(
                 {
@@ -106,9 +106,9 @@ class PatternReservoir:
                     "view": "pattern",
                     "granularity": "head",
                     "kind": "attn",
-                    "stage": stage,
-                    "block": float(block_index),
-                    "head": float(name.rsplit(".", 1)[1]),
+                    "stage": unit.stage,
+                    "block": float(unit.block),
+                    "head": float(unit.head),
                     "dim": int(store.shape[2]),
                     **spectrum_summary(values),
                     "samples": int(store.shape[0]),
@@ -136,9 +136,7 @@ def collect_patterns(
         raise ValueError("pattern statistics need at least one clip: the index set is empty")
     reservoir = PatternReservoir(cap, seed, stages)
     with ClapHooks(model).hooks([("*.attn.hook_pattern", reservoir.hook)]):
-        for start in tqdm(range(0, len(indices), batch_size), desc="attention patterns", leave=False):
-            rows = indices[start : start + batch_size]
-            x, longer = model_inputs(input_features, rows, device, is_longer)
+        for _, x, longer in batches(input_features, indices, batch_size, device, is_longer, desc="attention patterns"):
             with autocast():
                 audio_embeddings(model, x, longer)
     return reservoir

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from audio_residual.analysis.spectra import parse_unit
+from audio_residual.names import Unit
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -80,11 +80,11 @@ def evr_curves_plot(curves: Mapping[str, np.ndarray], title: str = "cumulative e
 
     fig = _figure(6.5, 4.0)
     ax = fig.add_subplot()
-    stages = sorted({parse_unit(name)[0] for name in curves})
+    stages = sorted({Unit.parse(name).stage for name in curves})
     colours = colormaps["viridis"](np.linspace(0, 0.9, max(1, len(stages))))
     labelled = set()
     for name, cumulative in curves.items():
-        stage = parse_unit(name)[0]
+        stage = Unit.parse(name).stage
         label = None if stage in labelled else f"stage {stage}"
         labelled.add(stage)
         ax.plot(np.arange(1, len(cumulative) + 1), cumulative, color=colours[stages.index(stage)], alpha=0.6, lw=1, label=label)

@@ -13,7 +13,6 @@ From a unit's PCA eigenvalues λ₁ ≥ λ₂ ≥ … (over the total variance, 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,6 +20,7 @@ import pandas as pd
 import torch
 
 from audio_residual.analysis.stats import PCABasis, ResidualStatistics
+from audio_residual.names import Unit
 
 ID_THRESHOLDS = {"id90": 0.90, "id95": 0.95, "id99": 0.99}
 TABLE_COLUMNS = [
@@ -39,7 +39,6 @@ TABLE_COLUMNS = [
     "top_evr",
     "samples",
 ]
-_UNIT = re.compile(r"^layers\.(?P<stage>\d+)(?:\.blocks\.(?P<block>\d+))?\.(?:attn|mlp)(?:\.head\.(?P<head>\d+))?$")
 _TOLERANCE = 1e-12  # cumulative sums of float64 ratios may miss an exactly reached threshold by an ulp
 
 
@@ -86,12 +85,9 @@ def spectrum_summary(eigenvalues, total_variance: float | None = None) -> dict[s
 
 
 def parse_unit(name: str) -> tuple[int, float, float]:
-    """(stage, block, head) of a unit name; block and head are NaN where the unit spans more."""
-    match = _UNIT.match(name)
-    if match is None:
-        raise ValueError(f"not a residual unit name: {name!r}")
-    block, head = match["block"], match["head"]
-    return int(match["stage"]), float(block) if block else math.nan, float(head) if head else math.nan
+    """(stage, block, head) of a unit name as table columns: block and head are NaN where the unit spans more."""
+    unit = Unit.parse(name)
+    return unit.stage, math.nan if unit.block is None else float(unit.block), math.nan if unit.head is None else float(unit.head)
 
 
 def basis_row(basis: PCABasis, granularity: str, kind: str, samples: int | None = None) -> dict:
@@ -113,8 +109,8 @@ def basis_row(basis: PCABasis, granularity: str, kind: str, samples: int | None 
 
 def _tokens(stats: ResidualStatistics, name: str, kind: str) -> int:
     """Tokens behind a unit's moments: its block's count, or the sum over a stage's blocks for layers."""
-    stage, block, _ = parse_unit(name)
-    blocks = stats.blocks_of(stage) if math.isnan(block) else [f"layers.{stage}.blocks.{int(block)}"]
+    unit = Unit.parse(name)
+    blocks = stats.blocks_of(unit.stage) if unit.block is None else [unit.block_name]
     return sum(stats.blocks[b][kind].count for b in blocks)
 
 

@@ -21,14 +21,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from audio_residual.clap.classifier import audio_embeddings, model_inputs
+from audio_residual.clap.batches import batches, model_inputs
+from audio_residual.clap.classifier import audio_embeddings
 from audio_residual.clap.hooks import ClapHooks, HookFn, HookPoint, NameFilter
 from audio_residual.io import atomic_path
-
-GRANULARITIES = ("layer", "block", "head")
-UNIT_KINDS = ("attn", "mlp")
+from audio_residual.names import Granularity, Unit, UnitKind, block_name, choose, parse_block
 
 
 class StreamingMoments:
@@ -143,10 +141,6 @@ def pca_from_moments(name: str, moments: Moments, rel_tol: float | None = None) 
     return PCABasis(name, moments.mean, vectors[:, keep].T.contiguous(), values[keep], float(values.clamp(min=0).sum()))
 
 
-def head_slice(point: HookPoint, head: int) -> slice:
-    return slice(head * point.head_dim, (head + 1) * point.head_dim)
-
-
 class ResidualStatistics:
     """Per-block moments of head contexts, attention outputs and MLP outputs of one fitted index set."""
 
@@ -171,15 +165,16 @@ class ResidualStatistics:
         is_longer: np.ndarray | None = None,
         metadata: dict | None = None,
         extra_hooks: Sequence[tuple[NameFilter, HookFn]] = (),
-        forward: Callable[[np.ndarray], object] | None = None,
+        forward: Callable[[torch.Tensor, torch.Tensor | None], object] | None = None,
         distributed: bool = False,
     ) -> ResidualStatistics:
         """One pass over `input_features[indices]` (the training folds only: the caller says which).
 
         `tokens_per_clip` subsamples that many tokens per clip and block (uniformly, seeded per batch) to
         save time on big stages; None uses every token. `extra_hooks` ride along in the same forward (the
-        analysis fills its attention-pattern reservoir there). `forward(rows)` replaces the full forward,
-        e.g. one from a cached stage input: only the blocks it runs get statistics. With `distributed`, in
+        analysis fills its attention-pattern reservoir there). `forward(x, is_longer)` replaces the full
+        forward on each batch of `input_features`, e.g. `StagePrefix.forward` on the cached stage inputs
+        (`input_features=prefix.hidden`): only the blocks it runs get statistics. With `distributed`, in
         an initialised `torch.distributed` group, each process runs every world_size-th batch and the float64
         sums are all-reduced, so every process returns the single-process result.
         """
@@ -200,7 +195,7 @@ class ResidualStatistics:
 
         def accumulate(kind: str):
             def hook(tensor: torch.Tensor, point: HookPoint) -> None:
-                key = f"layers.{point.stage}.blocks.{point.block}"
+                key = block_name(point.stage, point.block)
                 moments = accumulators.setdefault(key, {})
                 if kind not in moments:
                     moments[kind] = StreamingMoments(point.width)
@@ -211,28 +206,29 @@ class ResidualStatistics:
 
             return hook
 
-        def run(number: int) -> None:
+        embed = forward if forward is not None else (lambda x, longer: audio_embeddings(model, x, longer))
+
+        def run(number: int, x: torch.Tensor, longer: torch.Tensor | None) -> None:
             nonlocal batch
-            rows = indices[number * batch_size : (number + 1) * batch_size]
-            batch = len(rows)
+            batch = len(x)
             generator.manual_seed(seed * 1_000_003 + number)
             with autocast():
-                if forward is None:
-                    audio_embeddings(model, *model_inputs(input_features, rows, device, is_longer))
-                else:
-                    forward(rows)
+                embed(x, longer)
 
         rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         numbers = range(rank, -(-len(indices) // batch_size), world)
+        # This process's batches back to back: only the overall last batch can be short, and it comes last.
+        mine = np.concatenate([indices[n * batch_size : (n + 1) * batch_size] for n in numbers] or [indices[:0]])
         stats_hooks = [("*.attn.hook_z", accumulate("z")), ("*.hook_mlp_out", accumulate("mlp"))]
         if rank != 0:
             with hooks.hooks(stats_hooks):  # the shifts come from batch 0, as in one process
                 priming = True
-                run(0)
+                run(0, *model_inputs(input_features, indices[:batch_size], device, is_longer))
                 priming = False
         with hooks.hooks([*stats_hooks, *extra_hooks]):
-            for number in tqdm(numbers, desc="PCA statistics", leave=False):
-                run(number)
+            steps = batches(input_features, mine, batch_size, device, is_longer, desc="PCA statistics")
+            for number, (_, x, longer) in zip(numbers, steps, strict=True):
+                run(number, x, longer)
         if distributed:
             for key in sorted(accumulators):
                 for kind in sorted(accumulators[key]):
@@ -240,7 +236,7 @@ class ResidualStatistics:
 
         blocks, w_out, heads = {}, {}, {}
         for s, b, layer in hooks.blocks():
-            key = f"layers.{s}.blocks.{b}"
+            key = block_name(s, b)
             if key not in accumulators:  # a forward from a cached stage input skips the earlier stages
                 continue
             z_mean, z_cov = accumulators[key]["z"].mean_cov()
@@ -280,31 +276,30 @@ class ResidualStatistics:
         return Moments(w @ z.mean[cut], w @ z.cov[cut, cut] @ w.T, z.count)
 
     def stages(self) -> list[int]:
-        return sorted({int(key.split(".")[1]) for key in self.blocks})
+        return sorted({parse_block(key)[0] for key in self.blocks})
 
     def blocks_of(self, stage: int) -> list[str]:
-        return [key for key in self.blocks if int(key.split(".")[1]) == stage]
+        return [key for key in self.blocks if parse_block(key)[0] == stage]
 
     def unit_moments(self, granularity: str, kind: str = "attn", stages: Sequence[int] | None = None) -> dict[str, Moments]:
         """Moments of every unit at a granularity: `layer` pools a stage's blocks, `head` splits attention."""
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        if kind not in UNIT_KINDS:
-            raise ValueError(f"unit kind must be one of {UNIT_KINDS}, got {kind!r}")
+        granularity = choose(Granularity, granularity, "granularity")
+        kind = choose(UnitKind, kind, "unit kind")
         stages = self.stages() if stages is None else list(stages)
         units: dict[str, Moments] = {}
         for stage in stages:
-            if granularity == "layer":
-                units[f"layers.{stage}.{kind}"] = Moments.pool([self.blocks[k][kind] for k in self.blocks_of(stage)])
+            if granularity == Granularity.LAYER:
+                units[Unit(stage, kind=kind).name] = Moments.pool([self.blocks[k][kind] for k in self.blocks_of(stage)])
                 continue
             for block in self.blocks_of(stage):
-                if granularity == "block":
-                    units[f"{block}.{kind}"] = self.blocks[block][kind]
-                elif kind == "mlp":
+                _, b = parse_block(block)
+                if granularity == Granularity.BLOCK:
+                    units[Unit(stage, b, kind).name] = self.blocks[block][kind]
+                elif kind == UnitKind.MLP:
                     raise ValueError("MLP units have no heads: use granularity 'block' or 'layer'")
                 else:
                     for h in range(self.num_heads(block)):
-                        units[f"{block}.attn.head.{h}"] = self.head_moments(block, h)
+                        units[Unit(stage, b, head=h).name] = self.head_moments(block, h)
         return units
 
     def head_pca(self, block: str, head: int) -> PCABasis:
@@ -320,12 +315,12 @@ class ResidualStatistics:
         u, singular, _ = torch.linalg.svd(w @ (vectors * values.clamp(min=0).sqrt()), full_matrices=False)
         eigenvalues = singular**2
         keep = resolvable(eigenvalues, len(values))  # the covariance accumulated in float32 is d_head wide
-        name = f"{block}.attn.head.{head}"
+        name = Unit(*parse_block(block), head=head).name
         return PCABasis(name, w @ z.mean[cut], u[:, keep].T.contiguous(), eigenvalues[keep], float(eigenvalues.sum()))
 
     def pca(self, granularity: str, kind: str = "attn", stages: Sequence[int] | None = None) -> dict[str, PCABasis]:
         """Exact PCA of every unit at a granularity (`head` uses the cheap head-space route)."""
-        if granularity == "head" and kind == "attn":
+        if granularity == Granularity.HEAD and kind == UnitKind.ATTN:
             stages = self.stages() if stages is None else list(stages)
             return {
                 basis.name: basis

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from audio_residual.clap.classifier import ZeroShotClassifier, audio_embeddings, model_inputs
+from audio_residual.clap.batches import batches
+from audio_residual.clap.classifier import ZeroShotClassifier, audio_embeddings
 from audio_residual.clap.loading import ClapBundle
 
 
@@ -47,17 +48,10 @@ class FineTuned:
         """Logits of the selected rows of a (memory-mapped) feature array, on the CPU."""
         self.model.eval()
         out = []
-        for _, x, longer in _batches(self.bundle, input_features, is_longer, np.asarray(indices), batch_size):
+        for _, x, longer in batches(input_features, indices, batch_size, self.bundle.device, is_longer):
             with self.bundle.autocast():
                 out.append(self.model(x, longer).float().cpu())
         return torch.cat(out) if out else torch.empty(0, self.model.head.out_features)
-
-
-def _batches(bundle: ClapBundle, input_features, is_longer, rows: np.ndarray, batch_size: int):
-    """(rows, features, is_longer) batches moved to the bundle's device."""
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        yield batch, *model_inputs(input_features, batch, bundle.device, is_longer)
 
 
 def _train_mode(model: AudioClassifier) -> None:
@@ -119,9 +113,8 @@ def finetune_audio_encoder(
     best_state, best_accuracy = None, -1.0
     for epoch in tqdm(range(epochs), desc="fine-tuning", leave=False):
         _train_mode(model)
-        rows = generator.permutation(train_indices)
-        steps = _batches(bundle, input_features, is_longer, rows, batch_size)
-        for batch, x, longer in tqdm(steps, desc=f"epoch {epoch + 1}", leave=False):
+        steps = batches(input_features, train_indices, batch_size, bundle.device, is_longer, generator, f"epoch {epoch + 1}")
+        for batch, x, longer in steps:
             with bundle.autocast():
                 logits = model(x, longer)
             loss = F.cross_entropy(logits.float(), torch.from_numpy(labels[batch]).to(bundle.device))

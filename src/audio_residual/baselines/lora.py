@@ -20,8 +20,9 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from tqdm.auto import tqdm
 
-from audio_residual.baselines.finetune import _batches, _train_mode
+from audio_residual.baselines.finetune import _train_mode
 from audio_residual.baselines.linear import _validation_score
+from audio_residual.clap.batches import batches
 from audio_residual.clap.classifier import ZeroShotClassifier, audio_embeddings
 from audio_residual.clap.loading import ClapBundle
 
@@ -64,7 +65,7 @@ class LoraTuned:
         """Logits of the selected rows of a (memory-mapped) feature array, on the CPU."""
         self.model.eval()
         out = []
-        for _, x, longer in _batches(self.bundle, input_features, is_longer, np.asarray(indices), batch_size):
+        for _, x, longer in batches(input_features, indices, batch_size, self.bundle.device, is_longer):
             with self.bundle.autocast():
                 out.append(self.model(x, longer).float().cpu())
         return torch.cat(out) if out else torch.empty(0, self.model.class_embeddings.shape[0])
@@ -103,8 +104,8 @@ def _train_rank(
     generator = np.random.default_rng(seed)
     for epoch in tqdm(range(epochs), desc=f"LoRA r={rank}", leave=False):
         _train_mode(model)
-        steps = _batches(bundle, input_features, is_longer, generator.permutation(train_indices), batch_size)
-        for batch, x, longer in tqdm(steps, desc=f"epoch {epoch + 1}", leave=False):
+        steps = batches(input_features, train_indices, batch_size, bundle.device, is_longer, generator, f"epoch {epoch + 1}")
+        for batch, x, longer in steps:
             with bundle.autocast():
                 logits = model(x, longer)
             loss = F.cross_entropy(logits.float(), torch.from_numpy(labels[batch]).to(bundle.device))

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from audio_residual.clap.batches import batches
 from audio_residual.clap.loading import ClapBundle
 
 DEFAULT_TEMPLATES = ("This is a sound of {label}.",)
@@ -49,16 +49,6 @@ def text_embeddings(bundle: ClapBundle, texts: Sequence[str]) -> torch.Tensor:
     return F.normalize(projected.float(), dim=-1)
 
 
-def model_inputs(
-    input_features: np.ndarray, rows: np.ndarray, device: torch.device | str, is_longer: np.ndarray | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rows of a (memory-mapped) feature array as model inputs on `device`: features and is_longer (n, 1)."""
-    x = torch.from_numpy(np.ascontiguousarray(input_features[rows])).to(device)
-    if is_longer is None:
-        return x, None
-    return x, torch.from_numpy(np.array(is_longer[rows])).reshape(-1, 1).to(device)
-
-
 def audio_embeddings(model, input_features: torch.Tensor, is_longer: torch.Tensor | None = None) -> torch.Tensor:
     """Differentiable L2-normalised audio embeddings: the path ResiDual hooks and training go through."""
     if is_longer is None and model.audio_model.config.enable_fusion:
@@ -96,11 +86,8 @@ class ZeroShotClassifier:
         desc: str = "audio embeddings",
     ) -> torch.Tensor:
         """Audio embeddings of the selected rows of a (memory-mapped) feature array, on the CPU."""
-        indices = np.asarray(indices)
         out = []
-        for start in tqdm(range(0, len(indices), batch_size), desc=desc, leave=False):
-            rows = indices[start : start + batch_size]
-            x, longer = model_inputs(input_features, rows, self.bundle.device, is_longer)
+        for _, x, longer in batches(input_features, indices, batch_size, self.bundle.device, is_longer, desc=desc):
             with self.bundle.autocast():
                 emb = audio_embeddings(self.bundle.model, x, longer)
             out.append(emb.float().cpu())

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from audio_residual.clap.classifier import audio_embeddings
+from audio_residual.names import hook_name
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], torch.Tensor | None]
 NameFilter = str | Sequence[str] | Callable[[str], bool] | None
@@ -102,7 +103,7 @@ class ClapHooks:
             for b, layer in enumerate(stage.blocks):
                 attn = layer.attention.self
                 for site in BLOCK_SITES:
-                    name = f"layers.{s}.blocks.{b}.{site}"
+                    name = hook_name(s, b, site)
                     self.points[name] = HookPoint(
                         name, s, b, site, layer, attn.num_attention_heads, attn.attention_head_size, stage.dim
                     )
@@ -144,7 +145,7 @@ class ClapHooks:
 
     def _attach(self, s: int, b: int, sites: dict[str, list[HookFn]]) -> list:
         layer = self.encoder.layers[s].blocks[b]
-        point = {site: self.points[f"layers.{s}.blocks.{b}.{site}"] for site in BLOCK_SITES}
+        point = {site: self.points[hook_name(s, b, site)] for site in BLOCK_SITES}
 
         def apply(site: str, tensor: torch.Tensor) -> torch.Tensor:
             for fn in sites.get(site, ()):

@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy import stats
+from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
+from sklearn.metrics import precision_recall_fscore_support
 
 from audio_residual.evaluation.metrics import topk_accuracy
 from audio_residual.io import atomic_path, write_csv
@@ -42,16 +44,10 @@ BASELINE_METHOD = "zeroshot"
 
 
 def confusion_matrix(predictions: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """(C, C) counts; rows are true classes, columns predicted classes."""
-    flat = np.asarray(labels, dtype=np.int64) * n_classes + np.asarray(predictions, dtype=np.int64)
-    return np.bincount(flat, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
-
-
-def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    """Element-wise ratio with 0 where the denominator is 0 (scikit-learn's zero_division=0)."""
-    out = np.zeros(numerator.shape, dtype=np.float64)
-    np.divide(numerator, denominator, out=out, where=denominator > 0)
-    return out
+    """(C, C) counts; rows are true classes, columns predicted classes (all zero for no clips)."""
+    if len(labels) == 0:  # scikit-learn refuses empty input
+        return np.zeros((n_classes, n_classes), dtype=np.int64)
+    return sklearn_confusion_matrix(labels, predictions, labels=np.arange(n_classes))
 
 
 def fold_metrics(logits, labels, n_classes: int) -> dict:
@@ -66,19 +62,22 @@ def fold_metrics(logits, labels, n_classes: int) -> dict:
     labels = np.asarray(labels, dtype=np.int64)
     predictions = logits.argmax(1).numpy()
     confusion = confusion_matrix(predictions, labels, n_classes)
-    true_positive = np.diag(confusion).astype(np.float64)
-    support, predicted = confusion.sum(1), confusion.sum(0)
-    precision = _safe_divide(true_positive, predicted)
-    recall = _safe_divide(true_positive, support)
-    f1 = _safe_divide(2 * precision * recall, precision + recall)
-    seen = (support > 0) | (predicted > 0)
-    per_class_accuracy = np.where(support > 0, recall, np.nan)
+    support = confusion.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class_accuracy = np.where(support > 0, np.diag(confusion) / support, np.nan)
+    seen = np.union1d(labels, predictions)
+    if len(seen):
+        precision, recall, f1, _ = precision_recall_fscore_support(
+            labels, predictions, labels=seen, average="macro", zero_division=0
+        )
+    else:
+        precision = recall = f1 = float("nan")
     return {
         "accuracy": topk_accuracy(logits, labels, 1),
         "top5": topk_accuracy(logits, labels, 5),
-        "macro_precision": float(precision[seen].mean()) if seen.any() else float("nan"),
-        "macro_recall": float(recall[seen].mean()) if seen.any() else float("nan"),
-        "macro_f1": float(f1[seen].mean()) if seen.any() else float("nan"),
+        "macro_precision": float(precision),
+        "macro_recall": float(recall),
+        "macro_f1": float(f1),
         "confusion": confusion,
         "per_class_accuracy": per_class_accuracy,
     }

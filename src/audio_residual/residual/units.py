@@ -35,9 +35,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from audio_residual.analysis.stats import GRANULARITIES, UNIT_KINDS, PCABasis, ResidualStatistics
+from audio_residual.analysis.stats import PCABasis, ResidualStatistics
 from audio_residual.clap.hooks import ClapHooks, HookPoint
 from audio_residual.io import atomic_path
+from audio_residual.names import Granularity, Unit, UnitKind, choose, hook_name, parse_block, parse_hook
 
 INITS = ("ones", "randn")
 CENTERS = ("keep", "drop")
@@ -64,11 +65,11 @@ class ResidualConfig:
     def __post_init__(self):
         self.kinds = tuple(self.kinds)
         self.stages = None if self.stages is None else tuple(int(s) for s in self.stages)
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if not self.kinds or set(self.kinds) - set(UNIT_KINDS):
-            raise ValueError(f"kinds must be a non-empty subset of {UNIT_KINDS}, got {self.kinds!r}")
-        if self.granularity == "head" and "mlp" in self.kinds:
+        self.granularity = choose(Granularity, self.granularity, "granularity")
+        if not self.kinds or set(self.kinds) - set(UnitKind):
+            raise ValueError(f"kinds must be a non-empty subset of {tuple(k.value for k in UnitKind)}, got {self.kinds!r}")
+        self.kinds = tuple(UnitKind(kind) for kind in self.kinds)
+        if self.granularity == Granularity.HEAD and UnitKind.MLP in self.kinds:
             raise ValueError("MLP units have no heads: use granularity 'block' or 'layer' for kinds with 'mlp'")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
@@ -153,7 +154,7 @@ class ResiDual(nn.Module):
 
         for kind in config.kinds:
             bases = {n: prune(b) for n, b in stats.pca(config.granularity, kind, stages).items()}
-            if config.granularity == "head":
+            if config.granularity == Granularity.HEAD:
                 for stage in stages:
                     for block in stats.blocks_of(stage):
                         cls._head_site(stats, block, bases, config.coarse, units, sites, buffers)
@@ -167,13 +168,10 @@ class ResiDual(nn.Module):
                 k = len(basis.eigenvalues)
                 buffers[prefix + "index"] = torch.zeros(k, dtype=torch.long) if config.coarse else torch.arange(k)
                 roles = {"mean": prefix + "mean", "components": prefix + "components", "index": prefix + "index"}
-                if config.granularity == "layer":
-                    stage = int(name.split(".")[1])
-                    blocks = stats.blocks_of(stage)
-                else:
-                    blocks = [name.rsplit(".", 1)[0]]
-                hook_site = "hook_attn_out" if kind == "attn" else "hook_mlp_out"
-                sites += [_Site(f"{block}.{hook_site}", group, "vector", roles, name) for block in blocks]
+                unit = Unit.parse(name)
+                blocks = stats.blocks_of(unit.stage) if unit.block is None else [unit.block_name]
+                hook_site = "hook_attn_out" if kind == UnitKind.ATTN else "hook_mlp_out"
+                sites += [_Site(hook_name(*parse_block(block), hook_site), group, "vector", roles, name) for block in blocks]
         return cls(config, units, sites, buffers)
 
     @staticmethod
@@ -181,7 +179,8 @@ class ResiDual(nn.Module):
         """All heads of a block share one hook on z; bases are zero-padded to the block's largest k."""
         heads, head_dim = stats.num_heads(block), stats.head_dim(block)
         w_out = stats.w_out[block]
-        per_head = [bases[f"{block}.attn.head.{h}"] for h in range(heads)]
+        stage, block_index = parse_block(block)
+        per_head = [bases[Unit(stage, block_index, head=h).name] for h in range(heads)]
         k_max = max(len(b.eigenvalues) for b in per_head)
         a = torch.zeros(heads, k_max, head_dim, dtype=torch.float64)
         b_map = torch.zeros(heads, head_dim, k_max, dtype=torch.float64)
@@ -200,7 +199,7 @@ class ResiDual(nn.Module):
         prefix = f"{group}__"
         buffers.update({prefix + "mean": mean, prefix + "a": a, prefix + "b": b_map, prefix + "index": index})
         roles = {"mean": prefix + "mean", "a": prefix + "a", "b": prefix + "b", "index": prefix + "index"}
-        sites.append(_Site(f"{block}.attn.hook_z", group, "head", roles))
+        sites.append(_Site(hook_name(stage, block_index, "attn.hook_z"), group, "head", roles))
 
     # ----------------------------------------------------------------- application
     def num_parameters(self) -> int:
@@ -265,8 +264,8 @@ class ResiDual(nn.Module):
             index = getattr(self, site.buffers["index"])
             lam = self.lambdas[site.group].detach().cpu()
             if site.kind == "head":
-                block = site.hook.rsplit(".attn", 1)[0]
-                units = [(f"{block}.attn.head.{h}", index[h]) for h in range(index.shape[0])]
+                stage, block, _ = parse_hook(site.hook)
+                units = [(Unit(stage, block, head=h).name, index[h]) for h in range(index.shape[0])]
             else:
                 units = [(site.unit, index)]
             for unit, slots in units:

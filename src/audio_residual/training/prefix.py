@@ -13,14 +13,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from audio_residual.clap.classifier import model_inputs
+from audio_residual.clap.batches import Batch, batches, model_inputs
 from audio_residual.clap.hooks import audio_encoder
 from audio_residual.io import atomic_path, digest, write_json
 
@@ -134,24 +134,24 @@ class StagePrefix:
             store = np.load(path, mmap_mode="r+")
         else:
             store = np.load(path, mmap_mode="r+")
-        dtype = torch.float32
-        for start in tqdm(range(done, len(rows), batch_size), desc=f"stage-{self.stage} prefix", leave=False):
-            batch = rows[start : start + batch_size]
+        dtype, filled = torch.float32, done
+        for batch, x, longer in batches(features, rows[done:], batch_size, self.device, is_longer,
+                                        desc=f"stage-{self.stage} prefix"):
             with self.exp.bundle.autocast():
-                x, longer = model_inputs(features, batch, self.device, is_longer)
                 hidden = stage_input(self.model, x, self.stage, longer)
-            dtype = hidden.dtype
+            dtype, filled = hidden.dtype, filled + len(batch)
             store[batch] = hidden.float().cpu().numpy()
             if path is not None:
                 store.flush()
                 write_json(meta_path, {"format_version": PREFIX_FORMAT_VERSION, "stage": self.stage,
-                                       "rows_done": min(start + batch_size, len(rows)), "dtype": str(dtype).split(".")[1]})
+                                       "rows_done": filled, "dtype": str(dtype).split(".")[1]})
         return store, dtype
 
-    def batch(self, rows: np.ndarray) -> torch.Tensor:
-        """Cached stage inputs of `rows` on the model's device, in the dtype the model produced them in."""
-        return torch.from_numpy(np.ascontiguousarray(self.hidden[rows])).to(self.device, self.dtype)
+    def batches(self, rows, batch_size: int, shuffle_generator=None, desc: str | None = None) -> Iterator[Batch]:
+        """(rows, cached stage inputs (float32), None) batches on the model's device, as `Workspace.batches`."""
+        return batches(self.hidden, rows, batch_size, self.device, None, shuffle_generator, desc)
 
-    def embed(self, rows: np.ndarray) -> torch.Tensor:
-        """Audio embeddings of `rows` from their cached stage input (differentiable through λ hooks)."""
-        return embed_from_stage(self.model, self.batch(rows), self.stage)
+    def forward(self, hidden: torch.Tensor, is_longer: torch.Tensor | None = None) -> torch.Tensor:
+        """Audio embeddings of a batch of cached stage inputs, in the dtype the model produced them in
+        (differentiable through λ hooks); `is_longer` only mattered before the cached stage."""
+        return embed_from_stage(self.model, hidden.to(self.dtype), self.stage)

@@ -23,7 +23,7 @@ import pandas as pd
 
 from audio_residual.io import write_csv
 from audio_residual.layout import RunLayout
-from audio_residual.training.tracking import RunTracker, wandb_available
+from audio_residual.training.tracking import RunTracker, resolve_mode
 from audio_residual.training.trainer import TrainConfig, train_residual_fold
 from audio_residual.workspace import Workspace
 
@@ -116,17 +116,19 @@ def run_sweep(
     out: str | Path | RunLayout,
     grid: dict[str, list] | None = None,
     base: dict | None = None,
-    use_wandb: str | bool = "auto",
+    use_wandb: str | bool = "auto",  # a `tracking.MODES` word (True/False: online/disabled)
     project: str = "audio-residual",
 ) -> pd.DataFrame:
-    """Run every grid point (W&B agent or local loop) and return the sweep table."""
+    """Run every grid point (W&B agent when online, else a local loop) and return the sweep table.
+
+    Offline, each point of the local loop is logged to its own offline W&B run (`wandb sync` later).
+    """
     layout = RunLayout.of(out)
     grid = grid or DEFAULT_GRID
     base = base or {}
     table = SweepTable(layout.sweep, ws.key({"sweep_base": base}))
-    if use_wandb == "auto":
-        use_wandb = wandb_available()
-    if use_wandb:
+    mode = resolve_mode(use_wandb)
+    if mode == "online":
         import wandb
 
         sweep_id = wandb.sweep(wandb_sweep_config(grid), project=project)
@@ -143,8 +145,12 @@ def run_sweep(
         from tqdm.auto import tqdm
 
         for point in tqdm(grid_points(grid), desc="sweep (local grid)"):
-            if not table.done(point):
-                table.add(point, train_point(ws, point, base, layout))
+            if table.done(point):
+                continue
+            tracker = RunTracker("offline", project=project, config=point, wandb_dir=layout.root) if mode == "offline" else None
+            table.add(point, train_point(ws, point, base, layout, tracker))
+            if tracker is not None:
+                tracker.finish()
     return table.frame
 
 

@@ -1,4 +1,10 @@
-"""Weights & Biases logging with three modes: online, offline (sync later) and disabled (tests, no account)."""
+"""Weights & Biases logging. One vocabulary for every command (`--wandb`) and function:
+
+* `auto`: online when logged in (`wandb login` or WANDB_API_KEY), else disabled;
+* `online`: log to the W&B server (and `sweep` launches a W&B sweep with agents);
+* `offline`: log to local files, `wandb sync` later (a sweep runs its grid locally, each point logged offline);
+* `disabled`: no W&B at all (tests, no account).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
-MODES = ("online", "offline", "disabled")
+MODES = ("auto", "online", "offline", "disabled")
+
+
+def resolve_mode(mode: str | bool) -> str:
+    """`mode` as one of online/offline/disabled: `auto` is online when logged in; True/False mean online/disabled."""
+    if isinstance(mode, bool):
+        return "online" if mode else "disabled"
+    if mode not in MODES:
+        raise ValueError(f"W&B mode must be one of {MODES}, got {mode!r}")
+    if mode == "auto":
+        return "online" if wandb_available() else "disabled"
+    return mode
 
 
 def wandb_available() -> bool:
@@ -33,9 +50,7 @@ class RunTracker:
         wandb_dir: str | Path | None = None,  # W&B's files go to wandb_dir/wandb instead of ./wandb
         **init,
     ):
-        if mode not in MODES:
-            raise ValueError(f"W&B mode must be one of {MODES}, got {mode!r}")
-        self.mode = mode
+        mode = self.mode = resolve_mode(mode)
         self.run = None
         if mode != "disabled":
             import wandb

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from audio_residual.analysis.stats import ResidualStatistics
-from audio_residual.clap.classifier import audio_embeddings
 from audio_residual.data_processing import Split
 from audio_residual.evaluation.metrics import topk_accuracy
 from audio_residual.io import digest, write_csv, write_json
@@ -170,17 +169,19 @@ def fold_statistics(
     path = None if out is None else out.stats_file(split.fold, key)
     if path is not None and path.exists():
         return ResidualStatistics.load(path)
+    # From a prefix, the batches are its cached stage inputs, which no longer need the fusion flags.
+    features, is_longer = (ws.features.input_features, ws.features.is_longer) if prefix is None else (prefix.hidden, None)
     stats = ResidualStatistics.fit(
         ws.bundle.model,
-        ws.features.input_features,
+        features,
         train,
         batch_size=config.batch_size,
         tokens_per_clip=config.tokens_per_clip,
         seed=config.seed,
         autocast=ws.bundle.autocast,
         device=ws.bundle.device,
-        is_longer=ws.features.is_longer,
-        forward=None if prefix is None else prefix.embed,
+        is_longer=is_longer,
+        forward=None if prefix is None else prefix.forward,
         metadata={"model": ws.bundle.model_id, "dataset": ws.table.name, "fold": split.fold, "train_clips": key,
                   "provenance": ws.provenance()},
     )
@@ -189,24 +190,17 @@ def fold_statistics(
     return stats
 
 
-def embedder(ws: Workspace, prefix: StagePrefix | None = None):
-    """rows → audio embeddings: from the cached stage input when there is a prefix, else the full model."""
-    if prefix is not None:
-        return prefix.embed
-    return lambda rows: audio_embeddings(ws.bundle.model, *ws.batch(rows))
-
-
 @torch.no_grad()
 def residual_logits(
     ws: Workspace, residual: ResiDual | None, indices: np.ndarray, batch_size: int = 32, prefix: StagePrefix | None = None
 ) -> torch.Tensor:
-    """Zero-shot logits of the given clips with ResiDual attached (None: the plain model)."""
-    model, embed = ws.bundle.model, embedder(ws, prefix)
+    """Zero-shot logits of the given clips with ResiDual attached (None: the plain model); from the cached
+    stage input when there is a prefix, else from the log-mels."""
+    source = ws if prefix is None else prefix
     out = []
-    for start in range(0, len(indices), batch_size):
-        rows = indices[start : start + batch_size]
-        with ws.bundle.autocast(), residual.attached(model) if residual is not None else contextlib.nullcontext():
-            emb = embed(rows)
+    for _, x, longer in source.batches(indices, batch_size):
+        with ws.bundle.autocast(), residual.attached(ws.bundle.model) if residual is not None else contextlib.nullcontext():
+            emb = source.forward(x, longer)
         out.append(ws.classifier.logits(emb).float().cpu())
     return torch.cat(out) if out else torch.empty(0, len(ws.table.class_names))
 
@@ -229,6 +223,136 @@ def _set_mode(optimizer, training: bool) -> None:
         optimizer.train() if training else optimizer.eval()
 
 
+@dataclass
+class _Progress:
+    """Where a run stands: what a checkpoint restores and every epoch updates.
+
+    `best_*` describe the epoch kept: the best on validation (ties keep the earlier epoch) or, without a
+    validation split, the last one; `best_val_accuracy` is then None (no validation accuracy exists).
+    """
+
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_accuracy: float | None = None
+    best_lambdas: dict[str, torch.Tensor] | None = None
+    earlier_seconds: float = 0.0  # wall time of the sessions before this one
+
+
+@dataclass
+class _Trainer:
+    """The pieces of one fold's λ training: what every step needs, in one place."""
+
+    ws: Workspace
+    split: Split
+    config: TrainConfig
+    residual: ResiDual
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    prefix: StagePrefix | None
+
+    @property
+    def source(self) -> Workspace | StagePrefix:
+        """Where batches come from: the cached stage inputs when there is a prefix, else the log-mels."""
+        return self.ws if self.prefix is None else self.prefix
+
+    def accuracy(self, indices: np.ndarray) -> float:
+        _set_mode(self.optimizer, False)
+        logits = residual_logits(self.ws, self.residual, indices, self.config.batch_size, self.prefix)
+        return topk_accuracy(logits, self.ws.table.labels[indices])
+
+    def resume(self, checkpoint: Path | None, key: str) -> _Progress:
+        """The state saved by an interrupted run of the same configuration, else a fresh start."""
+        if checkpoint is None or not checkpoint.exists():
+            return _Progress()
+        states, info = load_checkpoint(checkpoint)
+        if info["config"] != key:
+            return _Progress()
+        self.residual.lambdas.load_state_dict(states["lambdas"])
+        self.optimizer.load_state_dict(states["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(states["scheduler"])
+        has_val = len(self.split.val) > 0  # older checkpoints stored an epoch number here without validation
+        return _Progress(info["epoch"], info["history"], info["best_epoch"], info["best_val"] if has_val else None,
+                         states["best"], info["seconds"])
+
+    def save(self, checkpoint: Path, key: str, progress: _Progress, seconds: float) -> None:
+        states = {"lambdas": self.residual.lambdas.state_dict(), "optimizer": self.optimizer.state_dict(),
+                  "best": progress.best_lambdas}
+        if self.scheduler is not None:
+            states["scheduler"] = self.scheduler.state_dict()
+        info = {"config": key, "epoch": progress.epoch, "history": progress.history, "best_epoch": progress.best_epoch,
+                "best_val": progress.best_val_accuracy, "seconds": seconds}
+        save_checkpoint(checkpoint, states, info)
+
+    def epoch(self, epoch: int) -> dict:
+        """One pass over the training clips in a seeded order; the epoch's record (1-based `epoch`)."""
+        ws, config, residual = self.ws, self.config, self.residual
+        labels = torch.as_tensor(np.array(ws.table.labels))
+        # Seeded by epoch: a resumed run reshuffles exactly as the uninterrupted one.
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch - 1)
+        _set_mode(self.optimizer, True)
+        losses, correct = [], 0
+        for step, (rows, x, longer) in enumerate(self.source.batches(self.split.train, config.batch_size, generator), 1):
+            y = labels[rows].to(ws.bundle.device)
+            with ws.bundle.autocast(), residual.attached(ws.bundle.model):
+                emb = self.source.forward(x, longer)
+            logits = ws.classifier.logits(emb)
+            loss = F.cross_entropy(logits, y)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"fold {self.split.fold}, epoch {epoch}, step {step}: loss is {loss.item()}"
+                    f" (lr {config.lr}, optimizer {config.optimizer}); lower the learning rate"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+            losses.append(loss.item())
+            correct += int((logits.argmax(1) == y).sum())
+        return {
+            "epoch": epoch,
+            "train_loss": float(np.mean(losses)),
+            "train_accuracy": correct / len(self.split.train),
+            "val_accuracy": self.accuracy(self.split.val) if len(self.split.val) else float("nan"),
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+
+    def select(self, progress: _Progress, record: dict) -> None:
+        """Record the epoch; keep its λ if it is the best so far on validation (or, without validation, the last)."""
+        progress.epoch = record["epoch"]
+        progress.history.append(record)
+        has_val = len(self.split.val) > 0
+        if not has_val or progress.best_lambdas is None or record["val_accuracy"] > progress.best_val_accuracy:
+            progress.best_epoch = record["epoch"]
+            progress.best_val_accuracy = record["val_accuracy"] if has_val else None
+            progress.best_lambdas = {k: v.detach().clone() for k, v in self.residual.lambdas.items()}
+
+    def finish(self, progress: _Progress, start_train_accuracy: float, seconds) -> FoldResult:
+        """The kept λ evaluated on the training clips and then, once, on the test fold."""
+        _set_mode(self.optimizer, False)
+        if progress.best_lambdas is not None:
+            self.residual.lambdas.load_state_dict(progress.best_lambdas)
+        train_accuracy = self.accuracy(self.split.train)
+        test_logits = residual_logits(self.ws, self.residual, self.split.test, self.config.batch_size, self.prefix)
+        test_labels = self.ws.table.labels[self.split.test]
+        return FoldResult(
+            fold=self.split.fold,
+            best_epoch=progress.best_epoch,
+            start_train_accuracy=start_train_accuracy,
+            train_accuracy=train_accuracy,
+            val_accuracy=float("nan") if progress.best_val_accuracy is None else progress.best_val_accuracy,
+            test_accuracy=topk_accuracy(test_logits, test_labels),
+            test_top5=topk_accuracy(test_logits, test_labels, 5),
+            trainable_params=self.residual.num_parameters(),
+            seconds=seconds(),
+            test_logits=test_logits.numpy(),
+            test_labels=test_labels,
+            history=progress.history,
+        )
+
+
 def train_residual_fold(
     ws: Workspace,
     split: Split,
@@ -240,118 +364,43 @@ def train_residual_fold(
 
     With an output folder `out`, statistics are cached under it, a checkpoint is written after every epoch
     and an interrupted run resumes from it (`seconds` then sums the wall time of every session of the run);
-    the files of the run are `RunLayout.fold(run_key(ws, config), fold)`. When every λ stage is ≥ 1, the input of the first λ stage is cached once per clip
-    (`StagePrefix`, shared by every run on the same features) and every forward starts there.
+    the files of the run are `RunLayout.fold(run_key(ws, config), fold)`. When every λ stage is ≥ 1, the input
+    of the first λ stage is cached once per clip (`StagePrefix`, shared by every run on the same features) and
+    every forward starts there.
     """
     started = time.perf_counter()
     layout = None if out is None else RunLayout.of(out)
-    files = None if layout is None else layout.fold(run_key(ws, config), split.fold)
-    device = ws.bundle.device
-    labels_all = torch.as_tensor(np.array(ws.table.labels))
+    key = run_key(ws, config)
+    files = None if layout is None else layout.fold(key, split.fold)
     stage = first_stage(config.stages)
     prefix = StagePrefix(ws, stage, config.batch_size) if stage >= 1 else None
-    embed = embedder(ws, prefix)
     stats = fold_statistics(ws, split, layout, config, prefix)
-    residual = ResiDual.from_statistics(stats, config.residual_config()).to(device)
-    params = list(residual.lambdas.values())
+    residual = ResiDual.from_statistics(stats, config.residual_config()).to(ws.bundle.device)
     steps_per_epoch = math.ceil(len(split.train) / config.batch_size)
-    optimizer, scheduler = _optimizer(config, params, steps_per_epoch * config.epochs)
-    class_embeddings = ws.classifier.class_embeddings.to(device)
+    optimizer, scheduler = _optimizer(config, list(residual.lambdas.values()), steps_per_epoch * config.epochs)
+    trainer = _Trainer(ws, split, config, residual, optimizer, scheduler, prefix)
+    progress = trainer.resume(None if files is None else files.checkpoint, key)
 
-    history: list[dict] = []
-    start_epoch, best, earlier_seconds = 0, {"epoch": 0, "val_accuracy": -1.0, "lambdas": None}, 0.0
-    checkpoint = None if files is None else files.checkpoint
-    if checkpoint is not None and checkpoint.exists():
-        states, info = load_checkpoint(checkpoint)
-        if info["config"] == run_key(ws, config):
-            residual.lambdas.load_state_dict(states["lambdas"])
-            optimizer.load_state_dict(states["optimizer"])
-            if scheduler is not None:
-                scheduler.load_state_dict(states["scheduler"])
-            start_epoch, history, earlier_seconds = info["epoch"], info["history"], info["seconds"]
-            best = {"epoch": info["best_epoch"], "val_accuracy": info["best_val"], "lambdas": states["best"]}
+    def seconds() -> float:
+        return progress.earlier_seconds + time.perf_counter() - started
 
-    def accuracy(indices: np.ndarray) -> float:
-        _set_mode(optimizer, False)
-        logits = residual_logits(ws, residual, indices, config.batch_size, prefix)
-        return topk_accuracy(logits, ws.table.labels[indices])
-
-    start_train_accuracy = topk_accuracy(residual_logits(ws, None, split.train, config.batch_size, prefix), ws.table.labels[split.train])
-    generator = torch.Generator().manual_seed(config.seed)
-    for epoch in tqdm(range(start_epoch, config.epochs), desc=f"fold {split.fold} λ training", leave=False,
-                      initial=start_epoch, total=config.epochs):
-        generator.manual_seed(config.seed * 100_003 + epoch)  # reshuffles identically after a resume
-        order = split.train[torch.randperm(len(split.train), generator=generator).numpy()]
-        _set_mode(optimizer, True)
-        losses, correct = [], 0
-        for start in range(0, len(order), config.batch_size):
-            rows = order[start : start + config.batch_size]
-            y = labels_all[rows].to(device)
-            with ws.bundle.autocast(), residual.attached(ws.bundle.model):
-                emb = embed(rows)
-            logits = ws.classifier.logit_scale * emb.float() @ class_embeddings.T
-            loss = F.cross_entropy(logits, y)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"fold {split.fold}, epoch {epoch + 1}, step {start // config.batch_size + 1}: loss is {loss.item()}"
-                    f" (lr {config.lr}, optimizer {config.optimizer}); lower the learning rate"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            losses.append(loss.item())
-            correct += int((logits.argmax(1) == y).sum())
-        val_accuracy = accuracy(split.val) if len(split.val) else float("nan")
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": float(np.mean(losses)),
-            "train_accuracy": correct / len(order),
-            "val_accuracy": val_accuracy,
-            "lr": optimizer.param_groups[0]["lr"],
-        }
-        history.append(record)
-        # Without a validation split the last epoch is kept; ties keep the earlier epoch.
-        score = val_accuracy if len(split.val) else epoch
-        if score > best["val_accuracy"]:
-            best = {"epoch": epoch + 1, "val_accuracy": score, "lambdas": {k: v.detach().clone() for k, v in residual.lambdas.items()}}
+    start_logits = residual_logits(ws, None, split.train, config.batch_size, prefix)
+    start_train_accuracy = topk_accuracy(start_logits, ws.table.labels[split.train])
+    for epoch in tqdm(range(progress.epoch + 1, config.epochs + 1), desc=f"fold {split.fold} λ training", leave=False,
+                      initial=progress.epoch, total=config.epochs):
+        record = trainer.epoch(epoch)
+        trainer.select(progress, record)
         if logger is not None:
             logger.log({f"fold{split.fold}/{k}": v for k, v in record.items()})
             logger.log_lambdas(residual, prefix=f"fold{split.fold}")
-        if checkpoint is not None:
-            states = {"lambdas": residual.lambdas.state_dict(), "optimizer": optimizer.state_dict(), "best": best["lambdas"]}
-            if scheduler is not None:
-                states["scheduler"] = scheduler.state_dict()
-            info = {"config": run_key(ws, config), "epoch": epoch + 1, "history": history, "best_epoch": best["epoch"],
-                    "best_val": best["val_accuracy"], "seconds": earlier_seconds + time.perf_counter() - started}
-            save_checkpoint(checkpoint, states, info)
-        if config.patience is not None and epoch + 1 - best["epoch"] >= config.patience:
+        if files is not None:
+            trainer.save(files.checkpoint, key, progress, seconds())
+        if config.patience is not None and epoch - progress.best_epoch >= config.patience:
             break
 
-    _set_mode(optimizer, False)
-    if best["lambdas"] is not None:
-        residual.lambdas.load_state_dict(best["lambdas"])
-    train_accuracy = accuracy(split.train)
-    test_logits = residual_logits(ws, residual, split.test, config.batch_size, prefix)
-    test_labels = ws.table.labels[split.test]
-    result = FoldResult(
-        fold=split.fold,
-        best_epoch=best["epoch"],
-        start_train_accuracy=start_train_accuracy,
-        train_accuracy=train_accuracy,
-        val_accuracy=best["val_accuracy"] if len(split.val) else float("nan"),
-        test_accuracy=topk_accuracy(test_logits, test_labels),
-        test_top5=topk_accuracy(test_logits, test_labels, 5),
-        trainable_params=residual.num_parameters(),
-        seconds=earlier_seconds + time.perf_counter() - started,
-        test_logits=test_logits.numpy(),
-        test_labels=test_labels,
-        history=history,
-    )
+    result = trainer.finish(progress, start_train_accuracy, seconds)
     if files is not None:
-        metadata = {"fold": split.fold, "config": asdict(config), "provenance": ws.provenance()}
-        residual.save(files.lambdas, metadata=metadata)
-        write_csv(files.history, pd.DataFrame(history))
+        residual.save(files.lambdas, metadata={"fold": split.fold, "config": asdict(config), "provenance": ws.provenance()})
+        write_csv(files.history, pd.DataFrame(progress.history))
         write_json(files.result, result.row())
     return result
