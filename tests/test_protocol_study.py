@@ -155,6 +155,10 @@ def test_cli_experiment_flags(pair, tmp_path, capsys):
     assert "--shots 5: class" in capsys.readouterr().err and not (out / "results.csv").exists()
     assert main([*common, "--out", str(out), "--transfer", str(tmp / "a")]) == 2
     assert "that is the --data dataset" in capsys.readouterr().err
+    bad_grid = tmp_path / "bad.json"
+    bad_grid.write_text(json.dumps({"preset": ["default", "papr"], "fold": [1]}))
+    assert main([*common, "--out", str(out), "--grid", str(bad_grid)]) == 2
+    assert "unknown preset 'papr'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*common, "--out", str(out), "--methods", "linear_probe,probe"])
     assert "unknown method 'probe'" in capsys.readouterr().err

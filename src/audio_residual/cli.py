@@ -154,7 +154,7 @@ def _read_grid(path: Path | None) -> dict:
     import json
     from dataclasses import fields
 
-    from audio_residual.training.sweep import DEFAULT_GRID
+    from audio_residual.training.sweep import DEFAULT_GRID, PRESET_KEY, check_presets
     from audio_residual.training.trainer import TrainConfig
 
     if path is None:
@@ -165,12 +165,16 @@ def _read_grid(path: Path | None) -> dict:
         raise ValueError(f"--grid {path}: not valid JSON ({err})") from err
     if not isinstance(grid, dict) or not grid:
         raise ValueError(f"--grid {path}: expected a JSON object {{option: [values]}}, got {json.dumps(grid)[:60]}")
-    known = {f.name for f in fields(TrainConfig)} | {"fold"}
+    known = {f.name for f in fields(TrainConfig)} | {"fold", PRESET_KEY}
     for key, values in grid.items():
         if key not in known:
             raise ValueError(f"--grid {path}: unknown option {key!r}; known: {sorted(known)}")
         if not isinstance(values, list) or not values:
             raise ValueError(f"--grid {path}: {key!r} must map to a non-empty list of values, got {values!r}")
+    try:
+        check_presets(grid)
+    except ValueError as err:
+        raise ValueError(f"--grid {path}: {err}") from None
     return grid
 
 
