@@ -337,7 +337,13 @@ def cmd_train_residual(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from audio_residual.training.sweep import choose_per_fold, mean_ranking, run_sweep
+    from audio_residual.training.sweep import (
+        DEFAULT_PRESET,
+        choose_per_fold,
+        mean_ranking,
+        presets,
+        run_sweep,
+    )
 
     grid = _read_grid(args.grid)
     ws = _open(args)
@@ -346,8 +352,10 @@ def cmd_sweep(args) -> None:
     base = {"batch_size": args.batch_size, "val_fraction": args.val_fraction}
     frame = run_sweep(ws, args.out, grid=grid, base=base, use_wandb=WANDB_CHOICES[args.wandb])
     print(mean_ranking(frame).to_string(index=False))
-    for fold, options in choose_per_fold(frame).items():
-        print(f"fold {fold}: chosen on its own validation split: {options}")
+    for preset in presets(frame):
+        for fold, options in choose_per_fold(frame, preset).items():
+            named = "" if preset == DEFAULT_PRESET else f" ({preset} preset)"
+            print(f"fold {fold}{named}: chosen on its own validation split: {options}")
     print(f"table → {RunLayout(args.out).sweep}")
 
 

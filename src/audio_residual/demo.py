@@ -21,7 +21,7 @@ DEMO_GRID = {
     "granularity": ["layer", "head"],
     "lr": [0.3],
     "epochs": [10],
-    "stages": [[3]],  # λ on the last stage: its input is cached once per clip (frozen prefix), runs stay cheap
+    "stages": [[2, 3]],  # λ on the last two stages: their input is cached once per clip (frozen prefix)
     "fold": [1, 2, 3, 4, 5],
 }
 DEMO_BASE = {"batch_size": 16, "val_fraction": 0.2, "schedule": "constant"}
