@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from audio_residual.demo import run_demo
 
@@ -10,6 +11,7 @@ METHODS = {"zeroshot", "linear_probe", "contrastive_adapter", "tip_adapter", "ti
            "residual", "residual-paper", "residual_coarse"}  # fmt: skip
 
 
+@pytest.mark.usefixtures("single_thread")  # toy-sized ops crawl with two threads on a busy machine
 def test_demo_writes_report_results_heads_and_figures(tmp_path):
     report = run_demo(tmp_path, n_classes=3, clips_per_class=5)
     every = pd.read_csv(tmp_path / "results.csv")
