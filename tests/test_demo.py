@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from audio_residual.demo import run_demo
 
-METHODS = {"zeroshot", "linear_probe", "contrastive_adapter", "finetune", "residual", "residual_coarse"}
+METHODS = {"zeroshot", "linear_probe", "contrastive_adapter", "tip_adapter", "tip_adapter_f", "coop", "lora", "finetune",
+           "residual", "residual-paper", "residual_coarse"}  # fmt: skip
 
 
+@pytest.mark.usefixtures("single_thread")  # toy-sized ops crawl with two threads on a busy machine
 def test_demo_writes_report_results_heads_and_figures(tmp_path):
     report = run_demo(tmp_path, n_classes=3, clips_per_class=5)
-    results = pd.read_csv(tmp_path / "results.csv")
+    every = pd.read_csv(tmp_path / "results.csv")
+    results = every[every["shots"].isna()]
     assert set(results["method"]) == METHODS
     assert all(sorted(folds) == [1, 2, 3, 4, 5] for _, folds in results.groupby("method")["fold"])
+    for k in (1, 2):  # every method under the k-shot protocol too, one draw, every fold
+        few = every[every["shots"] == k]
+        assert set(few["method"]) == METHODS and (few["seed"] == 0).all()
+        assert all(sorted(folds) == [1, 2, 3, 4, 5] for _, folds in few.groupby("method")["fold"])
+    transfer = pd.read_csv(tmp_path / "transfer.csv")
+    assert set(transfer["method"]) == {"residual", "residual-paper", "residual_coarse", "contrastive_adapter"}
+    assert (transfer["encoders"] == 5).all() and transfer["source"].nunique() == transfer["target"].nunique() == 1
     assert (results.loc[results["method"] == "zeroshot", "trainable_params"] == 0).all()
     residual = results[results["method"] == "residual"]
     coarse = results[results["method"] == "residual_coarse"]
@@ -25,5 +36,9 @@ def test_demo_writes_report_results_heads_and_figures(tmp_path):
         assert f"| {method} |" in text
     assert "chosen by that fold's validation split" in text  # nested: one configuration line per test fold
     assert all(f"- fold {fold}: `{{" in text for fold in range(1, 6))
+    assert "## Few-shot: k training clips per class" in text and "## Zero-shot retention" in text
+    assert "(paper preset)" in text  # the paper preset's own nested choice
     figures = [line for line in text.splitlines() if line.startswith("- ![")]
     assert figures and all((tmp_path / line.split("](")[1].rstrip(")")).exists() for line in figures)
+    for figure in ("accuracy_vs_parameters", "few_shot_curves", "transfer_residual", "transfer_contrastive_adapter"):
+        assert f"- ![{figure}](figures/{figure}.png)" in text

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 nbformat = pytest.importorskip("nbformat")
@@ -144,3 +145,12 @@ def test_notebook_3_comparison(smoke_env, python3_kernel):
     results = _tagged(notebook, "results")
     assert "residual" in results and "linear_probe" in results
     assert "| residual |" in _all_text(notebook)  # the markdown Table 1 was displayed
+    few = pd.read_csv(out / "few_shot.csv")  # every method under the k-shot protocol
+    assert set(few["shots"]) == {1, 2} and {"residual", "residual-paper", "lora", "coop"} <= set(few["method"])
+    assert "tip_adapter_f" in _tagged(notebook, "few-shot")
+    transfer = pd.read_csv(out / "transfer.csv")
+    assert {"residual", "contrastive_adapter"} <= set(transfer["method"])
+    report = (out / "report.md").read_text()
+    assert "## Few-shot" in report and "## Zero-shot retention" in report
+    figures = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(figures) >= 8  # fold accuracy, deltas, confusions, headline, few-shot curves, transfer heatmaps

@@ -96,7 +96,7 @@ def _common(parser: argparse.ArgumentParser, data_required: bool = True) -> None
     )
 
 
-def _open(args):
+def _open(args, other_class_names: tuple[str, ...] = ()):
     """The workspace of the command's options; its provenance is written to OUT/provenance.json."""
     from audio_residual.clap.classifier import DEFAULT_TEMPLATES
     from audio_residual.io import write_json
@@ -116,6 +116,7 @@ def _open(args):
         csv=args.csv,
         min_seconds=args.min_seconds,
         feature_workers=args.workers,
+        other_class_names=other_class_names,
     )
     write_json(RunLayout(args.out).provenance, ws.provenance())
     return ws
@@ -155,7 +156,7 @@ def _read_grid(path: Path | None) -> dict:
     import json
     from dataclasses import fields
 
-    from audio_residual.training.sweep import DEFAULT_GRID
+    from audio_residual.training.sweep import DEFAULT_GRID, PRESET_KEY, check_presets
     from audio_residual.training.trainer import TrainConfig
 
     if path is None:
@@ -166,12 +167,16 @@ def _read_grid(path: Path | None) -> dict:
         raise ValueError(f"--grid {path}: not valid JSON ({err})") from err
     if not isinstance(grid, dict) or not grid:
         raise ValueError(f"--grid {path}: expected a JSON object {{option: [values]}}, got {json.dumps(grid)[:60]}")
-    known = {f.name for f in fields(TrainConfig)} | {"fold"}
+    known = {f.name for f in fields(TrainConfig)} | {"fold", PRESET_KEY}
     for key, values in grid.items():
         if key not in known:
             raise ValueError(f"--grid {path}: unknown option {key!r}; known: {sorted(known)}")
         if not isinstance(values, list) or not values:
             raise ValueError(f"--grid {path}: {key!r} must map to a non-empty list of values, got {values!r}")
+    try:
+        check_presets(grid)
+    except ValueError as err:
+        raise ValueError(f"--grid {path}: {err}") from None
     return grid
 
 
@@ -238,6 +243,27 @@ def _int_list(text: str) -> list[int]:
     if not values:
         raise argparse.ArgumentTypeError("the list is empty")
     return values
+
+
+def _positive_list(text: str) -> list[int]:
+    values = _int_list(text)
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be at least 1")
+    return sorted(set(values))
+
+
+def _all_methods() -> tuple[str, ...]:
+    from audio_residual.baselines.run import ALL_METHODS
+
+    return ALL_METHODS
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [name for name in names if name not in _all_methods()]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown method {unknown[0] if unknown else text!r}; choose from {_all_methods()}")
+    return names
 
 
 # train-residual options that become TrainConfig fields; an option left out takes the preset's value
@@ -313,7 +339,13 @@ def cmd_train_residual(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from audio_residual.training.sweep import choose_per_fold, mean_ranking, run_sweep
+    from audio_residual.training.sweep import (
+        DEFAULT_PRESET,
+        choose_per_fold,
+        mean_ranking,
+        presets,
+        run_sweep,
+    )
 
     grid = _read_grid(args.grid)
     ws = _open(args)
@@ -322,24 +354,52 @@ def cmd_sweep(args) -> None:
     base = {"batch_size": args.batch_size, "val_fraction": args.val_fraction}
     frame = run_sweep(ws, args.out, grid=grid, base=base, use_wandb=args.wandb)
     print(mean_ranking(frame).to_string(index=False))
-    for fold, options in choose_per_fold(frame).items():
-        print(f"fold {fold}: chosen on its own validation split: {options}")
+    for preset in presets(frame):
+        for fold, options in choose_per_fold(frame, preset).items():
+            named = "" if preset == DEFAULT_PRESET else f" ({preset} preset)"
+            print(f"fold {fold}{named}: chosen on its own validation split: {options}")
     print(f"table → {RunLayout(args.out).sweep}")
 
 
+def _transfer_targets(args) -> tuple[list[str], list]:
+    """Names (data and each --transfer) and tables of the transfer datasets, read before the model loads."""
+    from audio_residual.study import dataset_labels
+    from audio_residual.workspace import resolve_dataset
+
+    for data in args.transfer:
+        if str(data) == str(args.data):
+            raise ValueError(f"--transfer {data}: that is the --data dataset; transfer needs another one")
+    names = dataset_labels([args.data, *args.transfer])
+    return names, [resolve_dataset(data) for data in args.transfer]
+
+
 def cmd_experiment(args) -> None:
+    from audio_residual.evaluation.transfer import target_workspace
+    from audio_residual.protocol import Protocol
     from audio_residual.study import run_study
 
     grid = _read_grid(args.grid)
-    ws = _open(args)
+    names, tables = _transfer_targets(args)
+    ws = _open(args, other_class_names=tuple(name for table in tables for name in table.class_names))
     _check_folds(ws, grid.get("fold", []), f"--grid {args.grid}")
     _check_folds(ws, [args.analysis_fold], "--analysis-fold")
+    if args.shots:
+        try:  # a class too small for the largest k is refused now, not after the full-data study
+            Protocol(max(args.shots), 0).splits(ws)
+        except ValueError as err:
+            raise ValueError(f"--shots {max(args.shots)}: {err}") from None
     _report_skipped(ws, args.out)
+    transfer = {
+        name: target_workspace(ws, table, cache_dir=args.cache, on_bad_file=args.on_bad_file,
+                               int16_roundtrip=not args.no_int16)  # fmt: skip
+        for name, table in zip(names[1:], tables, strict=True)
+    }
     base = {"batch_size": args.batch_size, "val_fraction": args.val_fraction}
     outcome = run_study(
         ws, args.out, grid, base, analysis_fold=args.analysis_fold, finetune_epochs=args.finetune_epochs,
         use_wandb=args.wandb,
         analysis_options={"ablation_max_clips": args.ablation_max_clips},
+        methods=args.methods or _all_methods(), shots=args.shots or (), seeds=args.seeds, transfer=transfer, name=names[0],
     )
     print(outcome.table)
     print(f"report → {RunLayout(args.out).report}")
@@ -402,6 +462,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--finetune-epochs", type=NON_NEGATIVE_INT, default=0, help="> 0 adds full fine-tuning (GPU advised)"
     )
     p.add_argument("--wandb", choices=WANDB_MODES, default="auto", help=WANDB_HELP)
+    p.add_argument("--methods", type=_methods, default=None,
+                   help="baselines, comma-separated (default: all of " + ",".join(_all_methods()) + "); ResiDual always runs")
+    p.add_argument("--shots", type=_positive_list, default=None,
+                   help="k-shot protocols too, e.g. 1,2,4,8,16 training clips per class (same test folds)")
+    p.add_argument("--seeds", type=POSITIVE_INT, default=1, help="k-shot draws per k (default 1)")
+    p.add_argument("--transfer", nargs="+", default=[], metavar="DATA",
+                   help="other datasets (as --data) scored zero-shot with each fold's adapted encoders → transfer.csv")
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("demo", help="offline end-to-end run on generated data with the tiny model")

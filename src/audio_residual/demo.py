@@ -1,26 +1,47 @@
 """The offline demo: the whole study (`audio_residual.study`) on generated data with the tiny random CLAP.
 
-It needs no network and no GPU; on a 2-core CPU it takes a few minutes. The same steps run on the real
-model and ESC-50 with `audio-residual experiment` (see README).
+It needs no network and no GPU; on a 2-core CPU it takes a few minutes. Besides the full-data comparison
+it runs a small few-shot sweep (k = 1, 2; one draw each) and zero-shot transfer to a second generated
+dataset whose classes are disjoint from the first's. The same steps run on the real model and ESC-50
+with `audio-residual experiment` (see README).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from audio_residual.data_processing import make_synthetic_esc50
+from audio_residual.data_processing import load_dataset, make_synthetic_esc50
+from audio_residual.evaluation.transfer import target_workspace
 from audio_residual.layout import RunLayout
-from audio_residual.study import run_study
+from audio_residual.study import dataset_labels, run_study
 from audio_residual.workspace import Workspace
 
-DEMO_GRID = {"granularity": ["layer", "head"], "lr": [0.1, 0.3], "epochs": [10], "fold": [1, 2, 3, 4, 5]}
+DEMO_GRID = {
+    "preset": ["default", "paper"],
+    "granularity": ["layer", "head"],
+    "lr": [0.3],
+    "epochs": [10],
+    "stages": [[2, 3]],  # λ on the last two stages: their input is cached once per clip (frozen prefix)
+    "fold": [1, 2, 3, 4, 5],
+}
 DEMO_BASE = {"batch_size": 16, "val_fraction": 0.2, "schedule": "constant"}
+DEMO_SHOTS = (1, 2)
+DEMO_PEER_OPTIONS = {"lora": {"epochs": 1, "ranks": (2,)}, "tip_adapter_f": {"epochs": 5}, "coop": {"epochs": 5}}
 
 
 def run_demo(out: str | Path, n_classes: int = 5, clips_per_class: int = 10, seed: int = 0) -> Path:
-    """Generate data, run every step, write `out/report.md` (+ results.csv, heads.csv, figures)."""
+    """Generate data, run every step, write `out/report.md` (+ results.csv, heads.csv, transfer.csv, figures)."""
     out = Path(out)
     data = make_synthetic_esc50(out / "data", n_classes=n_classes, clips_per_class=clips_per_class, seed=seed)
-    ws = Workspace.open(data, model="tiny", cache_dir=out / "cache", device="cpu")
-    run_study(ws, out, DEMO_GRID, DEMO_BASE, finetune_epochs=1, analysis_options={"pattern_cap": 128})
+    other = make_synthetic_esc50(out / "transfer_data", n_classes=3, clips_per_class=5, seed=seed + 1,
+                                 first_class=n_classes)  # fmt: skip
+    source, target = dataset_labels([data, other])
+    other_table = load_dataset(other)
+    ws = Workspace.open(data, model="tiny", cache_dir=out / "cache", device="cpu",
+                        other_class_names=other_table.class_names)  # fmt: skip
+    transfer = {target: target_workspace(ws, other_table, cache_dir=out / "cache")}
+    run_study(
+        ws, out, DEMO_GRID, DEMO_BASE, finetune_epochs=1, analysis_options={"pattern_cap": 128},
+        peer_options=DEMO_PEER_OPTIONS, shots=DEMO_SHOTS, seeds=1, transfer=transfer, name=source,
+    )
     return RunLayout.of(out).report

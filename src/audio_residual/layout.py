@@ -2,8 +2,12 @@
 
     OUT/
       provenance.json           model, revision, commit, preprocessing recipe, templates
-      results.csv, arrays/      one row per (method, fold, key) + its confusion / per-class arrays
-      summary.csv, table.md     the comparison of this run's rows
+      results.csv, arrays/      one row per (method, fold, key) + its confusion / per-class arrays; k-shot
+                                rows too, with their `shots` and `seed`
+      summary.csv, table.md     the comparison of this run's full-data rows
+      few_shot.csv              mean ± std over folds × seeds per (method, k)
+      transfer.csv              zero-shot accuracy on other datasets with each fold's adapted encoder
+      adapters/                 the contrastive adapter of each fold (safetensors), for transfer
       report.md, figures/       the study's report and its pictures
       skipped.csv, warnings.csv bad files left out / suspect files used
       zeroshot.csv              `audio-residual zeroshot`
@@ -12,6 +16,8 @@
       sweep.csv                 one row per finished grid point
       stats/                    PCA moments per (fold, training clips), shared by every configuration
       runs/<run key>/fold<k>/   checkpoint, λ, history, result and λ figures of one configuration on one fold
+      fewshot/<k>shot-seed<s>/  sweep.csv, stats/ and runs/ of ResiDual on one k-shot draw (a layout of its own:
+                                the same configuration trains on other clips there)
 
 Every function that writes takes the output folder and asks this module for the path, so a newcomer finds
 the whole layout here and a training run finds the sweep's runs by key, not by a folder-naming convention.
@@ -63,6 +69,22 @@ class RunLayout:
     @property
     def figures(self) -> Path:
         return self.root / "figures"
+
+    @property
+    def few_shot_summary(self) -> Path:
+        return self.root / "few_shot.csv"
+
+    @property
+    def transfer(self) -> Path:
+        return self.root / "transfer.csv"
+
+    def adapter(self, method: str, key: str, fold: int) -> Path:
+        """The trained map of an embedding adapter on one fold; `key` is its results rows' key."""
+        return self.root / "adapters" / f"{method}__{key}__fold{int(fold)}.safetensors"
+
+    def few_shot(self, shots: int, seed: int) -> RunLayout:
+        """The training outputs (sweep, statistics, runs) of one k-shot draw."""
+        return RunLayout(self.root / "fewshot" / f"{int(shots)}shot-seed{int(seed)}")
 
     @property
     def skipped(self) -> Path:

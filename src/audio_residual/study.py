@@ -1,7 +1,9 @@
-"""The whole study on one dataset and model: analysis → sweep (nested choice) → ResiDual → baselines → report.
+"""The whole study on one dataset and model: analysis → sweep (nested choice) → ResiDual → baselines →
+k-shot protocols → zero-shot transfer → report.
 
     ws = Workspace.open("esc50", model="laion/clap-htsat-unfused")
-    outcome = run_study(ws, "runs/esc50", grid=DEFAULT_GRID, base={"val_fraction": 0.1})
+    outcome = run_study(ws, "runs/esc50", grid=DEFAULT_GRID, base={"val_fraction": 0.1},
+                        shots=(1, 2, 4, 8, 16), seeds=3, transfer={"us8k": target_workspace(ws, us8k_table)})
 
 Each step resumes from what the output folder already holds under the same key (see `RunLayout`), so a
 killed run continues where it stopped and a rerun with other options computes only what changed.
@@ -12,19 +14,31 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from audio_residual.analysis.run import AnalysisResult, run_analysis
-from audio_residual.baselines.run import run_baselines
+from audio_residual.baselines.run import ALL_METHODS, TRANSFER_ADAPTER, run_baselines, saved_adapters
 from audio_residual.data_processing.synthetic import GENERATOR_JSON
 from audio_residual.evaluation.compare import ResultsStore
 from audio_residual.evaluation.report import write_report
+from audio_residual.evaluation.transfer import transfer_table
+from audio_residual.io import write_csv
 from audio_residual.layout import RunLayout
-from audio_residual.training.run import train_chosen_per_fold
-from audio_residual.training.sweep import mean_ranking, run_sweep
+from audio_residual.protocol import FULL_DATA, Protocol, few_shot_protocols
+from audio_residual.training.run import chosen_configs, fold_lambdas, method_name, train_chosen_per_fold
+from audio_residual.training.sweep import (
+    DEFAULT_PRESET,
+    choose_per_fold,
+    few_shot_grid,
+    mean_ranking,
+    presets,
+    run_sweep,
+)
 from audio_residual.workspace import Workspace
 
 
@@ -35,10 +49,11 @@ class StudyOutcome:
     analysis: AnalysisResult
     analysis_fold: int
     sweep: pd.DataFrame  # one row per grid point (fold included)
-    chosen: dict[int, dict]  # test fold → options chosen on that fold's own validation split
-    store: ResultsStore  # this run's rows
+    chosen: dict[int, dict]  # test fold → options chosen on that fold's own validation split (default preset)
+    store: ResultsStore  # this run's rows (full data in `frame`, k-shot rows too in `all_regimes`)
     table: str  # the comparison, markdown
     timings: dict[str, float] = field(default_factory=dict)
+    transfer: pd.DataFrame | None = None  # zero-shot retention on other datasets (`transfer_table`)
 
 
 def run_study(
@@ -50,8 +65,22 @@ def run_study(
     finetune_epochs: int = 0,
     use_wandb: str | bool = False,
     analysis_options: dict | None = None,
+    methods: Sequence[str] = ALL_METHODS,
+    peer_options: Mapping[str, Mapping[str, Any]] | None = None,
+    shots: Sequence[int] = (),
+    seeds: int = 1,
+    transfer: Mapping[str, Workspace] | None = None,
+    name: str | None = None,
 ) -> StudyOutcome:
-    """Every step of the study; writes results.csv, report.md and figures under `out`."""
+    """Every step of the study; writes results.csv, report.md and figures under `out`.
+
+    `methods` are the baselines (fine-tuning joins with `finetune_epochs > 0`); ResiDual always runs, one
+    method per preset of the grid plus the coarse twin. With `shots`, every method runs again on each k-shot
+    draw (`seeds` draws per k), ResiDual with its configuration chosen per fold on the draw's own validation
+    clips from `few_shot_grid(grid)`. `transfer` maps dataset names to workspaces on this model
+    (`evaluation.transfer.target_workspace`): each fold's adapted encoders are scored zero-shot on all of
+    their clips, next to the plain model, into `transfer.csv`; `name` names this dataset there.
+    """
     layout = RunLayout.of(out)
     timings = {}
     started = time.perf_counter()
@@ -64,14 +93,87 @@ def run_study(
     timings["sweep"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    store = run_baselines(ws, layout, val_fraction=base.get("val_fraction", 0.1), finetune_epochs=finetune_epochs)
+    few_shot = few_shot_protocols(shots, seeds) if shots else []
+    store = run_baselines(
+        ws, layout, methods=methods, val_fraction=base.get("val_fraction", 0.1), finetune_epochs=finetune_epochs,
+        peer_options=peer_options, protocols=[FULL_DATA, *few_shot],
+    )
     chosen = train_chosen_per_fold(ws, sweep, grid, base, layout, store)  # nested: fold k chooses without k
     timings["comparison"] = time.perf_counter() - started
-    outcome = StudyOutcome(analysis, analysis_fold, sweep, chosen, store, "", timings)
+
+    if few_shot:
+        started = time.perf_counter()
+        few_shot_residual(ws, layout, grid, base, store, few_shot)
+        timings["few-shot"] = time.perf_counter() - started
+
+    table = None
+    if transfer:
+        started = time.perf_counter()
+        table = run_transfer(ws, layout, sweep, base, store, transfer, name or ws.table.name)
+        timings["transfer"] = time.perf_counter() - started
+
+    outcome = StudyOutcome(analysis, analysis_fold, sweep, chosen, store, "", timings, table)
     outcome.table = write_report(
-        store, layout, ws.table.class_names, title=_title(ws), intro=describe(ws), sections=_sections(outcome)
+        store, layout, ws.table.class_names, title=_title(ws), intro=describe(ws), sections=_sections(outcome),
+        transfer=table,
     )
     return outcome
+
+
+def few_shot_residual(
+    ws: Workspace, out: str | Path | RunLayout, grid: dict, base: dict, store: ResultsStore, protocols: Sequence[Protocol]
+) -> None:
+    """ResiDual on each k-shot draw, into `store`: the draw's own sweep over `few_shot_grid(grid)` (in the
+    draw's layout) and each fold's configuration chosen on that draw's validation clips (nested)."""
+    layout = RunLayout.of(out)
+    small_grid = few_shot_grid(grid)
+    for protocol in protocols:
+        draw = layout.few_shot(protocol.shots, protocol.seed)
+        draw_sweep = run_sweep(ws, draw, grid=small_grid, base=base, use_wandb=False, protocol=protocol)
+        train_chosen_per_fold(ws, draw_sweep, small_grid, base, draw, store, protocol=protocol)
+
+
+def run_transfer(
+    ws: Workspace,
+    out: str | Path | RunLayout,
+    sweep: pd.DataFrame,
+    base: dict,
+    store: ResultsStore,
+    targets: Mapping[str, Workspace],
+    source: str,
+) -> pd.DataFrame:
+    """Zero-shot retention of this study's adapted encoders on each target dataset → `transfer.csv`."""
+    table = transfer_table(targets, adapted_encoders(ws, sweep, base, out, store, source))
+    write_csv(RunLayout.of(out).transfer, table)
+    return table
+
+
+def adapted_encoders(
+    ws: Workspace, sweep: pd.DataFrame, base: dict, out: str | Path | RunLayout, store: ResultsStore, source: str
+) -> dict[tuple[str, str], list]:
+    """(source, method) → the encoder adapted on each full-data fold: every ResiDual method of the study
+    (λ as trained, best epoch) and the contrastive adapter (its map), those of them `store` holds rows of:
+    the methods that keep CLAP's text side."""
+    trained = store.methods()  # this session's full-data methods
+    encoders = {
+        (source, method_name(configs.values())): fold_lambdas(ws, configs, out)
+        for configs in chosen_configs(sweep, base).values()
+        if method_name(configs.values()) in trained
+    }
+    if TRANSFER_ADAPTER in trained:
+        encoders[(source, TRANSFER_ADAPTER)] = saved_adapters(store, out)
+    return encoders
+
+
+def dataset_labels(sources: Sequence[str | Path]) -> list[str]:
+    """Short distinct names for datasets given as paths or ids: the last path part, more parts on a clash."""
+    parts = [Path(str(s)).parts or (str(s),) for s in sources]
+    depth = 1
+    while True:
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels) or depth >= max(len(p) for p in parts):
+            return labels
+        depth += 1
 
 
 def _generated(ws: Workspace) -> bool:
@@ -113,6 +215,12 @@ def _sections(outcome: StudyOutcome) -> list[str]:
         " the test fold takes no part):",
         "",
         *[f"- fold {fold}: `{json.dumps(options)}`" for fold, options in outcome.chosen.items()],
+        *[
+            f"- fold {fold} ({preset} preset): `{json.dumps(options)}`"
+            for preset in presets(outcome.sweep)
+            if preset != DEFAULT_PRESET
+            for fold, options in choose_per_fold(outcome.sweep, preset).items()
+        ],
         "",
         "## Sweep (mean over folds, ranked by validation accuracy; for reading only, not used to choose)",
         "",

@@ -92,10 +92,14 @@ class Workspace:
         revision: str | None = None,
         min_seconds: float = 1.0,
         feature_workers: int = 1,
+        other_class_names: tuple[str, ...] = (),
     ) -> Workspace:
+        """`other_class_names`: classes of other datasets the model will also score (zero-shot transfer);
+        the offline tiny model builds its tokenizer from every name it will see, a real model ignores them."""
         templates = tuple(check_template(t) for t in templates)  # before any slow step
         table = resolve_dataset(data, csv=csv)
-        bundle = load_clap(model, device=device, amp=amp, class_names=table.class_names, revision=revision)
+        names = tuple(dict.fromkeys((*table.class_names, *other_class_names)))
+        bundle = load_clap(model, device=device, amp=amp, class_names=names, revision=revision)
         cache = FeatureCache(
             Path(cache_dir) / "features", bundle.feature_extractor, int16_roundtrip=int16_roundtrip,
             min_seconds=min_seconds, check=cache_check,

@@ -6,10 +6,17 @@ so every fold reuses one embedding pass. Hyper-parameters are chosen on the vali
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
+
+from audio_residual.io import atomic_path
 
 
 def _as_float(x) -> torch.Tensor:
@@ -60,6 +67,22 @@ class ContrastiveAdapter(nn.Module):
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def save(self, path: str | Path) -> Path:
+        """Map, class embeddings and logit scale in one safetensors file: zero-shot transfer reloads the map."""
+        tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"logit_scale": json.dumps(self.logit_scale)})
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ContrastiveAdapter:
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            logit_scale = json.loads(handle.metadata()["logit_scale"])
+        adapter = cls(tensors["class_embeddings"], logit_scale)
+        adapter.load_state_dict(tensors)
+        return adapter
 
 
 def symmetric_infonce(

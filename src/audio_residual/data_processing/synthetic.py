@@ -122,8 +122,12 @@ def make_synthetic_esc50(
     seconds: float = 5.0,
     sample_rate: int = 44100,
     seed: int = 0,
+    first_class: int = 0,
 ) -> Path:
     """Write (or reuse) an ESC-50-shaped folder; byte-identical for identical arguments.
+
+    `first_class` starts the class list further along the generator's sounds (targets stay 0..n-1), so
+    two sets with disjoint class ranges have no class in common (zero-shot transfer between them).
 
     Generation happens in a hidden sibling folder renamed into place at the end, so an interrupted
     run never leaves a half-written dataset. An existing set with the same parameters is returned as is.
@@ -133,7 +137,9 @@ def make_synthetic_esc50(
         raise ValueError(f"n_folds must be 1..{len(ESC50_FOLDS)} (ESC-50 folds), got {n_folds}")
     if n_classes < 1 or clips_per_class < 1 or seconds <= 0:
         raise ValueError("n_classes and clips_per_class must be >= 1 and seconds > 0")
-    highest = max(_class_sound(target)[2] for target in range(n_classes))
+    if first_class < 0:
+        raise ValueError(f"first_class must be >= 0, got {first_class}")
+    highest = max(_class_sound(first_class + target)[2] for target in range(n_classes))
     if highest * 1.03 > 0.45 * sample_rate:  # 1.03: the per-clip pitch jitter
         raise ValueError(
             f"{n_classes} classes need frequencies up to {highest:.0f} Hz, too close to Nyquist "
@@ -147,7 +153,7 @@ def make_synthetic_esc50(
         "seconds": seconds,
         "sample_rate": sample_rate,
         "seed": seed,
-    }
+    } | ({"first_class": first_class} if first_class else {})  # sets written before the option stay valid
     generator_json = out_dir / GENERATOR_JSON
     if generator_json.is_file():
         if json.loads(generator_json.read_text()) == params:
@@ -171,7 +177,7 @@ def _write_dataset(root: Path, params: dict) -> None:
     (root / "audio").mkdir()
     (root / "meta").mkdir()
     rows = []
-    classes = [_class_sound(target) for target in range(params["n_classes"])]
+    classes = [_class_sound(params.get("first_class", 0) + target) for target in range(params["n_classes"])]
     jobs = [
         (target, clip) for target in range(params["n_classes"]) for clip in range(params["clips_per_class"])
     ]
@@ -180,7 +186,7 @@ def _write_dataset(root: Path, params: dict) -> None:
         fold = clip % params["n_folds"] + 1
         src_file = f"{target * params['clips_per_class'] + clip:06d}"
         filename = f"{fold}-{src_file}-A-{target}.wav"
-        rng = np.random.default_rng([params["seed"], target, clip])
+        rng = np.random.default_rng([params["seed"], params.get("first_class", 0) + target, clip])
         audio = _render_clip(render, n_samples, params["sample_rate"], rng)
         sf.write(root / "audio" / filename, audio, params["sample_rate"], subtype="PCM_16", format="WAV")
         rows.append((filename, fold, target, category, False, src_file, "A"))

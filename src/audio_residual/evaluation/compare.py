@@ -38,6 +38,8 @@ RESULT_COLUMNS = (
     "macro_f1",
     "trainable_params",
     "seconds",
+    "shots",
+    "seed",
 )
 SUMMARY_METRICS = ("accuracy", "top5", "macro_precision", "macro_recall", "macro_f1")
 BASELINE_METHOD = "zeroshot"
@@ -94,8 +96,10 @@ class ResultsStore:
     as the model saw it, the model, the preprocessing, the templates and the method's own options (see
     `Workspace.key`). `reuse` finds a stored row only under the same key, so a rerun with other options
     computes new rows instead of returning old ones. Rows found by `reuse` or written by `add` form this
-    session's selection (one key per method), and `frame` — what every table, figure and report reads —
-    holds only those rows; `all_rows` is everything on disk. Arrays of a row go to
+    session's selection, one key per (method, shots, seed): `shots` and `seed` are empty for full data
+    and name the k-shot draw otherwise (`audio_residual.protocol`). `frame` — what the comparison table,
+    its figures and tests read — holds the selected full-data rows; `all_regimes` adds the selected
+    k-shot rows (few-shot table and figures); `all_rows` is everything on disk. Arrays of a row go to
     `<csv dir>/arrays/<method>__<key>__fold<k>.npz`, written before the CSV row.
     """
 
@@ -106,16 +110,29 @@ class ResultsStore:
             self.all_rows = pd.read_csv(self.path, dtype={"key": str})
         else:
             self.all_rows = pd.DataFrame(columns=list(RESULT_COLUMNS))
-        self.selected: dict[str, str] = {}  # method → key of this session's rows
+        for column in ("shots", "seed"):  # tables written before k-shot rows existed
+            if column not in self.all_rows:
+                self.all_rows[column] = np.nan
+        # (method, shots, seed) → key of this session's rows; shots and seed are None for full data
+        self.selected: dict[tuple[str, int | None, int | None], str] = {}
+
+    def _selected_rows(self, full_data_only: bool) -> pd.DataFrame:
+        rows = self.all_rows
+        mask = np.zeros(len(rows), dtype=bool)
+        for (method, shots, _), key in self.selected.items():
+            if shots is None or not full_data_only:
+                mask |= ((rows["method"] == method) & (rows["key"] == key)).to_numpy()
+        return rows[mask].reset_index(drop=True)
 
     @property
     def frame(self) -> pd.DataFrame:
-        """This session's rows: for each selected method, the rows stored under its selected key."""
-        rows = self.all_rows
-        mask = np.zeros(len(rows), dtype=bool)
-        for method, key in self.selected.items():
-            mask |= ((rows["method"] == method) & (rows["key"] == key)).to_numpy()
-        return rows[mask].reset_index(drop=True)
+        """This session's full-data rows: for each selected method, the rows stored under its selected key."""
+        return self._selected_rows(full_data_only=True)
+
+    @property
+    def all_regimes(self) -> pd.DataFrame:
+        """This session's rows of every protocol: full data (`shots` NaN) and each k-shot draw."""
+        return self._selected_rows(full_data_only=False)
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -124,13 +141,13 @@ class ResultsStore:
         rows = self.all_rows
         return (rows["method"] == method) & (rows["fold"] == int(fold)) & (rows["key"] == key)
 
-    def select(self, method: str, key: str) -> None:
-        """Make `method`'s rows under `key` part of this session's results (one key per method)."""
-        self.selected[method] = key
+    def select(self, method: str, key: str, shots: int | None = None, seed: int | None = None) -> None:
+        """Make `method`'s rows under `key` part of this session's results (one key per method and protocol)."""
+        self.selected[(method, _optional_int(shots), _optional_int(seed))] = key
 
-    def reuse(self, method: str, fold: int, key: str) -> bool:
+    def reuse(self, method: str, fold: int, key: str, shots: int | None = None, seed: int | None = None) -> bool:
         """Whether (method, fold) is stored under `key`; the method joins this session's results either way."""
-        self.select(method, key)
+        self.select(method, key, shots, seed)
         return bool(self._match(method, fold, key).any())
 
     def methods(self) -> list[str]:
@@ -147,6 +164,9 @@ class ResultsStore:
             raise ValueError(f"a results row needs {sorted(missing)}")
         record = {column: row.get(column, np.nan) for column in RESULT_COLUMNS} | dict(row)
         record["method"], record["fold"], record["key"] = str(record["method"]), int(record["fold"]), str(record["key"])
+        for column in ("shots", "seed"):  # empty (NaN) for full data, whichever way the caller said so
+            value = _optional_int(record[column])
+            record[column] = np.nan if value is None else value
         if arrays:
             self.arrays_dir.mkdir(parents=True, exist_ok=True)
             with atomic_path(self.arrays_dir / _array_name(record["method"], record["key"], record["fold"])) as tmp:
@@ -157,7 +177,7 @@ class ResultsStore:
         frame = new_row if not keep.any() else pd.concat([self.all_rows[keep], new_row], ignore_index=True)
         write_csv(self.path, frame)
         self.all_rows = frame
-        self.select(record["method"], record["key"])
+        self.select(record["method"], record["key"], record["shots"], record["seed"])
 
     def add_evaluation(
         self,
@@ -188,7 +208,8 @@ class ResultsStore:
         return len(folds) > 0 and all(self._array_path(method, f).is_file() for f in folds)
 
     def _array_path(self, method: str, fold: int) -> Path:
-        return self.arrays_dir / _array_name(method, self.selected.get(method, ""), fold)
+        """The arrays of the full-data row (k-shot rows keep theirs too, but no figure reads them)."""
+        return self.arrays_dir / _array_name(method, self.selected.get((method, None, None), ""), fold)
 
     def arrays(self, method: str, fold: int) -> dict[str, np.ndarray]:
         """The arrays saved with this session's (method, fold) row; empty if none were saved."""
@@ -197,6 +218,11 @@ class ResultsStore:
             return {}
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
+
+
+def _optional_int(value) -> int | None:
+    """None for an empty cell (NaN, None), else the integer: the protocol part of a selection key."""
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else int(value)
 
 
 def _frame(results: ResultsStore | pd.DataFrame) -> pd.DataFrame:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from audio_residual.evaluation.compare import ResultsStore
 from audio_residual.io import save_figure, write_csv
 from audio_residual.layout import FoldLayout, RunLayout
+from audio_residual.protocol import FULL_DATA, Protocol
 from audio_residual.residual.units import ResiDual
 from audio_residual.training.trainer import TrainConfig, run_key, train_residual_fold
 from audio_residual.workspace import Workspace
@@ -33,6 +34,12 @@ def save_lambda_figures(files: FoldLayout, title: str) -> pd.DataFrame:
     return table
 
 
+def method_name(configs) -> str:
+    """The results label of configurations used together: their variant, "residual-mixed" when they differ."""
+    variants = {c.variant for c in configs}
+    return variants.pop() if len(variants) == 1 else "residual-mixed"
+
+
 def train_all_folds(
     ws: Workspace,
     config: TrainConfig | Mapping[int, TrainConfig],
@@ -43,6 +50,7 @@ def train_all_folds(
     force: bool = False,
     tracker: RunTracker | None = None,
     procedure: dict | None = None,
+    protocol: Protocol = FULL_DATA,
 ) -> pd.DataFrame:
     """Train on each fold whose row `store` lacks under this procedure's key (unless `force`).
 
@@ -55,29 +63,49 @@ def train_all_folds(
     """
     layout = RunLayout.of(out)
     per_fold = config if isinstance(config, Mapping) else None
-    if method is None:
-        variants = {c.variant for c in (per_fold or {0: config}).values()}
-        method = variants.pop() if len(variants) == 1 else "residual-mixed"
+    method = method or method_name((per_fold or {0: config}).values())
     if per_fold is None:
         procedure = procedure or {"method": method, "config": asdict(config)}
-        per_fold = {s.fold: config for s in ws.splits(config.val_fraction, config.seed)}
+        per_fold = {s.fold: config for s in protocol.splits(ws, config.val_fraction, config.seed)}
     elif procedure is None:
         raise ValueError("per-fold configurations need the procedure that chose them (it keys the results)")
-    key = ws.key(procedure)
+    key = ws.key(procedure | protocol.procedure())
     n_classes = len(ws.table.class_names)
     todo = [fold for fold in sorted(per_fold) if folds is None or fold in folds]
     for fold in tqdm(todo, desc=f"{method} folds"):
         fold_config = per_fold[fold]
-        if store.reuse(method, fold, key) and not force:
+        if store.reuse(method, fold, key, protocol.shots, protocol.seed) and not force:
             continue
-        split = ws.split(fold, fold_config.val_fraction, fold_config.seed)
+        split = protocol.split(ws, fold, fold_config.val_fraction, fold_config.seed)
         result = train_residual_fold(ws, split, fold_config, out=layout, logger=tracker)
         store.add_evaluation(
             method, fold, key, result.test_logits, result.test_labels, n_classes, result.trainable_params,
             result.seconds, val_accuracy=result.val_accuracy, best_epoch=result.best_epoch, config=fold_config.digest(),
+            **protocol.columns(),
         )
         save_lambda_figures(layout.fold(run_key(ws, fold_config), fold), method)
-    return store.frame[store.frame["method"] == method]
+    frame = protocol.rows(store.all_regimes)
+    return frame[frame["method"] == method]
+
+
+def chosen_configs(sweep: pd.DataFrame, base: dict, coarse: bool = True) -> dict[str, dict[int, TrainConfig]]:
+    """Preset → {fold: configuration chosen on that fold's own validation split}, for every preset of the
+    sweep, plus "coarse": the default preset's choice with one λ per unit (when `coarse`)."""
+    from audio_residual.training.sweep import (
+        DEFAULT_PRESET,
+        PRESET_KEY,
+        choose_per_fold,
+        point_config,
+        presets,
+    )
+
+    configs = {
+        preset: {fold: point_config({**options, PRESET_KEY: preset}, base) for fold, options in choose_per_fold(sweep, preset).items()}
+        for preset in presets(sweep)
+    }
+    if coarse and DEFAULT_PRESET in configs:
+        configs["coarse"] = {fold: dataclasses.replace(c, coarse=True) for fold, c in configs[DEFAULT_PRESET].items()}
+    return configs
 
 
 def train_chosen_per_fold(
@@ -88,19 +116,25 @@ def train_chosen_per_fold(
     out: str | Path | RunLayout,
     store: ResultsStore,
     coarse: bool = True,
+    protocol: Protocol = FULL_DATA,
 ) -> dict[int, dict]:
     """ResiDual with each fold's configuration chosen on that fold's validation split (nested), into `store`.
 
-    Rows are labelled by the chosen variant ("residual" for the default unit; its coarse twin, one λ per
-    unit, "residual_coarse") and keyed by the grid and base options. Returns {fold: chosen options}.
+    One method per preset of the sweep, rows labelled by the chosen variant ("residual" for the default
+    unit, "residual-paper" for the paper's procedure), and the default's coarse twin, one λ per unit
+    ("residual_coarse"); rows are keyed by the grid, base options and preset. `protocol` and `out` as in
+    `train_all_folds`. Returns the default preset's {fold: chosen options}.
     """
-    from audio_residual.training.sweep import choose_per_fold
+    from audio_residual.training.sweep import DEFAULT_PRESET, choose_per_fold, presets
 
-    chosen = choose_per_fold(sweep)
-    configs = {fold: TrainConfig.from_dict({**base, **options}) for fold, options in chosen.items()}
     procedure = {"selection": "best validation accuracy of each fold's own split", "grid": grid, "base": base}
-    train_all_folds(ws, configs, out, store, procedure=procedure)
-    if coarse:
-        coarse_configs = {fold: dataclasses.replace(c, coarse=True) for fold, c in configs.items()}
-        train_all_folds(ws, coarse_configs, out, store, procedure={**procedure, "coarse": True})
-    return chosen
+    for preset, configs in chosen_configs(sweep, base, coarse).items():
+        variant = {"coarse": True} if preset == "coarse" else {} if preset == DEFAULT_PRESET else {"preset": preset}
+        train_all_folds(ws, configs, out, store, procedure=procedure | variant, protocol=protocol)
+    return choose_per_fold(sweep, DEFAULT_PRESET if DEFAULT_PRESET in presets(sweep) else presets(sweep)[0])
+
+
+def fold_lambdas(ws: Workspace, configs: Mapping[int, TrainConfig], out: str | Path | RunLayout) -> list[ResiDual]:
+    """The trained ResiDual of each fold (best epoch), as `train_all_folds` saved it under `out`."""
+    layout = RunLayout.of(out)
+    return [ResiDual.load(layout.fold(run_key(ws, config), fold).lambdas) for fold, config in sorted(configs.items())]

@@ -10,12 +10,21 @@ Selection is nested: the configuration reported on test fold k is the one with t
 accuracy on fold k's own split, whose validation clips come from the other folds (`choose_per_fold`).
 Averaging validation accuracy over folds would let fold k's clips, which sit in the other folds'
 validation sets, vote on the configuration reported on fold k.
+
+Presets: a grid key `preset` lists "default" (the identity-init in-network unit, every other grid option
+swept) and named procedures (`TrainConfig.preset`, e.g. "paper"). A preset's own fields are not swept
+(the paper's lr, epochs, optimizer, batch size... stay its own, over `base` too); the other options are.
+Each preset gets its own nested choice per fold and its own results rows ("residual", "residual-paper").
+
+A k-shot protocol (`audio_residual.protocol`) runs the same grid on its draw's splits; its table lives in
+the draw's own layout (`RunLayout.few_shot`) and its key names the draw.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +32,9 @@ import pandas as pd
 
 from audio_residual.io import write_csv
 from audio_residual.layout import RunLayout
+from audio_residual.protocol import FULL_DATA, Protocol
 from audio_residual.training.tracking import RunTracker, resolve_mode
-from audio_residual.training.trainer import TrainConfig, train_residual_fold
+from audio_residual.training.trainer import PRESETS, TrainConfig, train_residual_fold
 from audio_residual.workspace import Workspace
 
 RESULT_COLUMNS = (
@@ -37,19 +47,56 @@ RESULT_COLUMNS = (
     "trainable_params",
     "seconds",
 )
+PRESET_KEY = "preset"
+DEFAULT_PRESET = "default"  # the identity-init in-network unit, every grid option swept
 DEFAULT_GRID: dict[str, list] = {
+    "preset": [DEFAULT_PRESET, "paper"],
     "lr": [0.01, 0.1],
     "epochs": [10, 30],
     "stages": [[0], [3], [0, 1, 2, 3]],
     "granularity": ["layer", "head"],
     "fold": [1, 2, 3, 4, 5],
-}
+}  # default: 2 × 2 × 3 × 2 × 5 folds = 120 runs; paper (stages × granularity × folds): 30 runs
+
+
+def _swept(grid: dict[str, list], preset: str) -> list[str]:
+    """The grid keys a preset's points vary: all but `preset` and the fields the preset fixes."""
+    fixed = set(PRESETS.get(preset, {}))
+    return [k for k in grid if k != PRESET_KEY and k not in fixed]
+
+
+def check_presets(grid: dict[str, list]) -> None:
+    unknown = [p for p in grid.get(PRESET_KEY, []) if p != DEFAULT_PRESET and p not in PRESETS]
+    if unknown:
+        raise ValueError(f"unknown preset {unknown[0]!r} in the grid; known: {[DEFAULT_PRESET, *sorted(PRESETS)]}")
 
 
 def grid_points(grid: dict[str, list]) -> list[dict]:
-    """Cartesian product of the grid, in a stable order."""
-    keys = list(grid)
-    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
+    """Cartesian product of the grid, in a stable order; per preset, over the keys it does not fix."""
+    check_presets(grid)
+    points = []
+    for preset in grid.get(PRESET_KEY, [None]):
+        keys = list(grid) if preset is None else _swept(grid, preset)
+        head = {} if preset is None else {PRESET_KEY: preset}
+        points += [head | dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
+    return points
+
+
+def normalise_point(point: dict) -> dict:
+    """A point as `grid_points` writes it: a preset's fixed fields dropped (W&B's grid still sets them)."""
+    preset = point.get(PRESET_KEY)
+    return point if preset is None else {k: v for k, v in point.items() if k not in PRESETS.get(preset, {})}
+
+
+def point_config(point: dict, base: dict) -> TrainConfig:
+    """The configuration of a grid point (or a chosen option set): `base`, then the point's options;
+    under a named preset, the preset's fields win over `base`."""
+    preset = point.get(PRESET_KEY, DEFAULT_PRESET)
+    options = {k: v for k, v in point.items() if k not in ("fold", PRESET_KEY)}
+    if preset == DEFAULT_PRESET:
+        return TrainConfig.from_dict({**base, **options})
+    fixed = PRESETS[preset] if preset in PRESETS else {}
+    return TrainConfig.preset(preset, **{k: v for k, v in {**base, **options}.items() if k not in fixed})
 
 
 def wandb_sweep_config(grid: dict[str, list], name: str = "audio-residual") -> dict:
@@ -95,12 +142,18 @@ class SweepTable:
         write_csv(self.path, self.all_rows)
 
 
-def train_point(ws: Workspace, point: dict, base: dict, out: RunLayout, tracker: RunTracker | None = None) -> dict:
+def train_point(
+    ws: Workspace,
+    point: dict,
+    base: dict,
+    out: RunLayout,
+    tracker: RunTracker | None = None,
+    protocol: Protocol = FULL_DATA,
+) -> dict:
     """Train one grid point on its fold; returns the row (validation and test accuracy, params, time)."""
-    options = {**base, **{k: v for k, v in point.items() if k != "fold"}}
-    config = TrainConfig.from_dict(options)
+    config = point_config(point, base)
     fold = int(point.get("fold", 1))
-    split = ws.split(fold, config.val_fraction, config.seed)
+    split = protocol.split(ws, fold, config.val_fraction, config.seed)
     result = train_residual_fold(
         ws, split, config, out=out, logger=tracker
     )
@@ -118,15 +171,18 @@ def run_sweep(
     base: dict | None = None,
     use_wandb: str | bool = "auto",  # a `tracking.MODES` word (True/False: online/disabled)
     project: str = "audio-residual",
+    protocol: Protocol = FULL_DATA,
 ) -> pd.DataFrame:
-    """Run every grid point (W&B agent when online, else a local loop) and return the sweep table.
+    """Run every grid point (W&B agent when online, else a local loop) on `protocol`'s splits.
 
-    Offline, each point of the local loop is logged to its own offline W&B run (`wandb sync` later).
+    Returns the sweep table. Offline, each point of the local loop is logged to its own offline W&B run
+    (`wandb sync` later).
     """
     layout = RunLayout.of(out)
     grid = grid or DEFAULT_GRID
+    check_presets(grid)
     base = base or {}
-    table = SweepTable(layout.sweep, ws.key({"sweep_base": base}))
+    table = SweepTable(layout.sweep, ws.key({"sweep_base": base, **protocol.procedure()}))
     mode = resolve_mode(use_wandb)
     if mode == "online":
         import wandb
@@ -135,44 +191,66 @@ def run_sweep(
 
         def agent_step() -> None:
             tracker = RunTracker("online", project=project, wandb_dir=layout.root)
-            point = {k: tracker.run.config[k] for k in grid}
+            point = normalise_point({k: tracker.run.config[k] for k in grid})
             if not table.done(point):
-                table.add(point, train_point(ws, point, base, layout, tracker))
+                table.add(point, train_point(ws, point, base, layout, tracker, protocol))
             tracker.finish()
 
         wandb.agent(sweep_id, function=agent_step, project=project)
     else:
         from tqdm.auto import tqdm
 
-        for point in tqdm(grid_points(grid), desc="sweep (local grid)"):
+        for point in tqdm(grid_points(grid), desc=f"sweep (local grid, {protocol.label})"):
             if table.done(point):
                 continue
             tracker = RunTracker("offline", project=project, config=point, wandb_dir=layout.root) if mode == "offline" else None
-            table.add(point, train_point(ws, point, base, layout, tracker))
+            table.add(point, train_point(ws, point, base, layout, tracker, protocol))
             if tracker is not None:
                 tracker.finish()
     return table.frame
 
 
 def _options(frame: pd.DataFrame) -> list[str]:
-    return [c for c in frame.columns if c not in ("point", "key", "fold", *RESULT_COLUMNS)]
+    return [c for c in frame.columns if c not in ("point", "key", "fold", PRESET_KEY, *RESULT_COLUMNS)]
+
+
+_FIELD_TYPES = {f.name: str(f.type) for f in fields(TrainConfig)}
 
 
 def _decode(options: dict) -> dict:
-    """Grid values as they were given (lists come back from the CSV as JSON text)."""
+    """Grid values as they were given (lists come back from the CSV as JSON text, integers as floats when
+    another preset's rows left the column empty)."""
     options = {k: (json.loads(v) if isinstance(v, str) and v.startswith("[") else v) for k, v in options.items()}
-    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in options.items()}
+    options = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in options.items()}
+    return {
+        k: int(v) if _FIELD_TYPES.get(k, "").startswith("int") and isinstance(v, float) and v.is_integer() else v
+        for k, v in options.items()
+    }
 
 
-def choose_per_fold(frame: pd.DataFrame) -> dict[int, dict]:
-    """For each fold, the grid options with the best validation accuracy on that fold's own split.
+def presets(frame: pd.DataFrame) -> list[str]:
+    """The presets of the sweep's rows, in grid order ("default" for rows of a grid without presets)."""
+    if frame.empty:
+        return []
+    return list(dict.fromkeys(frame.get(PRESET_KEY, pd.Series(DEFAULT_PRESET, index=frame.index)).fillna(DEFAULT_PRESET)))
+
+
+def choose_per_fold(frame: pd.DataFrame, preset: str = DEFAULT_PRESET) -> dict[int, dict]:
+    """For each fold, the grid options (of `preset`'s points) with the best validation accuracy on that
+    fold's own split; the options come without the preset (`point_config` takes it separately).
 
     Fold k's validation clips come from the other folds, so nothing of fold k takes part in choosing the
     configuration reported on it; test accuracy plays no part at all. Ties keep the earlier grid point.
     """
     if frame.empty:
         raise ValueError("the sweep has no finished grid points to choose from")
-    options = _options(frame)
+    if PRESET_KEY in frame:
+        frame = frame[frame[PRESET_KEY].fillna(DEFAULT_PRESET) == preset]
+        if frame.empty:
+            raise ValueError(f"the sweep has no finished points of preset {preset!r}")
+    elif preset != DEFAULT_PRESET:
+        raise ValueError(f"the sweep has no preset column, so no points of preset {preset!r}")
+    options = [c for c in _options(frame) if frame[c].notna().any()]  # other presets' columns stay empty
     chosen = {}
     for fold, rows in frame.groupby("fold", sort=True):
         if len(rows) > 1 and rows["val_accuracy"].isna().all():
@@ -187,8 +265,18 @@ def choose_per_fold(frame: pd.DataFrame) -> dict[int, dict]:
 
 def mean_ranking(frame: pd.DataFrame) -> pd.DataFrame:
     """Option sets ranked by validation accuracy averaged over folds: a summary to read, never to choose by."""
-    options = _options(frame)
+    options = ([PRESET_KEY] if PRESET_KEY in frame else []) + _options(frame)
     grouped = frame.groupby(options, dropna=False).agg(
         val_accuracy=("val_accuracy", "mean"), test_accuracy=("test_accuracy", "mean"), folds=("fold", "nunique")
     )
     return grouped.sort_values("val_accuracy", ascending=False, kind="stable").reset_index()
+
+
+FEW_SHOT_SWEPT = ("fold", PRESET_KEY, "lr")
+
+
+def few_shot_grid(grid: dict[str, list]) -> dict[str, list]:
+    """The grid each k-shot draw sweeps, restricted for cost: folds, presets and learning rates as given
+    (the learning rate is what a few clips per class are most sensitive to), every other option at its
+    first listed value. With the default grid: 2 + 1 points per fold instead of 24 + 6."""
+    return {k: list(v) if k in FEW_SHOT_SWEPT else list(v[:1]) for k, v in grid.items()}
