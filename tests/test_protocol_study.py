@@ -148,7 +148,7 @@ def test_cli_experiment_flags(pair, tmp_path, capsys):
     grid = tmp_path / "grid.json"
     grid.write_text(json.dumps({"granularity": ["layer"], "lr": [0.3], "epochs": [1], "fold": [1, 2, 3, 4, 5]}))
     common = ["experiment", "--data", str(tmp / "a"), "--model", "tiny", "--cache", str(tmp / "cache"),
-              "--device", "cpu", "--grid", str(grid), "--wandb", "off", "--val-fraction", "0.2"]  # fmt: skip
+              "--device", "cpu", "--grid", str(grid), "--wandb", "disabled", "--val-fraction", "0.2"]  # fmt: skip
     out = tmp_path / "out"
     # bad input stops before any computing, with one line naming the culprit
     assert main([*common, "--out", str(out), "--shots", "2,5"]) == 2  # 8 clips per class outside a test fold
