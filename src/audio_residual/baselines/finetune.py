@@ -62,6 +62,25 @@ def _train_mode(model: AudioClassifier) -> None:
             module.eval()
 
 
+def train_epoch(model: nn.Module, bundle: ClapBundle, steps, labels: np.ndarray, optimizer, scaler) -> list[float]:
+    """One epoch of cross-entropy steps under the bundle's autocast (loss scaled for fp16); the losses.
+
+    `steps` yields (rows, inputs, is_longer) from `batches`; fine-tuning and LoRA share this loop.
+    """
+    _train_mode(model)
+    losses = []
+    for batch, x, longer in steps:
+        with bundle.autocast():
+            logits = model(x, longer)
+        loss = F.cross_entropy(logits.float(), torch.from_numpy(labels[batch]).to(bundle.device))
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(float(loss.detach()))
+    return losses
+
+
 def finetune_audio_encoder(
     bundle: ClapBundle,
     input_features,
@@ -112,17 +131,8 @@ def finetune_audio_encoder(
     has_val = val_indices is not None and len(val_indices) > 0
     best_state, best_accuracy = None, -1.0
     for epoch in tqdm(range(epochs), desc="fine-tuning", leave=False):
-        _train_mode(model)
         steps = batches(input_features, train_indices, batch_size, bundle.device, is_longer, generator, f"epoch {epoch + 1}")
-        for batch, x, longer in steps:
-            with bundle.autocast():
-                logits = model(x, longer)
-            loss = F.cross_entropy(logits.float(), torch.from_numpy(labels[batch]).to(bundle.device))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            result.losses.append(float(loss.detach()))
+        result.losses += train_epoch(model, bundle, steps, labels, optimizer, scaler)
         if has_val:
             val_logits = result.logits(input_features, val_indices, is_longer, batch_size)
             accuracy = float((val_logits.argmax(1).numpy() == labels[np.asarray(val_indices)]).mean())

@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from tqdm.auto import tqdm
 
-from audio_residual.baselines.finetune import _train_mode
+from audio_residual.baselines.finetune import train_epoch
 from audio_residual.baselines.linear import _validation_score
 from audio_residual.clap.batches import batches
 from audio_residual.clap.classifier import ZeroShotClassifier, audio_embeddings
@@ -103,17 +102,8 @@ def _train_rank(
     best_state = [p.detach().clone() for p in trainable]
     generator = np.random.default_rng(seed)
     for epoch in tqdm(range(epochs), desc=f"LoRA r={rank}", leave=False):
-        _train_mode(model)
         steps = batches(input_features, train_indices, batch_size, bundle.device, is_longer, generator, f"epoch {epoch + 1}")
-        for batch, x, longer in steps:
-            with bundle.autocast():
-                logits = model(x, longer)
-            loss = F.cross_entropy(logits.float(), torch.from_numpy(labels[batch]).to(bundle.device))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            result.losses.append(float(loss.detach()))
+        result.losses += train_epoch(model, bundle, steps, labels, optimizer, scaler)
         if has_val:
             score = validate()
             if score > best_score:
