@@ -43,15 +43,11 @@ class FineTuned:
     losses: list[float] = field(default_factory=list)
     val_accuracy: float | None = None
 
-    @torch.no_grad()
     def logits(self, input_features, indices, is_longer=None, batch_size: int = 32) -> torch.Tensor:
         """Logits of the selected rows of a (memory-mapped) feature array, on the CPU."""
-        self.model.eval()
-        out = []
-        for _, x, longer in batches(input_features, indices, batch_size, self.bundle.device, is_longer):
-            with self.bundle.autocast():
-                out.append(self.model(x, longer).float().cpu())
-        return torch.cat(out) if out else torch.empty(0, self.model.head.out_features)
+        return classifier_logits(
+            self.model, self.bundle, input_features, indices, is_longer, batch_size, self.model.head.out_features
+        )
 
 
 def _train_mode(model: AudioClassifier) -> None:
@@ -60,6 +56,19 @@ def _train_mode(model: AudioClassifier) -> None:
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
+
+
+@torch.no_grad()
+def classifier_logits(
+    model: nn.Module, bundle: ClapBundle, input_features, indices, is_longer, batch_size: int, n_classes: int
+) -> torch.Tensor:
+    """Eval-mode logits of an audio classifier (fine-tuned or LoRA) on the selected rows, on the CPU."""
+    model.eval()
+    out = []
+    for _, x, longer in batches(input_features, indices, batch_size, bundle.device, is_longer):
+        with bundle.autocast():
+            out.append(model(x, longer).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, n_classes)
 
 
 def train_epoch(model: nn.Module, bundle: ClapBundle, steps, labels: np.ndarray, optimizer, scaler) -> list[float]:

@@ -19,7 +19,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from tqdm.auto import tqdm
 
-from audio_residual.baselines.finetune import train_epoch
+from audio_residual.baselines.finetune import classifier_logits, train_epoch
 from audio_residual.baselines.linear import _validation_score
 from audio_residual.clap.batches import batches
 from audio_residual.clap.classifier import ZeroShotClassifier, audio_embeddings
@@ -59,15 +59,10 @@ class LoraTuned:
     def num_parameters(self) -> int:
         return self.trainable_params
 
-    @torch.no_grad()
     def logits(self, input_features, indices, is_longer=None, batch_size: int = 32) -> torch.Tensor:
         """Logits of the selected rows of a (memory-mapped) feature array, on the CPU."""
-        self.model.eval()
-        out = []
-        for _, x, longer in batches(input_features, indices, batch_size, self.bundle.device, is_longer):
-            with self.bundle.autocast():
-                out.append(self.model(x, longer).float().cpu())
-        return torch.cat(out) if out else torch.empty(0, self.model.class_embeddings.shape[0])
+        n_classes = self.model.class_embeddings.shape[0]
+        return classifier_logits(self.model, self.bundle, input_features, indices, is_longer, batch_size, n_classes)
 
 
 def lora_audio_model(
