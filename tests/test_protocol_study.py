@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from audio_residual.baselines.linear import ContrastiveAdapter
+from audio_residual.baselines.contrastive_adapter import ContrastiveAdapter
 from audio_residual.baselines.run import ALL_METHODS, run_baselines, saved_adapters
 from audio_residual.cli import main
 from audio_residual.data_processing import load_dataset, make_synthetic_esc50

@@ -1,8 +1,12 @@
 """Baselines against which ResiDual is compared: linear probe, contrastive adapter, Tip-Adapter(-F), CoOp,
 LoRA and full fine-tuning, and `run_baselines`, which runs them fold by fold into the results store."""
 
+from audio_residual.baselines.contrastive_adapter import (
+    ContrastiveAdapter,
+    symmetric_infonce,
+    train_contrastive_adapter,
+)
 from audio_residual.baselines.finetune import AudioClassifier, FineTuned, finetune_audio_encoder
-from audio_residual.baselines.linear import ContrastiveAdapter, symmetric_infonce, train_contrastive_adapter
 from audio_residual.baselines.lora import LoraAudioClassifier, LoraTuned, train_lora
 from audio_residual.baselines.probe import LogisticProbe, train_logistic_probe
 from audio_residual.baselines.prompt_learning import CoOp, PromptLearner, train_coop

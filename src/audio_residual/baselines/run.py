@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from audio_residual.baselines.contrastive_adapter import ContrastiveAdapter, train_contrastive_adapter
 from audio_residual.baselines.finetune import finetune_audio_encoder
-from audio_residual.baselines.linear import ContrastiveAdapter, train_contrastive_adapter
 from audio_residual.baselines.peers import PEER_EMBEDDING_METHODS, PEER_METHODS, run_peer
 from audio_residual.baselines.probe import train_logistic_probe
 from audio_residual.evaluation.compare import ResultsStore

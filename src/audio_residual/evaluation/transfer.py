@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from audio_residual.baselines.linear import ContrastiveAdapter
+from audio_residual.baselines.contrastive_adapter import ContrastiveAdapter
 from audio_residual.data_processing import ClipTable, FeatureCache
 from audio_residual.evaluation.metrics import topk_accuracy
 from audio_residual.residual.units import ResiDual
