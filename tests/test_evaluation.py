@@ -153,8 +153,8 @@ def tiny_experiment(synthetic_esc50, tmp_path_factory):
 
 
 def test_run_baselines_end_to_end_and_resume(tiny_experiment, tmp_path, monkeypatch):
-    from audio_residual.baselines import run_baselines
     from audio_residual.evaluation import write_report
+    from audio_residual.experiments.baselines import run_baselines
 
     ws = tiny_experiment
     calls = []
@@ -197,7 +197,7 @@ def test_run_baselines_end_to_end_and_resume(tiny_experiment, tmp_path, monkeypa
 
 
 def test_run_baselines_finetune_fold(tiny_experiment, tmp_path):
-    from audio_residual.baselines import run_baselines
+    from audio_residual.experiments.baselines import run_baselines
 
     store = run_baselines(tiny_experiment, tmp_path, methods=("zeroshot",), folds=(1,), finetune_epochs=1)
     assert store.methods() == ["zeroshot", "finetune"] and len(store) == 2

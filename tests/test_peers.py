@@ -235,7 +235,7 @@ def test_lora_trains_adapters_only_counts_peft_params_and_picks_rank_on_validati
 def test_run_baselines_runs_the_peer_methods_on_request(synthetic_esc50, tmp_path):
     import pandas as pd
 
-    from audio_residual.baselines import run_baselines
+    from audio_residual.experiments.baselines import run_baselines
     from audio_residual.workspace import Workspace
 
     ws = Workspace.open(synthetic_esc50, model="tiny", cache_dir=tmp_path / "cache", device="cpu")

@@ -8,14 +8,14 @@ import pandas as pd
 import pytest
 
 from audio_residual.cli import main
-from audio_residual.training import sweep as sweep_module
-from audio_residual.training.sweep import (
+from audio_residual.experiments.sweep import (
     choose_per_fold,
     grid_points,
     mean_ranking,
     run_sweep,
     wandb_sweep_config,
 )
+from audio_residual.training import sweep as sweep_module
 from audio_residual.workspace import Workspace
 
 GRID = {"granularity": ["layer"], "lr": [0.05, 0.3], "epochs": [2], "fold": [1, 2]}

@@ -15,11 +15,9 @@ from audio_residual.data_processing import ClipTable, FeatureCache, load_esc50, 
 from audio_residual.evaluation.transfer import (
     PLAIN_ROW,
     target_workspace,
-    transfer_accuracy,
-    transfer_logits,
     transfer_matrix,
-    transfer_table,
 )
+from audio_residual.experiments.transfer import transfer_accuracy, transfer_logits, transfer_table
 from audio_residual.residual.units import build_residual
 from audio_residual.workspace import Workspace
 

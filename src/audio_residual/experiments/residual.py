@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 import pandas as pd
 from tqdm.auto import tqdm
 
-from audio_residual.evaluation.compare import ResultsStore
+from audio_residual.evaluation.store import ResultsStore
+from audio_residual.experiments.protocol import FULL_DATA, Protocol
 from audio_residual.io import save_figure, write_csv
 from audio_residual.layout import FoldLayout, RunLayout
-from audio_residual.protocol import FULL_DATA, Protocol
 from audio_residual.residual.units import ResiDual
 from audio_residual.training.trainer import TrainConfig, run_key, train_residual_fold
 from audio_residual.workspace import Workspace
@@ -91,7 +91,7 @@ def train_all_folds(
 def chosen_configs(sweep: pd.DataFrame, base: dict, coarse: bool = True) -> dict[str, dict[int, TrainConfig]]:
     """Preset → {fold: configuration chosen on that fold's own validation split}, for every preset of the
     sweep, plus "coarse": the default preset's choice with one λ per unit (when `coarse`)."""
-    from audio_residual.training.sweep import (
+    from audio_residual.experiments.sweep import (
         DEFAULT_PRESET,
         PRESET_KEY,
         choose_per_fold,
@@ -125,7 +125,7 @@ def train_chosen_per_fold(
     ("residual_coarse"); rows are keyed by the grid, base options and preset. `protocol` and `out` as in
     `train_all_folds`. Returns the default preset's {fold: chosen options}.
     """
-    from audio_residual.training.sweep import DEFAULT_PRESET, choose_per_fold, presets
+    from audio_residual.experiments.sweep import DEFAULT_PRESET, choose_per_fold, presets
 
     procedure = {"selection": "best validation accuracy of each fold's own split", "grid": grid, "base": base}
     for preset, configs in chosen_configs(sweep, base, coarse).items():

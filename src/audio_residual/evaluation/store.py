@@ -97,7 +97,7 @@ class ResultsStore:
     `Workspace.key`). `reuse` finds a stored row only under the same key, so a rerun with other options
     computes new rows instead of returning old ones. Rows found by `reuse` or written by `add` form this
     session's selection, one key per (method, shots, seed): `shots` and `seed` are empty for full data
-    and name the k-shot draw otherwise (`audio_residual.protocol`). `frame` — what the comparison table,
+    and name the k-shot draw otherwise (`audio_residual.experiments.protocol`). `frame` — what the comparison table,
     its figures and tests read — holds the selected full-data rows; `all_regimes` adds the selected
     k-shot rows (few-shot table and figures); `all_rows` is everything on disk. Arrays of a row go to
     `<csv dir>/arrays/<method>__<key>__fold<k>.npz`, written before the CSV row.

@@ -16,7 +16,7 @@ swept) and named procedures (`TrainConfig.preset`, e.g. "paper"). A preset's own
 (the paper's lr, epochs, optimizer, batch size... stay its own, over `base` too); the other options are.
 Each preset gets its own nested choice per fold and its own results rows ("residual", "residual-paper").
 
-A k-shot protocol (`audio_residual.protocol`) runs the same grid on its draw's splits; its table lives in
+A k-shot protocol (`audio_residual.experiments.protocol`) runs the same grid on its draw's splits; its table lives in
 the draw's own layout (`RunLayout.few_shot`) and its key names the draw.
 """
 
@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from audio_residual.experiments.protocol import FULL_DATA, Protocol
 from audio_residual.io import write_csv
 from audio_residual.layout import RunLayout
-from audio_residual.protocol import FULL_DATA, Protocol
 from audio_residual.training.tracking import RunTracker, resolve_mode
 from audio_residual.training.trainer import PRESETS, TrainConfig, train_residual_fold
 from audio_residual.workspace import Workspace
