@@ -131,8 +131,8 @@ def test_per_class_deltas_confusion_sums_and_plots(tmp_path):
     store = ResultsStore(tmp_path / "results.csv")
     labels = np.array([0, 0, 1, 1])
     for fold in (1, 2):
-        store.add_evaluation("zeroshot", fold, "k", one_hot_logits([0, 1, 0, 0], 2), labels, 2, 0, 0.1)
-        store.add_evaluation("probe", fold, "k", one_hot_logits([0, 0, 1, 1], 2), labels, 2, 6, 0.2)
+        store.add_evaluation("zeroshot", fold, "k", one_hot_logits([0, 1, 0, 0], 2), labels, 0, 0.1)
+        store.add_evaluation("probe", fold, "k", one_hot_logits([0, 0, 1, 1], 2), labels, 6, 0.2)
     deltas = per_class_deltas(store, ["a", "b"]).set_index("class_name")
     assert deltas.loc["a", "delta"] == pytest.approx(0.5) and deltas.loc["b", "delta"] == pytest.approx(1.0)
     np.testing.assert_array_equal(summed_confusion(store, "zeroshot"), [[2, 2], [4, 0]])

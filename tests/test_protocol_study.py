@@ -90,9 +90,9 @@ def test_presets_are_swept_on_their_own_keys_and_chosen_apart():
     assert few_shot_grid({**grid, "granularity": ["head", "layer"], "epochs": [10, 30]}) == {
         "preset": ["default", "paper"], "lr": [0.01, 0.1], "granularity": ["head"], "fold": [1, 2], "epochs": [10]}
     frame = pd.DataFrame([
-        {"point": "a", "key": "k", "preset": "default", "lr": 0.1, "epochs": 10.0, "fold": 1, "val_accuracy": 0.5},
-        {"point": "b", "key": "k", "preset": "default", "lr": 0.01, "epochs": 10.0, "fold": 1, "val_accuracy": 0.7},
-        {"point": "c", "key": "k", "preset": "paper", "lr": np.nan, "epochs": np.nan, "fold": 1, "val_accuracy": 0.9},
+        {"point": json.dumps({"preset": "default", "lr": 0.1, "epochs": 10, "fold": 1}), "key": "k", "preset": "default", "lr": 0.1, "epochs": 10.0, "fold": 1, "val_accuracy": 0.5},
+        {"point": json.dumps({"preset": "default", "lr": 0.01, "epochs": 10, "fold": 1}), "key": "k", "preset": "default", "lr": 0.01, "epochs": 10.0, "fold": 1, "val_accuracy": 0.7},
+        {"point": json.dumps({"preset": "paper", "fold": 1}), "key": "k", "preset": "paper", "lr": np.nan, "epochs": np.nan, "fold": 1, "val_accuracy": 0.9},
     ])  # fmt: skip
     assert choose_per_fold(frame) == {1: {"lr": 0.01, "epochs": 10}}  # the better paper point plays no part
     assert isinstance(choose_per_fold(frame)[1]["epochs"], int)

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from audio_residual.cli import main
+from audio_residual.experiments import sweep as sweep_module
 from audio_residual.experiments.sweep import (
     choose_per_fold,
     grid_points,
@@ -15,7 +16,6 @@ from audio_residual.experiments.sweep import (
     run_sweep,
     wandb_sweep_config,
 )
-from audio_residual.training import sweep as sweep_module
 from audio_residual.workspace import Workspace
 
 GRID = {"granularity": ["layer"], "lr": [0.05, 0.3], "epochs": [2], "fold": [1, 2]}
@@ -57,10 +57,10 @@ def test_auto_mode_without_account_runs_locally(experiment, tmp_path, monkeypatc
 
 def test_choice_is_per_fold_and_ignores_test_accuracy():
     rows = [
-        {"point": "a1", "lr": 0.1, "fold": 1, "val_accuracy": 0.9, "test_accuracy": 0.1},
-        {"point": "a2", "lr": 0.1, "fold": 2, "val_accuracy": 0.5, "test_accuracy": 0.1},
-        {"point": "b1", "lr": 0.3, "fold": 1, "val_accuracy": 0.6, "test_accuracy": 1.0},
-        {"point": "b2", "lr": 0.3, "fold": 2, "val_accuracy": 0.7, "test_accuracy": 1.0},
+        {"point": json.dumps({"lr": 0.1, "fold": 1}), "lr": 0.1, "fold": 1, "val_accuracy": 0.9, "test_accuracy": 0.1},
+        {"point": json.dumps({"lr": 0.1, "fold": 2}), "lr": 0.1, "fold": 2, "val_accuracy": 0.5, "test_accuracy": 0.1},
+        {"point": json.dumps({"lr": 0.3, "fold": 1}), "lr": 0.3, "fold": 1, "val_accuracy": 0.6, "test_accuracy": 1.0},
+        {"point": json.dumps({"lr": 0.3, "fold": 2}), "lr": 0.3, "fold": 2, "val_accuracy": 0.7, "test_accuracy": 1.0},
     ]
     frame = pd.DataFrame(rows)
     assert choose_per_fold(frame) == {1: {"lr": 0.1}, 2: {"lr": 0.3}}  # each fold by its own validation

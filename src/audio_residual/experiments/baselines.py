@@ -112,8 +112,8 @@ def run_baselines(
             method.save(model, layout.adapter(name, key, split.fold))
         del model  # free a model copy before the next fold
         release_memory(ws)
-        store.add_evaluation(name, split.fold, key, scores, ws.table.labels[split.test], len(ws.table.class_names),
-                             params, seconds, **protocol.columns())  # fmt: skip
+        store.add_evaluation(name, split.fold, key, scores, ws.table.labels[split.test], params, seconds,
+                             **protocol.columns())  # fmt: skip
     return store
 
 

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import fields
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from audio_residual.experiments.protocol import FULL_DATA, Protocol
@@ -214,18 +212,9 @@ def _options(frame: pd.DataFrame) -> list[str]:
     return [c for c in frame.columns if c not in ("point", "key", "fold", PRESET_KEY, *RESULT_COLUMNS)]
 
 
-_FIELD_TYPES = {f.name: str(f.type) for f in fields(TrainConfig)}
-
-
-def _decode(options: dict) -> dict:
-    """Grid values as they were given (lists come back from the CSV as JSON text, integers as floats when
-    another preset's rows left the column empty)."""
-    options = {k: (json.loads(v) if isinstance(v, str) and v.startswith("[") else v) for k, v in options.items()}
-    options = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in options.items()}
-    return {
-        k: int(v) if _FIELD_TYPES.get(k, "").startswith("int") and isinstance(v, float) and v.is_integer() else v
-        for k, v in options.items()
-    }
+def point_options(point: str) -> dict:
+    """A row's grid options, decoded from its JSON `point` (without its fold and preset)."""
+    return {k: v for k, v in json.loads(point).items() if k not in ("fold", PRESET_KEY)}
 
 
 def presets(frame: pd.DataFrame) -> list[str]:
@@ -250,7 +239,6 @@ def choose_per_fold(frame: pd.DataFrame, preset: str = DEFAULT_PRESET) -> dict[i
             raise ValueError(f"the sweep has no finished points of preset {preset!r}")
     elif preset != DEFAULT_PRESET:
         raise ValueError(f"the sweep has no preset column, so no points of preset {preset!r}")
-    options = [c for c in _options(frame) if frame[c].notna().any()]  # other presets' columns stay empty
     chosen = {}
     for fold, rows in frame.groupby("fold", sort=True):
         if len(rows) > 1 and rows["val_accuracy"].isna().all():
@@ -259,7 +247,7 @@ def choose_per_fold(frame: pd.DataFrame, preset: str = DEFAULT_PRESET) -> dict[i
                 " give the sweep a validation fraction > 0 (one that leaves validation clips in every class)"
             )
         best = rows.sort_values("val_accuracy", ascending=False, kind="stable", na_position="last").iloc[0]
-        chosen[int(fold)] = _decode(best[options].to_dict())
+        chosen[int(fold)] = point_options(best["point"])
     return chosen
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from audio_residual.analysis.stats import ResidualStatistics
 from audio_residual.data_processing import Split
@@ -25,6 +24,7 @@ from audio_residual.evaluation.metrics import topk_accuracy
 from audio_residual.io import digest, write_csv, write_json
 from audio_residual.layout import RunLayout
 from audio_residual.residual.units import ResiDual, ResidualConfig
+from audio_residual.tasks import CLASSIFICATION
 from audio_residual.training.loop import LoopResult, Steps, train
 from audio_residual.training.prefix import StagePrefix, first_stage
 from audio_residual.workspace import Workspace
@@ -233,7 +233,7 @@ def _steps(ws: Workspace, split: Split, config: TrainConfig, residual: ResiDual,
             emb = source.forward(x, longer)
         logits = ws.classifier.logits(emb)
         correct[0] += int((logits.argmax(1) == y).sum())
-        return F.cross_entropy(logits, y)
+        return CLASSIFICATION.loss(logits, y)
 
     def record() -> dict:
         accuracy, correct[0] = correct[0] / len(split.train), 0
@@ -282,7 +282,7 @@ def train_residual_fold(
     start_train_accuracy = topk_accuracy(start_logits, ws.table.labels[split.train])
     steps = _steps(ws, split, config, residual, prefix)
     loop = train(steps, config.epochs, config.seed, config.patience, None if files is None else files.checkpoint, key,
-                 logger, f"fold{split.fold}", metric="accuracy")
+                 logger, f"fold{split.fold}", metric=CLASSIFICATION.selection_metric)
     if logger is not None:
         logger.log_lambdas(residual, prefix=f"fold{split.fold}")
     seconds = loop.earlier_seconds + time.perf_counter() - started
