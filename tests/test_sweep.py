@@ -108,3 +108,12 @@ def test_sweep_and_train_residual_commands(synthetic_esc50, tmp_path, capsys):
     assert len(lambdas) == 1 and len(pd.read_csv(lambdas[0])) == results["trainable_params"].iloc[0]
     assert list(out.glob("runs/*/fold1/lambda_heatmap.png"))
     assert (out / "table.md").read_text().count("residual") >= 1
+
+
+def test_reading_an_unfinished_sweep_names_what_to_run_and_trains_nothing(experiment, tmp_path):
+    from audio_residual.experiments.sweep import SweepNotRun, finished_sweep
+
+    grid = {"lr": [0.1], "epochs": [1], "fold": [1]}
+    with pytest.raises(SweepNotRun, match="1 of 1 grid points .* notebook 2's cell .*audio-residual sweep"):
+        finished_sweep(experiment, tmp_path, grid, {"batch_size": 16})
+    assert not (tmp_path / "runs").exists()

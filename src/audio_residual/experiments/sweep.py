@@ -140,6 +140,30 @@ class SweepTable:
         write_csv(self.path, self.all_rows)
 
 
+def _table(ws: Workspace, layout: RunLayout, base: dict, protocol: Protocol) -> SweepTable:
+    """The sweep table of these data, model, base options and protocol."""
+    return SweepTable(layout.sweep, ws.key({"sweep_base": base, **protocol.procedure()}))
+
+
+class SweepNotRun(FileNotFoundError):
+    """A step that reads a sweep found it unfinished: it never trains the grid by surprise."""
+
+
+def finished_sweep(
+    ws: Workspace, out: str | Path | RunLayout, grid: dict[str, list], base: dict, protocol: Protocol = FULL_DATA
+) -> pd.DataFrame:
+    """The rows of a sweep that `run_sweep` finished (notebook 2, `audio-residual sweep`); reads, never trains."""
+    layout = RunLayout.of(out)
+    table = _table(ws, layout, base, protocol)
+    missing = [point for point in grid_points(grid) if not table.done(point)]
+    if missing:
+        raise SweepNotRun(
+            f"{len(missing)} of {len(grid_points(grid))} grid points are not in {layout.sweep}: run notebook 2's"
+            f" cell 'Sweep over λ-training options' (or `audio-residual sweep --out {layout.root}`) first"
+        )
+    return table.frame
+
+
 def train_point(
     ws: Workspace,
     point: dict,
@@ -180,7 +204,7 @@ def run_sweep(
     grid = grid or DEFAULT_GRID
     check_presets(grid)
     base = base or {}
-    table = SweepTable(layout.sweep, ws.key({"sweep_base": base, **protocol.procedure()}))
+    table = _table(ws, layout, base, protocol)
     mode = resolve_mode(use_wandb)
     if mode == "online":
         import wandb
