@@ -17,7 +17,7 @@ from audio_residual.baselines import (
     train_lora,
     train_tip_adapter_f,
 )
-from audio_residual.clap.classifier import ZeroShotClassifier
+from audio_residual.clap.zeroshot import ZeroShotClassifier
 from audio_residual.training import TrainConfig, train_residual_fold
 from audio_residual.training.loop import Steps, row_batches, train
 from audio_residual.workspace import Workspace

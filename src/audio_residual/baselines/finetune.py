@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from audio_residual.clap.batches import batches
-from audio_residual.clap.classifier import ZeroShotClassifier, audio_embeddings
+from audio_residual.clap.encode import audio_embeddings
 from audio_residual.clap.loading import ClapBundle
+from audio_residual.clap.zeroshot import ZeroShotClassifier
 from audio_residual.training.loop import Steps, train
 
 

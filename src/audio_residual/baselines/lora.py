@@ -19,8 +19,9 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from audio_residual.baselines.finetune import classifier_logits, classifier_steps
-from audio_residual.clap.classifier import ZeroShotClassifier, audio_embeddings
+from audio_residual.clap.encode import audio_embeddings
 from audio_residual.clap.loading import ClapBundle
+from audio_residual.clap.zeroshot import ZeroShotClassifier
 from audio_residual.training.loop import train
 
 DEFAULT_RANKS = (4, 16)

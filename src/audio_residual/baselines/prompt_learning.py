@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from audio_residual.baselines.embedded import accuracy, as_float, as_labels, validation_pair
-from audio_residual.clap.classifier import DEFAULT_TEMPLATES, class_prompts
 from audio_residual.clap.loading import ClapBundle
+from audio_residual.clap.zeroshot import DEFAULT_TEMPLATES, class_prompts
 from audio_residual.training.loop import Steps, row_batches, train
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from audio_residual.clap.classifier import class_prompts
+from audio_residual.clap.zeroshot import class_prompts
 from audio_residual.evaluation.metrics import fold_metrics
 from audio_residual.tasks.base import Task
 

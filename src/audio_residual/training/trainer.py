@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from audio_residual.analysis.stats import ResidualStatistics
+from audio_residual.clap.stage_cache import StagePrefix, first_stage
 from audio_residual.data_processing import Split
 from audio_residual.evaluation.metrics import topk_accuracy
 from audio_residual.io import digest, write_csv, write_json
@@ -26,7 +27,6 @@ from audio_residual.layout import RunLayout
 from audio_residual.residual.units import ResiDual, ResidualConfig
 from audio_residual.tasks import CLASSIFICATION
 from audio_residual.training.loop import LoopResult, Steps, train
-from audio_residual.training.prefix import StagePrefix, first_stage
 from audio_residual.workspace import Workspace
 
 OPTIMIZERS = ("adam", "adamw", "schedulefree")
