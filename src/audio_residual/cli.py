@@ -316,7 +316,8 @@ def _train_config(args):
 def cmd_train_residual(args) -> None:
     from dataclasses import asdict
 
-    from audio_residual.evaluation import ResultsStore, write_report
+    from audio_residual.evaluation.report import write_report
+    from audio_residual.evaluation.store import ResultsStore
     from audio_residual.experiments.residual import train_all_folds
     from audio_residual.training.tracking import RunTracker
     from audio_residual.training.trainer import run_key
