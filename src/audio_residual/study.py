@@ -27,7 +27,7 @@ from audio_residual.data_processing.synthetic import GENERATOR_JSON
 from audio_residual.evaluation.compare import ResultsStore
 from audio_residual.evaluation.report import write_report
 from audio_residual.evaluation.transfer import transfer_table
-from audio_residual.io import write_csv
+from audio_residual.io import update_csv
 from audio_residual.layout import RunLayout
 from audio_residual.protocol import FULL_DATA, Protocol, few_shot_protocols
 from audio_residual.training.run import chosen_configs, fold_lambdas, method_name, train_chosen_per_fold
@@ -144,7 +144,7 @@ def run_transfer(
 ) -> pd.DataFrame:
     """Zero-shot retention of this study's adapted encoders on each target dataset → `transfer.csv`."""
     table = transfer_table(targets, adapted_encoders(ws, sweep, base, out, store, source))
-    write_csv(RunLayout.of(out).transfer, table)
+    update_csv(RunLayout.of(out).transfer, table, ("source", "method", "target"))  # other writers' rows kept
     return table
 
 

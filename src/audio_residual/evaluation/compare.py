@@ -25,7 +25,7 @@ from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
 from sklearn.metrics import precision_recall_fscore_support
 
 from audio_residual.evaluation.metrics import topk_accuracy
-from audio_residual.io import atomic_path, write_csv
+from audio_residual.io import atomic_path, update_csv
 
 RESULT_COLUMNS = (
     "method",
@@ -41,6 +41,7 @@ RESULT_COLUMNS = (
     "shots",
     "seed",
 )
+RESULT_KEY = ("method", "fold", "key")  # what identifies a stored row
 SUMMARY_METRICS = ("accuracy", "top5", "macro_precision", "macro_recall", "macro_f1")
 BASELINE_METHOD = "zeroshot"
 
@@ -172,11 +173,8 @@ class ResultsStore:
             with atomic_path(self.arrays_dir / _array_name(record["method"], record["key"], record["fold"])) as tmp:
                 with open(tmp, "wb") as handle:
                     np.savez(handle, **{k: np.asarray(v) for k, v in arrays.items()})
-        keep = ~self._match(record["method"], record["fold"], record["key"])
-        new_row = pd.DataFrame([record])
-        frame = new_row if not keep.any() else pd.concat([self.all_rows[keep], new_row], ignore_index=True)
-        write_csv(self.path, frame)
-        self.all_rows = frame
+        # re-read and merged under a lock: rows other processes wrote into this file meanwhile are kept
+        self.all_rows = update_csv(self.path, pd.DataFrame([record]), RESULT_KEY, dtype={"key": str})
         self.select(record["method"], record["key"], record["shots"], record["seed"])
 
     def add_evaluation(

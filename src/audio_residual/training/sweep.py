@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from audio_residual.io import write_csv
+from audio_residual.io import update_csv
 from audio_residual.layout import RunLayout
 from audio_residual.protocol import FULL_DATA, Protocol
 from audio_residual.training.tracking import RunTracker, resolve_mode
@@ -138,8 +138,8 @@ class SweepTable:
     def add(self, point: dict, row: dict) -> None:
         options = {k: json.dumps(v) if isinstance(v, list) else v for k, v in point.items()}
         record = {"point": _point_key(point), "key": self.key, **options, **row}
-        self.all_rows = pd.concat([self.all_rows, pd.DataFrame([record])], ignore_index=True)
-        write_csv(self.path, self.all_rows)
+        # re-read and merged under a lock: other agents' rows written into this file meanwhile are kept
+        self.all_rows = update_csv(self.path, pd.DataFrame([record]), ("key", "point"), dtype={"key": str})
 
 
 def train_point(
