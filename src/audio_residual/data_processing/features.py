@@ -40,8 +40,9 @@ from audio_residual.data_processing.datasets import ClipTable
 from audio_residual.io import atomic_path, digest, locked, preallocate, update_json
 
 # 2: fusion clips of ≤ 10 s are stored with is_longer False (LAION's inference rule), no longer the
-# extractor's per-call random pick.
-CACHE_FORMAT_VERSION = 2
+# extractor's per-call random pick. 3: rand_trunc crops long clips (seeded window) before decoding and
+# resampling them; silence is judged after the mono mix and the int16 round trip.
+CACHE_FORMAT_VERSION = 3
 FEATURES_FILE = "input_features.npy"
 INDEX_FILE = "index.json"
 TRUNCATION_MODES = ("rand_trunc", "fusion")
@@ -269,11 +270,18 @@ class FeatureCache:
         try:
             audio, warnings = load_audio_checked(
                 audio_dir / filename, target_sr=self.target_sr, int16_roundtrip=self.int16_roundtrip,
-                min_seconds=self.min_seconds,
+                min_seconds=self.min_seconds, **self._crop(filename),
             )
         except BadAudioError as err:
             return None, False, err.reason, []
         return (*self._extract(audio, filename), None, warnings)
+
+    def _crop(self, filename: str) -> dict:
+        """rand_trunc keeps one 10 s window of a long clip: read only that (seeded by the file name), plus a
+        margin; fusion needs the whole clip."""
+        if self.truncation != "rand_trunc":
+            return {}
+        return {"max_seconds": self.feature_extractor.nb_max_samples / self.target_sr, "seed": _stable_seed(filename)}
 
     def _clips(self, audio_dir: Path, filenames: list[str], workers: int) -> Iterator[tuple]:
         """`_clip` of each file, in order: here, or in a pool of `workers` spawned processes."""
