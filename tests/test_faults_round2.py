@@ -3,8 +3,12 @@ a counted and reported skip, or the behaviour a careful user expects."""
 
 from __future__ import annotations
 
+import errno
+import json
+import os
 import shutil
 import struct
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -241,3 +245,191 @@ def test_silence_is_judged_after_the_mono_mix_and_the_int16_round_trip(tmp_path)
     with pytest.raises(BadAudioError, match="after the int16 round trip"):
         load_audio_checked(quiet)
     assert np.any(load_audio_checked(quiet, int16_roundtrip=False)[0])  # without the round trip it is signal
+
+
+# --- model folders ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory, small_data) -> Path:
+    from audio_residual.clap.loading import load_clap
+    from audio_residual.data_processing import load_esc50
+
+    bundle = load_clap("tiny", device="cpu", class_names=load_esc50(small_data).class_names)
+    folder = tmp_path_factory.mktemp("model") / "clap"
+    bundle.model.save_pretrained(folder)
+    bundle.processor.save_pretrained(folder)
+    return folder
+
+
+def _damaged(saved_model: Path, tmp_path: Path, case: str) -> Path:
+    folder = tmp_path / case
+    shutil.copytree(saved_model, folder)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    if case == "projection_dim":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "projection_dim": 2 * config["projection_dim"]}))
+    elif case == "no_tokenizer":
+        for path in folder.iterdir():
+            if path.name.startswith(("tokenizer", "vocab", "merges", "special_tokens")):
+                path.unlink()
+    else:
+        weights.write_bytes({"truncated": data[: len(data) // 2], "header_only": data[:header], "empty": b"",
+                             "garbage": b"<html>Not Found</html>" * 50}[case])
+    return folder
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("truncated", "model.safetensors is damaged"),
+    ("header_only", "model.safetensors is damaged"),
+    ("empty", "model.safetensors is damaged"),
+    ("garbage", "model.safetensors is damaged"),
+    ("projection_dim", "its weights do not match its config.json (config.json says projection_dim=64, the weights have 32)"),
+    ("no_tokenizer", "gives different prompts the same ids: the folder lacks the model's tokenizer files"),
+])
+def test_damaged_model_folders_are_one_line_errors(saved_model, small_data, tmp_path, capsys, case, expected):
+    folder = _damaged(saved_model, tmp_path, case)
+    code, err = run(capsys, "zeroshot", "--data", small_data, "--model", folder, "--device", "cpu",
+                    "--out", tmp_path / "out", "--cache", tmp_path / "cache")
+    assert code == 2 and expected in err and len(err.splitlines()) == 1, err
+    assert case in err or str(folder) in err
+
+
+def test_the_saved_model_itself_loads(saved_model):
+    from audio_residual.clap.loading import load_clap
+
+    assert load_clap(saved_model, device="cpu").model.config.projection_dim == 32
+
+
+def test_a_tokenizer_larger_than_the_text_vocabulary_is_refused(tiny_bundle):
+    from audio_residual.clap.loading import check_tokenizer
+
+    class Wide:
+        all_special_ids = [0]
+
+        def __len__(self):
+            return tiny_bundle.model.config.text_config.vocab_size + 1
+
+        def __call__(self, text):
+            return {"input_ids": [len(text)]}
+
+    with pytest.raises(ValueError, match="tokenizer has 513 tokens but the text config's vocab_size is 512"):
+        check_tokenizer(tiny_bundle.model, Wide(), "m")
+
+
+# --- full disk ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs when this process may mount one (root), else None (the tests then fake ENOSPC)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        yield None
+        return
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_cache_disk_names_the_feature_file_and_reruns_cleanly(small_disk, small_data, tmp_path, capsys, monkeypatch):
+    """The features of 15 clips (~3.8 MB) cannot fit: an error naming the file, not a SIGBUS ("Bus error")."""
+    if small_disk is None:  # fallback: posix_fallocate reports the full disk
+        def full(fd, offset, length):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "posix_fallocate", full)
+    cache = small_disk or tmp_path / "cache"
+    argv = ["zeroshot", "--data", small_data, "--model", "tiny", "--device", "cpu", "--out", tmp_path / "out",
+            "--cache", cache]
+    for _ in range(2):  # and again on the rerun
+        code, err = run(capsys, *argv)
+        assert code == 2 and "No space left on device" in err and "input_features.npy" in err, err
+    assert not list(Path(cache).rglob("index.json"))  # nothing vouches for rows that were never written
+    assert not [p for p in Path(cache).rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_full_output_disk_names_the_file_being_written(small_disk, tmp_path):
+    """safetensors says "I/O error: No space left on device (os error 28)": an OSError naming the file instead."""
+    import torch
+    from safetensors.torch import save_file
+
+    from audio_residual.io import atomic_path
+
+    out = small_disk or tmp_path
+    target = out / "stats" / "stats_fold1.safetensors"
+    with pytest.raises(OSError) as caught, atomic_path(target) as tmp:
+        if small_disk is None:
+            raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+        save_file({"a": torch.zeros(2**19)}, str(tmp))  # 2 MiB into 1 MiB
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
+    assert "No space left on device" in str(caught.value) and str(target) in str(caught.value)
+    assert not target.exists() and not list(target.parent.iterdir())  # no half-written file left
+
+
+def test_full_output_disk_through_the_command_line(small_disk, small_data, tmp_path, capsys):
+    if small_disk is None:
+        pytest.skip("needs a small tmpfs (root); the fake-ENOSPC path is tested above")
+    (small_disk / "filler").write_bytes(b"\0" * (1024 * 1024 - 64 * 1024))  # 64 KiB left
+    code, err = run(capsys, "train-residual", "--data", small_data, "--model", "tiny", "--device", "cpu",
+                    "--out", small_disk / "run", "--cache", tmp_path / "cache", "--epochs", "1", "--folds", "1",
+                    "--granularity", "layer")
+    assert code == 2 and "No space left on device" in err and str(small_disk / "run") in err, err
+
+
+# --- extraction workers ----------------------------------------------------------------------------------
+
+_PARENT = """
+import os, sys, time
+from pathlib import Path
+from transformers import ClapFeatureExtractor
+from audio_residual.data_processing.features import FeatureCache
+
+class Slow(FeatureCache):
+    def _clip(self, audio_dir, filename):
+        (Path(sys.argv[1]) / str(os.getpid())).touch()
+        time.sleep(120)
+
+list(Slow(sys.argv[1], ClapFeatureExtractor())._clips(Path("."), [str(i) for i in range(16)], 2))
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "State:\tZ" not in status
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_extraction_workers_exit_when_their_parent_is_killed(tmp_path):
+    import signal
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(_PARENT)
+    (tmp_path / "pids").mkdir()
+    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path / "pids")], env={**os.environ})
+    try:
+        deadline = time.monotonic() + 120
+        while len(list((tmp_path / "pids").iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers = [int(p.name) for p in (tmp_path / "pids").iterdir()]
+        assert len(workers) == 2 and all(_alive(pid) for pid in workers)
+    finally:
+        parent.send_signal(signal.SIGKILL)  # kill -9: no cleanup of its own can run
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = [pid for pid in workers if _alive(pid)]
+    for pid in alive:  # clean up before failing
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, "workers outlived their parent"

@@ -20,6 +20,8 @@ import hashlib
 import json
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -292,7 +294,8 @@ class FeatureCache:
         # numpy and soxr, never torch or CUDA, so the parent's torch threads and CUDA context do not matter.
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(self,)) as pool:
+        initargs = (self, os.getpid())
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=initargs) as pool:
             try:
                 yield from pool.map(_worker_clip, [audio_dir] * len(filenames), filenames, chunksize=4)
             finally:
@@ -385,11 +388,26 @@ class FeatureCache:
 _WORKER_CACHE: FeatureCache | None = None  # the cache a pool worker extracts for (set once per process)
 
 
-def _init_worker(cache: FeatureCache) -> None:
-    """One BLAS thread per worker: the workers already fill the cores, more threads would only contend."""
+def _init_worker(cache: FeatureCache, parent: int | None = None) -> None:
+    """One BLAS thread per worker: the workers already fill the cores, more threads would only contend.
+    A worker exits when its parent dies (`exit_with_parent`), instead of holding its memory forever."""
     global _WORKER_CACHE
     _WORKER_CACHE = cache
     threadpool_limits(1)
+    if parent is not None:
+        exit_with_parent(parent)
+
+
+def exit_with_parent(parent: int, period: float = 0.5) -> None:
+    """End this process soon after process `parent` is gone (killed with -9 included): a daemon thread
+    watches the parent pid, which changes when the orphan is re-parented. Portable, unlike prctl."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(period)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _worker_clip(audio_dir: Path, filename: str) -> tuple[np.ndarray | None, bool, str | None, list[str]]:
