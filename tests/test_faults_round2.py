@@ -433,3 +433,110 @@ def test_extraction_workers_exit_when_their_parent_is_killed(tmp_path):
     for pid in alive:  # clean up before failing
         os.kill(pid, signal.SIGKILL)
     assert not alive, "workers outlived their parent"
+
+
+# --- study wiring: transfer, provenance, grid, classes ---------------------------------------------------
+
+
+def _esc_copy(small_data: Path, tmp_path: Path, name: str = "esc") -> Path:
+    target = tmp_path / name
+    shutil.copytree(small_data, target)
+    return target
+
+
+@pytest.mark.parametrize("spelling", ["slash", "absolute", "symlink"])
+def test_transfer_to_the_studys_own_dataset_is_refused_however_spelled(small_data, tmp_path, capsys, monkeypatch,
+                                                                        spelling):
+    data = _esc_copy(small_data, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    other = {"slash": "esc/", "absolute": str(data.resolve()), "symlink": str(tmp_path / "link")}[spelling]
+    if spelling == "symlink":
+        (tmp_path / "link").symlink_to(data)
+    code, err = run(capsys, "experiment", "--data", "esc", "--transfer", other, "--model", "tiny",
+                    "--out", tmp_path / "out", "--cache", tmp_path / "cache", "--device", "cpu")
+    assert code == 2 and f"--transfer {other}: that is the --data dataset" in err
+    assert not (tmp_path / "cache" / "features").exists()  # refused before any work
+
+
+def test_transfer_targets_are_prepared_like_the_study_and_their_skips_listed(small_data, tmp_path, capsys,
+                                                                            monkeypatch):
+    import audio_residual.study as study_module
+    from audio_residual.data_processing import features as features_module
+
+    data, other = _esc_copy(small_data, tmp_path), _esc_copy(small_data, tmp_path, "other")
+    for i, name in enumerate(sorted((other / "audio").iterdir())[:2]):  # two clips of 0.6 s in the target
+        sf.write(name, tone(0.6, SR, 0.2 + 0.1 * i), SR)
+    seen = {}
+    real_compute = features_module.FeatureCache.compute
+
+    def compute(self, table, on_bad_file="error", workers=1):
+        seen[str(table.audio_dir)] = (self.min_seconds, self.check, workers)
+        return real_compute(self, table, on_bad_file=on_bad_file, workers=1)
+
+    monkeypatch.setattr(features_module.FeatureCache, "compute", compute)
+
+    class Outcome:
+        table = "(study stubbed)"
+
+    def study(ws, out, *args, transfer=None, **kwargs):
+        seen["transfer"] = transfer
+        return Outcome()
+
+    monkeypatch.setattr(study_module, "run_study", study)
+    code = main([str(a) for a in ["experiment", "--data", data, "--transfer", other, "--model", "tiny",
+                                  "--out", tmp_path / "out", "--cache", tmp_path / "cache", "--device", "cpu",
+                                  "--min-seconds", "0.5", "--cache-check", "mtime", "--workers", "2",
+                                  "--on-bad-file", "skip", "--wandb", "disabled"]])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert seen[str(other / "audio")] == (0.5, "mtime", 2)  # the target got the study's options
+    assert seen["transfer"]["other"].features.valid.all()  # 0.6 s ≥ --min-seconds 0.5: used
+    code = main([str(a) for a in ["experiment", "--data", data, "--transfer", other, "--model", "tiny",
+                                  "--out", tmp_path / "out", "--cache", tmp_path / "cache", "--device", "cpu",
+                                  "--on-bad-file", "skip", "--wandb", "disabled"]])
+    printed = capsys.readouterr().out
+    assert code == 0 and "transfer other: skipped 2 bad file(s)" in printed
+    listed = pd.read_csv(tmp_path / "out" / "skipped-other.csv")
+    assert len(listed) == 2 and listed["reason"].str.contains("too short").all()
+
+
+def test_provenance_describes_the_outputs_beside_it(small_data, tmp_path, capsys, monkeypatch):
+    from audio_residual.evaluation import zeroshot as zeroshot_module
+
+    out = tmp_path / "out"
+    argv = ["zeroshot", "--data", small_data, "--model", "tiny", "--device", "cpu", "--out", out,
+            "--cache", tmp_path / "cache"]
+    assert run(capsys, *argv, "--template", "A sound of {label}.")[0] == 0
+    before = (out / "zeroshot.csv").read_bytes()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(zeroshot_module, "zero_shot_by_fold", killed)
+    assert run(capsys, *argv, "--template", "Another {label}.")[0] == 130  # stopped midway
+    assert (out / "zeroshot.csv").read_bytes() == before
+    assert json.loads((out / "provenance.json").read_text())["templates"] == ["A sound of {label}."]
+
+
+def test_a_grid_without_fold_sweeps_every_fold(small_data, tmp_path, monkeypatch):
+    from audio_residual.training import sweep as sweep_module
+    from audio_residual.workspace import Workspace
+
+    ws = Workspace.open(small_data, model="tiny", cache_dir=tmp_path / "cache", device="cpu")
+    trained = []
+    monkeypatch.setattr(sweep_module, "train_point",
+                        lambda ws, point, *a, **k: trained.append(point["fold"]) or {"val_accuracy": 0.5})
+    frame = sweep_module.run_sweep(ws, tmp_path / "out", grid={"lr": [0.1]}, base={}, use_wandb=False)
+    assert sorted(trained) == [1, 2, 3, 4, 5] and sorted(frame["fold"]) == [1, 2, 3, 4, 5]
+
+
+def test_a_class_only_in_one_test_fold_is_named_before_any_work(small_data, tmp_path, capsys):
+    data = _esc_copy(small_data, tmp_path)
+    meta = pd.read_csv(data / "meta" / "esc50.csv")
+    name = meta.loc[meta["target"] == 2, "category"].iloc[0]
+    meta.loc[meta["target"] == 2, "fold"] = 3
+    meta.to_csv(data / "meta" / "esc50.csv", index=False)
+    code, err = run(capsys, "experiment", "--data", data, "--model", "tiny", "--device", "cpu",
+                    "--out", tmp_path / "out", "--cache", tmp_path / "cache", "--wandb", "disabled")
+    assert code == 2 and f"'esc50': class {name!r} has clips only in fold 3" in err and "fold 3 as the test fold" in err
+    assert not (tmp_path / "out" / "analysis").exists() and not (tmp_path / "out" / "sweep.csv").exists()

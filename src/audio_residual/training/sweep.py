@@ -164,6 +164,12 @@ def train_point(
     return row
 
 
+def with_all_folds(grid: dict[str, list], ws: Workspace) -> dict[str, list]:
+    """A grid without a `fold` key runs on every fold of the dataset (not on fold 1 alone, which would then
+    be compared with baselines run on every fold)."""
+    return grid if "fold" in grid else {**grid, "fold": list(ws.table.fold_ids)}
+
+
 def run_sweep(
     ws: Workspace,
     out: str | Path | RunLayout,
@@ -179,7 +185,7 @@ def run_sweep(
     (`wandb sync` later).
     """
     layout = RunLayout.of(out)
-    grid = grid or DEFAULT_GRID
+    grid = with_all_folds(grid or DEFAULT_GRID, ws)
     check_presets(grid)
     base = base or {}
     table = SweepTable(layout.sweep, ws.key({"sweep_base": base, **protocol.procedure()}))
