@@ -148,3 +148,33 @@ def test_other_outputs_can_use_the_same_merge(tmp_path, store):
     update_csv(path, pd.DataFrame([{"method": "b", "fold": 1, "R@1": 0.2}]), ("method", "fold"))
     update_csv(path, pd.DataFrame([{"method": "a", "fold": 1, "R@1": 0.3}]), ("method", "fold"))
     assert sorted(pd.read_csv(path)["R@1"]) == [0.2, 0.3]
+
+
+def test_rows_another_writer_finished_are_reused_not_recomputed(tmp_path):
+    first, second = ResultsStore(tmp_path / "results.csv"), ResultsStore(tmp_path / "results.csv")
+    second.add({"method": "linear_probe", "fold": 1, "key": "k", "accuracy": 0.5})
+    assert first.reuse("linear_probe", 1, "k") and len(first.frame) == 1
+    agent_a, agent_b = SweepTable(tmp_path / "sweep.csv", "run"), SweepTable(tmp_path / "sweep.csv", "run")
+    agent_b.add({"lr": 0.1, "fold": 1}, {"val_accuracy": 0.5})
+    assert agent_a.done({"lr": 0.1, "fold": 1})
+
+
+def test_where_a_folder_cannot_be_locked_a_lock_file_serves(tmp_path, monkeypatch):
+    """NFS emulates flock with write locks, which a read-only folder descriptor cannot take."""
+    import errno
+    import fcntl
+    import stat
+
+    from audio_residual import io as io_module
+
+    real = fcntl.flock
+
+    def nfs_like(fd, operation):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return real(fd, operation)
+
+    monkeypatch.setattr(io_module.fcntl, "flock", nfs_like)
+    path = tmp_path / "transfer.csv"
+    _run_writers(_csv_writer, path)  # forked writers inherit the patch
+    assert len(pd.read_csv(path)) == WRITERS * ROWS and (tmp_path / io_module.LOCK_FILE).is_file()

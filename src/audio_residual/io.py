@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import math
@@ -22,6 +21,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pandas as pd
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 
 def umask_mode(path: str | Path) -> None:
@@ -90,19 +94,32 @@ def write_csv(path: str | Path, frame: pd.DataFrame) -> Path:
     return Path(path)
 
 
+LOCK_FILE = ".audio-residual.lock"  # used only where a folder itself cannot be locked (NFS)
+
+
 @contextlib.contextmanager
 def locked(path: str | Path) -> Iterator[None]:
     """Hold an exclusive advisory lock (flock) on the folder holding `path` while the block runs.
 
     Every writer of a shared store takes it around read-merge-replace, so concurrent processes take
-    turns; locking the folder leaves no lock file behind. Not re-entrant: do not nest two `locked`
-    blocks on one folder in one process.
+    turns. The folder itself is locked, which leaves no file behind; where the file system refuses that
+    (NFS emulates flock with write locks, which need a writable file) a hidden lock file in the folder is
+    locked instead. Not re-entrant: do not nest two `locked` blocks on one folder in one process. Without
+    `fcntl` (Windows) there is no lock.
     """
     folder = Path(path).parent
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            os.close(fd)
+            fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # closing releases the lock
@@ -162,6 +179,8 @@ def update_json(path: str | Path, update: Callable[[dict | None], dict], write: 
 def preallocate(path: str | Path, size: int) -> None:
     """Reserve `size` bytes for `path` now (posix_fallocate), so a full disk is an OSError naming the file
     here, not a SIGBUS ("Bus error") when a memory-mapped page is first written."""
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows: the first write to a page may still fail
+        return
     fd = os.open(path, os.O_RDWR)
     try:
         os.posix_fallocate(fd, 0, size)

@@ -107,6 +107,12 @@ class ResultsStore:
     def __init__(self, path_csv: str | Path):
         self.path = Path(path_csv)
         self.arrays_dir = self.path.parent / "arrays"
+        self._reload()
+        # (method, shots, seed) → key of this session's rows; shots and seed are None for full data
+        self.selected: dict[tuple[str, int | None, int | None], str] = {}
+
+    def _reload(self) -> None:
+        """Read the table again: rows other processes added to the same file since are reused, not recomputed."""
         if self.path.is_file():
             self.all_rows = pd.read_csv(self.path, dtype={"key": str})
         else:
@@ -114,8 +120,6 @@ class ResultsStore:
         for column in ("shots", "seed"):  # tables written before k-shot rows existed
             if column not in self.all_rows:
                 self.all_rows[column] = np.nan
-        # (method, shots, seed) → key of this session's rows; shots and seed are None for full data
-        self.selected: dict[tuple[str, int | None, int | None], str] = {}
 
     def _selected_rows(self, full_data_only: bool) -> pd.DataFrame:
         rows = self.all_rows
@@ -149,6 +153,7 @@ class ResultsStore:
     def reuse(self, method: str, fold: int, key: str, shots: int | None = None, seed: int | None = None) -> bool:
         """Whether (method, fold) is stored under `key`; the method joins this session's results either way."""
         self.select(method, key, shots, seed)
+        self._reload()
         return bool(self._match(method, fold, key).any())
 
     def methods(self) -> list[str]:

@@ -123,6 +123,10 @@ class SweepTable:
     def __init__(self, path: Path, key: str):
         self.path = Path(path)
         self.key = key
+        self._reload()
+
+    def _reload(self) -> None:
+        """Read the table again: points other agents finished into the same file since are not retrained."""
         self.all_rows = pd.read_csv(self.path, dtype={"key": str}) if self.path.exists() else pd.DataFrame()
 
     @property
@@ -132,6 +136,7 @@ class SweepTable:
         return self.all_rows[self.all_rows["key"] == self.key].reset_index(drop=True)
 
     def done(self, point: dict) -> bool:
+        self._reload()
         frame = self.frame
         return not frame.empty and _point_key(point) in set(frame["point"])
 
