@@ -228,10 +228,15 @@ def test_long_clips_are_cropped_before_resampling(tmp_path, monkeypatch):
     monkeypatch.setattr(audio_module.soxr, "resample", lambda x, *a, **k: resampled.append(x.size) or real(x, *a, **k))
     audio, _ = load_audio_checked(path, max_seconds=10.0, seed=3)
     assert resampled == [int(np.ceil(10.5 * 8000))]  # 10 s plus the margin, never the whole clip
-    assert audio.size == 10.5 * 48000
+    assert audio.size == (10.5 - 2 * 0.2) * 48000  # the resampler's start-up cut from both ends: still > 10 s
     again, _ = load_audio_checked(path, max_seconds=10.0, seed=3)
     np.testing.assert_array_equal(audio, again)  # the window is seeded: reproducible
     assert load_audio_checked(path, max_seconds=10.0, seed=4)[0].size == audio.size
+    # and the window is the whole clip's resampled audio at that place (the edges' start-up cut off)
+    window, _ = load_audio_checked(path, max_seconds=10.0, seed=3, int16_roundtrip=False)
+    full, _ = load_audio_checked(path, int16_roundtrip=False)
+    start = int(np.random.default_rng(3).integers(0, 120 * 8000 - 84000 + 1)) * 6 + int(0.2 * 48000)
+    np.testing.assert_allclose(window, full[start : start + window.size], atol=1e-4)
 
 
 def test_silence_is_judged_after_the_mono_mix_and_the_int16_round_trip(tmp_path):

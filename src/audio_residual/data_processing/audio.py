@@ -23,7 +23,8 @@ CLIPPED_WARN_FRACTION = 0.01  # warn when at least 1 % of samples are clipped
 DC_STD_LIMIT = 1e-4  # a mono signal varying less than this (-80 dBFS) around a non-zero mean is DC only
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1_000, 768_000  # header rates outside this are damage, not audio
 MAX_SECONDS = 4 * 3600  # a longer "clip" is a broken header or a whole recording: refused before decoding
-CROP_MARGIN_SECONDS = 0.5  # audio kept beyond a crop window, so resampling has context at its edges
+CROP_MARGIN_SECONDS = 0.5  # audio kept beyond a crop window, so resampling has context at its edges ...
+EDGE_SECONDS = 0.2  # ... of which this much is cut from each end after resampling (the filter's start-up)
 
 
 class BadAudioError(ValueError):
@@ -112,6 +113,12 @@ def _read_window(path: Path, max_seconds: float | None, seed: int) -> dict:
     return {"start": start, "stop": start + keep}
 
 
+def _trim_edges(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """A cropped window without its first and last `EDGE_SECONDS`, where the resampler saw the cut as silence."""
+    edge = int(EDGE_SECONDS * sample_rate)
+    return audio[edge : audio.size - edge]
+
+
 def _silence(audio: np.ndarray, int16_roundtrip: bool) -> str | None:
     """Reason string if the waveform the model would get is all zeros, though the file's samples were not:
     opposite-phase channels cancel in the mono mix, or a very quiet clip rounds to 0 in int16."""
@@ -189,6 +196,7 @@ def load_audio_checked(
     warnings = audio_warnings(frames, audio)
     if sample_rate != target_sr:
         audio = soxr.resample(audio, sample_rate, target_sr, quality="HQ").astype(np.float32)
+    audio = _trim_edges(audio, target_sr) if window else audio
     if int16_roundtrip:
         audio = quantise_int16(audio)
     silence = _silence(audio, int16_roundtrip)
