@@ -545,3 +545,20 @@ def test_a_class_only_in_one_test_fold_is_named_before_any_work(small_data, tmp_
                     "--out", tmp_path / "out", "--cache", tmp_path / "cache", "--wandb", "disabled")
     assert code == 2 and f"'esc50': class {name!r} has clips only in fold 3" in err and "fold 3 as the test fold" in err
     assert not (tmp_path / "out" / "analysis").exists() and not (tmp_path / "out" / "sweep.csv").exists()
+
+
+def test_a_sparse_feature_file_left_by_an_old_crash_is_reserved_or_refused(small_disk, tmp_path, monkeypatch):
+    """A rerun reopens the feature file of the crashed run: its holes are reserved before any page is written."""
+    from audio_residual.io import preallocate
+
+    if small_disk is None:
+        def full(fd, offset, length):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "posix_fallocate", full)
+    sparse = (small_disk or tmp_path) / "input_features.npy"
+    with open(sparse, "wb") as handle:
+        handle.truncate(4 * 2**20)  # 4 MiB of holes on a 1 MiB disk
+    with pytest.raises(OSError, match="cannot reserve 4.0 MiB") as caught:
+        preallocate(sparse, sparse.stat().st_size)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(sparse)
