@@ -45,7 +45,7 @@ def target_workspace(
     names: load it with A's and B's names.)
     """
     bundle = source.bundle
-    cache = FeatureCache(Path(cache_dir) / "features", bundle.feature_extractor, int16_roundtrip=int16_roundtrip,
+    cache = FeatureCache(cache_dir, bundle.feature_extractor, int16_roundtrip=int16_roundtrip,
                          min_seconds=min_seconds, check=check)
     features = cache.compute(table, on_bad_file=on_bad_file, workers=workers)
     if not features.valid.any():
