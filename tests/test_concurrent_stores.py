@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from audio_residual.evaluation.compare import ResultsStore
+from audio_residual.evaluation.store import ResultsStore
 from audio_residual.io import update_csv, update_json
-from audio_residual.training.sweep import SweepTable
+from audio_residual.experiments.sweep import SweepTable
 
 WRITERS, ROWS = 4, 6
 

@@ -524,7 +524,7 @@ def test_provenance_describes_the_outputs_beside_it(small_data, tmp_path, capsys
 
 
 def test_a_grid_without_fold_sweeps_every_fold(small_data, tmp_path, monkeypatch):
-    from audio_residual.training import sweep as sweep_module
+    from audio_residual.experiments import sweep as sweep_module
     from audio_residual.workspace import Workspace
 
     ws = Workspace.open(small_data, model="tiny", cache_dir=tmp_path / "cache", device="cpu")
