@@ -10,6 +10,7 @@
       adapters/                 the contrastive adapter of each fold (safetensors), for transfer
       report.md, figures/       the study's report and its pictures
       skipped.csv, warnings.csv bad files left out / suspect files used
+      skipped-<target>.csv      bad files left out of a --transfer dataset
       zeroshot.csv              `audio-residual zeroshot`
       heads.csv                 unit spectra and pattern PCA of the analysis fold (copied from analysis/)
       analysis/                 `AnalysisLayout`: statistics, heads.csv, ablation.csv, summary.json, figures
