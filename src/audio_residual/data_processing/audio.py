@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import soxr
 from tqdm.auto import tqdm
+
+from audio_residual.data_processing.recipes import LAION_TRAINING, resample
 
 MODEL_SAMPLE_RATE = 48_000
 BAD_FILE_POLICIES = ("error", "skip")
@@ -89,8 +90,13 @@ def load_audio_checked(
     target_sr: int = MODEL_SAMPLE_RATE,
     int16_roundtrip: bool = True,
     min_seconds: float = 1.0,
+    recipe: str = LAION_TRAINING,
 ) -> tuple[np.ndarray, list[str]]:
-    """`load_audio`'s waveform and the `audio_warnings` of the file (empty when it looks normal)."""
+    """`load_audio`'s waveform and the `audio_warnings` of the file (empty when it looks normal).
+
+    `recipe` picks the resampler's length rule (`data_processing/recipes.py`): LAION's training data or its
+    `get_audio_embedding_from_filelist` helper.
+    """
     path = Path(path)
     if path.is_dir():
         raise BadAudioError(path, "is a directory, not an audio file")
@@ -121,7 +127,7 @@ def load_audio_checked(
     audio = frames.mean(axis=1, dtype=np.float32)
     warnings = audio_warnings(frames, audio)
     if sample_rate != target_sr:
-        audio = soxr.resample(audio, sample_rate, target_sr, quality="HQ").astype(np.float32)
+        audio = resample(audio, sample_rate, target_sr, recipe)
     if int16_roundtrip:
         audio = quantise_int16(audio)
     return audio, warnings
@@ -132,13 +138,14 @@ def load_audio(
     target_sr: int = MODEL_SAMPLE_RATE,
     int16_roundtrip: bool = True,
     min_seconds: float = 1.0,
+    recipe: str = LAION_TRAINING,
 ) -> np.ndarray:
     """Float32 mono waveform at `target_sr`; raises `BadAudioError` for anything unusable.
 
     `min_seconds` defaults to 1 s because shorter ESC-50-style clips are almost always truncated
     downloads; a clip of exactly `min_seconds` passes. Pass 0 to accept any non-empty clip.
     """
-    return load_audio_checked(path, target_sr, int16_roundtrip, min_seconds)[0]
+    return load_audio_checked(path, target_sr, int16_roundtrip, min_seconds, recipe)[0]
 
 
 def load_many(
