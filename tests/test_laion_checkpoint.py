@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 from types import SimpleNamespace
@@ -217,3 +218,30 @@ def test_cli_error_is_one_line_and_exit_2(roberta, synthetic_esc50, tmp_path, ca
 def test_laion_hub_name_offline_is_a_clear_error(tmp_path):
     with pytest.raises(OSError, match=r"laion:630k-audioset-best.*lukewys/laion_clap.*pass its path"):
         converted_laion("laion:630k-audioset-best", cache_dir=tmp_path)
+
+
+def test_a_laion_checkpoint_runs_through_the_commands(roberta, tmp_path, capsys):
+    """zeroshot, analyze and train-residual on a LAION `.pt`, converted once into --cache/models.
+
+    (`experiment` opens its workspace the same way; it was run on such a file by hand, too slow for the suite.)
+    """
+    from audio_residual.data_processing import make_synthetic_esc50
+
+    data = make_synthetic_esc50(tmp_path / "esc50", n_classes=3, clips_per_class=5, seed=0)
+    path = _save(tmp_path, laion_checkpoint(Geometry(), roberta[0], seed=5))
+    cache = tmp_path / "cache"
+    common = ["--data", str(data), "--model", str(path), "--cache", str(cache), "--device", "cpu",
+              "--batch-size", "8", "--text-config", str(roberta[1])]
+    assert main(["zeroshot", *common, "--out", str(tmp_path / "zs"), "--recipe", "laion-filelist"]) == 0
+    provenance = json.loads((tmp_path / "zs" / "provenance.json").read_text())
+    assert provenance["laion_checkpoint"]["sha256"] == laion.file_sha256(path)
+    assert provenance["recipe"] == "laion-filelist" and provenance["model"] == path.name
+    assert len(list((cache / "models").iterdir())) == 1
+
+    common = common[:-2]  # converted now: the cache serves it without the text config
+    assert main(["analyze", *common, "--out", str(tmp_path / "an"), "--fold", "1", "--pattern-cap", "16",
+                 "--ablation-stages", "3", "--ablation-max-clips", "2", "--tokens-per-clip", "50"]) == 0
+    assert main(["train-residual", *common, "--out", str(tmp_path / "tr"), "--granularity", "layer", "--epochs",
+                 "1", "--folds", "1", "--val-fraction", "0.2", "--tokens-per-clip", "50"]) == 0
+    assert json.loads((tmp_path / "tr" / "provenance.json").read_text())["laion_checkpoint"]["file"] == path.name
+    capsys.readouterr()
