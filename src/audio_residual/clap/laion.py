@@ -87,7 +87,7 @@ def fetch_laion(name: str, revision: str | None = None) -> Path:
     filename = name if name.endswith(".pt") else f"{name}.pt"
     try:
         return Path(huggingface_hub.hf_hub_download(LAION_HUB_REPO, filename, revision=revision))
-    except Exception as err:  # offline, unknown file, no access: all end the same way for the user
+    except (OSError, ValueError) as err:  # offline, unknown file, no access: hub errors are OSErrors
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise OSError(
             f"cannot fetch {LAION_PREFIX}{name} from the hub repo {LAION_HUB_REPO} ({first}); "
