@@ -321,7 +321,11 @@ def converted_laion(
     folder = Path(cache_dir or default_cache_dir()) / f"{sha[:24]}-v{CONVERSION_VERSION}"
     if (folder / SOURCE_FILE).is_file():
         return folder, json.loads((folder / SOURCE_FILE).read_text(encoding="utf-8"))
-    model_obj, processor, source = convert_laion(read_laion_state_dict(path), text_config)
+    try:
+        model_obj, processor, source = convert_laion(read_laion_state_dict(path), text_config)
+    except LaionCheckpointError as err:
+        message = str(err)
+        raise LaionCheckpointError(message if message.startswith(str(path)) else f"{path}: {message}") from err
     record = {
         "file": path.name,
         "sha256": sha,
