@@ -147,8 +147,15 @@ def test_conversion_is_cached_by_digest_and_recorded(roberta, tmp_path, monkeypa
     copy = tmp_path / "renamed.pt"
     shutil.copy(path, copy)
     again = load_clap(copy, device="cpu", cache_dir=cache)  # same bytes: the cached conversion, no text config
-    assert again.provenance["laion_checkpoint"]["sha256"] == record["sha256"]
+    assert again.provenance["laion_checkpoint"] == {**record, "file": "renamed.pt"}
     assert [p.name for p in cache.iterdir()] == [f"{record['sha256'][:24]}-v{laion.CONVERSION_VERSION}"]
+    folder = tmp_path / "download"
+    folder.mkdir()
+    shutil.copy(path, folder / path.name)  # a folder holding only the .pt is that checkpoint
+    assert load_clap(folder, device="cpu", cache_dir=cache).provenance["laion_checkpoint"] == record
+    shutil.copy(path, folder / "second.pt")
+    with pytest.raises(LaionCheckpointError, match=r"holds 2 \.pt files \(630k-audioset-best\.pt, second\.pt\)"):
+        load_clap(folder, device="cpu", cache_dir=cache)
 
     monkeypatch.undo()
     checkpoint["state_dict"]["module.logit_scale_a"] += 1.0  # a changed file is converted afresh
@@ -249,3 +256,22 @@ def test_a_laion_checkpoint_runs_through_the_commands(roberta, tmp_path, capsys)
                  "1", "--folds", "1", "--val-fraction", "0.2", "--tokens-per-clip", "50"]) == 0
     assert json.loads((tmp_path / "tr" / "provenance.json").read_text())["laion_checkpoint"]["file"] == path.name
     capsys.readouterr()
+
+
+def test_laion_hub_name_is_fetched_from_lukewys_and_recorded(roberta, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    snapshot = tmp_path / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    _save(snapshot, laion_checkpoint(Geometry(), roberta[0], seed=6), "630k-best.pt")
+    asked = []
+
+    def download(repo, filename, revision=None):
+        asked.append((repo, filename, revision))
+        return str(snapshot / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    bundle = load_clap("laion:630k-best", device="cpu", text_config=roberta[1], cache_dir=tmp_path / "c")
+    assert asked == [("lukewys/laion_clap", "630k-best.pt", None)]
+    record = bundle.provenance["laion_checkpoint"]
+    assert (record["hub_repo"], record["hub_commit"], record["file"]) == ("lukewys/laion_clap", "0123abcd", "630k-best.pt")

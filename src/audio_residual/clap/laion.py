@@ -75,9 +75,20 @@ class LaionCheckpointError(ValueError):
 
 
 def is_laion_checkpoint(model: str | Path) -> bool:
-    """`laion:NAME` or a path to a `.pt` file (LAION's own format)."""
-    text = str(model)
-    return text.startswith(LAION_PREFIX) or text.endswith(".pt")
+    """`laion:NAME`, a path to a `.pt` file (LAION's own format), or a folder with `.pt` files and no config.json."""
+    text, path = str(model), Path(model).expanduser()
+    if text.startswith(LAION_PREFIX) or text.endswith(".pt"):
+        return True
+    return path.is_dir() and not (path / "config.json").exists() and any(path.glob("*.pt"))
+
+
+def _single_checkpoint(folder: Path) -> Path:
+    """The one `.pt` file of a folder that holds a downloaded LAION checkpoint."""
+    files = sorted(folder.glob("*.pt"))
+    if len(files) != 1:
+        names = ", ".join(file.name for file in files)
+        raise LaionCheckpointError(f"{folder} holds {len(files)} .pt files ({names}): pass one of them as --model")
+    return files[0]
 
 
 def fetch_laion(name: str, revision: str | None = None) -> Path:
@@ -313,23 +324,25 @@ def converted_laion(
         path = fetch_laion(text.removeprefix(LAION_PREFIX), revision)
     else:
         path = Path(model).expanduser()
+        path = _single_checkpoint(path) if path.is_dir() else path
         if revision is not None:
             raise ValueError(f"revision {revision!r} applies to hub models, not to the file {text!r}")
     if not path.is_file():
         raise FileNotFoundError(f"LAION checkpoint not found: {path}")
     sha = file_sha256(path)
     folder = Path(cache_dir or default_cache_dir()) / f"{sha[:24]}-v{CONVERSION_VERSION}"
-    if (folder / SOURCE_FILE).is_file():
-        return folder, json.loads((folder / SOURCE_FILE).read_text(encoding="utf-8"))
+    from_hub = text.startswith(LAION_PREFIX)  # hub files sit in snapshots/<commit>/: record the commit
+    here = {"file": path.name, "sha256": sha, "hub_repo": LAION_HUB_REPO if from_hub else None,
+            "hub_commit": path.parent.name if from_hub else None}
+    if (folder / SOURCE_FILE).is_file():  # converted before, maybe under another name: this file's name counts
+        return folder, {**json.loads((folder / SOURCE_FILE).read_text(encoding="utf-8")), **here}
     try:
         model_obj, processor, source = convert_laion(read_laion_state_dict(path), text_config)
     except LaionCheckpointError as err:
         message = str(err)
         raise LaionCheckpointError(message if message.startswith(str(path)) else f"{path}: {message}") from err
     record = {
-        "file": path.name,
-        "sha256": sha,
-        "hub_repo": LAION_HUB_REPO if text.startswith(LAION_PREFIX) else None,
+        **here,
         "text_tower": source,
         "conversion_version": CONVERSION_VERSION,
     }
