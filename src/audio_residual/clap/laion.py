@@ -57,7 +57,7 @@ _RENAMES = [
 ]
 _QKV = re.compile(_BLOCK + r"attn\.qkv\.(weight|bias)")  # one fused tensor → query, key, value (in that order)
 _RELATIVE_INDEX = re.compile(_BLOCK + r"attn\.relative_position_index")  # derived; checked, not copied
-# LAION tensors with no transformers counterpart, and why they are left out.
+# LAION tensors with no transformers counterpart (or one transformers derives itself), and why they are left out.
 _UNUSED = [
     (r"audio_branch\.spectrogram_extractor\..+", "torchlibrosa STFT kernels (the mel is computed by the processor)"),
     (r"audio_branch\.logmel_extractor\..+", "torchlibrosa mel filterbank (the mel is computed by the processor)"),
@@ -198,20 +198,15 @@ def _check_grid(state: dict[str, torch.Tensor], config: ClapAudioConfig) -> None
 
 def _map_key(key: str) -> list[str] | None:
     """transformers names for a LAION key ([] when deliberately unused), or None when it is unknown."""
+    if _RELATIVE_INDEX.fullmatch(key) or any(re.fullmatch(pattern, key) for pattern, _ in _UNUSED):
+        return []
     for pattern, replacement in _RENAMES:
         if re.fullmatch(pattern, key):
             return [re.sub(f"^{pattern}$", replacement, key)]
     if match := _QKV.fullmatch(key):
         stage, block, kind = match.groups()
         return [f"{_AUDIO}.layers.{stage}.blocks.{block}.attention.self.{part}.{kind}" for part in ("query", "key", "value")]
-    if _RELATIVE_INDEX.fullmatch(key) or any(re.fullmatch(pattern, key) for pattern, _ in _UNUSED):
-        return []
     return None
-
-
-def unused_reasons() -> dict[str, str]:
-    """LAION tensor name patterns deliberately left out, with the reason (for documentation and reports)."""
-    return {pattern: reason for pattern, reason in _UNUSED}
 
 
 def convert_state_dict(state: dict[str, torch.Tensor], model: ClapModel) -> dict[str, torch.Tensor]:
