@@ -1,4 +1,4 @@
-"""The offline demo: the whole study (`audio_residual.study`) on generated data with the tiny random CLAP.
+"""The offline demo: the whole study (`audio_residual.experiments.study`) on generated data with the tiny random CLAP.
 
 It needs no network and no GPU; on a 2-core CPU it takes a few minutes. Besides the full-data comparison
 it runs a small few-shot sweep (k = 1, 2; one draw each) and zero-shot transfer to a second generated
@@ -14,8 +14,8 @@ import torch
 
 from audio_residual.data_processing import load_dataset, make_synthetic_esc50
 from audio_residual.evaluation.transfer import target_workspace
+from audio_residual.experiments.study import dataset_labels, run_study
 from audio_residual.layout import RunLayout
-from audio_residual.study import dataset_labels, run_study
 from audio_residual.workspace import Workspace
 
 DEMO_GRID = {
