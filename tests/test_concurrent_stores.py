@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from audio_residual.evaluation.store import ResultsStore
-from audio_residual.io import update_csv, update_json
 from audio_residual.experiments.sweep import SweepTable
+from audio_residual.io import update_csv, update_json
 
 WRITERS, ROWS = 4, 6
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from audio_residual.clap.loading import DEFAULT_MODEL
+from audio_residual.data_processing.recipes import RECIPES
 from audio_residual.layout import RunLayout
 from audio_residual.training.tracking import MODES as WANDB_MODES
 
@@ -74,7 +75,18 @@ def _common(parser: argparse.ArgumentParser, data_required: bool = True) -> None
         help="dataset folder (ESC-50, UrbanSound8K, GTZAN, datasets save_to_disk, or the audio folder of --csv), 'esc50' or hf:OWNER/NAME[:config]",
     )
     parser.add_argument("--csv", type=Path, default=None, help="CSV of filename,label,fold for the --data folder")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local folder, or 'tiny' (offline)")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL,
+        help="hub id, local folder, 'tiny' (offline), or LAION's own checkpoint: FILE.pt or laion:NAME",
+    )
+    parser.add_argument(
+        "--text-config", type=Path, default=None,
+        help="folder with RoBERTa-base's config.json and tokenizer, for a LAION .pt offline (default: the hub)",
+    )
+    parser.add_argument(
+        "--recipe", choices=RECIPES, default=RECIPES[0],
+        help="audio path: LAION's training data (default) or its get_audio_embedding_from_filelist helper",
+    )
     parser.add_argument("--revision", default=None, help="hub model revision: branch, tag or commit hash")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--cache", type=Path, default=Path("cache"), help="feature cache folder")
@@ -118,6 +130,8 @@ def _open(args, other_class_names: tuple[str, ...] = ()):
         min_seconds=args.min_seconds,
         feature_workers=args.workers,
         other_class_names=other_class_names,
+        text_config=args.text_config,
+        recipe=args.recipe,
     )
     return ws
 

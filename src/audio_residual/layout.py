@@ -31,8 +31,9 @@ The cache folder (`--cache`, default `cache/`), shared by every run on the machi
         input_features.npy, index.json               log-mels (row i = clip i) and each file's identity and status
         prefix-<key>/stage<s>.npy|.json|.lock        `StagePrefixLayout`: inputs of Swin stage s, keyed by model,
                                                      precision and features (`clap.stage_cache`)
+      models/<sha256>-v<n>/                          a LAION `.pt` converted to a transformers folder (`clap.laion`)
 
-Whatever else is cached (hub conversions, ...) gets its folder here too.
+Whatever else is cached gets its folder here too.
 """
 
 from __future__ import annotations
@@ -208,6 +209,11 @@ class CacheLayout:
     def features(self) -> Path:
         """The feature cache: one folder per preprocessing recipe."""
         return self.root / "features"
+
+    @property
+    def converted_models(self) -> Path:
+        """Models converted once from another format (LAION's `.pt`: `clap.laion`), one folder per file digest."""
+        return self.root / "models"
 
     def feature_recipe(self, recipe: str) -> Path:
         """The folder of one preprocessing recipe (`recipe`: the hash of its configuration)."""

@@ -33,6 +33,7 @@ class ClapBundle:
     amp_dtype: torch.dtype | None = None  # autocast dtype on CUDA; None means plain fp32
     revision: str | None = None  # the hub revision asked for (branch, tag or commit), if any
     commit: str | None = None  # the commit the hub files were loaded from; None for local folders
+    source: dict | None = None  # a converted LAION `.pt`: its file name, SHA-256 and text tower (clap/laion.py)
 
     @property
     def feature_extractor(self):
@@ -51,6 +52,7 @@ class ClapBundle:
             "commit": self.commit,
             "transformers": transformers.__version__,
             "enable_fusion": self.enable_fusion,
+            **({"laion_checkpoint": self.source} if self.source is not None else {}),
         }
 
     @property
@@ -174,12 +176,19 @@ def load_clap(
     amp: str | None = "auto",
     class_names: tuple[str, ...] | None = None,
     revision: str | None = None,
+    text_config: str | Path | None = None,
+    cache_dir: str | Path | None = None,
 ) -> ClapBundle:
     """Load CLAP from a hub id (at `revision`, default the newest) or a local folder (eval mode, frozen).
 
     `model="tiny"` builds the offline random-initialised CLAP; its tokenizer is trained on `class_names`.
+    A LAION `.pt` file or `laion:NAME` is converted once into `cache_dir` (see `clap/laion.py`), its text
+    tower's config and tokenizer taken from `text_config` (a folder) or RoBERTa-base on the hub.
     """
     device = resolve_device(device)
+    model, source = _resolve_laion(model, text_config, cache_dir, revision)
+    if source is not None:
+        revision = None  # it named the LAION hub file's revision, now resolved
     path = Path(model)
     if revision is not None and (str(model) == TINY_MODEL or path.exists()):
         raise ValueError(f"revision {revision!r} applies to hub models, not to {str(model)!r}")
@@ -198,13 +207,24 @@ def load_clap(
             raise OSError(f"cannot load CLAP model {str(model)!r}: {str(err).splitlines()[0]}") from err
         except (SafetensorError, RuntimeError) as err:
             raise weights_error(model, err) from err
-        model_id = str(model)
+        model_id = str(model) if source is None else source["file"]
         if not path.exists():
             commit = resolved_commit(model_id, revision)
     align_truncation(model_obj, processor, model_id)
     check_tokenizer(model_obj, processor.tokenizer, model_id)
     model_obj.to(device).eval().requires_grad_(False)
-    return ClapBundle(model_obj, processor, model_id, device, resolve_amp(amp, device), revision, commit)
+    return ClapBundle(model_obj, processor, model_id, device, resolve_amp(amp, device), revision, commit, source)
+
+
+def _resolve_laion(model, text_config, cache_dir, revision) -> tuple[str | Path, dict | None]:
+    """A LAION checkpoint becomes the folder of its cached conversion; any other model passes unchanged."""
+    from audio_residual.clap.laion import converted_laion, is_laion_checkpoint
+
+    if not is_laion_checkpoint(model):
+        if text_config is not None:
+            raise ValueError(f"text_config applies to LAION .pt checkpoints, not to {str(model)!r}")
+        return model, None
+    return converted_laion(model, text_config=text_config, cache_dir=cache_dir, revision=revision)
 
 
 def weights_error(model: str | Path, err: Exception) -> ValueError:

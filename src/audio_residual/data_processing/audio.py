@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import soxr
 from tqdm.auto import tqdm
+
+from audio_residual.data_processing.recipes import LAION_TRAINING, resample
 
 MODEL_SAMPLE_RATE = 48_000
 BAD_FILE_POLICIES = ("error", "skip")
@@ -156,11 +157,14 @@ def load_audio_checked(
     min_seconds: float = 1.0,
     max_seconds: float | None = None,
     seed: int = 0,
+    recipe: str = LAION_TRAINING,
 ) -> tuple[np.ndarray, list[str]]:
     """`load_audio`'s waveform and the `audio_warnings` of the file (empty when it looks normal).
 
     `max_seconds` keeps only a window of about that length at an offset seeded by `seed` (`_read_window`):
-    for models that crop long clips anyway, decoding and resampling the rest is wasted.
+    for models that crop long clips anyway, decoding and resampling the rest is wasted. `recipe` picks the
+    resampler's length rule (`data_processing/recipes.py`): LAION's training data or its
+    `get_audio_embedding_from_filelist` helper.
     """
     path = Path(path)
     if path.is_dir():
@@ -195,7 +199,7 @@ def load_audio_checked(
     audio = frames.mean(axis=1, dtype=np.float32)
     warnings = audio_warnings(frames, audio)
     if sample_rate != target_sr:
-        audio = soxr.resample(audio, sample_rate, target_sr, quality="HQ").astype(np.float32)
+        audio = resample(audio, sample_rate, target_sr, recipe)
     audio = _trim_edges(audio, target_sr) if window else audio
     if int16_roundtrip:
         audio = quantise_int16(audio)
@@ -210,13 +214,14 @@ def load_audio(
     target_sr: int = MODEL_SAMPLE_RATE,
     int16_roundtrip: bool = True,
     min_seconds: float = 1.0,
+    recipe: str = LAION_TRAINING,
 ) -> np.ndarray:
     """Float32 mono waveform at `target_sr`; raises `BadAudioError` for anything unusable.
 
     `min_seconds` defaults to 1 s because shorter ESC-50-style clips are almost always truncated
     downloads; a clip of exactly `min_seconds` passes. Pass 0 to accept any non-empty clip.
     """
-    return load_audio_checked(path, target_sr, int16_roundtrip, min_seconds)[0]
+    return load_audio_checked(path, target_sr, int16_roundtrip, min_seconds, recipe)[0]
 
 
 def load_many(

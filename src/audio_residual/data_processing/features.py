@@ -39,6 +39,7 @@ from audio_residual.data_processing.audio import (
     load_audio_checked,
 )
 from audio_residual.data_processing.datasets import ClipTable
+from audio_residual.data_processing.recipes import LAION_TRAINING, check_recipe
 from audio_residual.io import atomic_path, digest, locked, preallocate, update_json
 from audio_residual.layout import CacheLayout, FeatureStoreLayout
 
@@ -143,6 +144,7 @@ class FeatureCache:
         padding: str | None = None,
         checkpoint_every: int = 25,
         check: str = "content",
+        recipe: str = LAION_TRAINING,
     ) -> None:
         if target_sr != feature_extractor.sampling_rate:
             raise ValueError(
@@ -160,6 +162,7 @@ class FeatureCache:
         if check not in CHECK_MODES:
             raise ValueError(f"cache check must be one of {CHECK_MODES}, got {check!r}")
         self.check = check
+        self.audio_recipe = check_recipe(recipe)
         extractor_config = {
             key: value
             for key, value in feature_extractor.to_dict().items()
@@ -173,6 +176,7 @@ class FeatureCache:
             "min_seconds": min_seconds,
             "truncation": self.truncation,
             "padding": self.padding,
+            "recipe": self.audio_recipe,
         }
         config_json = json.dumps(self.config, sort_keys=True, default=_json_default)
         self.config_hash = hashlib.sha256(config_json.encode()).hexdigest()[:16]
@@ -188,6 +192,7 @@ class FeatureCache:
             "truncation": self.truncation,
             "padding": self.padding,
             "min_seconds": self.min_seconds,
+            "recipe": self.audio_recipe,
         }
 
     def store(self, table: ClipTable) -> FeatureStoreLayout:
@@ -274,7 +279,7 @@ class FeatureCache:
         try:
             audio, warnings = load_audio_checked(
                 audio_dir / filename, target_sr=self.target_sr, int16_roundtrip=self.int16_roundtrip,
-                min_seconds=self.min_seconds, **self._crop(filename),
+                min_seconds=self.min_seconds, recipe=self.audio_recipe, **self._crop(filename),
             )
         except BadAudioError as err:
             return None, False, err.reason, []
