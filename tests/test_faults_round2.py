@@ -466,7 +466,6 @@ def test_transfer_to_the_studys_own_dataset_is_refused_however_spelled(small_dat
 def test_transfer_targets_are_prepared_like_the_study_and_their_skips_listed(small_data, tmp_path, capsys,
                                                                             monkeypatch):
     import audio_residual.experiments.study as study_module
-
     from audio_residual.data_processing import features as features_module
 
     data, other = _esc_copy(small_data, tmp_path), _esc_copy(small_data, tmp_path, "other")
