@@ -1,0 +1,118 @@
+"""Text-aware attention pooling (TAP; Xin, Yang, Zou, ICASSP 2023, arXiv 2303.05681) over frozen frame tokens.
+
+CLAP pools HTSAT's final tokens by their mean, whatever the caption. TAP lets the caption choose: a
+scaled dot-product attention whose query comes from the caption embedding and whose keys and values come
+from the clip's frame tokens (here already in the joint space: each token through CLAP's frozen audio
+projection), then an output map; the pooled vector is scored against the caption by cosine. So every
+(clip, caption) pair has its own audio embedding, and retrieval must score pairs, not a dot product.
+
+As in TAP, the query and key inputs pass layer norms. The value path stays linear (W_V, W_O initialised
+to the identity): with uniform attention it is exactly the mean of the tokens, the text-agnostic pooling
+TAP replaces, and the untrained start is that baseline. Because pooling is linear in the values, a pair's
+score needs only per-clip precomputations: u_i = W_O(W_V x_i + b_V) + b_O, the Gram matrix U Uᵀ and the
+keys. Then cos(Σ α_i u_i, t) = Σ α_i ⟨u_i, t̂⟩ / sqrt(αᵀ U Uᵀ α): O(L·(d_k + D) + L²) per pair in batched
+matrix products, never an (L, D) pooled tensor per pair.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from audio_residual.evaluation.retrieval import Scorer
+
+
+@dataclass(frozen=True)
+class TapAudio:
+    """Per-clip precomputations: keys (n, L, d_k), output-mapped values (n, L, D), their Gram (n, L, L)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    gram: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TapText:
+    """Per-caption precomputations: queries (m, d_k), unit caption embeddings (m, D)."""
+
+    queries: torch.Tensor
+    unit: torch.Tensor
+
+
+class TextAwarePooling(nn.Module):
+    """TAP for tokens and captions of width `dim`, attention width `attn_dim`, a learned logit scale."""
+
+    def __init__(self, dim: int, attn_dim: int = 64, logit_scale: float = 1 / 0.07):
+        super().__init__()
+        self.norm_query = nn.LayerNorm(dim)
+        self.norm_key = nn.LayerNorm(dim)
+        self.query = nn.Linear(dim, attn_dim)
+        self.key = nn.Linear(dim, attn_dim)
+        self.value = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+        for linear in (self.value, self.out):
+            nn.init.eye_(linear.weight)
+            nn.init.zeros_(linear.bias)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """exp(log scale), clamped at 100 as CLIP clamps its temperature."""
+        return self.log_scale.clamp(max=math.log(100.0)).exp()
+
+    def prepare_audio(self, tokens: torch.Tensor) -> TapAudio:
+        """`tokens` (n, L, dim): one clip's frame tokens per row."""
+        values = self.out(self.value(tokens))
+        return TapAudio(self.key(self.norm_key(tokens)), values, values @ values.transpose(1, 2))
+
+    def prepare_text(self, text: torch.Tensor) -> TapText:
+        return TapText(self.query(self.norm_query(text)), F.normalize(text, dim=-1))
+
+    def attention(self, audio: TapAudio, text: TapText) -> torch.Tensor:
+        """(n, m, L): caption j's attention over clip i's tokens."""
+        logits = torch.einsum("md,nld->nml", text.queries, audio.keys) / math.sqrt(audio.keys.shape[-1])
+        return logits.softmax(-1)
+
+    def cosine(self, audio: TapAudio, text: TapText) -> torch.Tensor:
+        """(n, m) cosine of every clip's caption-pooled embedding with every caption."""
+        weights = self.attention(audio, text)
+        along = torch.einsum("nld,md->nml", audio.values, text.unit)
+        numerator = (weights * along).sum(-1)
+        squared_norm = (torch.einsum("nml,nlk->nmk", weights, audio.gram) * weights).sum(-1)
+        return numerator / squared_norm.clamp_min(1e-12).sqrt()
+
+    def forward(self, tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """(n, m) logits: scale · cos(TAP(tokens_i | text_j), text_j)."""
+        return self.scale * self.cosine(self.prepare_audio(tokens), self.prepare_text(text))
+
+    def pooled(self, tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """(n, m, dim): the pooled audio embedding of every pair, explicitly (for tests and inspection)."""
+        audio = self.prepare_audio(tokens)
+        return torch.einsum("nml,nld->nmd", self.attention(audio, self.prepare_text(text)), audio.values)
+
+    @torch.no_grad()
+    def scorer(self, tokens: torch.Tensor, text: torch.Tensor, chunk: int = 128) -> Scorer:
+        """A retrieval `Scorer`: cosines of any (clips, captions) block, `chunk` clips at a time so a
+        block's memory stays chunk × captions × L whatever the number of clips."""
+        audio = self.prepare_audio(tokens)
+        captions = self.prepare_text(text)
+
+        def score(rows: slice, cols: slice) -> torch.Tensor:
+            text_block = TapText(captions.queries[cols], captions.unit[cols])
+            n = audio.keys[rows].shape[0]
+            parts = []
+            for start in range(0, n, chunk):
+                sub = slice(rows.start + start, rows.start + min(start + chunk, n))
+                part = TapAudio(audio.keys[sub], audio.values[sub], audio.gram[sub])
+                parts.append(self.cosine(part, text_block))
+            return torch.cat(parts)
+
+        return score
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
