@@ -204,12 +204,23 @@ def cmd_zeroshot(args) -> None:
 
 
 def cmd_generate(args) -> None:
+    if args.captions:
+        return cmd_generate_captions(args)
     from audio_residual.data_processing import make_synthetic_esc50
 
     path = make_synthetic_esc50(
         args.out, n_classes=args.classes, clips_per_class=args.clips_per_class, seconds=args.seconds, seed=args.seed
     )
     print(f"generated ESC-50-shaped data in {path}")
+
+
+def cmd_generate_captions(args) -> None:
+    from audio_residual.data_processing.synthetic_captions import make_synthetic_captions
+
+    path = make_synthetic_captions(
+        args.out, n_clips=args.clips, captions_per_clip=args.captions_per_clip, seconds=args.seconds, seed=args.seed
+    )
+    print(f"generated captioned audio (captions.csv: filename,caption,split) in {path}")
 
 
 def cmd_analyze(args) -> None:
@@ -413,6 +424,14 @@ def cmd_demo(args) -> None:
     print(f"report → {report}")
 
 
+def _caption_generation_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("captioned audio (--captions)")
+    group.add_argument("--captions", action="store_true",
+                       help="captioned clips (captions composed from each clip's attributes) instead of classes")
+    group.add_argument("--clips", type=POSITIVE_INT, default=100, help="clips to generate with --captions")
+    group.add_argument("--captions-per-clip", type=POSITIVE_INT, default=5)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="audio-residual", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -438,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clips-per-class", type=POSITIVE_INT, default=10)
     p.add_argument("--seconds", type=POSITIVE, default=5.0)
     p.add_argument("--seed", type=int, default=0)
+    _caption_generation_options(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("train-residual", help="train ResiDual λ on every fold → OUT/results.csv, λ, figures")
