@@ -1,0 +1,76 @@
+"""Retrieval methods on generated captioned audio with the tiny CLAP: exactness at the start, and training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from audio_residual.data_processing.synthetic_captions import make_synthetic_captions
+from audio_residual.evaluation.retrieval import retrieval_ranks
+from audio_residual.retrieval.data import RetrievalData
+from audio_residual.retrieval.methods import (
+    Fit,
+    fit_finetune,
+    fit_lora,
+    fit_projection,
+    fit_residual,
+    fit_tap,
+    split_metrics,
+    zero_shot,
+)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("captions")
+    folder = make_synthetic_captions(root / "gen", n_clips=16, captions_per_clip=3, seconds=1.0, seed=0,
+                                     split_fractions=(0.5, 0.25, 0.25))
+    return RetrievalData.open(folder, "tiny", cache_dir=root / "cache", device="cpu", batch_size=8)
+
+
+def full_scores(fitted, data, split):
+    return fitted.score(data, split.rows, split.texts)(slice(0, len(split.rows)), slice(0, len(split.texts)))
+
+
+def test_residual_at_lambda_one_reproduces_zero_shot_scores(data):
+    train, val, test = (data.split(s) for s in ("train", "validation", "test"))
+    plain = zero_shot(data)
+    residual = fit_residual(data, train, val, Fit(epochs=0), granularity="head")
+    assert residual.trainable_params > 0 and residual.best_epoch == 0
+    assert all(bool((p == 1).all()) for p in residual.module.lambdas.values())
+    torch.testing.assert_close(full_scores(residual, data, test), full_scores(plain, data, test), atol=1e-5, rtol=1e-5)
+    assert split_metrics(residual, data, test) == split_metrics(plain, data, test)
+
+
+def test_lora_and_identity_projection_start_at_zero_shot(data):
+    train, val, test = (data.split(s) for s in ("train", "validation", "test"))
+    expected = full_scores(zero_shot(data), data, test)
+    for fitted in (fit_lora(data, train, val, Fit(epochs=0), rank=2), fit_projection(data, train, val, Fit(epochs=0))):
+        torch.testing.assert_close(full_scores(fitted, data, test), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", [fit_residual, fit_projection, fit_tap, fit_lora, fit_finetune])
+def test_every_method_trains_and_selects_on_validation(data, method):
+    train, val, test = (data.split(s) for s in ("train", "validation", "test"))
+    fitted = method(data, train, val, Fit(epochs=2, lr=1e-2 if method is not fit_finetune else 1e-4, batch_size=4))
+    assert fitted.trainable_params > 0 and fitted.seconds > 0
+    assert len(fitted.history) == 2 and fitted.best_epoch in (0, 1, 2)
+    scores = [h["val_mean_r1"] for h in fitted.history]
+    assert np.isfinite(scores).all() and np.isfinite([h["train_loss"] for h in fitted.history]).all()
+    # The kept state is the selected epoch's: the first best validation score, epoch 0 included.
+    every = [fitted.start_score, *scores]
+    assert fitted.best_epoch == int(np.argmax(every))
+    assert split_metrics(fitted, data, val)["mean_r1"] == pytest.approx(max(every))
+    ranks = retrieval_ranks(fitted.score(data, test.rows, test.texts), len(test.rows), test.caption_clip)
+    assert len(ranks.t2a) == len(test.texts)
+
+
+def test_a_split_without_clips_is_named(data):
+    from audio_residual.retrieval.data import caption_split
+
+    valid = np.zeros(len(data.table), bool)
+    with pytest.raises(ValueError, match="the test split has no clips"):
+        caption_split(data.table, valid, "test")
