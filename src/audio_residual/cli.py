@@ -11,6 +11,7 @@ from pathlib import Path
 
 from audio_residual.clap.loading import DEFAULT_MODEL
 from audio_residual.layout import RunLayout
+from audio_residual.retrieval.cli import add_retrieval_parser
 from audio_residual.training.tracking import MODES as WANDB_MODES
 
 WANDB_HELP = "auto: online when logged in, else disabled; offline: log locally, `wandb sync` later"
@@ -490,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transfer", nargs="+", default=[], metavar="DATA",
                    help="other datasets (as --data) scored zero-shot with each fold's adapted encoders → transfer.csv")
     p.set_defaults(func=cmd_experiment)
+
+    add_retrieval_parser(sub, POSITIVE_INT, _device)
 
     p = sub.add_parser("demo", help="offline end-to-end run on generated data with the tiny model")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from audio_residual.clap.batches import batches
 from audio_residual.clap.classifier import audio_embeddings
@@ -58,34 +57,13 @@ def tokenizer_words(table: CaptionTable) -> tuple[str, ...]:
 
 
 @dataclass
-class RetrievalData:
-    table: CaptionTable
+class AudioSource:
+    """Clips as CLAP sees them: a bundle and cached features. Methods embed through it, so an adapted
+    model scores a labelled set (retention) the same way it scores the captioned one."""
+
     bundle: ClapBundle
     features: CachedFeatures
     batch_size: int = 32
-
-    @classmethod
-    def open(cls, data: str | Path, model: str | Path, cache_dir: str | Path = "cache", device: str = "auto",
-             amp: str = "auto", on_bad_file: str = "error", batch_size: int = 32) -> RetrievalData:
-        table = load_captions(data, export_root=Path("data") / "hf")
-        bundle = load_clap(model, device=device, amp=amp, class_names=tokenizer_words(table))
-        cache = FeatureCache(Path(cache_dir) / "features", bundle.feature_extractor)
-        return cls(table, bundle, cache.compute(table, on_bad_file=on_bad_file), batch_size)
-
-    def split(self, name: str) -> CaptionSplit:
-        return caption_split(self.table, self.features.valid, name)
-
-    def identity(self) -> dict:
-        """What a stored retrieval result depends on besides the method: model, audio as seen, captions, splits."""
-        return {
-            "model": self.bundle.provenance,
-            "features": self.features.digest(),
-            "captions": digest([self.table.filenames, self.table.captions, self.table.splits]),
-            "valid": digest(self.features.valid.tolist()),
-        }
-
-    def key(self, procedure: dict) -> str:
-        return digest({"data": self.identity(), "procedure": procedure})
 
     def text_encoder(self) -> TextEncoder:
         return clap_text_encoder(self.bundle)
@@ -127,5 +105,31 @@ class RetrievalData:
         return torch.cat(out)
 
 
-def unit(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x.float(), dim=-1)
+@dataclass
+class RetrievalData(AudioSource):
+    """A `CaptionTable` with its bundle and cached features: the retrieval counterpart of `Workspace`."""
+
+    table: CaptionTable | None = None
+
+    @classmethod
+    def open(cls, data: str | Path, model: str | Path, cache_dir: str | Path = "cache", device: str = "auto",
+             amp: str = "auto", on_bad_file: str = "error", batch_size: int = 32) -> RetrievalData:
+        table = load_captions(data, export_root=Path("data") / "hf")
+        bundle = load_clap(model, device=device, amp=amp, class_names=tokenizer_words(table))
+        cache = FeatureCache(Path(cache_dir) / "features", bundle.feature_extractor)
+        return cls(bundle, cache.compute(table, on_bad_file=on_bad_file), batch_size, table)
+
+    def split(self, name: str) -> CaptionSplit:
+        return caption_split(self.table, self.features.valid, name)
+
+    def identity(self) -> dict:
+        """What a stored retrieval result depends on besides the method: model, audio as seen, captions, splits."""
+        return {
+            "model": self.bundle.provenance,
+            "features": self.features.digest(),
+            "captions": digest([self.table.filenames, self.table.captions, self.table.splits]),
+            "valid": digest(self.features.valid.tolist()),
+        }
+
+    def key(self, procedure: dict) -> str:
+        return digest({"data": self.identity(), "procedure": procedure})

@@ -24,14 +24,14 @@ from audio_residual.clap.classifier import audio_embeddings
 from audio_residual.evaluation.retrieval import Scorer, dot_scorer, metrics_from_ranks, retrieval_ranks
 from audio_residual.residual.units import build_residual
 from audio_residual.retrieval.contrastive import pair_infonce, symmetric_infonce
-from audio_residual.retrieval.data import CaptionSplit, RetrievalData
+from audio_residual.retrieval.data import AudioSource, CaptionSplit, RetrievalData
 from audio_residual.retrieval.projection import LinearProjection
 from audio_residual.retrieval.tap import TextAwarePooling
 from audio_residual.retrieval.text_encoders import TextEncoder
 from audio_residual.training.loop import Steps, train
 
 # score(data, rows, texts) -> a Scorer of those clips (rows of `data`) against those texts.
-ScoreFn = Callable[[RetrievalData, np.ndarray, Sequence[str]], Scorer]
+ScoreFn = Callable[[AudioSource, np.ndarray, Sequence[str]], Scorer]
 
 
 @dataclass
@@ -106,7 +106,7 @@ def _audio_scale(data: RetrievalData) -> float:
     return float(data.bundle.model.logit_scale_a.exp())
 
 
-class _TextCache:
+class TextCache:
     """Frozen text embeddings, computed once per list of texts."""
 
     def __init__(self, encoder: TextEncoder):
@@ -119,8 +119,8 @@ class _TextCache:
         return self.cache[key]
 
 
-def zero_shot(data: RetrievalData, text: _TextCache | None = None) -> Fitted:
-    text = text or _TextCache(data.text_encoder())
+def zero_shot(data: RetrievalData, text: TextCache | None = None) -> Fitted:
+    text = text or TextCache(data.text_encoder())
 
     def score(source, rows, texts):
         return dot_scorer(source.audio_embeddings(rows), text(texts))
@@ -129,9 +129,9 @@ def zero_shot(data: RetrievalData, text: _TextCache | None = None) -> Fitted:
 
 
 def fit_residual(data: RetrievalData, train_split: CaptionSplit, val_split: CaptionSplit, fit: Fit = Fit(),
-                 stats: ResidualStatistics | None = None, text: _TextCache | None = None, **residual_options) -> Fitted:
+                 stats: ResidualStatistics | None = None, text: TextCache | None = None, **residual_options) -> Fitted:
     """λ trained with the symmetric contrastive loss on audio-caption pairs, text tower frozen."""
-    text = text or _TextCache(data.text_encoder())
+    text = text or TextCache(data.text_encoder())
     bundle = data.bundle
     if stats is None:
         stats = ResidualStatistics.fit(bundle.model, data.features.input_features, train_split.rows,
@@ -169,7 +169,7 @@ def fit_projection(data: RetrievalData, train_split: CaptionSplit, val_split: Ca
                    learn_temperature: bool = False) -> Fitted:
     """A linear map from frozen audio features into a frozen text encoder's space (CLAP's own by default)."""
     own = encoder is None
-    text = _TextCache(encoder or data.text_encoder())
+    text = TextCache(encoder or data.text_encoder())
     train_audio = _features(data, train_split.rows, source)
     train_text = text(train_split.texts)
     identity = own and source == "embedding"
@@ -194,9 +194,9 @@ def fit_projection(data: RetrievalData, train_split: CaptionSplit, val_split: Ca
 
 
 def fit_tap(data: RetrievalData, train_split: CaptionSplit, val_split: CaptionSplit, fit: Fit = Fit(),
-            attn_dim: int = 64, text: _TextCache | None = None) -> Fitted:
+            attn_dim: int = 64, text: TextCache | None = None) -> Fitted:
     """TAP over the frozen encoder's frame tokens (in the joint space), trained contrastively."""
-    text = text or _TextCache(data.text_encoder())
+    text = text or TextCache(data.text_encoder())
     tokens, train_text = data.frame_tokens(train_split.rows), text(train_split.texts)
     torch.manual_seed(fit.seed)
     tap = TextAwarePooling(tokens.shape[-1], attn_dim=attn_dim, logit_scale=_audio_scale(data))
@@ -228,7 +228,7 @@ class AudioTower(nn.Module):
 
 
 def _fit_tower(name: str, tower: AudioTower, data: RetrievalData, train_split, val_split, fit: Fit,
-               text: _TextCache, options: dict) -> Fitted:
+               text: TextCache, options: dict) -> Fitted:
     bundle = data.bundle
     tower = tower.to(bundle.device)
     train_text, scale = text(train_split.texts).to(bundle.device), _audio_scale(data)
@@ -259,7 +259,7 @@ def _fit_tower(name: str, tower: AudioTower, data: RetrievalData, train_split, v
 
 def fit_lora(data: RetrievalData, train_split, val_split, fit: Fit = Fit(), rank: int = 8,
              target_modules: Sequence[str] = ("query", "value"), alpha: float = 16.0,
-             text: _TextCache | None = None) -> Fitted:
+             text: TextCache | None = None) -> Fitted:
     """LoRA (peft) on the audio tower's attention projections, B = 0 at the start (= zero-shot)."""
     from peft import LoraConfig, get_peft_model
 
@@ -269,14 +269,14 @@ def fit_lora(data: RetrievalData, train_split, val_split, fit: Fit = Fit(), rank
     projection = copy.deepcopy(data.bundle.model.audio_projection).requires_grad_(False)
     options = {"rank": rank, "target_modules": list(target_modules), "alpha": alpha}
     return _fit_tower("lora", AudioTower(audio, projection), data, train_split, val_split, fit,
-                      text or _TextCache(data.text_encoder()), options)
+                      text or TextCache(data.text_encoder()), options)
 
 
 def fit_finetune(data: RetrievalData, train_split, val_split, fit: Fit = Fit(lr=1e-5),
-                 text: _TextCache | None = None) -> Fitted:
+                 text: TextCache | None = None) -> Fitted:
     """Every weight of a copy of the audio tower and its projection, text tower frozen."""
     model = data.bundle.model
     tower = AudioTower(copy.deepcopy(model.audio_model), copy.deepcopy(model.audio_projection)).requires_grad_(True)
-    return _fit_tower("finetune", tower, data, train_split, val_split, fit, text or _TextCache(data.text_encoder()),
+    return _fit_tower("finetune", tower, data, train_split, val_split, fit, text or TextCache(data.text_encoder()),
                       {})
 
