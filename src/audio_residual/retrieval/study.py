@@ -36,7 +36,7 @@ from audio_residual.retrieval.methods import (
     split_metrics,
     zero_shot,
 )
-from audio_residual.retrieval.text_encoders import load_text_encoder
+from audio_residual.retrieval.text_encoders import TextEncoder, load_text_encoder
 
 METHODS = ("zero-shot", "residual", "projection", "tap", "lora", "finetune")
 DEFAULT_LR = {"residual": 1e-2, "projection": 1e-3, "tap": 1e-3, "lora": 1e-4, "finetune": 1e-5}
@@ -93,9 +93,10 @@ def _fit_residual_grid(data, train, val, config: RetrievalStudyConfig, text) -> 
     return best
 
 
-def fitters(config: RetrievalStudyConfig) -> dict[str, Callable]:
+def fitters(config: RetrievalStudyConfig, encoder: TextEncoder | None = None) -> dict[str, Callable]:
+    """Each method's fit(data, train, val, text cache); `encoder` is the projection's text side (None: CLAP's)."""
+
     def projection(data, train, val, text):
-        encoder = None if config.text_model is None else load_text_encoder(config.text_model, data.bundle.device)
         return fit_projection(data, train, val, config.fit("projection"), encoder=encoder,
                               source=config.projection_source, learn_temperature=config.learn_temperature)
 
@@ -122,9 +123,12 @@ class KeyedRows:
         return self.frame[(self.frame["method"] == method) & (self.frame["key"] == key)]
 
     def put(self, method: str, key: str, rows: list[dict]) -> None:
-        keep = self.frame[~((self.frame["method"] == method) & (self.frame["key"] == key))]
-        new = pd.DataFrame(rows, columns=list(self.columns))
-        self.frame = new if keep.empty else pd.concat([keep, new], ignore_index=True)
+        """Store `rows` under (method, key), in place of the rows stored there before (else appended)."""
+        match = ((self.frame["method"] == method) & (self.frame["key"] == key)).to_numpy()
+        at = int(np.argmax(match)) if match.any() else len(self.frame)
+        parts = [self.frame[~match].iloc[:at], pd.DataFrame(rows, columns=list(self.columns)),
+                 self.frame[~match].iloc[at:]]
+        self.frame = pd.concat([p for p in parts if not p.empty], ignore_index=True)
         write_csv(self.path, self.frame)
 
 
@@ -139,8 +143,7 @@ class RetrievalOutcome:
 
 def method_rows(fitted: Fitted, data: RetrievalData, test: CaptionSplit, key: str, block: int) -> list[dict]:
     metrics = split_metrics(fitted, data, test, block)
-    val = max([fitted.start_score or 0.0, *(h["val_mean_r1"] for h in fitted.history)]) if fitted.history else (
-        fitted.start_score)
+    val = max([fitted.start_score, *(h["val_mean_r1"] for h in fitted.history)])
     common = {"method": fitted.method, "trainable_params": fitted.trainable_params, "seconds": fitted.seconds,
               "best_epoch": fitted.best_epoch, "val_mean_r1": val, "n_audio": metrics["n_audio"],
               "n_text": metrics["n_text"], "dataset": data.table.name, "model": data.bundle.model_id, "key": key}
@@ -260,9 +263,12 @@ def run_retrieval_study(data: RetrievalData, out: str | Path, config: RetrievalS
     """
     out = Path(out)
     train, val, test = (data.split(s) for s in ("train", "validation", "test"))
+    encoder = None  # loaded first: a --text-model that is not a text encoder stops the run before any training
+    if config.text_model is not None and "projection" in config.methods:
+        encoder = load_text_encoder(config.text_model, data.bundle.device)
     store = KeyedRows(out / "retrieval.csv", ROW_COLUMNS)
     text = TextCache(data.text_encoder())
-    fit_method = fitters(config)
+    fit_method = fitters(config, encoder)
     fitted: dict[str, Fitted] = {}
     rows = []
     for method in config.methods:
@@ -273,6 +279,8 @@ def run_retrieval_study(data: RetrievalData, out: str | Path, config: RetrievalS
             rows.append(stored)
             continue
         fitted[method] = fit_method[method](data, train, val, text)
+        if fitted[method].start_score is None:  # untrained (zero-shot): its validation score, for the table
+            fitted[method].start_score = split_metrics(fitted[method], data, val, config.block)["mean_r1"]
         store.put(method, key, method_rows(fitted[method], data, test, key, config.block))
         rows.append(store.rows(method, key))
     table = pd.concat(rows, ignore_index=True)
