@@ -41,6 +41,8 @@ def test_fast_pair_scores_equal_explicit_pooling_away_from_identity():
     explicit = F.cosine_similarity(tap.pooled(tokens, text), text[None], dim=-1)
     torch.testing.assert_close(tap.cosine(tap.prepare_audio(tokens), tap.prepare_text(text)), explicit,
                                atol=1e-5, rtol=1e-5)
+    # Scoring without autograd (in-place passes) equals the differentiable forward.
+    torch.testing.assert_close(tap(tokens, text).detach() / tap.scale.detach(), explicit, atol=1e-5, rtol=1e-5)
     # The blockwise scorer gives the same matrix for any (rows, cols) block and chunk.
     score = tap.scorer(tokens, text, chunk=2)
     torch.testing.assert_close(score(slice(1, 4), slice(2, 7)), explicit[1:4, 2:7], atol=1e-5, rtol=1e-5)

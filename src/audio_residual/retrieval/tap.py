@@ -66,24 +66,44 @@ class TextAwarePooling(nn.Module):
 
     def prepare_audio(self, tokens: torch.Tensor) -> TapAudio:
         """`tokens` (n, L, dim): one clip's frame tokens per row."""
-        values = self.out(self.value(tokens))
+        # W_O(W_V x + b_V) + b_O as one map: one (n·L, D) × (D, D) product instead of two.
+        weight = self.out.weight @ self.value.weight
+        values = F.linear(tokens, weight, self.out.weight @ self.value.bias + self.out.bias)
         return TapAudio(self.key(self.norm_key(tokens)), values, values @ values.transpose(1, 2))
 
     def prepare_text(self, text: torch.Tensor) -> TapText:
-        return TapText(self.query(self.norm_query(text)), F.normalize(text, dim=-1))
+        """Queries carry the 1/sqrt(d_k) of scaled dot-product attention."""
+        queries = self.query(self.norm_query(text)) / math.sqrt(self.query.out_features)
+        return TapText(queries, F.normalize(text, dim=-1))
+
+    @staticmethod
+    def _logits(audio: TapAudio, text: TapText) -> torch.Tensor:
+        """(m, n, L) attention logits of every caption over every clip's frames: one GEMM."""
+        n, length, _ = audio.keys.shape
+        return (text.queries @ audio.keys.reshape(n * length, -1).T).view(-1, n, length)
 
     def attention(self, audio: TapAudio, text: TapText) -> torch.Tensor:
-        """(n, m, L): caption j's attention over clip i's tokens."""
-        logits = torch.einsum("md,nld->nml", text.queries, audio.keys) / math.sqrt(audio.keys.shape[-1])
-        return logits.softmax(-1)
+        """(n, m, L): caption j's attention over clip i's frames."""
+        return self._logits(audio, text).softmax(-1).transpose(0, 1)
 
     def cosine(self, audio: TapAudio, text: TapText) -> torch.Tensor:
-        """(n, m) cosine of every clip's caption-pooled embedding with every caption."""
-        weights = self.attention(audio, text)
-        along = torch.einsum("nld,md->nml", audio.values, text.unit)
-        numerator = (weights * along).sum(-1)
-        squared_norm = (torch.einsum("nml,nlk->nmk", weights, audio.gram) * weights).sum(-1)
-        return numerator / squared_norm.clamp_min(1e-12).sqrt()
+        """(n, m) cosine of every clip's caption-pooled embedding with every caption.
+
+        The weights stay unnormalised (exp(logit − max)): a cosine ignores the scale of Σ α_i u_i, so the
+        softmax's division cancels. Logits and frame similarities are each one GEMM over all (clip, frame)
+        rows, in the (m, n, L) layout with the frames innermost. Without autograd (scoring) the elementwise
+        passes run in place; with it they keep the tensors backward needs. Same values either way.
+        """
+        n, length, _ = audio.values.shape
+        in_place = not torch.is_grad_enabled()
+        logits = self._logits(audio, text)
+        shift = logits.detach().amax(-1, keepdim=True)
+        weights = logits.sub_(shift).exp_() if in_place else (logits - shift).exp()
+        along = (text.unit @ audio.values.reshape(n * length, -1).T).view(-1, n, length)
+        numerator = (along.mul_(weights) if in_place else along * weights).sum(-1)
+        spread = torch.einsum("mnl,nlk->mnk", weights, audio.gram)  # U Uᵀ α per pair
+        squared_norm = (spread.mul_(weights) if in_place else spread * weights).sum(-1)
+        return (numerator / squared_norm.clamp_min(1e-30).sqrt()).T
 
     def forward(self, tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """(n, m) logits: scale · cos(TAP(tokens_i | text_j), text_j)."""
@@ -92,7 +112,7 @@ class TextAwarePooling(nn.Module):
     def pooled(self, tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """(n, m, dim): the pooled audio embedding of every pair, explicitly (for tests and inspection)."""
         audio = self.prepare_audio(tokens)
-        return torch.einsum("nml,nld->nmd", self.attention(audio, self.prepare_text(text)), audio.values)
+        return self.attention(audio, self.prepare_text(text)) @ audio.values
 
     @torch.no_grad()
     def scorer(self, tokens: torch.Tensor, text: torch.Tensor, chunk: int = 128) -> Scorer:
