@@ -52,6 +52,17 @@ def test_lora_and_identity_projection_start_at_zero_shot(data):
         torch.testing.assert_close(full_scores(fitted, data, test), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method", [fit_residual, fit_projection, fit_lora, fit_finetune])
+def test_training_steps_that_change_no_parameter_leave_zero_shot_scores(data, method):
+    """lr = 0: two epochs of real steps (train mode, forward, backward) must leave the scores exactly
+    zero-shot's; running statistics (BatchNorm) are state too and must not drift."""
+    train, val, test = (data.split(s) for s in ("train", "validation", "test"))
+    fitted = method(data, train, val, Fit(epochs=2, lr=0.0, batch_size=4))
+    assert len(fitted.history) == 2
+    torch.testing.assert_close(full_scores(fitted, data, test), full_scores(zero_shot(data), data, test),
+                               atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("method", [fit_residual, fit_projection, fit_tap, fit_lora, fit_finetune])
 def test_every_method_trains_and_selects_on_validation(data, method):
     train, val, test = (data.split(s) for s in ("train", "validation", "test"))

@@ -244,7 +244,12 @@ def _fit_tower(name: str, tower: AudioTower, data: RetrievalData, train_split, v
         return dot_scorer(source.audio_embeddings(rows, model=tower), text(texts))
 
     def mode(training: bool) -> None:
+        """Train mode, but BatchNorm keeps its pretrained running statistics: they are buffers, which the
+        loop's epoch selection does not restore, and small batches would corrupt them."""
         tower.train(training)
+        for module in tower.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
     params = {n: p for n, p in tower.named_parameters() if p.requires_grad}
 
