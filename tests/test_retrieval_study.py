@@ -61,11 +61,12 @@ def tone(path, seconds=1.0, sr=16000, hz=440.0):
 
 
 def clotho(root):
+    hz = iter(range(200, 5000, 150))  # every file distinct audio: the same audio in two splits is refused
     for part, names in {"development": ["d1.wav", "d2.wav", "d3.wav"], "validation": ["v1.wav", "v2.wav"],
                         "evaluation": ["e1.wav", "e2.wav"]}.items():
         rows = []
         for i, name in enumerate(names):
-            tone(root / f"clotho_audio_{part}" / name, hz=200.0 * (i + 1))
+            tone(root / f"clotho_audio_{part}" / name, hz=float(next(hz)))
             rows.append([name] + [f"tone number {i} take {k}" for k in range(1, 6)])
         pd.DataFrame(rows, columns=["file_name"] + [f"caption_{k}" for k in range(1, 6)]).to_csv(
             root / f"clotho_captions_{part}.csv", index=False)
@@ -75,11 +76,12 @@ def clotho(root):
 def audiocaps(root):
     header = "audiocap_id,youtube_id,start_time,caption\n"
     parts = {"train": ["a", "b", "c", "gone"], "val": ["d", "e"], "test": ["f", "g"]}
+    hz = iter(range(200, 5000, 150))
     for part, ids in parts.items():
         lines = []
-        for i, yt in enumerate(ids):
+        for yt in ids:
             if yt != "gone":
-                tone(root / "audio" / f"Y{yt}.wav", hz=150.0 * (i + 1))
+                tone(root / "audio" / f"Y{yt}.wav", hz=float(next(hz)))
             lines.append(f"{len(lines)},{yt},0,a tone called {yt}\n")
         (root / f"{part}.csv").write_text(header + "".join(lines))
     return root
@@ -115,5 +117,18 @@ def test_bad_input_is_one_line(generated, tmp_path, capsys):
     assert main(["retrieval", "--data", str(no_test), *common]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("audio-residual retrieval: error:") and "the test split has no clips" in err
+    # The same audio under two names: within a split counted, across splits refused.
+    dup = tmp_path / "dup"
+    shutil.copytree(generated, dup)
+    captions = pd.read_csv(dup / "captions.csv").drop_duplicates("filename")
+    train = list(captions.loc[captions["split"] == "train", "filename"])
+    test = list(captions.loc[captions["split"] == "test", "filename"])
+    shutil.copy(dup / train[0], dup / train[1])
+    assert main(["retrieval", "--data", str(dup), *common, "--methods", "zero-shot"]) == 0
+    assert "1 duplicate audio file(s) within a split" in capsys.readouterr().out
+    shutil.copy(dup / train[0], dup / test[0])
+    assert main(["retrieval", "--data", str(dup), *common, "--methods", "zero-shot"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "are the same audio" in err and test[0] in err
     with pytest.raises(SystemExit):
         main(["retrieval", "--data", str(generated), *common, "--methods", "bogus"])

@@ -51,6 +51,26 @@ def caption_split(table: CaptionTable, valid: np.ndarray, name: str) -> CaptionS
     return CaptionSplit(name, usable, tuple(texts), owner)
 
 
+def duplicate_audio(table: CaptionTable, features: CachedFeatures) -> tuple[tuple[str, str], ...]:
+    """Pairs of files with identical content (the cache's content hash) within one split; the same audio in
+    two splits is a ValueError naming both files: test clips would be trained on."""
+    first: dict[str, int] = {}
+    within = []
+    for row in np.flatnonzero(features.valid):
+        identity = features.identities[row]
+        if not identity:
+            continue
+        other = first.setdefault(identity, int(row))
+        if other == row:
+            continue
+        a, b = table.filenames[other], table.filenames[row]
+        if table.splits[other] != table.splits[row]:
+            raise ValueError(f"{table.name}: {a!r} ({table.splits[other]}) and {b!r} ({table.splits[row]}) are the "
+                             "same audio: a clip in two splits leaks between training and test; remove one")
+        within.append((a, b))
+    return tuple(within)
+
+
 def tokenizer_words(table: CaptionTable) -> tuple[str, ...]:
     """The captions' words: what the offline random tiny model trains its tokenizer on."""
     return tuple(sorted({w for caps in table.captions for c in caps for w in c.lower().split()}))
@@ -110,6 +130,7 @@ class RetrievalData(AudioSource):
     """A `CaptionTable` with its bundle and cached features: the retrieval counterpart of `Workspace`."""
 
     table: CaptionTable | None = None
+    duplicates: tuple[tuple[str, str], ...] = ()  # same audio under two names within one split (counted)
 
     @classmethod
     def open(cls, data: str | Path, model: str | Path, cache_dir: str | Path = "cache", device: str = "auto",
@@ -117,7 +138,8 @@ class RetrievalData(AudioSource):
         table = load_captions(data, export_root=Path("data") / "hf")
         bundle = load_clap(model, device=device, amp=amp, class_names=tokenizer_words(table))
         cache = FeatureCache(Path(cache_dir) / "features", bundle.feature_extractor)
-        return cls(bundle, cache.compute(table, on_bad_file=on_bad_file), batch_size, table)
+        features = cache.compute(table, on_bad_file=on_bad_file)
+        return cls(bundle, features, batch_size, table, duplicate_audio(table, features))
 
     def split(self, name: str) -> CaptionSplit:
         return caption_split(self.table, self.features.valid, name)

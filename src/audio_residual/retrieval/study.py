@@ -200,7 +200,10 @@ def plot_r1_against_parameters(table: pd.DataFrame):
                        label=f"{row['method']} ({direction})")
         ax.axhline(part["random_r1"].iloc[0], color=colors.get(direction), linestyle=":", linewidth=1,
                    label=f"random ({direction})")
-    ax.set_xscale("log")
+    if (table["trainable_params"] > 0).any():
+        ax.set_xscale("log")
+    else:  # zero-shot only: no point to place on a log axis
+        ax.set_xticks([])
     ax.set_xlabel("trainable parameters (log)")
     ax.set_ylabel("test R@1")
     ax.set_title("Retrieval R@1 against trainable parameters")
@@ -296,7 +299,8 @@ def run_retrieval_study(data: RetrievalData, out: str | Path, config: RetrievalS
     outcome = RetrievalOutcome(table, retained, fitted, examples, out)
     write_json(out / "run.json", {"config": asdict(config), "data": data.identity(), "dataset": data.table.name,
                                   "splits": data.table.counts(), "missing": len(data.table.missing),
-                                  "skipped": [list(s) for s in data.features.skipped]})
+                                  "skipped": [list(s) for s in data.features.skipped],
+                                  "duplicates": [list(d) for d in data.duplicates]})
     write_report(outcome, data, config)
     return outcome
 
@@ -312,5 +316,6 @@ def _best_trained(table: pd.DataFrame, fitted: dict[str, Fitted]) -> str | None:
 def describe_missing(data: RetrievalData) -> str:
     """One line on clips the metadata names but the folder lacks (AudioCaps) and audio skipped as bad."""
     return (f"{data.table.name}: {len(data.table)} clips ({json.dumps(data.table.counts())}); "
-            f"{len(data.table.missing)} listed but missing, {len(data.features.skipped)} skipped as bad audio")
+            f"{len(data.table.missing)} listed but missing, {len(data.features.skipped)} skipped as bad audio, "
+            f"{len(data.duplicates)} duplicate audio file(s) within a split")
 
