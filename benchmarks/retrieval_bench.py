@@ -104,7 +104,7 @@ def residual_contrastive_step_ratio() -> float:
     """ResiDual λ step (head λ on every stage, full-size random HTSAT-tiny, batch 8) with symmetric InfoNCE
     against 8 caption embeddings / the same step with cross-entropy over class embeddings."""
     from audio_residual.analysis.stats import ResidualStatistics
-    from audio_residual.clap.classifier import audio_embeddings
+    from audio_residual.clap.encode import audio_embeddings
     from audio_residual.clap.tiny import build_htsat_tiny_random
     from audio_residual.residual.units import build_residual
     from audio_residual.retrieval.contrastive import pair_infonce

@@ -19,8 +19,8 @@ from transformers import (
     ViTModel,
 )
 
-from audio_residual.clap.classifier import text_embeddings
 from audio_residual.clap.tiny import offline_tokenizer
+from audio_residual.clap.zeroshot import text_embeddings
 from audio_residual.evaluation.retrieval import retrieval_metrics
 from audio_residual.retrieval.contrastive import pair_infonce
 from audio_residual.retrieval.projection import LinearProjection

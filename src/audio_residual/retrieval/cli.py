@@ -61,7 +61,7 @@ def cmd_retrieval(args) -> None:
     retention = None
     if args.retention is not None:
         labelled = resolve_dataset(args.retention)
-        cache = FeatureCache(Path(args.cache) / "features", data.bundle.feature_extractor)
+        cache = FeatureCache(args.cache, data.bundle.feature_extractor)
         features = cache.compute(labelled, on_bad_file=args.on_bad_file)
         retention = (AudioSource(data.bundle, features, args.batch_size), labelled)
     outcome = run_retrieval_study(data, args.out, config, retention)

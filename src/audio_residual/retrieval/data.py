@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from audio_residual.clap.batches import batches
-from audio_residual.clap.classifier import audio_embeddings
+from audio_residual.clap.encode import audio_embeddings, encode_audio
 from audio_residual.clap.loading import ClapBundle, load_clap
 from audio_residual.data_processing.captions import CaptionTable, load_captions
 from audio_residual.data_processing.features import CachedFeatures, FeatureCache
@@ -111,17 +111,17 @@ class AudioSource:
         model, out = self.bundle.model, []
         for _, x, longer in self.model_batches(rows, desc):
             with self.bundle.autocast():
-                hidden = model.audio_model(input_features=x, is_longer=longer).last_hidden_state  # (n, C, F, T)
-                out.append(model.audio_projection(hidden.mean(2).transpose(1, 2)).float().cpu())
+                frames = encode_audio(model, x, longer).token_map().mean(2).transpose(1, 2)  # (n, T, C)
+                out.append(model.audio_projection(frames).float().cpu())
         return torch.cat(out)
 
+    @torch.no_grad()
     def pooled_outputs(self, rows: np.ndarray) -> torch.Tensor:
         """(n, C) the encoder's pooled output before CLAP's projection (a linear projection's other source)."""
-        model, out = self.bundle.model, []
-        with torch.no_grad():
-            for _, x, longer in self.model_batches(rows):
-                with self.bundle.autocast():
-                    out.append(model.audio_model(input_features=x, is_longer=longer).pooler_output.float().cpu())
+        out = []
+        for _, x, longer in self.model_batches(rows):
+            with self.bundle.autocast():
+                out.append(encode_audio(self.bundle.model, x, longer).pooled.float().cpu())
         return torch.cat(out)
 
 
@@ -137,7 +137,7 @@ class RetrievalData(AudioSource):
              amp: str = "auto", on_bad_file: str = "error", batch_size: int = 32) -> RetrievalData:
         table = load_captions(data, export_root=Path("data") / "hf")
         bundle = load_clap(model, device=device, amp=amp, class_names=tokenizer_words(table))
-        cache = FeatureCache(Path(cache_dir) / "features", bundle.feature_extractor)
+        cache = FeatureCache(Path(cache_dir), bundle.feature_extractor)
         features = cache.compute(table, on_bad_file=on_bad_file)
         return cls(bundle, features, batch_size, table, duplicate_audio(table, features))
 

@@ -20,7 +20,7 @@ def run_retrieval_demo(out: Path, labelled: Path, seed: int = 0, n_clips: int = 
     captions = make_synthetic_captions(out / "captions_data", n_clips=n_clips, captions_per_clip=5, seed=seed)
     data = RetrievalData.open(captions, "tiny", cache_dir=out / "cache", device="cpu", batch_size=8)
     table = load_dataset(labelled)
-    features = FeatureCache(out / "cache" / "features", data.bundle.feature_extractor).compute(table)
+    features = FeatureCache(out / "cache", data.bundle.feature_extractor).compute(table)
     outcome = run_retrieval_study(data, out / "retrieval", DEMO_RETRIEVAL, (AudioSource(data.bundle, features), table))
     return "\n\n".join([
         "## Retrieval (generated captioned audio, tiny CLAP)",

@@ -20,7 +20,7 @@ from torch import nn
 
 from audio_residual.analysis.stats import ResidualStatistics
 from audio_residual.clap.batches import model_inputs
-from audio_residual.clap.classifier import audio_embeddings
+from audio_residual.clap.encode import audio_embeddings
 from audio_residual.evaluation.retrieval import Scorer, dot_scorer, metrics_from_ranks, retrieval_ranks
 from audio_residual.residual.units import build_residual
 from audio_residual.retrieval.contrastive import pair_infonce, symmetric_infonce

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from audio_residual.clap.classifier import DEFAULT_TEMPLATES, class_prompts
+from audio_residual.clap.zeroshot import DEFAULT_TEMPLATES, class_prompts
 from audio_residual.evaluation.retrieval import direction_rows, retrieval_ranks, top_captions
 from audio_residual.io import save_figure, write_csv, write_json, write_text
 from audio_residual.retrieval.data import AudioSource, CaptionSplit, RetrievalData
