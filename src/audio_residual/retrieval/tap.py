@@ -28,11 +28,27 @@ from audio_residual.evaluation.retrieval import Scorer
 
 @dataclass(frozen=True)
 class TapAudio:
-    """Per-clip precomputations: keys (n, L, d_k), output-mapped values (n, L, D), their Gram (n, L, L)."""
+    """Per-clip precomputations, frames flattened clip-major and stored transposed so that every score
+    product is a plain GEMM with a contiguous right operand: keys (d_k, n·L), output-mapped values
+    (D, n·L), and the values' Gram matrix per clip (n, L, L)."""
 
-    keys: torch.Tensor
-    values: torch.Tensor
+    keys_t: torch.Tensor
+    values_t: torch.Tensor
     gram: torch.Tensor
+
+    @property
+    def frames(self) -> int:
+        return self.gram.shape[-1]
+
+    def __getitem__(self, clips: slice) -> TapAudio:
+        """The clips `clips` (a slice with step 1): column views, no copy."""
+        start, stop, _ = clips.indices(self.gram.shape[0])
+        cols = slice(start * self.frames, stop * self.frames)
+        return TapAudio(self.keys_t[:, cols], self.values_t[:, cols], self.gram[start:stop])
+
+    def values(self) -> torch.Tensor:
+        """(n, L, D) the output-mapped values."""
+        return self.values_t.T.reshape(self.gram.shape[0], self.frames, -1)
 
 
 @dataclass(frozen=True)
@@ -66,10 +82,15 @@ class TextAwarePooling(nn.Module):
 
     def prepare_audio(self, tokens: torch.Tensor) -> TapAudio:
         """`tokens` (n, L, dim): one clip's frame tokens per row."""
-        # W_O(W_V x + b_V) + b_O as one map: one (n·L, D) × (D, D) product instead of two.
+        n, length, dim = tokens.shape
+        flat_t = tokens.reshape(n * length, dim).T
+        # W_O(W_V x + b_V) + b_O as one map, computed straight into the transposed layout.
         weight = self.out.weight @ self.value.weight
-        values = F.linear(tokens, weight, self.out.weight @ self.value.bias + self.out.bias)
-        return TapAudio(self.key(self.norm_key(tokens)), values, values @ values.transpose(1, 2))
+        bias = self.out.weight @ self.value.bias + self.out.bias
+        values_t = torch.addmm(bias[:, None], weight, flat_t)  # (D, n·L)
+        keys_t = self.key(self.norm_key(tokens)).reshape(n * length, -1).T.contiguous()
+        per_clip = values_t.T.reshape(n, length, dim)
+        return TapAudio(keys_t, values_t, per_clip @ per_clip.transpose(1, 2))
 
     def prepare_text(self, text: torch.Tensor) -> TapText:
         """Queries carry the 1/sqrt(d_k) of scaled dot-product attention."""
@@ -79,8 +100,7 @@ class TextAwarePooling(nn.Module):
     @staticmethod
     def _logits(audio: TapAudio, text: TapText) -> torch.Tensor:
         """(m, n, L) attention logits of every caption over every clip's frames: one GEMM."""
-        n, length, _ = audio.keys.shape
-        return (text.queries @ audio.keys.reshape(n * length, -1).T).view(-1, n, length)
+        return (text.queries @ audio.keys_t).view(text.queries.shape[0], -1, audio.frames)
 
     def attention(self, audio: TapAudio, text: TapText) -> torch.Tensor:
         """(n, m, L): caption j's attention over clip i's frames."""
@@ -94,12 +114,11 @@ class TextAwarePooling(nn.Module):
         rows, in the (m, n, L) layout with the frames innermost. Without autograd (scoring) the elementwise
         passes run in place; with it they keep the tensors backward needs. Same values either way.
         """
-        n, length, _ = audio.values.shape
         in_place = not torch.is_grad_enabled()
         logits = self._logits(audio, text)
         shift = logits.detach().amax(-1, keepdim=True)
         weights = logits.sub_(shift).exp_() if in_place else (logits - shift).exp()
-        along = (text.unit @ audio.values.reshape(n * length, -1).T).view(-1, n, length)
+        along = (text.unit @ audio.values_t).view(logits.shape)
         numerator = (along.mul_(weights) if in_place else along * weights).sum(-1)
         spread = torch.einsum("mnl,nlk->mnk", weights, audio.gram)  # U Uᵀ α per pair
         squared_norm = (spread.mul_(weights) if in_place else spread * weights).sum(-1)
@@ -112,7 +131,7 @@ class TextAwarePooling(nn.Module):
     def pooled(self, tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """(n, m, dim): the pooled audio embedding of every pair, explicitly (for tests and inspection)."""
         audio = self.prepare_audio(tokens)
-        return self.attention(audio, self.prepare_text(text)) @ audio.values
+        return self.attention(audio, self.prepare_text(text)) @ audio.values()
 
     @torch.no_grad()
     def scorer(self, tokens: torch.Tensor, text: torch.Tensor, chunk: int = 128) -> Scorer:
@@ -123,13 +142,9 @@ class TextAwarePooling(nn.Module):
 
         def score(rows: slice, cols: slice) -> torch.Tensor:
             text_block = TapText(captions.queries[cols], captions.unit[cols])
-            n = audio.keys[rows].shape[0]
-            parts = []
-            for start in range(0, n, chunk):
-                sub = slice(rows.start + start, rows.start + min(start + chunk, n))
-                part = TapAudio(audio.keys[sub], audio.values[sub], audio.gram[sub])
-                parts.append(self.cosine(part, text_block))
-            return torch.cat(parts)
+            first, stop, _ = rows.indices(audio.gram.shape[0])
+            return torch.cat([self.cosine(audio[slice(start, min(start + chunk, stop))], text_block)
+                              for start in range(first, stop, chunk)])
 
         return score
 
