@@ -85,3 +85,16 @@ def test_a_split_without_clips_is_named(data):
     valid = np.zeros(len(data.table), bool)
     with pytest.raises(ValueError, match="the test split has no clips"):
         caption_split(data.table, valid, "test")
+
+
+def test_residual_takes_the_unit_options_and_the_paper_preset(data):
+    train, val = data.split("train"), data.split("validation")
+    layer = fit_residual(data, train, val, Fit(epochs=1, batch_size=4), granularity="layer", stages=(3,))
+    head = fit_residual(data, train, val, Fit(epochs=1, batch_size=4), granularity="head", stages=(3,))
+    assert 0 < layer.trainable_params < head.trainable_params
+    paper = fit_residual(data, train, val, Fit(epochs=1, batch_size=4), preset="paper", epochs=2)
+    # Not every preset field kept (epochs 2): labelled by its unit variant, never as the paper preset.
+    assert paper.options["label"] == "residual-center-drop-tail-zero-init-randn"
+    assert len(paper.history) == 2  # the preset's procedure with its epochs overridden
+    assert not all(bool((p == 1).all()) for p in paper.module.lambdas.values())  # λ = 1 + N(0, 1)
+    assert paper.module.config.center == "drop" and paper.module.config.tail == "zero"

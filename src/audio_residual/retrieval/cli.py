@@ -23,7 +23,8 @@ def add_retrieval_parser(sub, positive_int, device) -> None:
     p.add_argument("--model", default="laion/clap-htsat-unfused", help="hub id, local folder, or 'tiny' (offline)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--cache", type=Path, default=Path("cache"), help="feature cache folder")
-    p.add_argument("--methods", type=_methods, default=None, help="comma-separated, default all (zero-shot always)")
+    p.add_argument("--methods", type=_methods, default=None,
+                   help="comma-separated (zero-shot always); default all but residual-paper (the paper preset)")
     p.add_argument("--retention", default=None, metavar="DATA",
                    help="a labelled dataset (as for zeroshot --data): adapted encoders' zero-shot accuracy on it")
     p.add_argument("--text-model", default=None,
@@ -43,14 +44,14 @@ def cmd_retrieval(args) -> None:
     from audio_residual.data_processing.features import FeatureCache
     from audio_residual.retrieval.data import AudioSource, RetrievalData
     from audio_residual.retrieval.study import (
-        METHODS,
+        DEFAULT_METHODS,
         RetrievalStudyConfig,
         describe_missing,
         run_retrieval_study,
     )
     from audio_residual.workspace import resolve_dataset
 
-    methods = args.methods or METHODS
+    methods = args.methods or DEFAULT_METHODS
     methods = ("zero-shot", *[m for m in methods if m != "zero-shot"])
     config = RetrievalStudyConfig(methods=methods, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                                   text_model=args.text_model, projection_source=args.projection_source,

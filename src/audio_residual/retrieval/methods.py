@@ -10,6 +10,7 @@ captions, or class prompts for the retention check).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,13 +23,14 @@ from audio_residual.analysis.stats import ResidualStatistics
 from audio_residual.clap.batches import model_inputs
 from audio_residual.clap.encode import audio_embeddings
 from audio_residual.evaluation.retrieval import Scorer, dot_scorer, metrics_from_ranks, retrieval_ranks
-from audio_residual.residual.units import build_residual
+from audio_residual.residual.units import ResidualConfig, build_residual
 from audio_residual.retrieval.contrastive import pair_infonce, symmetric_infonce
 from audio_residual.retrieval.data import AudioSource, CaptionSplit, RetrievalData
 from audio_residual.retrieval.projection import LinearProjection
 from audio_residual.retrieval.tap import TextAwarePooling
 from audio_residual.retrieval.text_encoders import TextEncoder
 from audio_residual.training.loop import Steps, train
+from audio_residual.training.trainer import TrainConfig
 
 # score(data, rows, texts) -> a Scorer of those clips (rows of `data`) against those texts.
 ScoreFn = Callable[[AudioSource, np.ndarray, Sequence[str]], Scorer]
@@ -57,6 +59,7 @@ class Fit:
     batch_size: int = 32
     patience: int | None = None
     seed: int = 0
+    optimizer: str = "adamw"  # or "schedulefree" (schedule-free AdamW: the paper preset of ResiDual)
 
 
 def split_metrics(fitted: Fitted, data: RetrievalData, split: CaptionSplit, block: int = 256) -> dict:
@@ -82,7 +85,7 @@ def _run(name: str, params: dict, steps_for: Callable[[Steps], None] | None, dat
          loss, score: ScoreFn, options: dict) -> Fitted:
     """Train `params` with `loss` on pair batches, selecting on validation mean R@1 by the one loop."""
     started = time.perf_counter()
-    optimizer = torch.optim.AdamW(list(params.values()), lr=fit.lr, weight_decay=fit.weight_decay)
+    optimizer = _optimizer(fit, list(params.values()))
     fitted = Fitted(name, sum(p.numel() for p in params.values()), 0.0, score, options=options)
 
     def validate() -> float:
@@ -91,10 +94,52 @@ def _run(name: str, params: dict, steps_for: Callable[[Steps], None] | None, dat
     steps = Steps(params, pair_batches(train_split, fit.batch_size), loss, validate, optimizer)
     if steps_for is not None:
         steps_for(steps)
+    if hasattr(optimizer, "eval"):  # schedule-free AdamW evaluates at its averaged weights
+        module_mode = steps.mode
+
+        def mode(training: bool) -> None:
+            optimizer.train() if training else optimizer.eval()
+            if module_mode is not None:
+                module_mode(training)
+
+        steps.mode = mode
     result = train(steps, fit.epochs, seed=fit.seed, patience=fit.patience, desc=name, metric="mean_r1")
     fitted.best_epoch, fitted.start_score, fitted.history = result.best_epoch, result.start_score, result.history
     fitted.seconds = time.perf_counter() - started
     return fitted
+
+
+def _optimizer(fit: Fit, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    if fit.optimizer == "schedulefree":
+        import schedulefree
+
+        return schedulefree.AdamWScheduleFree(params, lr=fit.lr, weight_decay=fit.weight_decay)
+    if fit.optimizer != "adamw":
+        raise ValueError(f"optimizer must be 'adamw' or 'schedulefree', got {fit.optimizer!r}")
+    return torch.optim.AdamW(params, lr=fit.lr, weight_decay=fit.weight_decay)
+
+
+def residual_procedure(options: dict, fit: Fit) -> tuple[dict, Fit, str]:
+    """A ResiDual configuration → (unit options, optimisation, label). `preset` names a procedure of
+    `TrainConfig.PRESETS` ("paper": its unit variant and its schedule-free optimisation); other keys are
+    `ResidualConfig` fields (granularity, stages, kinds, k, evr, coarse, ...)."""
+    options = dict(options)
+    preset = options.pop("preset", "default")
+    if preset == "default":
+        return options, fit, ResidualConfig(**options).label
+    config = TrainConfig.preset(preset, **options)
+    unit = {f.name: getattr(config, f.name) for f in dataclasses.fields(ResidualConfig)}
+    fit = dataclasses.replace(fit, lr=config.lr, weight_decay=config.weight_decay, batch_size=config.batch_size,
+                              epochs=config.epochs, patience=config.patience, optimizer=config.optimizer)
+    return unit, fit, config.variant
+
+
+def fit_residual_stats(data: RetrievalData, train_split: CaptionSplit) -> ResidualStatistics:
+    """PCA moments of the training clips' units (the bases ResiDual's λ act on)."""
+    bundle = data.bundle
+    return ResidualStatistics.fit(bundle.model, data.features.input_features, train_split.rows,
+                                  batch_size=data.batch_size, autocast=bundle.autocast, device=bundle.device,
+                                  is_longer=data.features.is_longer)
 
 
 def _inputs(data: RetrievalData, rows: np.ndarray):
@@ -133,11 +178,9 @@ def fit_residual(data: RetrievalData, train_split: CaptionSplit, val_split: Capt
     """λ trained with the symmetric contrastive loss on audio-caption pairs, text tower frozen."""
     text = text or TextCache(data.text_encoder())
     bundle = data.bundle
-    if stats is None:
-        stats = ResidualStatistics.fit(bundle.model, data.features.input_features, train_split.rows,
-                                       batch_size=data.batch_size, autocast=bundle.autocast, device=bundle.device,
-                                       is_longer=data.features.is_longer)
-    residual = build_residual(stats, **residual_options).to(bundle.device)
+    stats = stats or fit_residual_stats(data, train_split)
+    unit, fit, label = residual_procedure(residual_options, fit)
+    residual = build_residual(stats, **unit).to(bundle.device)
     train_text, scale = text(train_split.texts).to(bundle.device), _audio_scale(data)
 
     def loss(batch):
@@ -151,7 +194,8 @@ def fit_residual(data: RetrievalData, train_split: CaptionSplit, val_split: Capt
         return dot_scorer(source.audio_embeddings(rows, residual=residual), text(texts))
 
     params = {f"lambda.{k}": p for k, p in residual.lambdas.items()}
-    fitted = _run("residual", params, None, data, train_split, val_split, fit, loss, score, residual_options)
+    options = {**residual_options, "label": label}
+    fitted = _run("residual", params, None, data, train_split, val_split, fit, loss, score, options)
     fitted.module = residual
     return fitted
 

@@ -32,13 +32,16 @@ from audio_residual.retrieval.methods import (
     fit_lora,
     fit_projection,
     fit_residual,
+    fit_residual_stats,
     fit_tap,
     split_metrics,
     zero_shot,
 )
 from audio_residual.retrieval.text_encoders import TextEncoder, load_text_encoder
+from audio_residual.training.trainer import PRESETS
 
-METHODS = ("zero-shot", "residual", "projection", "tap", "lora", "finetune")
+METHODS = ("zero-shot", "residual", "residual-paper", "projection", "tap", "lora", "finetune")
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "residual-paper")  # the paper preset: named, 30 epochs
 DEFAULT_LR = {"residual": 1e-2, "projection": 1e-3, "tap": 1e-3, "lora": 1e-4, "finetune": 1e-5}
 ROW_COLUMNS = ("method", "direction", "r1", "r5", "r10", "map10", "mean_rank", "median_rank", "random_r1",
                "random_r5", "random_r10", "trainable_params", "seconds", "best_epoch", "val_mean_r1", "n_audio",
@@ -47,7 +50,7 @@ ROW_COLUMNS = ("method", "direction", "r1", "r5", "r10", "map10", "mean_rank", "
 
 @dataclass(frozen=True)
 class RetrievalStudyConfig:
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     epochs: int = 5
     batch_size: int = 32
     patience: int | None = None
@@ -75,18 +78,19 @@ class RetrievalStudyConfig:
         """What `method`'s rows depend on besides the data: its options and the optimisation."""
         if method == "zero-shot":
             return {"method": method}
-        options = {"residual": {"grid": list(self.residual_grid)},
+        options = {"residual": {"grid": list(self.residual_grid)}, "residual-paper": {"preset": PRESETS["paper"]},
                    "projection": {"source": self.projection_source, "text_model": self.text_model,
                                   "learn_temperature": self.learn_temperature},
                    "tap": {"attn_dim": self.tap_dim}, "lora": {"rank": self.lora_rank}, "finetune": {}}[method]
         return {"method": method, "options": options, "fit": asdict(self.fit(method))}
 
 
-def _fit_residual_grid(data, train, val, config: RetrievalStudyConfig, text) -> Fitted:
+def _fit_residual_grid(data, train, val, config: RetrievalStudyConfig, text, grid=None) -> Fitted:
     """Each configuration of the grid, kept by its best validation mean R@1 (start included): nested choice."""
     best, best_score = None, -1.0
-    for options in config.residual_grid:
-        fitted = fit_residual(data, train, val, config.fit("residual"), text=text, **options)
+    stats = fit_residual_stats(data, train)  # one PCA pass, shared by every configuration
+    for options in grid or config.residual_grid:
+        fitted = fit_residual(data, train, val, config.fit("residual"), stats=stats, text=text, **options)
         score = max([fitted.start_score or 0.0, *(h["val_mean_r1"] for h in fitted.history)])
         if score > best_score:
             best, best_score = fitted, score
@@ -103,12 +107,19 @@ def fitters(config: RetrievalStudyConfig, encoder: TextEncoder | None = None) ->
     return {
         "zero-shot": lambda data, train, val, text: zero_shot(data, text),
         "residual": lambda data, train, val, text: _fit_residual_grid(data, train, val, config, text),
+        "residual-paper": lambda data, train, val, text: _named(
+            _fit_residual_grid(data, train, val, config, text, grid=({"preset": "paper"},)), "residual-paper"),
         "projection": projection,
         "tap": lambda data, train, val, text: fit_tap(data, train, val, config.fit("tap"), config.tap_dim, text),
         "lora": lambda data, train, val, text: fit_lora(data, train, val, config.fit("lora"), config.lora_rank,
                                                         text=text),
         "finetune": lambda data, train, val, text: fit_finetune(data, train, val, config.fit("finetune"), text),
     }
+
+
+def _named(fitted: Fitted, name: str) -> Fitted:
+    fitted.method = name
+    return fitted
 
 
 class KeyedRows:
