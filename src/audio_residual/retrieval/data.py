@@ -131,6 +131,7 @@ class RetrievalData(AudioSource):
 
     table: CaptionTable | None = None
     duplicates: tuple[tuple[str, str], ...] = ()  # same audio under two names within one split (counted)
+    cache_dir: Path = Path("cache")  # the feature cache root (fine-tuning's `pretrain` shares it)
 
     @classmethod
     def open(cls, data: str | Path, model: str | Path, cache_dir: str | Path = "cache", device: str = "auto",
@@ -139,7 +140,7 @@ class RetrievalData(AudioSource):
         bundle = load_clap(model, device=device, amp=amp, class_names=tokenizer_words(table))
         cache = FeatureCache(Path(cache_dir), bundle.feature_extractor)
         features = cache.compute(table, on_bad_file=on_bad_file)
-        return cls(bundle, features, batch_size, table, duplicate_audio(table, features))
+        return cls(bundle, features, batch_size, table, duplicate_audio(table, features), Path(cache_dir))
 
     def split(self, name: str) -> CaptionSplit:
         return caption_split(self.table, self.features.valid, name)

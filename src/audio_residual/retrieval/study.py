@@ -21,27 +21,19 @@ import numpy as np
 import pandas as pd
 
 from audio_residual.clap.zeroshot import DEFAULT_TEMPLATES, class_prompts
-from audio_residual.evaluation.retrieval import direction_rows, retrieval_ranks, top_captions
+from audio_residual.evaluation.retrieval import retrieval_ranks, top_captions
 from audio_residual.io import save_figure, write_csv, write_json, write_text
+from audio_residual.methods.base import REGISTRIES, Context
+from audio_residual.methods.retrieval import RetrievalSplits
 from audio_residual.retrieval.data import AudioSource, CaptionSplit, RetrievalData
-from audio_residual.retrieval.methods import (
-    Fit,
-    Fitted,
-    TextCache,
-    fit_finetune,
-    fit_lora,
-    fit_projection,
-    fit_residual,
-    fit_residual_stats,
-    fit_tap,
-    split_metrics,
-    zero_shot,
-)
+from audio_residual.retrieval.methods import Fit, Fitted, TextCache, split_metrics
 from audio_residual.retrieval.text_encoders import TextEncoder, load_text_encoder
+from audio_residual.tasks.retrieval import RETRIEVAL
 from audio_residual.training.trainer import PRESETS
 
-METHODS = ("zero-shot", "residual", "residual-paper", "projection", "tap", "lora", "finetune")
-DEFAULT_METHODS = tuple(m for m in METHODS if m != "residual-paper")  # the paper preset: named, 30 epochs
+RETRIEVAL_METHODS = REGISTRIES[RETRIEVAL.name]
+METHODS = tuple(RETRIEVAL_METHODS)  # registration order
+DEFAULT_METHODS = tuple(name for name, method in RETRIEVAL_METHODS.items() if method.by_default)
 DEFAULT_LR = {"residual": 1e-2, "projection": 1e-3, "tap": 1e-3, "lora": 1e-4, "finetune": 1e-5}
 ROW_COLUMNS = ("method", "direction", "r1", "r5", "r10", "map10", "mean_rank", "median_rank", "random_r1",
                "random_r5", "random_r10", "trainable_params", "seconds", "best_epoch", "val_mean_r1", "n_audio",
@@ -74,52 +66,27 @@ class RetrievalStudyConfig:
         return Fit(epochs=self.epochs, lr=self.lr.get(method, 1e-3), batch_size=self.batch_size,
                    patience=self.patience, seed=self.seed)
 
+    def method_options(self, method: str) -> dict:
+        """`method`'s own keyword arguments (what `fit_splits` takes besides data, splits, fit and text)."""
+        return {"residual": {"grid": tuple(self.residual_grid)}, "residual-paper": {},
+                "projection": {"source": self.projection_source, "learn_temperature": self.learn_temperature},
+                "tap": {"attn_dim": self.tap_dim}, "lora": {"rank": self.lora_rank}}.get(method, {})
+
     def procedure(self, method: str) -> dict:
         """What `method`'s rows depend on besides the data: its options and the optimisation."""
         if method == "zero-shot":
             return {"method": method}
-        options = {"residual": {"grid": list(self.residual_grid)}, "residual-paper": {"preset": PRESETS["paper"]},
-                   "projection": {"source": self.projection_source, "text_model": self.text_model,
-                                  "learn_temperature": self.learn_temperature},
-                   "tap": {"attn_dim": self.tap_dim}, "lora": {"rank": self.lora_rank}, "finetune": {}}[method]
-        return {"method": method, "options": options, "fit": asdict(self.fit(method))}
+        extra = {"preset": PRESETS["paper"]} if method == "residual-paper" else {}
+        extra |= {"text_model": self.text_model} if method == "projection" else {}
+        return {"method": method, "options": {**self.method_options(method), **extra}, "fit": asdict(self.fit(method))}
 
-
-def _fit_residual_grid(data, train, val, config: RetrievalStudyConfig, text, grid=None) -> Fitted:
-    """Each configuration of the grid, kept by its best validation mean R@1 (start included): nested choice."""
-    best, best_score = None, -1.0
-    stats = fit_residual_stats(data, train)  # one PCA pass, shared by every configuration
-    for options in grid or config.residual_grid:
-        fitted = fit_residual(data, train, val, config.fit("residual"), stats=stats, text=text, **options)
-        score = max([fitted.start_score or 0.0, *(h["val_mean_r1"] for h in fitted.history)])
-        if score > best_score:
-            best, best_score = fitted, score
-    return best
-
-
-def fitters(config: RetrievalStudyConfig, encoder: TextEncoder | None = None) -> dict[str, Callable]:
-    """Each method's fit(data, train, val, text cache); `encoder` is the projection's text side (None: CLAP's)."""
-
-    def projection(data, train, val, text):
-        return fit_projection(data, train, val, config.fit("projection"), encoder=encoder,
-                              source=config.projection_source, learn_temperature=config.learn_temperature)
-
-    return {
-        "zero-shot": lambda data, train, val, text: zero_shot(data, text),
-        "residual": lambda data, train, val, text: _fit_residual_grid(data, train, val, config, text),
-        "residual-paper": lambda data, train, val, text: _named(
-            _fit_residual_grid(data, train, val, config, text, grid=({"preset": "paper"},)), "residual-paper"),
-        "projection": projection,
-        "tap": lambda data, train, val, text: fit_tap(data, train, val, config.fit("tap"), config.tap_dim, text),
-        "lora": lambda data, train, val, text: fit_lora(data, train, val, config.fit("lora"), config.lora_rank,
-                                                        text=text),
-        "finetune": lambda data, train, val, text: fit_finetune(data, train, val, config.fit("finetune"), text),
-    }
-
-
-def _named(fitted: Fitted, name: str) -> Fitted:
-    fitted.method = name
-    return fitted
+    def context(self, method: str, data: RetrievalData, splits: RetrievalSplits, text: TextCache,
+                encoder: TextEncoder | None) -> Context:
+        """The registry's `Context` for `method`: data, official splits, seed, options (fit, text cache)."""
+        options = {**self.method_options(method), "fit": self.fit(method), "text": text}
+        if method == "projection":
+            options["encoder"] = encoder
+        return Context(data, splits, None, self.seed, options)
 
 
 class KeyedRows:
@@ -152,13 +119,16 @@ class RetrievalOutcome:
     out: Path
 
 
-def method_rows(fitted: Fitted, data: RetrievalData, test: CaptionSplit, key: str, block: int) -> list[dict]:
-    metrics = split_metrics(fitted, data, test, block)
+def method_rows(fitted: Fitted, ctx: Context, key: str, block: int) -> list[dict]:
+    """The test rows of a fitted method (one per direction), scored by the retrieval task."""
+    test = ctx.split.test
+    method = RETRIEVAL_METHODS[fitted.method]
+    metrics, _ = RETRIEVAL.evaluate(method.scores(fitted, ctx, test.rows), test.caption_clip, block)
     val = max([fitted.start_score, *(h["val_mean_r1"] for h in fitted.history)])
-    common = {"method": fitted.method, "trainable_params": fitted.trainable_params, "seconds": fitted.seconds,
+    common = {"method": fitted.method, "trainable_params": method.trainable_params(fitted), "seconds": fitted.seconds,
               "best_epoch": fitted.best_epoch, "val_mean_r1": val, "n_audio": metrics["n_audio"],
-              "n_text": metrics["n_text"], "dataset": data.table.name, "model": data.bundle.model_id, "key": key}
-    return [{**common, **row} for row in direction_rows(metrics)]
+              "n_text": metrics["n_text"], "dataset": ctx.ws.table.name, "model": ctx.ws.bundle.model_id, "key": key}
+    return [{**common, **row} for row in RETRIEVAL.rows(metrics)]
 
 
 def query_examples(fitted: Fitted, data: RetrievalData, test: CaptionSplit, n: int, k: int = 5) -> list[dict]:
@@ -276,13 +246,12 @@ def run_retrieval_study(data: RetrievalData, out: str | Path, config: RetrievalS
     `retention`: (an `AudioSource` on the same model, its labelled `ClipTable`) for zero-shot classification.
     """
     out = Path(out)
-    train, val, test = (data.split(s) for s in ("train", "validation", "test"))
+    splits = RetrievalSplits.of(data)
     encoder = None  # loaded first: a --text-model that is not a text encoder stops the run before any training
     if config.text_model is not None and "projection" in config.methods:
         encoder = load_text_encoder(config.text_model, data.bundle.device)
     store = KeyedRows(out / "retrieval.csv", ROW_COLUMNS)
     text = TextCache(data.text_encoder())
-    fit_method = fitters(config, encoder)
     fitted: dict[str, Fitted] = {}
     rows = []
     for method in config.methods:
@@ -292,11 +261,13 @@ def run_retrieval_study(data: RetrievalData, out: str | Path, config: RetrievalS
         if len(stored) and not needs_model:
             rows.append(stored)
             continue
-        fitted[method] = fit_method[method](data, train, val, text)
+        ctx = config.context(method, data, splits, text, encoder)
+        fitted[method] = RETRIEVAL_METHODS[method].fit(ctx)
         if fitted[method].start_score is None:  # untrained (zero-shot): its validation score, for the table
-            fitted[method].start_score = split_metrics(fitted[method], data, val, config.block)["mean_r1"]
-        store.put(method, key, method_rows(fitted[method], data, test, key, config.block))
+            fitted[method].start_score = split_metrics(fitted[method], data, splits.validation, config.block)["mean_r1"]
+        store.put(method, key, method_rows(fitted[method], ctx, key, config.block))
         rows.append(store.rows(method, key))
+    test = splits.test
     table = pd.concat(rows, ignore_index=True)
     save_figure(plot_r1_against_parameters(table), out / "retrieval_r1_vs_params.png")
     examples = [ex for name in ("zero-shot", _best_trained(table, fitted)) if name in fitted
