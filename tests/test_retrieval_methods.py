@@ -98,3 +98,17 @@ def test_residual_takes_the_unit_options_and_the_paper_preset(data):
     assert len(paper.history) == 2  # the preset's procedure with its epochs overridden
     assert not all(bool((p == 1).all()) for p in paper.module.lambdas.values())  # λ = 1 + N(0, 1)
     assert paper.module.config.center == "drop" and paper.module.config.tail == "zero"
+
+
+def test_every_epoch_reaches_the_logger(data):
+    class Recorder:
+        def __init__(self):
+            self.records = []
+
+        def log(self, metrics, step=None):
+            self.records.append(metrics)
+
+    recorder = Recorder()
+    fit_projection(data, data.split("train"), data.split("validation"), Fit(epochs=2, batch_size=4, logger=recorder))
+    assert [r["retrieval/projection/epoch"] for r in recorder.records] == [1, 2]
+    assert all("retrieval/projection/val_mean_r1" in r for r in recorder.records)

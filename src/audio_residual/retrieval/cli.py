@@ -37,6 +37,8 @@ def add_retrieval_parser(sub, positive_int, device) -> None:
     p.add_argument("--device", type=device, default="auto", help="auto, cuda, cuda:N, mps or cpu")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"], help="CUDA autocast")
     p.add_argument("--on-bad-file", choices=["error", "skip"], default="error")
+    p.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"], default="disabled",
+                   help="log every method's epochs to W&B (auto: online when logged in)")
     p.set_defaults(func=cmd_retrieval)
 
 
@@ -55,7 +57,7 @@ def cmd_retrieval(args) -> None:
     methods = ("zero-shot", *[m for m in methods if m != "zero-shot"])
     config = RetrievalStudyConfig(methods=methods, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                                   text_model=args.text_model, projection_source=args.projection_source,
-                                  learn_temperature=args.learn_temperature)
+                                  learn_temperature=args.learn_temperature, wandb=args.wandb)
     data = RetrievalData.open(args.data, args.model, cache_dir=args.cache, device=args.device, amp=args.amp,
                               on_bad_file=args.on_bad_file, batch_size=args.batch_size)
     print(describe_missing(data))

@@ -14,6 +14,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,6 +61,7 @@ class Fit:
     patience: int | None = None
     seed: int = 0
     optimizer: str = "adamw"  # or "schedulefree" (schedule-free AdamW: the paper preset of ResiDual)
+    logger: Any = field(default=None, compare=False, repr=False)  # a `RunTracker` (W&B); not an option
 
 
 def split_metrics(fitted: Fitted, data: RetrievalData, split: CaptionSplit, block: int = 256) -> dict:
@@ -103,7 +105,8 @@ def _run(name: str, params: dict, steps_for: Callable[[Steps], None] | None, dat
                 module_mode(training)
 
         steps.mode = mode
-    result = train(steps, fit.epochs, seed=fit.seed, patience=fit.patience, desc=name, metric="mean_r1")
+    result = train(steps, fit.epochs, seed=fit.seed, patience=fit.patience, desc=f"retrieval/{name}",
+                   metric="mean_r1", logger=fit.logger)
     fitted.best_epoch, fitted.start_score, fitted.history = result.best_epoch, result.start_score, result.history
     fitted.seconds = time.perf_counter() - started
     return fitted

@@ -12,6 +12,7 @@ the same key and computes only what is missing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -29,6 +30,7 @@ from audio_residual.retrieval.data import AudioSource, CaptionSplit, RetrievalDa
 from audio_residual.retrieval.methods import Fit, Fitted, TextCache, split_metrics
 from audio_residual.retrieval.text_encoders import TextEncoder, load_text_encoder
 from audio_residual.tasks.retrieval import RETRIEVAL
+from audio_residual.training.tracking import RunTracker
 from audio_residual.training.trainer import PRESETS
 
 RETRIEVAL_METHODS = REGISTRIES[RETRIEVAL.name]
@@ -56,6 +58,7 @@ class RetrievalStudyConfig:
     lora_rank: int = 8
     block: int = 256
     examples: int = 3
+    wandb: str = "disabled"  # W&B mode of the training loop's per-epoch records (auto, online, offline)
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -81,9 +84,10 @@ class RetrievalStudyConfig:
         return {"method": method, "options": {**self.method_options(method), **extra}, "fit": asdict(self.fit(method))}
 
     def context(self, method: str, data: RetrievalData, splits: RetrievalSplits, text: TextCache,
-                encoder: TextEncoder | None) -> Context:
+                encoder: TextEncoder | None, logger=None) -> Context:
         """The registry's `Context` for `method`: data, official splits, seed, options (fit, text cache)."""
-        options = {**self.method_options(method), "fit": self.fit(method), "text": text}
+        fit = dataclasses.replace(self.fit(method), logger=logger)
+        options = {**self.method_options(method), "fit": fit, "text": text}
         if method == "projection":
             options["encoder"] = encoder
         return Context(data, splits, None, self.seed, options)
@@ -254,6 +258,8 @@ def run_retrieval_study(data: RetrievalData, out: str | Path, config: RetrievalS
     text = TextCache(data.text_encoder())
     fitted: dict[str, Fitted] = {}
     rows = []
+    tracker = RunTracker(config.wandb, config={"retrieval": asdict(config), "data": data.table.name},
+                         wandb_dir=out, job_type="retrieval")
     for method in config.methods:
         key = data.key(config.procedure(method))
         stored = store.rows(method, key)
@@ -261,12 +267,13 @@ def run_retrieval_study(data: RetrievalData, out: str | Path, config: RetrievalS
         if len(stored) and not needs_model:
             rows.append(stored)
             continue
-        ctx = config.context(method, data, splits, text, encoder)
+        ctx = config.context(method, data, splits, text, encoder, tracker)
         fitted[method] = RETRIEVAL_METHODS[method].fit(ctx)
         if fitted[method].start_score is None:  # untrained (zero-shot): its validation score, for the table
             fitted[method].start_score = split_metrics(fitted[method], data, splits.validation, config.block)["mean_r1"]
         store.put(method, key, method_rows(fitted[method], ctx, key, config.block))
         rows.append(store.rows(method, key))
+    tracker.finish()
     test = splits.test
     table = pd.concat(rows, ignore_index=True)
     save_figure(plot_r1_against_parameters(table), out / "retrieval_r1_vs_params.png")
