@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers import ClapConfig, ClapModel, ClapProcessor, ClapTextConfig, PreTrainedTokenizerBase
 
-from audio_residual.clap.classifier import audio_embeddings
+from audio_residual.clap.encode import audio_embeddings
 from audio_residual.clap.tiny import (
     htsat_base_config,
     htsat_tiny_config,
@@ -83,7 +83,7 @@ def new_clap(config: str, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> 
         # no gradient to tell captions apart for dozens of steps); the rest takes transformers' standard init.
         clap_config = tiny_clap_config(vocab_size=vocab)
         clap_config.initializer_factor = 1.0
-        clap_config.text_config.initializer_factor = 8.0
+        clap_config.text_config.initializer_factor = 3.0
         for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             setattr(clap_config.text_config, key, 0.0)
         for key in ("drop_path_rate", "hidden_dropout_prob", "attention_probs_dropout_prob"):

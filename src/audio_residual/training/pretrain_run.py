@@ -10,6 +10,7 @@ OUT/skipped.csv     clips left out (missing AudioCaps videos, unreadable audio),
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 import time
@@ -95,7 +96,7 @@ def classification_eval(spec: str | None, processor, cache_dir: Path, device: to
     """A function model → zero-shot accuracy on the labelled set `spec` (None: no such evaluation)."""
     if spec is None:
         return None
-    from audio_residual.clap.classifier import ZeroShotClassifier
+    from audio_residual.clap.zeroshot import ZeroShotClassifier
     from audio_residual.evaluation.metrics import topk_accuracy
     from audio_residual.workspace import resolve_dataset
 
@@ -123,6 +124,10 @@ def _save_model(model, processor, folder: Path, provenance: dict) -> None:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         write_json(staging / PROVENANCE_FILE, provenance)
+        mask = os.umask(0o022)
+        os.umask(mask)
+        for path in (staging, *staging.iterdir()):  # mkdtemp made them private: the modes open() would give
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
         if folder.exists():
             shutil.rmtree(folder)
         staging.rename(folder)
