@@ -42,10 +42,10 @@ def test_generated_captions_describe_each_clip_and_cover_every_split(generated):
     assert all(len(c) == 5 for c in table.captions)
     for row, record in attributes.iterrows():
         assert table.filenames[row] == record["filename"] and table.splits[row] == record["split"]
-        for caption in table.captions[row]:
+        for caption in (c.lower() for c in table.captions[row]):
             assert record["family"] in caption  # the family word always; no other family's word
             assert not any(f in caption.split() for f in {"tone", "noise", "chirp", "hum"} - {record["family"]})
-        words = " ".join(table.captions[row]).split()
+        words = " ".join(table.captions[row]).lower().split()
         assert ("low" in words) != ("high" in words) or record["pitch"] in words
     texts, owner = table.caption_pairs(table.rows("test"))
     assert len(texts) == 10 and owner.tolist() == [0] * 5 + [1] * 5

@@ -224,6 +224,62 @@ def cmd_generate_captions(args) -> None:
     print(f"generated captioned audio (captions.csv: filename,caption,split) in {path}")
 
 
+def cmd_pretrain(args) -> None:
+    from audio_residual.data_processing.captions import load_captions
+    from audio_residual.training.pretrain import PretrainRecipe
+    from audio_residual.training.pretrain_run import PretrainRun, PretrainSource, pretrain
+
+    if args.preset is not None:
+        from audio_residual.training.pretrain_preset import run_preset
+
+        path = run_preset(args.preset, args.out, seed=args.seed, device=args.device)
+        print(f"pretrained CLAP ({args.preset} preset) → {path}")
+        return
+    if args.data is None:
+        raise ValueError("give --data (captioned audio) or --preset tiny")
+    if args.model is not None and args.config is not None:
+        raise ValueError("give --config (from scratch) or --model (continue training), not both")
+    table = load_captions(args.data, export_root=Path("data") / "hf", caption_column=args.caption_column)
+    recipe = PretrainRecipe(
+        epochs=args.epochs, batch_size=args.batch_size, accumulate=args.accumulate, lr=args.lr,
+        weight_decay=args.weight_decay, warmup=args.warmup, freeze=args.freeze, seed=args.seed,
+    )  # fmt: skip
+    source = PretrainSource(config=None if args.model else (args.config or "tiny"), model=args.model, tokenizer=args.tokenizer)
+    run = PretrainRun(args.out, cache_dir=args.cache, device=args.device, amp=args.amp, wandb=args.wandb,
+                      eval_classification=args.eval_classification, on_bad_file=args.on_bad_file,
+                      extra_provenance={"data_source": str(args.data)})  # fmt: skip
+    path = pretrain(table, source, recipe, run)
+    print(f"pretrained CLAP → {path} (use it as --model {path})")
+
+
+def _pretrain_parser(sub) -> None:
+    from audio_residual.training.pretrain import CONFIGS, FREEZE
+
+    p = sub.add_parser("pretrain", help="train a CLAP contrastively on captioned audio → OUT/model (a --model folder)")
+    p.add_argument("--data", default=None, help="captioned audio: Clotho or AudioCaps folder, folder with captions.csv, hf:OWNER/NAME")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--preset", choices=["tiny"], default=None, help="tiny: the shipped tiny CLAP's run (generated data)")
+    p.add_argument("--config", choices=CONFIGS, default=None, help="train from scratch at this size (default tiny)")
+    p.add_argument("--model", default=None, help="continue training this CLAP (hub id, folder, tiny, tiny-random)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder for htsat sizes (none can be downloaded offline)")
+    p.add_argument("--freeze", choices=FREEZE, default="none")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=10)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=32)
+    p.add_argument("--accumulate", type=POSITIVE_INT, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=POSITIVE, default=1e-4)
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.2)
+    p.add_argument("--warmup", type=VAL_FRACTION, default=0.05, help="share of the steps warming up linearly")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-classification", default=None, metavar="DATA", help="labelled set scored zero-shot every epoch")
+    p.add_argument("--caption-column", default=None, help="caption column of a Hugging Face dataset")
+    p.add_argument("--cache", type=Path, default=Path("cache"), help="feature cache folder")
+    p.add_argument("--device", type=_device, default="auto")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"], help="CUDA autocast")
+    p.add_argument("--on-bad-file", choices=["error", "skip"], default="error")
+    p.add_argument("--wandb", choices=WANDB_MODES, default="auto", help=WANDB_HELP)
+    p.set_defaults(func=cmd_pretrain)
+
+
 def cmd_analyze(args) -> None:
     import matplotlib
 
@@ -492,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="other datasets (as --data) scored zero-shot with each fold's adapted encoders → transfer.csv")
     p.set_defaults(func=cmd_experiment)
 
+    _pretrain_parser(sub)
     add_retrieval_parser(sub, POSITIVE_INT, _device)
 
     p = sub.add_parser("demo", help="offline end-to-end run on generated data with the tiny model")

@@ -26,7 +26,7 @@ from audio_residual.data_processing.captions import CAPTIONS_CSV
 from audio_residual.data_processing.datasets import ESC50_CSV
 from audio_residual.data_processing.synthetic import GENERATOR_JSON, _replace_dir
 
-CAPTION_GENERATOR_VERSION = 1
+CAPTION_GENERATOR_VERSION = 2
 ATTRIBUTES_CSV = Path("meta") / "attributes.csv"
 FAMILIES = ("tone", "noise", "clicks", "chirp", "hum")
 ATTRIBUTE_VALUES = {
@@ -41,8 +41,7 @@ ATTRIBUTE_VALUES = {
 FAMILY_ATTRIBUTES = {"clicks": ("rate",), "hum": ("rate",), "chirp": ("direction",), "noise": ("band",)}
 # Every word a caption or a class prompt uses: the tiny pretrained CLAP's tokenizer is trained on these.
 CAPTION_WORDS = (
-    "a an the sound of this is recording audio clip that starts early late begins starting beginning with "
-    "and it which , . " + " ".join(v for values in ATTRIBUTE_VALUES.values() for v in values)
+    "a an the sound of this is that starts early late starting and it A An The This , . " + " ".join(v for values in ATTRIBUTE_VALUES.values() for v in values)
 )
 SAMPLE_RATE = 48_000
 
@@ -61,6 +60,18 @@ def draw_attributes(rng: np.random.Generator, fixed: Mapping[str, str] | None = 
     return attributes
 
 
+# Each family sounds in its own frequency region, one for "low" and one for "high" (Hz, log-uniform within):
+# the regions interleave, so pitch words and family words are both heard in where the energy lies, and
+# each family also keeps its own texture (harmonics, noise, impulses, sweeps, amplitude modulation).
+REGIONS = {
+    "tone": ((80, 120), (1100, 1500)),
+    "hum": ((140, 200), (1700, 2300)),
+    "chirp": ((230, 320), (2600, 3400)),
+    "noise": ((380, 560), (4000, 5500)),
+    "clicks": ((650, 950), (6500, 9000)),
+}
+
+
 def _uniform(rng, low_range, high_range, pick_high: bool) -> float:
     lo, hi = high_range if pick_high else low_range
     return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
@@ -69,31 +80,27 @@ def _uniform(rng, low_range, high_range, pick_high: bool) -> float:
 def _event(attributes: Mapping[str, str], t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """The sound itself (before onset and level), from its family, pitch and family attributes."""
     family, high = attributes["family"], attributes["pitch"] == "high"
+    f = _uniform(rng, *REGIONS[family], high)
     fast = attributes.get("rate") == "fast"
     if family == "tone":
-        f0 = _uniform(rng, (110, 220), (880, 1760), high)
-        return sum(np.sin(2 * np.pi * h * f0 * t + rng.uniform(0, 2 * np.pi)) / h for h in range(1, 5))
+        return sum(np.sin(2 * np.pi * h * f * t + rng.uniform(0, 2 * np.pi)) / h**2 for h in range(1, 4))
     if family == "noise":
-        center = _uniform(rng, (250, 500), (3000, 6000), high)
-        half_width = 1.12 if attributes["band"] == "narrow" else 2.0
+        half_width = 1.08 if attributes["band"] == "narrow" else 1.35
         spectrum = np.fft.rfft(rng.standard_normal(t.size))
         freqs = np.fft.rfftfreq(t.size, t[1] - t[0])
-        spectrum[(freqs < center / half_width) | (freqs > center * half_width)] = 0
+        spectrum[(freqs < f / half_width) | (freqs > f * half_width)] = 0
         return np.fft.irfft(spectrum, n=t.size)
     if family == "clicks":
-        resonance = _uniform(rng, (400, 800), (3000, 6000), high)
         rate = _uniform(rng, (2, 4), (12, 20), fast)
         since = np.mod(t + rng.uniform(0, 1 / rate), 1 / rate)
-        return np.sin(2 * np.pi * resonance * since) * np.exp(-since * resonance / 8)
+        return np.sin(2 * np.pi * f * since) * np.exp(-since * f / 20)
     if family == "chirp":
-        low = _uniform(rng, (200, 300), (1500, 2200), high)
-        start, end = (low, 3 * low) if attributes["direction"] == "rising" else (3 * low, low)
+        start, end = (f / 1.2, f * 1.2) if attributes["direction"] == "rising" else (f * 1.2, f / 1.2)
         sweep = 0.5
         k = np.log(end / start) / sweep
         return np.sin(2 * np.pi * start * (np.exp(k * np.mod(t, sweep)) - 1) / k)
-    carrier = _uniform(rng, (150, 300), (1200, 2400), high)
     modulation = _uniform(rng, (1.5, 3), (10, 16), fast)
-    return 0.5 * (1 + np.sin(2 * np.pi * modulation * t)) * np.sin(2 * np.pi * carrier * t)
+    return 0.5 * (1 + np.sin(2 * np.pi * modulation * t)) * np.sin(2 * np.pi * f * t)
 
 
 def render(attributes: Mapping[str, str], seconds: float, rng: np.random.Generator, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -130,7 +137,7 @@ def compose_caption(attributes: Mapping[str, str], rng: np.random.Generator) -> 
     adjectives = _adjectives(attributes, rng, keep=rng.choice([0.5, 0.8, 1.0]))
     onset = f"that starts {attributes['onset']}" if rng.random() < 0.5 else ""
     noun = " ".join([*adjectives, family])
-    style = int(rng.integers(0, 4))
+    style = int(rng.integers(0, 5))
     if style == 0:
         text = f"{_article(noun)} {noun} {onset}"
     elif style == 1:
@@ -138,8 +145,13 @@ def compose_caption(attributes: Mapping[str, str], rng: np.random.Generator) -> 
     elif style == 2 and adjectives:
         text = f"{_article(family)} {family} that is {' and '.join(adjectives)}"
         text += f", it starts {attributes['onset']}" if onset else ""
+    elif style == 3:
+        text = f"this is a sound of {noun} {onset}"
     else:
         text = f"{family}, " + ", ".join([*adjectives, f"starting {attributes['onset']}"])
+    text = text.strip()
+    if rng.random() < 0.5:  # sentence case and a full stop, as prompts are written
+        text = text[0].upper() + text[1:] + "."
     return " ".join(text.split())
 
 
