@@ -11,7 +11,6 @@ from audio_residual.evaluation.retrieval import retrieval_ranks
 from audio_residual.retrieval.data import RetrievalData
 from audio_residual.retrieval.methods import (
     Fit,
-    fit_finetune,
     fit_lora,
     fit_projection,
     fit_residual,
@@ -52,7 +51,7 @@ def test_lora_and_identity_projection_start_at_zero_shot(data):
         torch.testing.assert_close(full_scores(fitted, data, test), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", [fit_residual, fit_projection, fit_lora, fit_finetune])
+@pytest.mark.parametrize("method", [fit_residual, fit_projection, fit_lora])
 def test_training_steps_that_change_no_parameter_leave_zero_shot_scores(data, method):
     """lr = 0: two epochs of real steps (train mode, forward, backward) must leave the scores exactly
     zero-shot's; running statistics (BatchNorm) are state too and must not drift."""
@@ -63,10 +62,10 @@ def test_training_steps_that_change_no_parameter_leave_zero_shot_scores(data, me
                                atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", [fit_residual, fit_projection, fit_tap, fit_lora, fit_finetune])
+@pytest.mark.parametrize("method", [fit_residual, fit_projection, fit_tap, fit_lora])
 def test_every_method_trains_and_selects_on_validation(data, method):
     train, val, test = (data.split(s) for s in ("train", "validation", "test"))
-    fitted = method(data, train, val, Fit(epochs=2, lr=1e-2 if method is not fit_finetune else 1e-4, batch_size=4))
+    fitted = method(data, train, val, Fit(epochs=2, lr=1e-2, batch_size=4))
     assert fitted.trainable_params > 0 and fitted.seconds > 0
     assert len(fitted.history) == 2 and fitted.best_epoch in (0, 1, 2)
     scores = [h["val_mean_r1"] for h in fitted.history]
@@ -112,3 +111,20 @@ def test_every_epoch_reaches_the_logger(data):
     fit_projection(data, data.split("train"), data.split("validation"), Fit(epochs=2, batch_size=4, logger=recorder))
     assert [r["retrieval/projection/epoch"] for r in recorder.records] == [1, 2]
     assert all("retrieval/projection/val_mean_r1" in r for r in recorder.records)
+
+
+def test_finetune_is_pretrain_from_the_checkpoint_on_the_training_split(data, tmp_path):
+    from audio_residual.retrieval.finetune import fit_pretrain_finetune
+
+    train, val, test = (data.split(s) for s in ("train", "validation", "test"))
+    fitted = fit_pretrain_finetune(data, Fit(epochs=1, lr=1e-4, batch_size=4), tmp_path / "ft")
+    assert (tmp_path / "ft" / "model" / "config.json").is_file()  # a --model folder with its provenance
+    audio_tower = sum(p.numel() for n, p in data.bundle.model.named_parameters() if n.startswith("audio_"))
+    assert fitted.trainable_params == audio_tower + 2  # audio tower + projection + both temperatures; text frozen
+    assert len(fitted.history) == 1 and fitted.best_epoch in (0, 1)
+    if fitted.best_epoch == 0:  # the kept model is the starting checkpoint: exactly zero-shot
+        torch.testing.assert_close(full_scores(fitted, data, test), full_scores(zero_shot(data), data, test),
+                                   atol=1e-5, rtol=1e-5)
+    # Text tower frozen: the tuned model embeds captions exactly as the start did.
+    tuned_text = fitted.score(data, test.rows[:1], test.texts)(slice(0, 1), slice(0, len(test.texts)))
+    assert tuned_text.shape == (1, len(test.texts))

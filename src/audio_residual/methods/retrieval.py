@@ -117,8 +117,12 @@ class Lora(RetrievalMethod):
 
 @register
 class Finetune(RetrievalMethod):
+    """`pretrain` continued from the study's checkpoint on the training split (text tower frozen by default)."""
+
     name = "finetune"
     by_default = True
 
-    def fit_splits(self, data, train, val, fit, text):
-        return fitters.fit_finetune(data, train, val, fit, text=text)
+    def fit_splits(self, data, train, val, fit, text, out, freeze="text"):
+        from audio_residual.retrieval.finetune import fit_pretrain_finetune
+
+        return fit_pretrain_finetune(data, fit, out, freeze=freeze)

@@ -1,4 +1,4 @@
-"""Retrieval methods: zero-shot, ResiDual, linear projection, TAP, LoRA and fine-tuning of the audio tower.
+"""Retrieval methods: zero-shot, ResiDual, linear projection, TAP and LoRA (fine-tuning: `retrieval.finetune`).
 
 Every trained method fits on the training split's (clip, caption) pairs with CLIP's symmetric InfoNCE
 (one caption drawn per clip and epoch, text side frozen) through the one training loop, which keeps the
@@ -322,13 +322,3 @@ def fit_lora(data: RetrievalData, train_split, val_split, fit: Fit = Fit(), rank
     options = {"rank": rank, "target_modules": list(target_modules), "alpha": alpha}
     return _fit_tower("lora", AudioTower(audio, projection), data, train_split, val_split, fit,
                       text or TextCache(data.text_encoder()), options)
-
-
-def fit_finetune(data: RetrievalData, train_split, val_split, fit: Fit = Fit(lr=1e-5),
-                 text: TextCache | None = None) -> Fitted:
-    """Every weight of a copy of the audio tower and its projection, text tower frozen."""
-    model = data.bundle.model
-    tower = AudioTower(copy.deepcopy(model.audio_model), copy.deepcopy(model.audio_projection)).requires_grad_(True)
-    return _fit_tower("finetune", tower, data, train_split, val_split, fit, text or TextCache(data.text_encoder()),
-                      {})
-

@@ -84,12 +84,14 @@ class RetrievalStudyConfig:
         return {"method": method, "options": {**self.method_options(method), **extra}, "fit": asdict(self.fit(method))}
 
     def context(self, method: str, data: RetrievalData, splits: RetrievalSplits, text: TextCache,
-                encoder: TextEncoder | None, logger=None) -> Context:
+                encoder: TextEncoder | None, logger=None, out: Path | None = None) -> Context:
         """The registry's `Context` for `method`: data, official splits, seed, options (fit, text cache)."""
         fit = dataclasses.replace(self.fit(method), logger=logger)
         options = {**self.method_options(method), "fit": fit, "text": text}
         if method == "projection":
             options["encoder"] = encoder
+        if method == "finetune":  # `pretrain` writes its checkpoints and the tuned model there
+            options["out"] = Path(out or "runs/retrieval") / "finetune"
         return Context(data, splits, None, self.seed, options)
 
 
@@ -267,7 +269,7 @@ def run_retrieval_study(data: RetrievalData, out: str | Path, config: RetrievalS
         if len(stored) and not needs_model:
             rows.append(stored)
             continue
-        ctx = config.context(method, data, splits, text, encoder, tracker)
+        ctx = config.context(method, data, splits, text, encoder, tracker, out)
         fitted[method] = RETRIEVAL_METHODS[method].fit(ctx)
         if fitted[method].start_score is None:  # untrained (zero-shot): its validation score, for the table
             fitted[method].start_score = split_metrics(fitted[method], data, splits.validation, config.block)["mean_r1"]
