@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from audio_residual.evaluation.retrieval import metrics_from_ranks, retrieval_ranks
 from audio_residual.tasks import TASKS
 from audio_residual.tasks.retrieval import RETRIEVAL
 
@@ -21,7 +22,7 @@ def test_task_is_registered_beside_classification():
 def test_evaluate_a_matrix_or_a_scorer_and_store_one_row_per_direction():
     metrics, arrays = RETRIEVAL.evaluate(S, CAPTION_CLIP)
     same, _ = RETRIEVAL.evaluate(lambda rows, cols: S[rows, cols], CAPTION_CLIP, block=1)
-    assert metrics == same
+    assert metrics == same == metrics_from_ranks(retrieval_ranks(lambda rows, cols: S[rows, cols], 3, CAPTION_CLIP))
     assert metrics["t2a_r1"] == pytest.approx(0.4) and metrics["a2t_r1"] == pytest.approx(2 / 3)
     np.testing.assert_array_equal(arrays["t2a_ranks"], [0, 2, 1, 1, 0])
     rows = RETRIEVAL.rows(metrics)
