@@ -35,3 +35,13 @@ def test_loss_is_symmetric_infonce_with_same_clip_positives():
     ids = torch.tensor([0, 1])
     expected = torch.nn.functional.cross_entropy(logits, ids)  # symmetric matrix: both directions agree
     assert float(RETRIEVAL.loss(logits, (ids, ids))) == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_retrieval_methods_register_beside_classification():
+    from audio_residual.methods import REGISTRIES, REGISTRY
+
+    assert REGISTRY is REGISTRIES["classification"]  # classification's lists never see retrieval methods
+    retrieval = REGISTRIES["retrieval"]
+    assert list(retrieval) == ["zero-shot", "residual", "residual-paper", "projection", "tap", "lora", "finetune"]
+    assert all(m.task == "retrieval" for m in retrieval.values()) and "tap" not in REGISTRY
+    assert all(m.task == "classification" for m in REGISTRY.values())
