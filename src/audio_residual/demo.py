@@ -1,5 +1,4 @@
-"""The offline demo: the whole study (`audio_residual.experiments.study`) on generated data with the tiny
-pretrained CLAP.
+"""The offline demo: the whole study (`audio_residual.experiments.study`) on generated data with the tiny pretrained CLAP.
 
 The classes are attribute combinations of the captioned-audio generator (`synthetic_captions`) named by the
 words the tiny CLAP was pretrained on, so zero-shot means something; they are chosen close to each other
