@@ -118,7 +118,7 @@ def test_two_sweep_and_train_commands_into_one_out(tmp_path):
 
     data = make_synthetic_esc50(tmp_path / "data", n_classes=3, clips_per_class=5, seconds=1.5, sample_rate=16000)
     out, cache = tmp_path / "out", tmp_path / "cache"
-    common = ["--data", str(data), "--model", "tiny", "--cache", str(cache), "--device", "cpu",
+    common = ["--data", str(data), "--model", "tiny-random", "--cache", str(cache), "--device", "cpu",
               "--out", str(out), "--batch-size", "8"]
     jobs = []
     for writer, lrs in enumerate(([0.05, 0.1], [0.2, 0.3])):

@@ -23,7 +23,7 @@ def test_two_processes_give_the_single_process_moments(tiny_bundle, tmp_path):
     features = np.random.default_rng(0).standard_normal((7, 1, 1001, 64)).astype(np.float32)
     np.save(tmp_path / "x.npy", features)
     rows = np.array([6, 0, 2, 5, 1, 3])  # 3 batches of 2: rank 0 runs two, rank 1 one (after priming on batch 0)
-    shared = fit_on_cpu_processes("tiny", CLASSES, tmp_path / "x.npy", rows, 2, tmp_path / "stats.safetensors")
+    shared = fit_on_cpu_processes("tiny-random", CLASSES, tmp_path / "x.npy", rows, 2, tmp_path / "stats.safetensors")
     single = ResidualStatistics.fit(tiny_bundle.model, features, rows, batch_size=2)
     assert shared.blocks.keys() == single.blocks.keys()
     for block, parts in single.blocks.items():
@@ -77,10 +77,10 @@ def test_torchrun_entry_point_shares_the_cache_and_writes_the_fold_statistics(tm
         port = probe.getsockname()[1]
     for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}.items():
         monkeypatch.setenv(name, value)
-    main(["--data", str(root), "--model", "tiny", "--fold", "2", "--out", str(tmp_path / "stats"),
+    main(["--data", str(root), "--model", "tiny-random", "--fold", "2", "--out", str(tmp_path / "stats"),
           "--cache", str(tmp_path / "cache"), "--amp", "none", "--batch-size", "4"])
     monkeypatch.setattr(FeatureCache, "_clips", lambda *a: pytest.fail("the torchrun pass left features to compute"))
-    ws = Workspace.open(root, model="tiny", cache_dir=tmp_path / "cache", device="cpu", amp="none")
+    ws = Workspace.open(root, model="tiny-random", cache_dir=tmp_path / "cache", device="cpu", amp="none")
     shared = ResidualStatistics.load(tmp_path / "stats" / "stats_fold2.safetensors")
     assert shared.metadata["processes"] == 1 and shared.metadata["fold"] == 2
     train = ws.split(2).train

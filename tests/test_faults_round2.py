@@ -98,14 +98,14 @@ def test_hf_saved_folders_that_crashed_are_one_line_errors(hf_full, tmp_path, ca
             with pytest.raises(DatasetError, match=expected):
                 load_hf_dataset(tmp_path / name, tmp_path / "export", label_column="genre")
             continue
-        code, err = run(capsys, "zeroshot", "--data", tmp_path / name, "--model", "tiny", "--device", "cpu",
+        code, err = run(capsys, "zeroshot", "--data", tmp_path / name, "--model", "tiny-random", "--device", "cpu",
                         "--out", tmp_path / "out", "--cache", tmp_path / "cache")
         assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, (name, err)
 
 
 @pytest.mark.parametrize("spec", ["hf:../..", "hf:./x", "hf:owner/..", "hf:../name:config"])
 def test_hf_ids_naming_folders_are_refused(spec, capsys, tmp_path):
-    code, err = run(capsys, "zeroshot", "--data", spec, "--model", "tiny", "--out", tmp_path / "o",
+    code, err = run(capsys, "zeroshot", "--data", spec, "--model", "tiny-random", "--out", tmp_path / "o",
                     "--cache", tmp_path / "c")
     assert code == 2 and "may not start with '.'" in err
 
@@ -181,7 +181,7 @@ def test_gtzan_with_too_few_clips_names_the_genre_and_the_rule(tmp_path, capsys)
     root = _gtzan(tmp_path / "g", per_genre=10)
     for i in range(6, 10):
         (root / "genres" / "jazz" / f"jazz.{i:05d}.au").unlink()
-    code, err = run(capsys, "zeroshot", "--data", root, "--model", "tiny", "--out", tmp_path / "o",
+    code, err = run(capsys, "zeroshot", "--data", root, "--model", "tiny-random", "--out", tmp_path / "o",
                     "--cache", tmp_path / "c", "--device", "cpu")
     assert code == 2 and "GTZAN" in err and "class 'jazz' has 6 clip(s)" in err
     assert "10 stratified folds need at least 10 clips per class" in err and "n_splits" not in err
@@ -260,7 +260,7 @@ def saved_model(tmp_path_factory, small_data) -> Path:
     from audio_residual.clap.loading import load_clap
     from audio_residual.data_processing import load_esc50
 
-    bundle = load_clap("tiny", device="cpu", class_names=load_esc50(small_data).class_names)
+    bundle = load_clap("tiny-random", device="cpu", class_names=load_esc50(small_data).class_names)
     folder = tmp_path_factory.mktemp("model") / "clap"
     bundle.model.save_pretrained(folder)
     bundle.processor.save_pretrained(folder)
@@ -350,7 +350,7 @@ def test_full_cache_disk_names_the_feature_file_and_reruns_cleanly(small_disk, s
 
         monkeypatch.setattr(os, "posix_fallocate", full)
     cache = small_disk or tmp_path / "cache"
-    argv = ["zeroshot", "--data", small_data, "--model", "tiny", "--device", "cpu", "--out", tmp_path / "out",
+    argv = ["zeroshot", "--data", small_data, "--model", "tiny-random", "--device", "cpu", "--out", tmp_path / "out",
             "--cache", cache]
     for _ in range(2):  # and again on the rerun
         code, err = run(capsys, *argv)
@@ -381,7 +381,7 @@ def test_full_output_disk_through_the_command_line(small_disk, small_data, tmp_p
     if small_disk is None:
         pytest.skip("needs a small tmpfs (root); the fake-ENOSPC path is tested above")
     (small_disk / "filler").write_bytes(b"\0" * (1024 * 1024 - 64 * 1024))  # 64 KiB left
-    code, err = run(capsys, "train-residual", "--data", small_data, "--model", "tiny", "--device", "cpu",
+    code, err = run(capsys, "train-residual", "--data", small_data, "--model", "tiny-random", "--device", "cpu",
                     "--out", small_disk / "run", "--cache", tmp_path / "cache", "--epochs", "1", "--folds", "1",
                     "--granularity", "layer")
     assert code == 2 and "No space left on device" in err and str(small_disk / "run") in err, err
@@ -457,7 +457,7 @@ def test_transfer_to_the_studys_own_dataset_is_refused_however_spelled(small_dat
     other = {"slash": "esc/", "absolute": str(data.resolve()), "symlink": str(tmp_path / "link")}[spelling]
     if spelling == "symlink":
         (tmp_path / "link").symlink_to(data)
-    code, err = run(capsys, "experiment", "--data", "esc", "--transfer", other, "--model", "tiny",
+    code, err = run(capsys, "experiment", "--data", "esc", "--transfer", other, "--model", "tiny-random",
                     "--out", tmp_path / "out", "--cache", tmp_path / "cache", "--device", "cpu")
     assert code == 2 and f"--transfer {other}: that is the --data dataset" in err
     assert not (tmp_path / "cache" / "features").exists()  # refused before any work
@@ -488,7 +488,7 @@ def test_transfer_targets_are_prepared_like_the_study_and_their_skips_listed(sma
         return Outcome()
 
     monkeypatch.setattr(study_module, "run_study", study)
-    code = main([str(a) for a in ["experiment", "--data", data, "--transfer", other, "--model", "tiny",
+    code = main([str(a) for a in ["experiment", "--data", data, "--transfer", other, "--model", "tiny-random",
                                   "--out", tmp_path / "out", "--cache", tmp_path / "cache", "--device", "cpu",
                                   "--min-seconds", "0.5", "--cache-check", "mtime", "--workers", "2",
                                   "--on-bad-file", "skip", "--wandb", "disabled"]])
@@ -496,7 +496,7 @@ def test_transfer_targets_are_prepared_like_the_study_and_their_skips_listed(sma
     assert code == 0
     assert seen[str(other / "audio")] == (0.5, "mtime", 2)  # the target got the study's options
     assert seen["transfer"]["other"].features.valid.all()  # 0.6 s ≥ --min-seconds 0.5: used
-    code = main([str(a) for a in ["experiment", "--data", data, "--transfer", other, "--model", "tiny",
+    code = main([str(a) for a in ["experiment", "--data", data, "--transfer", other, "--model", "tiny-random",
                                   "--out", tmp_path / "out", "--cache", tmp_path / "cache", "--device", "cpu",
                                   "--on-bad-file", "skip", "--wandb", "disabled"]])
     printed = capsys.readouterr().out
@@ -509,7 +509,7 @@ def test_provenance_describes_the_outputs_beside_it(small_data, tmp_path, capsys
     from audio_residual.evaluation import zeroshot as zeroshot_module
 
     out = tmp_path / "out"
-    argv = ["zeroshot", "--data", small_data, "--model", "tiny", "--device", "cpu", "--out", out,
+    argv = ["zeroshot", "--data", small_data, "--model", "tiny-random", "--device", "cpu", "--out", out,
             "--cache", tmp_path / "cache"]
     assert run(capsys, *argv, "--template", "A sound of {label}.")[0] == 0
     before = (out / "zeroshot.csv").read_bytes()
@@ -527,7 +527,7 @@ def test_a_grid_without_fold_sweeps_every_fold(small_data, tmp_path, monkeypatch
     from audio_residual.experiments import sweep as sweep_module
     from audio_residual.workspace import Workspace
 
-    ws = Workspace.open(small_data, model="tiny", cache_dir=tmp_path / "cache", device="cpu")
+    ws = Workspace.open(small_data, model="tiny-random", cache_dir=tmp_path / "cache", device="cpu")
     trained = []
     monkeypatch.setattr(sweep_module, "train_point",
                         lambda ws, point, *a, **k: trained.append(point["fold"]) or {"val_accuracy": 0.5})
@@ -541,7 +541,7 @@ def test_a_class_only_in_one_test_fold_is_named_before_any_work(small_data, tmp_
     name = meta.loc[meta["target"] == 2, "category"].iloc[0]
     meta.loc[meta["target"] == 2, "fold"] = 3
     meta.to_csv(data / "meta" / "esc50.csv", index=False)
-    code, err = run(capsys, "experiment", "--data", data, "--model", "tiny", "--device", "cpu",
+    code, err = run(capsys, "experiment", "--data", data, "--model", "tiny-random", "--device", "cpu",
                     "--out", tmp_path / "out", "--cache", tmp_path / "cache", "--wandb", "disabled")
     assert code == 2 and f"'esc50': class {name!r} has clips only in fold 3" in err and "fold 3 as the test fold" in err
     assert not (tmp_path / "out" / "analysis").exists() and not (tmp_path / "out" / "sweep.csv").exists()

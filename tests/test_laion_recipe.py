@@ -93,7 +93,7 @@ def test_cli_records_the_recipe(synthetic_esc50, tmp_path):
     from audio_residual.cli import main
 
     out = tmp_path / "out"
-    args = ["zeroshot", "--data", str(synthetic_esc50), "--model", "tiny", "--out", str(out),
+    args = ["zeroshot", "--data", str(synthetic_esc50), "--model", "tiny-random", "--out", str(out),
             "--cache", str(tmp_path / "cache"), "--device", "cpu", "--recipe", LAION_FILELIST]
     assert main(args) == 0
     assert json.loads((out / "provenance.json").read_text())["recipe"] == LAION_FILELIST

@@ -118,7 +118,7 @@ def test_finetuning_and_lora_keep_their_start_on_permuted_training_labels(tiny_b
 
 
 def test_residual_keeps_its_start_on_permuted_training_labels(synthetic_esc50, tmp_path):
-    ws = Workspace.open(synthetic_esc50, model="tiny", cache_dir=tmp_path / "cache", device="cpu")
+    ws = Workspace.open(synthetic_esc50, model="tiny-random", cache_dir=tmp_path / "cache", device="cpu")
     split = ws.splits(val_fraction=0.2)[0]
     rows = ws.valid_indices()
     predicted = np.zeros(len(ws.table), dtype=np.int64)

@@ -42,7 +42,7 @@ def toy_method():
 
 
 def test_a_registered_method_appears_in_the_results_and_the_report(toy_method, synthetic_esc50, tmp_path):
-    ws = Workspace.open(synthetic_esc50, model="tiny", cache_dir=tmp_path / "cache", device="cpu")
+    ws = Workspace.open(synthetic_esc50, model="tiny-random", cache_dir=tmp_path / "cache", device="cpu")
     store = run_baselines(ws, tmp_path, methods=("zeroshot", "class_means"), folds=(1, 2))
     rows = pd.read_csv(RunLayout(tmp_path).results)
     toy = rows[rows["method"] == "class_means"]

@@ -1,4 +1,4 @@
-"""The top-level notebooks run top to bottom in smoke mode (tiny random CLAP, generated data, offline).
+"""The top-level notebooks run top to bottom in smoke mode (tiny pretrained CLAP, generated data, offline).
 
 Each notebook executes in its own temporary working directory, so its `runs/` outputs never land in the
 repository; the kernel inherits this process's environment (smoke switch, offline W&B and hub, and a

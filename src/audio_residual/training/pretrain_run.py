@@ -1,0 +1,273 @@
+"""`audio-residual pretrain`: captioned audio in, a `save_pretrained` CLAP folder with its provenance out.
+
+OUT/model/          the kept epoch (best validation mean R@1, epoch 0 included): weights (safetensors),
+                    config, processor + tokenizer, and `pretraining.json` (data, recipe, epochs, figures)
+OUT/history.csv     one row per epoch (0 = the starting point): loss, lr, retrieval, zero-shot accuracy
+OUT/checkpoint.safetensors   the latest epoch's state (the one training loop's): a killed run resumes from it
+OUT/epoch0.json     the starting point's validation figures
+OUT/skipped.csv     clips left out (missing AudioCaps videos, unreadable audio), when there are any
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import transformers
+from safetensors import safe_open
+
+from audio_residual.clap.loading import ClapBundle, align_truncation, load_clap, resolve_amp, resolve_device
+from audio_residual.data_processing import FeatureCache
+from audio_residual.data_processing.captions import CaptionTable
+from audio_residual.io import digest, write_csv, write_json
+from audio_residual.training import pretrain as P
+from audio_residual.training.loop import Steps, train
+from audio_residual.training.tracking import RunTracker
+
+PROVENANCE_FILE = "pretraining.json"
+HISTORY_FILE = "history.csv"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+EPOCH0_FILE = "epoch0.json"  # the starting point's validation figures (a resumed run does not measure them again)
+
+
+@dataclass
+class PretrainSource:
+    """Where the starting weights come from: a named size from scratch, or a model (`--model`)."""
+
+    config: str | None = "tiny"
+    model: str | None = None
+    tokenizer: str | None = None  # a tokenizer folder for htsat sizes (no RoBERTa tokenizer offline)
+
+    def describe(self) -> dict:
+        return {"config": self.config, "model": self.model, "tokenizer": self.tokenizer}
+
+
+@dataclass
+class PretrainRun:
+    out: Path
+    cache_dir: Path = Path("cache")
+    device: str = "auto"
+    amp: str = "auto"
+    wandb: str = "disabled"
+    eval_classification: str | None = None
+    on_bad_file: str = "error"
+    feature_workers: int = 1  # processes extracting features (the cache is the same either way)
+    extra_provenance: dict = field(default_factory=dict)
+
+
+def start_model(source: PretrainSource, table: CaptionTable, seed: int):
+    """(model, processor, description) of the starting point."""
+    if source.model is not None:
+        bundle = load_clap(source.model, device="cpu", amp=None)
+        return bundle.model, bundle.processor
+    if source.config == "tiny":
+        from audio_residual.data_processing.synthetic_captions import CAPTION_WORDS
+
+        texts = [CAPTION_WORDS, *(c for captions in table.captions for c in captions)]
+        tokenizer = P.caption_tokenizer(texts)
+    elif source.tokenizer is not None:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source.tokenizer)
+    else:
+        raise ValueError(
+            f"--config {source.config} has a RoBERTa text tower, whose tokenizer cannot be downloaded offline: "
+            "give one with --tokenizer DIR (e.g. a saved roberta-base tokenizer) or start from --model"
+        )
+    return P.new_clap(source.config, tokenizer, seed)
+
+
+def _write_skipped(out: Path, table: CaptionTable, features) -> None:
+    rows = [{"split": s, "clip": c, "reason": r} for s, c, r in table.missing]
+    rows += [{"split": table.splits[table.filenames.index(f)], "clip": f, "reason": r} for f, r in features.skipped]
+    path = out / "skipped.csv"
+    if rows:
+        write_csv(path, pd.DataFrame(rows, columns=["split", "clip", "reason"]))
+        print(f"{len(rows)} clip(s) skipped (listed in {path})")
+    else:
+        path.unlink(missing_ok=True)
+
+
+def classification_eval(spec: str | None, processor, cache_dir: Path, device: torch.device):
+    """A function model → zero-shot accuracy on the labelled set `spec` (None: no such evaluation)."""
+    if spec is None:
+        return None
+    from audio_residual.clap.zeroshot import ZeroShotClassifier
+    from audio_residual.evaluation.metrics import topk_accuracy
+    from audio_residual.workspace import resolve_dataset
+
+    table = resolve_dataset(spec)
+    features = FeatureCache(cache_dir, processor.feature_extractor).compute(table, on_bad_file="skip")
+    rows = np.flatnonzero(features.valid)
+
+    def accuracy(model) -> float:
+        was_training = model.training
+        model.eval()
+        bundle = ClapBundle(model, processor, "pretraining", device)
+        classifier = ZeroShotClassifier(bundle, table.class_names)
+        logits = classifier.logits(classifier.embed(features.input_features, rows, features.is_longer, desc=None))
+        model.train(was_training)
+        return topk_accuracy(logits, table.labels[rows], 1)
+
+    return accuracy
+
+
+def _save_model(model, processor, folder: Path, provenance: dict) -> None:
+    """save_pretrained into a staging folder renamed into place: a kill never leaves half a model."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    try:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        write_json(staging / PROVENANCE_FILE, provenance)
+        mask = os.umask(0o022)
+        os.umask(mask)
+        for path in (staging, *staging.iterdir()):  # mkdtemp made them private: the modes open() would give
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+class _Evaluation:
+    """A model's validation figures: retrieval both directions (+ zero-shot accuracy with a labelled set)."""
+
+    def __init__(self, data, device, recipe, amp, classify) -> None:
+        self.data, self.device, self.recipe, self.classify = data, device, recipe, classify
+        self.autocast = (lambda: torch.autocast("cuda", dtype=amp)) if amp is not None else contextlib.nullcontext
+        self.started = time.perf_counter()
+
+    def __call__(self, model) -> dict:
+        metrics = P.validation_retrieval(model, self.data, self.device, self.recipe.eval_batch_size, self.autocast)
+        keep = {k: v for k, v in metrics.items() if not k.startswith(("n_", "t2a_random", "a2t_random"))}
+        keep["random_t2a_r1"] = metrics["t2a_random_r1"]
+        if self.classify is not None:
+            keep["zero_shot_accuracy"] = self.classify(model)
+        return keep
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def steps_per_epoch(data, recipe) -> int:
+    n_batches = len(data.train_rows) // recipe.batch_size + (len(data.train_rows) % recipe.batch_size > 1)
+    return max(1, -(-n_batches // recipe.accumulate))
+
+
+def _provenance(table, features, source, recipe, history, best_epoch, seconds, extra) -> dict:
+    best = next(r for r in history if r["epoch"] == best_epoch)
+    return {
+        "data": {"name": table.name, "clips": table.counts(), "missing": len(table.missing),
+                 "skipped": len(features.skipped), "features": features.digest(),
+                 "captions": digest([table.captions, table.splits])},
+        "start": source.describe(), "recipe": P.recipe_dict(recipe), "selected_by": "validation mean_r1",
+        "best_epoch": best_epoch, "validation": {k: v for k, v in best.items() if k not in ("epoch", "lr")},
+        "epochs": history, "seconds": round(seconds, 1), "transformers": transformers.__version__, **extra,
+    }  # fmt: skip
+
+
+class _ClampedSchedule:
+    """The LR schedule the loop steps after each optimizer step, followed by CLIP's clamp of the temperatures."""
+
+    def __init__(self, schedule, model) -> None:
+        self.schedule, self.model = schedule, model
+
+    def step(self) -> None:
+        self.schedule.step()
+        P.clamp_logit_scale(self.model)
+
+    def state_dict(self) -> dict:
+        return self.schedule.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.schedule.load_state_dict(state)
+
+
+def _steps(model, data, optimizer, schedule, recipe, evaluate, seen: list, first=None) -> Steps:
+    """Pretraining's side of the one training loop: groups of `accumulate` micro-batches and their mean loss
+    (the gradients of accumulation), retrieval on validation as the selection metric. The loop keeps all the
+    model holds — weights and BatchNorm statistics — at the selected epoch; `seen` gets each validation's figures.
+    """
+    device = next(model.parameters()).device
+
+    def batches(generator):
+        micro = P.epoch_batches(data, recipe.batch_size, generator, recipe.all_captions)
+        return [micro[i : i + recipe.accumulate] for i in range(0, len(micro), recipe.accumulate)]
+
+    def loss(group):
+        return sum(P.batch_loss(model, data, batch, device, evaluate.autocast) for batch in group) / len(group)
+
+    def validate() -> float:
+        seen.append(evaluate(model))
+        if len(seen) == 1 and first is not None:
+            first(seen[0])
+        return seen[-1]["mean_r1"]
+
+    return Steps(params=dict(model.state_dict(keep_vars=True)), batches=batches, loss=loss, validate=validate,
+                 optimizer=optimizer, scheduler=_ClampedSchedule(schedule, model), mode=model.train,
+                 record=lambda: dict(seen[-1]))  # fmt: skip
+
+
+def _resumable(checkpoint: Path, key: str) -> bool:
+    """Whether the loop will resume from `checkpoint` (it does when the run's key matches)."""
+    if not checkpoint.is_file():
+        return False
+    with safe_open(str(checkpoint), framework="pt") as handle:
+        return json.loads(handle.metadata()["info"])["config"] == key
+
+
+def _epoch_zero(path: Path, key: str) -> dict:
+    """Epoch 0's figures, written by the session that measured them (a resumed run does not measure them)."""
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    if saved.pop("key", None) != key:
+        raise RuntimeError(f"{path} is missing or from another run: delete {path.parent / CHECKPOINT_FILE} and rerun")
+    return saved
+
+
+def pretrain(table: CaptionTable, source: PretrainSource, recipe: P.PretrainRecipe, run: PretrainRun) -> Path:
+    """Train contrastively through the one training loop, keep the best validation epoch (epoch 0 included);
+    returns OUT/model (a `--model` folder)."""
+    out = Path(run.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(run.device)
+    amp = resolve_amp(run.amp, device)
+    model, processor = start_model(source, table, recipe.seed)
+    align_truncation(model, processor, "pretraining")
+    features = FeatureCache(run.cache_dir, processor.feature_extractor).compute(
+        table, on_bad_file=run.on_bad_file, workers=run.feature_workers
+    )
+    _write_skipped(out, table, features)
+    data = P.CaptionedFeatures.build(table, features, processor.tokenizer, features.valid)
+    model.to(device)
+    params = P.trainable_parameters(model, recipe.freeze)
+    optimizer, schedule = P.optimizer_and_schedule(model, params, recipe, recipe.epochs * steps_per_epoch(data, recipe))
+    evaluate = _Evaluation(data, device, recipe, amp, classification_eval(run.eval_classification, processor,
+                                                                         run.cache_dir, device))  # fmt: skip
+    key = digest([source.describe(), P.recipe_dict(recipe), features.digest(), table.captions, table.splits,
+                  run.eval_classification])  # fmt: skip
+    tracker = RunTracker(run.wandb, config={"recipe": P.recipe_dict(recipe), "start": source.describe()},
+                         wandb_dir=out, job_type="pretrain")  # fmt: skip
+    seen: list[dict] = []
+    first = None if _resumable(out / CHECKPOINT_FILE, key) else lambda m: write_json(out / EPOCH0_FILE, {"key": key, **m})
+    steps = _steps(model, data, optimizer, schedule, recipe, evaluate, seen, first)
+    result = train(steps, recipe.epochs, seed=recipe.seed, checkpoint=out / CHECKPOINT_FILE, key=key, logger=tracker,
+                   desc="pretrain", metric="mean_r1")  # fmt: skip
+    history = [{"epoch": 0, "train_loss": float("nan"), "lr": 0.0, **_epoch_zero(out / EPOCH0_FILE, key)},
+               *result.history]  # fmt: skip
+    seconds = result.earlier_seconds + evaluate.seconds()
+    provenance = _provenance(table, features, source, recipe, history, result.best_epoch, seconds, run.extra_provenance)
+    _save_model(model, processor, out / "model", provenance)  # the loop left the model at the kept epoch
+    write_csv(out / HISTORY_FILE, pd.DataFrame(history))
+    tracker.summary({"best_epoch": result.best_epoch, **provenance["validation"]})
+    tracker.finish()
+    return out / "model"
