@@ -275,6 +275,7 @@ def cmd_pretrain(args) -> None:
     recipe = PretrainRecipe(
         epochs=args.epochs, batch_size=args.batch_size, accumulate=args.accumulate, lr=args.lr,
         weight_decay=args.weight_decay, warmup=args.warmup, freeze=args.freeze, seed=args.seed,
+        all_captions=args.all_captions,
     )  # fmt: skip
     source = PretrainSource(config=None if args.model else (args.config or "tiny"), model=args.model, tokenizer=args.tokenizer)
     run = PretrainRun(args.out, cache_dir=args.cache, device=args.device, amp=args.amp, wandb=args.wandb,
@@ -295,6 +296,8 @@ def _pretrain_parser(sub) -> None:
     p.add_argument("--model", default=None, help="continue training this CLAP (hub id, folder, tiny, tiny-random)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder for htsat sizes (none can be downloaded offline)")
     p.add_argument("--freeze", choices=FREEZE, default="none")
+    p.add_argument("--all-captions", action="store_true",
+                   help="every caption of a clip in its step (multi-positive loss), not one drawn per step")
     p.add_argument("--epochs", type=POSITIVE_INT, default=10)
     p.add_argument("--batch-size", type=POSITIVE_INT, default=32)
     p.add_argument("--accumulate", type=POSITIVE_INT, default=1, help="micro-batches per optimizer step")
