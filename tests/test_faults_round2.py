@@ -219,13 +219,13 @@ def test_absurd_durations_are_refused_before_decoding(tmp_path, monkeypatch):
 
 
 def test_long_clips_are_cropped_before_resampling(tmp_path, monkeypatch):
-    from audio_residual.data_processing import audio as audio_module
+    from audio_residual.data_processing import recipes
 
     path = tmp_path / "long.wav"
     sf.write(path, tone(120.0, 8000), 8000, subtype="PCM_16")  # two minutes at 8 kHz
     resampled = []
-    real = audio_module.soxr.resample
-    monkeypatch.setattr(audio_module.soxr, "resample", lambda x, *a, **k: resampled.append(x.size) or real(x, *a, **k))
+    real = recipes.soxr.resample
+    monkeypatch.setattr(recipes.soxr, "resample", lambda x, *a, **k: resampled.append(x.size) or real(x, *a, **k))
     audio, _ = load_audio_checked(path, max_seconds=10.0, seed=3)
     assert resampled == [int(np.ceil(10.5 * 8000))]  # 10 s plus the margin, never the whole clip
     assert audio.size == (10.5 - 2 * 0.2) * 48000  # the resampler's start-up cut from both ends: still > 10 s

@@ -221,7 +221,7 @@ def load_audio(
     `min_seconds` defaults to 1 s because shorter ESC-50-style clips are almost always truncated
     downloads; a clip of exactly `min_seconds` passes. Pass 0 to accept any non-empty clip.
     """
-    return load_audio_checked(path, target_sr, int16_roundtrip, min_seconds, recipe)[0]
+    return load_audio_checked(path, target_sr, int16_roundtrip, min_seconds, recipe=recipe)[0]
 
 
 def load_many(
