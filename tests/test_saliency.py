@@ -255,3 +255,16 @@ def test_saliency_change_finds_the_band_where_the_maps_differ(tiny_bundle):
     bands = regions.set_index("region")
     assert bands.loc[">6000 Hz", "enrichment"] > 2 and bands.loc["0-500 Hz", "enrichment"] < 1
     assert (clips["rank_corr"] < 1).all()
+
+
+def test_scores_under_autocast_keep_float32_maps_close_to_fp32(tiny_bundle, scorer, clips):
+    """The CUDA path runs the forward under autocast; CPU bf16 autocast exercises the same code here."""
+    from audio_residual.analysis.saliency import TextScore
+
+    bf16 = TextScore(tiny_bundle.model, scorer.texts, scorer.logit_scale,
+                     autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    x, target = torch.from_numpy(clips[:1]), torch.tensor([2])
+    low = attribute(bf16, x, target, methods=("gradient",)).maps["gradient"]
+    full = attribute(scorer, x, target, methods=("gradient",)).maps["gradient"]
+    assert low.dtype == torch.float32 and torch.isfinite(low).all() and not torch.equal(low, full)  # bf16 did run
+    assert float(torch.corrcoef(torch.stack([low.ravel(), full.ravel()]))[0, 1]) > 0.9
