@@ -24,6 +24,8 @@ METHODS = "gradient,integrated_gradients"
 def explained(tmp_path_factory):
     from audio_residual.analysis import ResidualStatistics
     from audio_residual.data_processing import make_synthetic_esc50
+    from audio_residual.layout import AnalysisLayout
+    from audio_residual.names import parse_block
     from audio_residual.residual.units import build_residual
     from audio_residual.workspace import Workspace
 
@@ -37,10 +39,17 @@ def explained(tmp_path_factory):
         for lam in residual.lambdas.values():
             lam.copy_(1 + torch.linspace(-0.9, 2.0, lam.numel()))
     lambdas = residual.save(root / "lambdas.safetensors")
+    analysis = AnalysisLayout(root / "analysis")  # what `analyze --fold 1` writes, made cheaply
+    stats.save(analysis.stats(1))
+    units = [f"layers.{s}.blocks.{b}.attn.head.{h}" for block in stats.blocks
+             for s, b in [parse_block(block)] for h in range(stats.num_heads(block))]
+    ablation = pd.DataFrame({"unit": units, "clips": 3, "delta": np.linspace(-0.5, 0, len(units)),
+                             "logit_shift": np.linspace(1, 0, len(units))})
+    ablation.to_csv(analysis.ablation, index=False)
     out = root / "out"
     argv = ["saliency", "--data", str(data), "--model", "tiny", "--out", str(out), "--cache", str(root / "cache"),
             "--device", "cpu", "--clips", "2", "--steps", "8", "--methods", METHODS, "--lambdas", str(lambdas),
-            "--batch-size", "8"]
+            "--batch-size", "8", "--analysis", str(analysis.root)]
     torch.set_num_threads(1)
     assert main(argv) == 0
     return root, out, ws
@@ -89,6 +98,17 @@ def test_adapted_model_is_compared_with_zero_shot(explained):
         assert group["area_share"].sum() == pytest.approx(1.0, abs=1e-6), method
 
 
+def test_head_attribution_on_the_ablation_clips(explained):
+    _, out, ws = explained
+    heads = pd.read_csv(out / "heads_attribution.csv")
+    ablation = pd.read_csv(out.parent / "analysis" / "ablation.csv")
+    assert set(heads["unit"]) == set(ablation["unit"]) and heads["clips"].eq(3).all()
+    assert heads["grad_x_centred"].abs().sum() > 0
+    correlation = pd.read_csv(out / "head_vs_ablation.csv")
+    assert len(correlation) == 4 and correlation["heads"].eq(len(ablation)).all()
+    assert correlation["spearman"].between(-1, 1).all()
+
+
 def test_bad_input_is_one_line(explained, capsys):
     root, _, _ = explained
     base = ["saliency", "--data", str(root / "data"), "--model", "tiny", "--out", str(root / "bad"),
@@ -97,6 +117,8 @@ def test_bad_input_is_one_line(explained, capsys):
     assert "--lambdas file not found" in capsys.readouterr().err
     assert main([*base, "--fold", "9"]) == 2
     assert "--fold" in capsys.readouterr().err
+    assert main([*base, "--clips", "1", "--methods", "gradient", "--listen", "gradient", "--analysis", str(root)]) == 2
+    assert "no ablation.csv" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*base, "--methods", "occlusion"])
     assert "unknown saliency method" in capsys.readouterr().err

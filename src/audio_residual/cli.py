@@ -442,8 +442,8 @@ def cmd_saliency(args) -> None:
     _check_folds(ws, [args.fold], "--fold")
     _report_skipped(ws, args.out)
     result = run_saliency(
-        ws, args.fold, args.out, clips=args.clips, methods=methods, adapter=adapter, steps=args.steps,
-        baseline=args.baseline, listen=[m for m in methods if m in args.listen], batch_size=args.batch_size,
+        ws, args.fold, args.out, clips=args.clips, methods=methods, adapter=adapter, analysis=args.analysis,
+        steps=args.steps, baseline=args.baseline, listen=[m for m in methods if m in args.listen], batch_size=args.batch_size,
     )
     print(result.faithfulness.to_string(index=False))
     for name, path in result.paths.items():
@@ -514,6 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clips", type=POSITIVE_INT, default=4, help="test clips to explain (seeded choice)")
     p.add_argument("--lambdas", type=Path, default=None, help="ResiDual λ file (safetensors): explain the adapted model")
     p.add_argument("--methods", type=_methods_of_saliency, default=None, help="comma-separated; default: all")
+    p.add_argument("--analysis", type=Path, default=None,
+                   help="folder of `analyze --fold` (same fold): head attribution on its ablation's clips")
     p.add_argument("--steps", type=POSITIVE_INT, default=64, help="Integrated Gradients steps")
     p.add_argument("--baseline", choices=["floor", "time_mean", "zeros"], default="floor",
                    help="absent-sound reference for IG, gradient × input and deletion")

@@ -38,7 +38,9 @@ from audio_residual.analysis.saliency import (
     zero_shot_scorer,
 )
 from audio_residual.analysis.saliency_change import saliency_change
+from audio_residual.analysis.stats import ResidualStatistics
 from audio_residual.io import atomic_path, save_figure, write_csv, write_json
+from audio_residual.layout import AnalysisLayout
 
 
 @dataclass(frozen=True)
@@ -97,15 +99,25 @@ def _listen(result: SaliencyResult, ws, log_mels, methods, keep_fraction, layout
             result.wavs[name] = write_wav(layout.wav(name), audio, extractor.sampling_rate)
 
 
-def _heads(result: SaliencyResult, ws, fold, analysis, batch_size) -> None:
-    """Head attribution of the zero-shot model on the clips the ablation of `analysis` used."""
-    ablation = analysis.ablation
+def _ablation_and_stats(analysis, fold: int) -> tuple[pd.DataFrame, ResidualStatistics]:
+    """From an `AnalysisResult`, or from the folder `audio-residual analyze --fold FOLD` wrote."""
+    if hasattr(analysis, "ablation"):
+        return analysis.ablation, analysis.stats
+    layout = AnalysisLayout.of(Path(analysis))
+    for path in (layout.ablation, layout.stats(fold)):
+        if not path.is_file():
+            raise FileNotFoundError(f"--analysis {layout.root}: no {path.name} (run `audio-residual analyze --fold {fold}`)")
+    return pd.read_csv(layout.ablation), ResidualStatistics.load(layout.stats(fold))
+
+
+def _heads(result: SaliencyResult, ws, fold, ablation: pd.DataFrame, stats: ResidualStatistics, batch_size) -> None:
+    """Head attribution of the zero-shot model on the clips the ablation used."""
     split = ws.split(fold)
     clips = int(ablation["clips"].iloc[0]) if len(ablation) else None
     rows = select_clips(split.test, clips, seed=0)  # the ablation's own choice (head_ablation's default seed)
     targets = ws.table.labels[rows]
     scorer = zero_shot_scorer(ws.classifier)
-    result.heads = head_attribution(scorer, ws.features.input_features, rows, targets, analysis.stats,
+    result.heads = head_attribution(scorer, ws.features.input_features, rows, targets, stats,
                                     ws.features.is_longer, batch_size, ws.bundle.device)
     result.head_vs_ablation = compare_with_ablation(result.heads, ablation)
 
@@ -131,13 +143,14 @@ def run_saliency(
     """Explain the (adapted, if `adapter`) zero-shot score of each clip's own class on `clips` test clips of
     `fold`, judge the maps, write everything under `out_dir` (see the module docstring).
 
-    `analysis`: an `AnalysisResult` of the same fold (notebook 1's `run_analysis`) for head attribution on
-    the ablation's clips. `listen`: the methods whose top `keep_fraction` cells are inverted to audio.
+    `analysis`: an `AnalysisResult` of the same fold (notebook 1's `run_analysis`), or the folder `analyze`
+    wrote, for head attribution on the ablation's clips. `listen`: the methods whose top `keep_fraction` cells are inverted to audio.
     """
     unknown = sorted(set(methods) - set(METHODS)) + sorted(set(listen) - set(methods))
     if unknown:
         raise ValueError(f"unknown or unselected saliency method(s) {unknown}: choose from {list(methods)}")
     layout = SaliencyLayout(Path(out_dir))
+    heads_from = None if analysis is None else _ablation_and_stats(analysis, fold)  # fail before the long part
     rows = select_clips(ws.split(fold).test, clips, seed)
     if len(rows) == 0:
         raise ValueError(f"fold {fold} has no usable test clips to explain")
@@ -162,8 +175,8 @@ def run_saliency(
         changes = [saliency_change(before[m], maps[m], log_mels, ws.bundle.feature_extractor) for m in methods]
         result.change_clips = pd.concat([c.assign(method=m) for m, (c, _) in zip(methods, changes, strict=True)])
         result.change_regions = pd.concat([r.assign(method=m) for m, (_, r) in zip(methods, changes, strict=True)])
-    if analysis is not None:
-        _heads(result, ws, fold, analysis, batch_size)
+    if heads_from is not None:
+        _heads(result, ws, fold, *heads_from, batch_size)
     _listen(result, ws, log_mels, listen, keep_fraction, layout, griffin_lim_iters)
     _figures(result, ws, log_mels, methods)
     _write(result, ws, fold, layout, methods, options)
