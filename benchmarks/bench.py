@@ -67,7 +67,7 @@ def _ratio(numerator: Callable[[], None], denominator: Callable[[], None]) -> fl
 @torch.no_grad()
 def capture_overhead() -> float:
     """Forward that keeps a reference to every head context (hook_z on all blocks) / plain forward."""
-    from audio_residual.clap.classifier import audio_embeddings
+    from audio_residual.clap.encode import audio_embeddings
     from audio_residual.clap.hooks import ClapHooks
 
     model = _model()
@@ -86,7 +86,7 @@ def capture_overhead() -> float:
 def pca_pass_overhead() -> float:
     """`ResidualStatistics.fit` over 2 batches / plain forward passes over the same clips."""
     from audio_residual.analysis.stats import ResidualStatistics
-    from audio_residual.clap.classifier import audio_embeddings
+    from audio_residual.clap.encode import audio_embeddings
 
     model = _model()
     features = _features(2 * BATCH)
@@ -174,7 +174,7 @@ def residual_step_overhead() -> float:
     The floor is forward + backward of the unmodified frozen model in which one scalar gain at the input of
     stage 0 (a forward pre-hook) requires grad: activation gradients through every block, no weight grads.
     """
-    from audio_residual.clap.classifier import audio_embeddings
+    from audio_residual.clap.encode import audio_embeddings
     from audio_residual.clap.hooks import audio_encoder
 
     model = _frozen_model()
@@ -215,7 +215,7 @@ def cached_loading_share() -> float:
     cannot be dropped here, so this is the warm-cache case (the file was just written; repeated epochs).
     Median loading time / median epoch time over a few epochs after a warm-up one.
     """
-    from audio_residual.clap.classifier import audio_embeddings
+    from audio_residual.clap.encode import audio_embeddings
     from audio_residual.clap.tiny import build_tiny_clap
 
     model, _ = build_tiny_clap(("dog",))
@@ -279,12 +279,11 @@ def demo_seconds() -> float:
 def _prefix_speedup(stages: tuple[int, ...]) -> float:
     """Train step (head λ on `stages`) running the whole encoder / the same step from the cached input of the first.
 
-    The cached path is `training.prefix.embed_from_stage` (the transformers stages from there on and the encoder
+    The cached path is `clap.encode.encode_from_stage` (the transformers stages from there on and the encoder
     tail), as λ training uses it; it is checked against the full forward before timing. Prints the per-clip
     storage of the cached input next to that of the mel features.
     """
-    from audio_residual.clap.classifier import audio_embeddings
-    from audio_residual.training.prefix import embed_from_stage, stage_input
+    from audio_residual.clap.encode import audio_embeddings, encode_from_stage, stage_input
 
     model = _frozen_model()
     stage = min(stages)
@@ -296,9 +295,14 @@ def _prefix_speedup(stages: tuple[int, ...]) -> float:
     optimizer = torch.optim.AdamW(residual.lambdas.values(), lr=1e-2)
     with torch.no_grad():
         hidden = stage_input(model, x, stage)
-        diff = float((embed_from_stage(model, hidden, stage) - audio_embeddings(model, x)).abs().max())
+
+    def cached() -> torch.Tensor:
+        return encode_from_stage(model, hidden, stage).embedding
+
+    with torch.no_grad():
+        diff = float((cached() - audio_embeddings(model, x)).abs().max())
         with residual.attached(model):
-            diff = max(diff, float((embed_from_stage(model, hidden, stage) - audio_embeddings(model, x)).abs().max()))
+            diff = max(diff, float((cached() - audio_embeddings(model, x)).abs().max()))
     assert diff <= 1e-5, f"cached-prefix embeddings differ from the full forward by {diff}"
     per_clip, mel = hidden[0].numel() * hidden.element_size(), features[0].nbytes
     print(f"# prefix_cache (stages {stages}): stage-{stage} input {tuple(hidden.shape[1:])} = {per_clip / 1024:.0f}"
@@ -315,7 +319,7 @@ def _prefix_speedup(stages: tuple[int, ...]) -> float:
 
         return run
 
-    return _ratio(step(lambda: audio_embeddings(model, x)), step(lambda: embed_from_stage(model, hidden, stage)))
+    return _ratio(step(lambda: audio_embeddings(model, x)), step(cached))
 
 
 def prefix_cache_speedup() -> float:
@@ -333,7 +337,7 @@ def analysis_pass_overhead() -> float:
     """The analysis pass (statistics + attention-pattern reservoir, one forward) / plain forwards, 2 batches."""
     from audio_residual.analysis.patterns import PatternReservoir
     from audio_residual.analysis.stats import ResidualStatistics
-    from audio_residual.clap.classifier import audio_embeddings
+    from audio_residual.clap.encode import audio_embeddings
 
     model = _model()
     features = _features(2 * BATCH)
@@ -372,7 +376,7 @@ def feature_workers_speedup() -> float:
             started = time.perf_counter()
             cache.compute(table, workers=workers)
             seconds[workers] = time.perf_counter() - started
-            files.append((cache.store_dir(table) / "input_features.npy").read_bytes())
+            files.append(cache.store(table).features.read_bytes())
         assert files[0] == files[1], "2 workers wrote other features than 1 process"
     print(f"# feature_workers_speedup: {len(table)} clips, {seconds[1]:.1f} s in 1 process"
           f" ({len(table) / seconds[1]:.1f} clips/s), {seconds[2]:.1f} s with 2 workers", file=sys.stderr)
@@ -384,7 +388,7 @@ def distributed_stats_equal() -> float:
 
     Full-size random HTSAT-tiny saved as a local model folder, 5 clips in 3 batches of 2.
     """
-    from audio_residual.analysis.distributed import fit_on_cpu_processes
+    from audio_residual.analysis.distributed_stats import fit_on_cpu_processes
     from audio_residual.analysis.stats import ResidualStatistics
     from audio_residual.clap.tiny import build_htsat_tiny_random
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from audio_residual.analysis import ResidualStatistics, head_ablation, head_mean, mean_ablated
-from audio_residual.clap.classifier import ZeroShotClassifier
+from audio_residual.clap.zeroshot import ZeroShotClassifier
 
 BLOCK, HEAD = "layers.2.blocks.0", 1
 

@@ -107,7 +107,7 @@ def test_finetune_copies_the_model_trains_and_counts_params(tiny_bundle):
 
 
 def test_finetune_before_training_reproduces_zero_shot(tiny_bundle):
-    from audio_residual.clap.classifier import ZeroShotClassifier
+    from audio_residual.clap.zeroshot import ZeroShotClassifier
 
     zero_shot = ZeroShotClassifier(tiny_bundle, ("dog", "rain", "sea_waves"))
     features = np.random.default_rng(1).standard_normal((3, 1, 1001, 64)).astype(np.float32)

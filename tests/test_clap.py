@@ -6,13 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from audio_residual.clap.classifier import (
-    ZeroShotClassifier,
-    audio_embeddings,
-    class_prompts,
-    text_embeddings,
-)
+from audio_residual.clap.encode import audio_embeddings
 from audio_residual.clap.loading import load_clap, resolve_amp
+from audio_residual.clap.zeroshot import ZeroShotClassifier, class_prompts, text_embeddings
 
 
 def test_prompts_replace_underscores():

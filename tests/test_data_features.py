@@ -207,10 +207,13 @@ def test_defaults_follow_extractor_and_sample_rate_is_checked(tmp_path):
         FeatureCache(tmp_path, rand_trunc_extractor(), target_sr=44100)
 
 
-def test_cache_files_are_plain_npy_and_json(tmp_path, table):
+def test_cache_files_are_plain_npy_and_json_where_the_cache_layout_says(tmp_path, table):
     cache = FeatureCache(tmp_path / "cache", rand_trunc_extractor())
     cache.compute(table)
-    store = cache.store_dir(table)
-    assert sorted(p.name for p in store.iterdir()) == ["index.json", "input_features.npy"]
-    assert (cache.config_dir / "config.json").is_file()
-    assert np.load(store / "input_features.npy", allow_pickle=False).shape[0] == len(table)
+    store = cache.store(table)
+    files = sorted(p.relative_to(tmp_path / "cache").as_posix() for p in (tmp_path / "cache").rglob("*") if p.is_file())
+    recipe = f"features/{cache.config_hash}"
+    assert files == [f"{recipe}/config.json", f"{recipe}/{store.root.name}/index.json",
+                     f"{recipe}/{store.root.name}/input_features.npy"]
+    assert store.root.name.startswith(f"{table.name}-")
+    assert np.load(store.features, allow_pickle=False).shape[0] == len(table)

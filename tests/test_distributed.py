@@ -11,9 +11,10 @@ import torch
 import torch.distributed as dist
 from transformers import ClapFeatureExtractor
 
-from audio_residual.analysis.distributed import ShardedFeatureCache, fit_on_cpu_processes
+from audio_residual.analysis.distributed_stats import fit_on_cpu_processes, main
 from audio_residual.analysis.stats import ResidualStatistics
 from audio_residual.data_processing import FeatureCache, load_esc50, make_synthetic_esc50
+from audio_residual.data_processing.sharded_features import ShardedFeatureCache
 
 CLASSES = ("dog", "rain", "sea_waves")
 
@@ -60,6 +61,31 @@ def test_sharded_feature_pass_writes_the_single_process_cache(table_root, tmp_pa
     single = FeatureCache(tmp_path / "one", ClapFeatureExtractor(max_length_s=2, truncation="fusion"))
     single.compute(table, on_bad_file="skip")
     sharded = ShardedFeatureCache(tmp_path / "two", ClapFeatureExtractor(max_length_s=2, truncation="fusion"))
-    one, two = single.store_dir(table), sharded.store_dir(table)
-    assert (one / "input_features.npy").read_bytes() == (two / "input_features.npy").read_bytes()
-    assert json.loads((one / "index.json").read_text()) == json.loads((two / "index.json").read_text())
+    one, two = single.store(table), sharded.store(table)
+    assert one.features.read_bytes() == two.features.read_bytes()
+    assert json.loads(one.index.read_text()) == json.loads(two.index.read_text())
+
+
+def test_torchrun_entry_point_shares_the_cache_and_writes_the_fold_statistics(tmp_path, monkeypatch):
+    """`torchrun -m audio_residual.analysis.distributed_stats` as one process: the features land in the
+    cache folder a `Workspace` reads (no recomputation there) and the moments equal a single-process fit."""
+    from audio_residual.workspace import Workspace
+
+    root = make_synthetic_esc50(tmp_path / "esc", n_classes=2, clips_per_class=5, seed=1)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(name, value)
+    main(["--data", str(root), "--model", "tiny", "--fold", "2", "--out", str(tmp_path / "stats"),
+          "--cache", str(tmp_path / "cache"), "--amp", "none", "--batch-size", "4"])
+    monkeypatch.setattr(FeatureCache, "_clips", lambda *a: pytest.fail("the torchrun pass left features to compute"))
+    ws = Workspace.open(root, model="tiny", cache_dir=tmp_path / "cache", device="cpu", amp="none")
+    shared = ResidualStatistics.load(tmp_path / "stats" / "stats_fold2.safetensors")
+    assert shared.metadata["processes"] == 1 and shared.metadata["fold"] == 2
+    train = ws.split(2).train
+    single = ResidualStatistics.fit(ws.bundle.model, ws.features.input_features, train, batch_size=4)
+    for block, parts in single.blocks.items():
+        for kind, moments in parts.items():
+            assert shared.blocks[block][kind].count == moments.count
+            assert float((shared.blocks[block][kind].mean - moments.mean).abs().max()) <= 1e-10

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from audio_residual.analysis.stats import ResidualStatistics
-from audio_residual.clap.classifier import audio_embeddings
+from audio_residual.clap.encode import audio_embeddings
 from audio_residual.clap.hooks import ClapHooks
 from audio_residual.residual.units import ResiDual, ResidualConfig
 from audio_residual.training import TrainConfig, train_residual_fold

@@ -27,8 +27,8 @@ def test_two_workers_write_the_same_bytes_as_one_and_stop_on_a_bad_file(table, t
     pooled = cache("two").compute(table, on_bad_file="skip", workers=2)  # resumes after the bad file
     cache("one").compute(table, on_bad_file="skip", workers=1)
     assert [name for name, _ in pooled.skipped] == [table.filenames[3]]
-    one, two = (cache(folder).store_dir(table) for folder in ("one", "two"))
-    assert (one / "input_features.npy").read_bytes() == (two / "input_features.npy").read_bytes()
-    assert json.loads((one / "index.json").read_text()) == json.loads((two / "index.json").read_text())
+    one, two = (cache(folder).store(table) for folder in ("one", "two"))
+    assert one.features.read_bytes() == two.features.read_bytes()
+    assert json.loads(one.index.read_text()) == json.loads(two.index.read_text())
     with pytest.raises(ValueError, match="workers"):
         cache("one").compute(table, workers=0)

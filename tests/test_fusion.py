@@ -13,7 +13,7 @@ from safetensors import safe_open
 from transformers import ClapFeatureExtractor
 
 from audio_residual.clap.batches import model_inputs
-from audio_residual.clap.classifier import audio_embeddings
+from audio_residual.clap.encode import audio_embeddings
 from audio_residual.clap.loading import load_clap
 from audio_residual.clap.tiny import build_tiny_clap
 from audio_residual.cli import main

@@ -13,7 +13,7 @@ from test_fusion import _lengthen
 from test_hooks import _check_decomposition
 
 from audio_residual.analysis import ResidualStatistics
-from audio_residual.clap.classifier import audio_embeddings
+from audio_residual.clap.encode import audio_embeddings
 from audio_residual.clap.tiny import REAL_GEOMETRIES, build_real_geometry_random
 from audio_residual.cli import main
 from audio_residual.data_processing import make_synthetic_esc50

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from audio_residual.clap.classifier import audio_embeddings
+from audio_residual.clap.encode import audio_embeddings
 from audio_residual.clap.hooks import ClapHooks
 
 

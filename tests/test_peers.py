@@ -19,7 +19,7 @@ from audio_residual.baselines import (
     train_tip_adapter_f,
 )
 from audio_residual.baselines.lora import lora_audio_model
-from audio_residual.clap.classifier import ZeroShotClassifier
+from audio_residual.clap.zeroshot import ZeroShotClassifier
 
 N_CLASSES, DIM = 6, 24
 NAMES = ("dog", "rain", "sea_waves")  # the tiny_bundle's classes

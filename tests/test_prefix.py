@@ -1,20 +1,20 @@
-"""Frozen-prefix cache: same embeddings and logits as the full model, shared on disk, resumable."""
+"""Stage-prefix cache: same embeddings and logits as the full model, shared on disk, resumable."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from audio_residual.analysis.stats import ResidualStatistics
-from audio_residual.clap.classifier import audio_embeddings
+from audio_residual.clap import stage_cache
+from audio_residual.clap.encode import audio_embeddings, encode_from_stage, stage_input
+from audio_residual.clap.stage_cache import StagePrefix
+from audio_residual.layout import FeatureStoreLayout
 from audio_residual.residual.units import build_residual
 from audio_residual.training import TrainConfig, train_residual_fold, trainer
-from audio_residual.training import prefix as prefix_module
-from audio_residual.training.prefix import StagePrefix, embed_from_stage, stage_input
 from audio_residual.workspace import Workspace
 
 
@@ -38,12 +38,25 @@ def test_forward_from_a_stage_input_equals_the_full_forward(experiment, trained_
     x, _ = experiment.batch(np.arange(6))
     with torch.no_grad():
         hidden = stage_input(model, x, stage)
-        assert torch.equal(embed_from_stage(model, hidden, stage), audio_embeddings(model, x))
+        assert torch.equal(encode_from_stage(model, hidden, stage).embedding, audio_embeddings(model, x))
         if stage <= 2:
             with trained_residual.attached(model):
-                edited = embed_from_stage(model, hidden, stage)
+                edited = encode_from_stage(model, hidden, stage).embedding
                 assert torch.equal(edited, audio_embeddings(model, x))
             assert not torch.allclose(edited, audio_embeddings(model, x))  # the λ hooks fired
+
+
+def test_cached_prefix_encodes_the_same_tokens_pooled_output_and_embedding(experiment, trained_residual):
+    prefix = StagePrefix(experiment, 2, batch_size=5)
+    rows = experiment.valid_indices()[3:9]
+    (_, hidden, _), = prefix.batches(rows, batch_size=len(rows))
+    with torch.no_grad(), trained_residual.attached(experiment.bundle.model):
+        full, cached = experiment.encode(*experiment.batch(rows)), prefix.encode(hidden)
+        assert torch.equal(prefix.forward(hidden), cached.embedding)
+        assert torch.equal(experiment.forward(*experiment.batch(rows)), full.embedding)
+    assert cached.grid == full.grid
+    for part in ("tokens", "pooled", "embedding"):
+        assert torch.equal(getattr(cached, part), getattr(full, part)), part
 
 
 def test_cached_prefix_gives_bit_identical_logits(experiment, trained_residual):
@@ -57,24 +70,24 @@ def test_cached_prefix_gives_bit_identical_logits(experiment, trained_residual):
 
 def test_prefix_lives_beside_the_features_and_is_reused(experiment, monkeypatch):
     first = StagePrefix(experiment, 3)
-    folder = first.folder()
-    assert folder.parent == Path(experiment.features.input_features.filename).parent
-    assert (folder / "stage3.npy").exists()
-    monkeypatch.setattr(prefix_module, "stage_input", lambda *a, **k: pytest.fail("recomputed a cached prefix"))
+    layout = first.layout()
+    assert layout.root.parent == FeatureStoreLayout.holding(experiment.features.input_features.filename).root
+    assert layout.hidden(3).exists() and layout.progress(3).exists()
+    monkeypatch.setattr(stage_cache, "stage_input", lambda *a, **k: pytest.fail("recomputed a cached prefix"))
     again = StagePrefix(experiment, 3)
     np.testing.assert_array_equal(again.hidden, first.hidden)
 
 
 def test_interrupted_prefix_resumes_from_the_recorded_row(experiment, monkeypatch):
     prefix = StagePrefix(experiment, 1, batch_size=8)
-    meta_path = prefix.folder() / "stage1.json"
+    meta_path = prefix.layout().progress(1)
     complete = np.array(prefix.hidden)
     meta = json.loads(meta_path.read_text())
     meta["rows_done"] = 16
     meta_path.write_text(json.dumps(meta))
     seen = []
-    real = prefix_module.stage_input
-    monkeypatch.setattr(prefix_module, "stage_input", lambda m, x, *a, **k: seen.append(len(x)) or real(m, x, *a, **k))
+    real = stage_cache.stage_input
+    monkeypatch.setattr(stage_cache, "stage_input", lambda m, x, *a, **k: seen.append(len(x)) or real(m, x, *a, **k))
     resumed = StagePrefix(experiment, 1, batch_size=8)
     valid = len(experiment.valid_indices())
     assert sum(seen) == 1 + valid - 16  # one shape probe, then only the rows not done

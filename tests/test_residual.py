@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from audio_residual.analysis.stats import ResidualStatistics
-from audio_residual.clap.classifier import audio_embeddings
+from audio_residual.clap.encode import audio_embeddings
 from audio_residual.clap.hooks import ClapHooks
 from audio_residual.residual.units import ResiDual, ResidualConfig
 

@@ -33,7 +33,8 @@ from audio_residual.analysis.saliency import (
     zero_shot_scorer,
 )
 from audio_residual.analysis.saliency_change import saliency_change
-from audio_residual.clap.classifier import ZeroShotClassifier, audio_embeddings
+from audio_residual.clap.encode import audio_embeddings
+from audio_residual.clap.zeroshot import ZeroShotClassifier
 from audio_residual.residual.units import build_residual
 
 CLASSES = ("dog", "rain", "sea_waves")

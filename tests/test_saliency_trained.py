@@ -20,7 +20,7 @@ from audio_residual.analysis.faithfulness import (
 from audio_residual.analysis.saliency import TextScore, randomised_scorer, saliency_maps
 from audio_residual.analysis.saliency_change import mel_centres
 from audio_residual.clap import loading
-from audio_residual.clap.classifier import text_embeddings
+from audio_residual.clap.zeroshot import text_embeddings
 
 PRETRAINED = hasattr(loading, "TINY_RANDOM_MODEL")  # once the shipped tiny CLAP is in, "tiny" is pretrained
 pytestmark = pytest.mark.skipif(not PRETRAINED, reason="needs the shipped tiny pretrained CLAP (branch captions)")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from audio_residual.analysis.stats import ResidualStatistics
 from audio_residual.baselines.linear import ContrastiveAdapter
-from audio_residual.clap.classifier import audio_embeddings
+from audio_residual.clap.encode import audio_embeddings
 from audio_residual.clap.loading import load_clap
 from audio_residual.data_processing import ClipTable, FeatureCache, load_esc50, make_synthetic_esc50
 from audio_residual.evaluation.transfer import (

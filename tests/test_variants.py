@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from audio_residual.analysis.stats import ResidualStatistics
-from audio_residual.clap.classifier import audio_embeddings
+from audio_residual.clap.encode import audio_embeddings
 from audio_residual.clap.hooks import ClapHooks
 from audio_residual.cli import _train_config, build_parser, main
 from audio_residual.residual.units import ResiDual, ResidualConfig

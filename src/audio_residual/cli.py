@@ -49,7 +49,7 @@ VAL_FRACTION = _bounded(float, 0.0, 1.0, high_open=True)  # share of training cl
 
 
 def _template(text: str) -> str:
-    from audio_residual.clap.classifier import check_template
+    from audio_residual.clap.zeroshot import check_template
 
     try:
         return check_template(text)
@@ -98,7 +98,7 @@ def _common(parser: argparse.ArgumentParser, data_required: bool = True) -> None
 
 def _open(args, other_class_names: tuple[str, ...] = ()):
     """The workspace of the command's options; its provenance is written to OUT/provenance.json."""
-    from audio_residual.clap.classifier import DEFAULT_TEMPLATES
+    from audio_residual.clap.zeroshot import DEFAULT_TEMPLATES
     from audio_residual.io import write_json
     from audio_residual.workspace import Workspace
 

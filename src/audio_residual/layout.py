@@ -21,6 +21,17 @@
 
 Every function that writes takes the output folder and asks this module for the path, so a newcomer finds
 the whole layout here and a training run finds the sweep's runs by key, not by a folder-naming convention.
+
+The cache folder (`--cache`, default `cache/`), shared by every run on the machine, is `CacheLayout`'s:
+
+    CACHE/
+      features/<recipe>/config.json                  the preprocessing recipe (`FeatureCache`) hashed in <recipe>
+      features/<recipe>/<table>-<key>/               `FeatureStoreLayout`: one table's clips under that recipe
+        input_features.npy, index.json               log-mels (row i = clip i) and each file's identity and status
+        prefix-<key>/stage<s>.npy|.json|.lock        `StagePrefixLayout`: inputs of Swin stage s, keyed by model,
+                                                     precision and features (`clap.stage_cache`)
+
+Whatever else is cached (hub conversions, ...) gets its folder here too.
 """
 
 from __future__ import annotations
@@ -180,3 +191,72 @@ class AnalysisLayout:
 
     def figure(self, name: str) -> Path:
         return self.root / f"{name}.png"
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """The paths of one cache folder (see the module docstring for the tree)."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, cache: str | Path | CacheLayout) -> CacheLayout:
+        return cache if isinstance(cache, CacheLayout) else cls(Path(cache))
+
+    @property
+    def features(self) -> Path:
+        """The feature cache: one folder per preprocessing recipe."""
+        return self.root / "features"
+
+    def feature_recipe(self, recipe: str) -> Path:
+        """The folder of one preprocessing recipe (`recipe`: the hash of its configuration)."""
+        return self.features / recipe
+
+    def feature_recipe_file(self, recipe: str) -> Path:
+        return self.feature_recipe(recipe) / "config.json"
+
+    def feature_store(self, recipe: str, table: str, key: str) -> FeatureStoreLayout:
+        """One table's rows under a recipe; `key` digests its audio folder and ordered filenames."""
+        return FeatureStoreLayout(self.feature_recipe(recipe) / f"{table}-{key}")
+
+
+@dataclass(frozen=True)
+class FeatureStoreLayout:
+    """One table's cached log-mels and what is computed once from them (stage prefixes)."""
+
+    root: Path
+
+    @classmethod
+    def holding(cls, features_file: str | Path) -> FeatureStoreLayout:
+        """The store whose `features` file is `features_file` (a memory-mapped array knows its filename)."""
+        return cls(Path(features_file).parent)
+
+    @property
+    def features(self) -> Path:
+        return self.root / "input_features.npy"
+
+    @property
+    def index(self) -> Path:
+        return self.root / "index.json"
+
+    def stage_prefix(self, key: str) -> StagePrefixLayout:
+        """Stage inputs computed from these features; `key` digests the model, precision and features."""
+        return StagePrefixLayout(self.root / f"prefix-{key}")
+
+
+@dataclass(frozen=True)
+class StagePrefixLayout:
+    """The cached inputs of each Swin stage for one (model, precision, features) key."""
+
+    root: Path
+
+    def hidden(self, stage: int) -> Path:
+        """float32 (clips, tokens, d) array, row-aligned with the features."""
+        return self.root / f"stage{int(stage)}.npy"
+
+    def progress(self, stage: int) -> Path:
+        """How many rows are filled and in which dtype the model produced them (resume point)."""
+        return self.root / f"stage{int(stage)}.json"
+
+    def lock(self, stage: int) -> Path:
+        return self.root / f"stage{int(stage)}.lock"

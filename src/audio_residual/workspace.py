@@ -14,13 +14,9 @@ import numpy as np
 import torch
 
 from audio_residual.clap.batches import Batch, batches, model_inputs
-from audio_residual.clap.classifier import (
-    DEFAULT_TEMPLATES,
-    ZeroShotClassifier,
-    audio_embeddings,
-    check_template,
-)
+from audio_residual.clap.encode import AudioEncoding, encode_audio
 from audio_residual.clap.loading import DEFAULT_MODEL, ClapBundle, load_clap
+from audio_residual.clap.zeroshot import DEFAULT_TEMPLATES, ZeroShotClassifier, check_template
 from audio_residual.data_processing import (
     CachedFeatures,
     ClipTable,
@@ -101,7 +97,7 @@ class Workspace:
         names = tuple(dict.fromkeys((*table.class_names, *other_class_names)))
         bundle = load_clap(model, device=device, amp=amp, class_names=names, revision=revision)
         cache = FeatureCache(
-            Path(cache_dir) / "features", bundle.feature_extractor, int16_roundtrip=int16_roundtrip,
+            cache_dir, bundle.feature_extractor, int16_roundtrip=int16_roundtrip,
             min_seconds=min_seconds, check=cache_check,
         )
         features = cache.compute(table, on_bad_file=on_bad_file, workers=feature_workers)
@@ -171,9 +167,13 @@ class Workspace:
         f = self.features
         return batches(f.input_features, rows, batch_size, self.bundle.device, f.is_longer, shuffle_generator, desc)
 
+    def encode(self, input_features: torch.Tensor, is_longer: torch.Tensor | None = None) -> AudioEncoding:
+        """Frame tokens, pooled output and embedding of one batch from `batches` (differentiable)."""
+        return encode_audio(self.bundle.model, input_features, is_longer)
+
     def forward(self, input_features: torch.Tensor, is_longer: torch.Tensor | None = None) -> torch.Tensor:
         """Audio embeddings of one batch from `batches` (differentiable: ResiDual's hooks act here)."""
-        return audio_embeddings(self.bundle.model, input_features, is_longer)
+        return self.encode(input_features, is_longer).embedding
 
     def embed(self, indices: np.ndarray, batch_size: int = 32, desc: str = "audio embeddings"):
         f = self.features

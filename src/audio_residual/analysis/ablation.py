@@ -18,8 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from audio_residual.analysis.stats import ResidualStatistics
-from audio_residual.clap.classifier import ZeroShotClassifier
 from audio_residual.clap.hooks import ClapHooks, HookPoint
+from audio_residual.clap.zeroshot import ZeroShotClassifier
 from audio_residual.names import Unit, hook_name, parse_block
 
 

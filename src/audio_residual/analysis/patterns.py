@@ -22,7 +22,7 @@ import torch
 
 from audio_residual.analysis.spectra import TABLE_COLUMNS, spectrum_summary
 from audio_residual.clap.batches import batches
-from audio_residual.clap.classifier import audio_embeddings
+from audio_residual.clap.encode import audio_embeddings
 from audio_residual.clap.hooks import ClapHooks, HookPoint
 from audio_residual.names import Unit, block_name, parse_block
 

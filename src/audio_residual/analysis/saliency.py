@@ -26,8 +26,9 @@ import torch
 from captum.attr import InputXGradient, IntegratedGradients, NoiseTunnel, Saliency
 from torch import nn
 
-from audio_residual.clap.classifier import ZeroShotClassifier, audio_embeddings, text_embeddings
+from audio_residual.clap.encode import audio_embeddings
 from audio_residual.clap.loading import ClapBundle
+from audio_residual.clap.zeroshot import ZeroShotClassifier, text_embeddings
 
 METHODS = ("gradient", "gradient_x_input", "smoothgrad", "integrated_gradients")
 SIGNED = {"gradient": False, "gradient_x_input": True, "smoothgrad": False, "integrated_gradients": True}

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from audio_residual.clap.batches import batches, model_inputs
-from audio_residual.clap.classifier import audio_embeddings
+from audio_residual.clap.encode import audio_embeddings
 from audio_residual.clap.hooks import ClapHooks, HookFn, HookPoint, NameFilter
 from audio_residual.io import atomic_path
 from audio_residual.names import Granularity, Unit, UnitKind, block_name, choose, parse_block

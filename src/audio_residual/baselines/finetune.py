@@ -16,8 +16,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from audio_residual.clap.batches import batches
-from audio_residual.clap.classifier import ZeroShotClassifier, audio_embeddings
+from audio_residual.clap.encode import audio_embeddings
 from audio_residual.clap.loading import ClapBundle
+from audio_residual.clap.zeroshot import ZeroShotClassifier
 
 
 class AudioClassifier(nn.Module):

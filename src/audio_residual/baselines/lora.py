@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 from audio_residual.baselines.finetune import classifier_logits, train_epoch
 from audio_residual.baselines.linear import _validation_score
 from audio_residual.clap.batches import batches
-from audio_residual.clap.classifier import ZeroShotClassifier, audio_embeddings
+from audio_residual.clap.encode import audio_embeddings
 from audio_residual.clap.loading import ClapBundle
+from audio_residual.clap.zeroshot import ZeroShotClassifier
 
 DEFAULT_RANKS = (4, 16)
 ATTENTION_PROJECTIONS = ("query", "value")  # LoRA's original choice, W_q and W_v

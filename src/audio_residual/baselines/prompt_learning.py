@@ -21,8 +21,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from audio_residual.baselines.linear import _as_float, _as_labels, _has_validation, _validation_score
-from audio_residual.clap.classifier import DEFAULT_TEMPLATES, class_prompts
 from audio_residual.clap.loading import ClapBundle
+from audio_residual.clap.zeroshot import DEFAULT_TEMPLATES, class_prompts
 
 
 class PromptLearner(nn.Module):

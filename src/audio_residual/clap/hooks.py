@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from audio_residual.clap.classifier import audio_embeddings
+from audio_residual.clap.encode import audio_embeddings, audio_encoder
 from audio_residual.names import hook_name
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], torch.Tensor | None]
@@ -71,13 +71,6 @@ class HookPoint:
     @property
     def b_out(self) -> torch.Tensor:
         return self.layer.attention.output.dense.bias
-
-
-def audio_encoder(model: nn.Module) -> nn.Module:
-    """The `ClapAudioEncoder` inside a `ClapModel` or `ClapAudioModel`."""
-    if hasattr(model, "audio_model"):
-        model = model.audio_model
-    return model.audio_encoder
 
 
 def make_filter(names: NameFilter) -> Callable[[str], bool]:

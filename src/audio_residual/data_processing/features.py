@@ -1,8 +1,8 @@
 """Disk cache of CLAP log-mel input features, reproducible, resumable and memory-mapped.
 
-Layout: `cache_dir/<config_hash>/config.json` records the preprocessing configuration, and
-`cache_dir/<config_hash>/<table name>-<table hash>/` holds one table's rows:
-`input_features.npy` (float32, row i = clip i of the table) and `index.json`, which maps each
+Layout (`layout.CacheLayout`): `CACHE/features/<recipe>/config.json` records the preprocessing
+configuration hashed in <recipe>, and `CACHE/features/<recipe>/<table name>-<table key>/` holds one table's
+rows: `input_features.npy` (float32, row i = clip i of the table) and `index.json`, which maps each
 filename to its row, file identity, status and `is_longer`. A row counts as cached only when the index
 says so and the file identity still matches; the index is rewritten atomically every `checkpoint_every`
 clips, so an interrupted run resumes where it stopped.
@@ -39,12 +39,11 @@ from audio_residual.data_processing.audio import (
 )
 from audio_residual.data_processing.datasets import ClipTable
 from audio_residual.io import digest, umask_mode
+from audio_residual.layout import CacheLayout, FeatureStoreLayout
 
 # 2: fusion clips of ≤ 10 s are stored with is_longer False (LAION's inference rule), no longer the
 # extractor's per-call random pick.
 CACHE_FORMAT_VERSION = 2
-FEATURES_FILE = "input_features.npy"
-INDEX_FILE = "index.json"
 TRUNCATION_MODES = ("rand_trunc", "fusion")
 CHECK_MODES = ("content", "mtime")
 # Keys of `FeatureExtractor.to_dict()` that name the processor but do not change the features.
@@ -133,12 +132,13 @@ class FeatureCache:
 
     Truncation and padding default to the extractor's own configuration. With `rand_trunc`, clips
     longer than the extractor's maximum are cropped here at an offset seeded by their filename, so
-    the cached features are reproducible instead of depending on numpy's global RNG.
+    the cached features are reproducible instead of depending on numpy's global RNG. `cache` is the cache
+    folder (`CacheLayout`); the features go under its `features/`.
     """
 
     def __init__(
         self,
-        cache_dir: Path | str,
+        cache: str | Path | CacheLayout,
         feature_extractor,
         *,
         target_sr: int = MODEL_SAMPLE_RATE,
@@ -181,7 +181,8 @@ class FeatureCache:
         }
         config_json = json.dumps(self.config, sort_keys=True, default=_json_default)
         self.config_hash = hashlib.sha256(config_json.encode()).hexdigest()[:16]
-        self.config_dir = Path(cache_dir) / self.config_hash
+        self.layout = CacheLayout.of(cache)
+        self.config_dir = self.layout.feature_recipe(self.config_hash)
 
     @property
     def recipe(self) -> dict:
@@ -194,10 +195,11 @@ class FeatureCache:
             "min_seconds": self.min_seconds,
         }
 
-    def store_dir(self, table: ClipTable) -> Path:
-        """Folder of `table`'s rows: one per (audio folder, ordered filenames)."""
+    def store(self, table: ClipTable) -> FeatureStoreLayout:
+        """The files of `table`'s rows: one store per (audio folder, ordered filenames)."""
         identity = json.dumps([str(table.audio_dir.resolve()), list(table.filenames)])
-        return self.config_dir / f"{table.name}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+        key = hashlib.sha256(identity.encode()).hexdigest()[:16]
+        return self.layout.feature_store(self.config_hash, table.name, key)
 
     def compute(self, table: ClipTable, on_bad_file: str = "error", workers: int = 1) -> CachedFeatures:
         """Features for every clip of `table`, computing only rows missing from or stale in the cache.
@@ -210,12 +212,12 @@ class FeatureCache:
         check_bad_file_policy(on_bad_file)
         if len(table) == 0:
             raise ValueError(f"table {table.name!r} has no clips")
-        store = self.store_dir(table)
-        store.mkdir(parents=True, exist_ok=True)
-        config_path = self.config_dir / "config.json"
+        store = self.store(table)
+        store.root.mkdir(parents=True, exist_ok=True)
+        config_path = self.layout.feature_recipe_file(self.config_hash)
         if not config_path.exists():
             _write_json_atomic(config_path, self.config)
-        features_path, index_path = store / FEATURES_FILE, store / INDEX_FILE
+        features_path, index_path = store.features, store.index
 
         entries = self._read_index(index_path, features_path, len(table))
         identities = [_file_identity(path, self.check) for path in tqdm(
@@ -227,7 +229,7 @@ class FeatureCache:
             if identity is None or entries.get(filename, {}).get("identity") != identity
         ]
         if todo:
-            features, created = self._open_for_writing(features_path, len(table))
+            features, created = self._open_for_writing(store, len(table))
             if created:
                 entries, todo = {}, list(range(len(table)))
             clips = self._clips(table.audio_dir, [table.filenames[row] for row in todo], workers)
@@ -337,15 +339,16 @@ class FeatureCache:
             return {}
         return index["entries"]
 
-    def _open_for_writing(self, features_path: Path, n_rows: int) -> tuple[np.memmap, bool]:
+    def _open_for_writing(self, store: FeatureStoreLayout, n_rows: int) -> tuple[np.memmap, bool]:
         """Writable feature rows, and whether the file was (re)created, invalidating any index."""
+        features_path = store.features
         if features_path.is_file():
             features = np.load(features_path, mmap_mode="r+")
             if features.shape[0] == n_rows and features.dtype == np.float32:
                 return features, False
             del features
         # Create under a temporary name so a crash cannot leave a feature file with a broken header.
-        fd, tmp = tempfile.mkstemp(prefix=f".{FEATURES_FILE}.", suffix=".tmp", dir=features_path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{features_path.name}.", suffix=".tmp", dir=store.root)
         os.close(fd)
         created = np.lib.format.open_memmap(
             tmp, mode="w+", dtype=np.float32, shape=(n_rows, *self._feature_shape())
@@ -354,7 +357,7 @@ class FeatureCache:
         del created
         umask_mode(tmp)
         os.replace(tmp, features_path)
-        (features_path.parent / INDEX_FILE).unlink(missing_ok=True)
+        store.index.unlink(missing_ok=True)
         return np.load(features_path, mmap_mode="r+"), True
 
     def _checkpoint(self, features: np.memmap, entries: dict, index_path: Path, n_rows: int) -> None:

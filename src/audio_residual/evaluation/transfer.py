@@ -40,7 +40,7 @@ def target_workspace(
     (The offline tiny model learns its tokenizer from class names: load it with A's and B's names.)
     """
     bundle = source.bundle
-    cache = FeatureCache(Path(cache_dir) / "features", bundle.feature_extractor, int16_roundtrip=int16_roundtrip)
+    cache = FeatureCache(cache_dir, bundle.feature_extractor, int16_roundtrip=int16_roundtrip)
     return Workspace(table, bundle, cache.compute(table, on_bad_file=on_bad_file), source.templates)
 
 

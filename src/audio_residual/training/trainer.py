@@ -21,13 +21,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from audio_residual.analysis.stats import ResidualStatistics
+from audio_residual.clap.stage_cache import StagePrefix, first_stage
 from audio_residual.data_processing import Split
 from audio_residual.evaluation.metrics import topk_accuracy
 from audio_residual.io import digest, write_csv, write_json
 from audio_residual.layout import RunLayout
 from audio_residual.residual.units import ResiDual, ResidualConfig
 from audio_residual.training.checkpoint import load_checkpoint, save_checkpoint
-from audio_residual.training.prefix import StagePrefix, first_stage
 from audio_residual.workspace import Workspace
 
 OPTIMIZERS = ("adam", "adamw", "schedulefree")

@@ -1,14 +1,12 @@
-"""The statistics pass and feature extraction sharded over processes or GPUs with `torch.distributed`.
+"""The statistics pass of one fold sharded over processes or GPUs with `torch.distributed`, and its torchrun CLI.
 
 Launched by `torchrun`, one process per GPU (or CPU process, gloo), on one or several machines:
 
-    torchrun --nproc_per_node 8 -m audio_residual.analysis.distributed --data esc50 \\
+    torchrun --nproc_per_node 8 -m audio_residual.analysis.distributed_stats --data esc50 \\
         --model laion/clap-htsat-unfused --fold 1 --out runs/esc50/stats
 
-Feature extraction: rank 0 owns the cache (index, file) and hands every rank a strided share of the clips
-still to compute; results come back to rank 0, which writes them in order, so the cache is the one a single
-process writes (the cache folder must be shared by the machines, or each extracts its own). Statistics: each
-rank runs every world_size-th batch of the fold's training clips and the float64 sums are all-reduced
+The features are extracted first by every rank (`ShardedFeatureCache`). Statistics: each rank runs every
+world_size-th batch of the fold's training clips and the float64 sums are all-reduced
 (`ResidualStatistics.fit(distributed=True)`), so the moments equal the single-process ones to rounding.
 """
 
@@ -17,67 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from audio_residual.data_processing import CachedFeatures, ClipTable, FeatureCache
-
-
-class ShardedFeatureCache(FeatureCache):
-    """A `FeatureCache` whose clips are extracted by every rank of the default process group.
-
-    Every rank calls `compute` with the same table; rank 0 reads and writes the cache, the others extract
-    their share and then read the finished cache.
-    """
-
-    def compute(self, table: ClipTable, on_bad_file: str = "error", workers: int = 1) -> CachedFeatures:
-        if dist.get_rank() != 0:
-            while (filenames := _broadcast(None)) is not None:
-                _gather(self._share(table.audio_dir, filenames, workers))
-            failure = _broadcast(None)
-            if failure is not None:
-                raise RuntimeError(f"rank 0 stopped the feature pass: {failure}")
-            return super().compute(table, on_bad_file, workers)  # reads what rank 0 wrote
-        failure = None
-        try:
-            return super().compute(table, on_bad_file, workers)
-        except Exception as err:
-            failure = str(err)
-            raise
-        finally:
-            _broadcast(None)  # releases the other ranks, also when a bad file stops the run
-            _broadcast(failure)
-
-    def _share(self, audio_dir: Path, filenames: list[str], workers: int) -> list[tuple]:
-        """This rank's strided share of the clips: items rank, rank + world, ..."""
-        return list(super()._clips(audio_dir, filenames[dist.get_rank() :: dist.get_world_size()], workers))
-
-    def _clips(self, audio_dir: Path, filenames: list[str], workers: int) -> Iterator[tuple]:
-        if dist.get_rank() != 0:  # only rank 0 farms clips out
-            yield from super()._clips(audio_dir, filenames, workers)
-            return
-        _broadcast(filenames)
-        shares = _gather(self._share(audio_dir, filenames, workers))
-        world = len(shares)
-        yield from (shares[i % world][i // world] for i in range(len(filenames)))
-
-
-def _broadcast(value):
-    """Rank 0's value on every rank (a list of filenames, or None for "done")."""
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _gather(share: list) -> list[list] | None:
-    """Every rank's share on rank 0 (None elsewhere)."""
-    shares = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(share, shares, dst=0)
-    return shares
+from audio_residual.data_processing.sharded_features import ShardedFeatureCache
 
 
 def _fit_rank(rank: int, world: int, init_method: str, model: str, class_names, features: str, indices, batch_size: int,
@@ -117,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     from audio_residual.clap.loading import load_clap
     from audio_residual.workspace import Workspace, resolve_dataset
 
-    parser = argparse.ArgumentParser(prog="python -m audio_residual.analysis.distributed", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m audio_residual.analysis.distributed_stats", description=main.__doc__)
     parser.add_argument("--data", required=True, help="dataset folder or 'esc50'")
     parser.add_argument("--model", default="laion/clap-htsat-unfused", help="hub id, local folder or 'tiny'")
     parser.add_argument("--fold", type=int, default=1, help="statistics of this fold's training clips")
@@ -135,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         table = resolve_dataset(args.data)
         bundle = load_clap(args.model, device="cuda" if cuda else "cpu", amp=args.amp, class_names=table.class_names)
-        cache = ShardedFeatureCache(args.cache / "features", bundle.feature_extractor)
+        cache = ShardedFeatureCache(args.cache, bundle.feature_extractor)
         ws = Workspace(table, bundle, cache.compute(table, workers=args.workers))
         split = ws.split(args.fold)
         stats = ResidualStatistics.fit(

@@ -1,11 +1,12 @@
-"""Frozen-prefix cache: the input of Swin stage s, computed once per clip, and a forward that starts there.
+"""Stage-prefix cache: the input of Swin stage s, computed once per clip, and a forward that starts there.
 
 When λ sits only in stages ≥ s, the mel front end and stages 0..s−1 are frozen and deterministic, so every
-epoch would recompute the same stage-s input. `StagePrefix` stores it (float32 memmap, resumable) next to the
-feature cache it came from, keyed by the model, the precision and the features' audio and preprocessing, so every run of a
-sweep (any fold, any configuration with the same first λ stage) shares it. `embed` runs stages s.. and
-transformers' encoder tail on it: the same modules on the same tensor as the full forward, so the audio
-embeddings are the same, and hook points of stages ≥ s (ResiDual, statistics) fire as usual.
+epoch would recompute the same stage-s input. `StagePrefix` stores it (float32 memmap, resumable) in the
+feature store it came from (`FeatureStoreLayout.stage_prefix`), keyed by the model, the precision and the
+features' audio and preprocessing, so every run of a sweep (any fold, any configuration with the same first λ
+stage) shares it. `encode` runs stages s.. and the encoder tail on it (`clap.encode.encode_from_stage`): the
+same modules on the same tensor as the full forward, so the outputs are the same, and hook points of stages
+≥ s (ResiDual, statistics) fire as usual.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from audio_residual.clap.batches import Batch, batches, model_inputs
-from audio_residual.clap.hooks import audio_encoder
+from audio_residual.clap.encode import AudioEncoding, encode_from_stage, stage_input
 from audio_residual.io import atomic_path, digest, write_json
+from audio_residual.layout import FeatureStoreLayout, StagePrefixLayout
 
 PREFIX_FORMAT_VERSION = 1
 
@@ -30,52 +31,6 @@ PREFIX_FORMAT_VERSION = 1
 def first_stage(stages) -> int:
     """The first stage that carries λ, or 0 when every stage does (`stages` None)."""
     return 0 if stages is None else min(int(s) for s in stages)
-
-
-def stage_input(model, input_features: torch.Tensor, stage: int, is_longer: torch.Tensor | None = None) -> torch.Tensor:
-    """The hidden states entering stage `stage` (batch, tokens, d): the full model stopped before that stage."""
-    encoder = audio_encoder(model)
-    if not 1 <= stage < len(encoder.layers):
-        raise ValueError(f"a prefix ends before stage 1..{len(encoder.layers) - 1}, got {stage}")
-    captured = {}
-
-    class _Stop(Exception):
-        pass
-
-    def grab(_module, args):
-        captured["hidden"] = args[0]
-        raise _Stop
-
-    handle = encoder.layers[stage].register_forward_pre_hook(grab)
-    try:
-        model.audio_model(input_features=input_features, is_longer=is_longer)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return captured["hidden"]
-
-
-def embed_from_stage(model, hidden: torch.Tensor, stage: int) -> torch.Tensor:
-    """L2-normalised audio embeddings from the input of stage `stage` (as `audio_embeddings` from mels).
-
-    Stages run through their transformers modules (hooks included); after the stage loop this repeats
-    `ClapAudioEncoder.forward`'s tail: final norm, group-2D reshape, average pool, then the projection.
-    """
-    encoder = audio_encoder(model)
-    for i in range(stage, len(encoder.layers)):
-        hidden = encoder.layers[i](hidden, encoder.input_resolutions[i])[0]
-    last = encoder.norm(hidden)
-    batch, _, channels = last.shape
-    frames = encoder.spec_size  # image height after reshape_mel2img: num_mel_bins · freq_ratio
-    scale = 2 ** (len(encoder.depths) - 1)
-    freq, time = frames // scale // encoder.patch_stride[0], frames // scale // encoder.patch_stride[1]
-    last = last.permute(0, 2, 1).contiguous().reshape(batch, channels, freq, time)
-    c_freq_bin = freq // encoder.freq_ratio
-    last = last.reshape(batch, channels, freq // c_freq_bin, c_freq_bin, time)
-    last = last.permute(0, 1, 3, 2, 4).contiguous().reshape(batch, channels, c_freq_bin, -1)
-    pooled = torch.flatten(encoder.avgpool(torch.flatten(last, 2)), 1)
-    return F.normalize(model.audio_projection(pooled).float(), dim=-1)
 
 
 @contextlib.contextmanager
@@ -98,21 +53,22 @@ class StagePrefix:
         self.model, self.device = ws.bundle.model, ws.bundle.device
         self.hidden, self.dtype = self._build(batch_size)
 
-    def folder(self) -> Path | None:
-        """`<feature store>/prefix-<key>/`, or None when the features are not a cached file (in memory then)."""
+    def layout(self) -> StagePrefixLayout | None:
+        """Where the prefix lives in the feature store, or None when the features are not a cached file
+        (it is kept in memory then)."""
         filename = getattr(self.exp.features.input_features, "filename", None)
         if filename is None:
             return None
         identity = [self.exp.bundle.model_id, str(self.exp.bundle.amp_dtype), self.device.type, self.exp.features.digest()]
-        return Path(filename).parent / f"prefix-{digest(identity)}"
+        return FeatureStoreLayout.holding(filename).stage_prefix(digest(identity))
 
     def _build(self, batch_size: int) -> tuple[np.ndarray, torch.dtype]:
         rows = self.exp.valid_indices()
-        folder = self.folder()
-        if folder is None:
+        layout = self.layout()
+        if layout is None:
             return self._fill(None, None, rows, 0, batch_size)
-        path, meta_path = folder / f"stage{self.stage}.npy", folder / f"stage{self.stage}.json"
-        with _locked(folder / f"stage{self.stage}.lock"):
+        path, meta_path = layout.hidden(self.stage), layout.progress(self.stage)
+        with _locked(layout.lock(self.stage)):
             meta = json.loads(meta_path.read_text()) if meta_path.exists() and path.exists() else {}
             done = meta.get("rows_done", 0) if meta.get("format_version") == PREFIX_FORMAT_VERSION else 0
             if done < len(rows):
@@ -151,7 +107,11 @@ class StagePrefix:
         """(rows, cached stage inputs (float32), None) batches on the model's device, as `Workspace.batches`."""
         return batches(self.hidden, rows, batch_size, self.device, None, shuffle_generator, desc)
 
+    def encode(self, hidden: torch.Tensor, is_longer: torch.Tensor | None = None) -> AudioEncoding:
+        """Tokens, pooled output and embedding of a batch of cached stage inputs, run in the dtype the model
+        produced them in (differentiable through λ hooks); `is_longer` only mattered before the cached stage."""
+        return encode_from_stage(self.model, hidden.to(self.dtype), self.stage)
+
     def forward(self, hidden: torch.Tensor, is_longer: torch.Tensor | None = None) -> torch.Tensor:
-        """Audio embeddings of a batch of cached stage inputs, in the dtype the model produced them in
-        (differentiable through λ hooks); `is_longer` only mattered before the cached stage."""
-        return embed_from_stage(self.model, hidden.to(self.dtype), self.stage)
+        """Audio embeddings of a batch of cached stage inputs (as `Workspace.forward` from log-mels)."""
+        return self.encode(hidden, is_longer).embedding

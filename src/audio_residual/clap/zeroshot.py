@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from audio_residual.clap.batches import batches
+from audio_residual.clap.encode import audio_embeddings
 from audio_residual.clap.loading import ClapBundle
 
 DEFAULT_TEMPLATES = ("This is a sound of {label}.",)
@@ -47,14 +48,6 @@ def text_embeddings(bundle: ClapBundle, texts: Sequence[str]) -> torch.Tensor:
         pooled = bundle.model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
         projected = bundle.model.text_projection(pooled.pooler_output)
     return F.normalize(projected.float(), dim=-1)
-
-
-def audio_embeddings(model, input_features: torch.Tensor, is_longer: torch.Tensor | None = None) -> torch.Tensor:
-    """Differentiable L2-normalised audio embeddings: the path ResiDual hooks and training go through."""
-    if is_longer is None and model.audio_model.config.enable_fusion:
-        raise ValueError("a fusion CLAP (enable_fusion) needs is_longer for every clip: pass the cached flags")
-    pooled = model.audio_model(input_features=input_features, is_longer=is_longer).pooler_output
-    return F.normalize(model.audio_projection(pooled).float(), dim=-1)
 
 
 class ZeroShotClassifier:
