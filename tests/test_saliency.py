@@ -269,3 +269,13 @@ def test_scores_under_autocast_keep_float32_maps_close_to_fp32(tiny_bundle, scor
     full = attribute(scorer, x, target, methods=("gradient",)).maps["gradient"]
     assert low.dtype == torch.float32 and torch.isfinite(low).all() and not torch.equal(low, full)  # bf16 did run
     assert float(torch.corrcoef(torch.stack([low.ravel(), full.ravel()]))[0, 1]) > 0.9
+
+
+def test_a_caption_score_is_the_zero_shot_score_of_the_same_text(scorer, tiny_bundle, clips):
+    from audio_residual.analysis.saliency import caption_scorer
+    from audio_residual.clap.zeroshot import class_prompts
+
+    captions = caption_scorer(tiny_bundle, class_prompts(CLASSES, "This is a sound of {label}."))
+    x, target = torch.from_numpy(clips[:2]), torch.tensor([2, 0])
+    with torch.no_grad():
+        torch.testing.assert_close(captions(x, target), scorer(x, target), rtol=1e-5, atol=1e-5)
