@@ -17,7 +17,7 @@ from audio_residual.analysis.faithfulness import (
     map_rank_correlation,
     top_share_inside,
 )
-from audio_residual.analysis.saliency import TextScore, randomised_scorer, saliency_maps
+from audio_residual.analysis.saliency import TextScore, attribute, randomised_scorer, saliency_maps
 from audio_residual.analysis.saliency_change import mel_centres
 from audio_residual.clap import loading
 from audio_residual.clap.zeroshot import text_embeddings
@@ -91,10 +91,16 @@ def test_the_model_knows_these_clips(trained):
     assert float((scores.argmax(1).numpy() == targets).mean()) >= 0.5
 
 
-def test_integrated_gradients_is_complete_at_64_steps(maps):
-    own, _ = maps
-    change = own["score"] - own["baseline_score"]
-    assert np.all(np.abs(own["ig_delta"]) <= 0.01 * np.abs(change))
+def test_integrated_gradients_is_complete_within_one_percent(trained, single_thread):
+    """IG from 64 steps, doubled per clip while Σ attributions misses s(x) − s(b) by over 1 %: every clip ends
+    within 1 %. The steps each clip needed are printed (the tiny CLAP's score can jump along the path)."""
+    _, scorer, x, targets, _ = trained
+    rows = [targets.tolist().index(c) for c in range(len(EVENTS))]  # one clip per class
+    result = attribute(scorer, torch.from_numpy(x[rows]), torch.from_numpy(targets[rows]), ("integrated_gradients",),
+                       steps=64, ig_tolerance=0.01, max_steps=1024, batch_size=16)
+    change = result.scores - result.baseline_scores
+    print("IG steps per clip:", result.ig_steps.tolist(), "relative gaps:", (result.ig_delta / change).tolist())
+    assert (result.ig_delta.abs() <= 0.01 * change.abs() + 1e-4).all()
 
 
 def test_most_top_decile_saliency_lies_in_the_event_region(trained, maps):

@@ -443,7 +443,7 @@ def cmd_saliency(args) -> None:
     _report_skipped(ws, args.out)
     result = run_saliency(
         ws, args.fold, args.out, clips=args.clips, methods=methods, adapter=adapter, analysis=args.analysis,
-        steps=args.steps, baseline=args.baseline, listen=[m for m in methods if m in args.listen], batch_size=args.batch_size,
+        steps=args.steps, ig_tolerance=args.ig_tolerance, max_steps=args.max_steps, baseline=args.baseline, listen=[m for m in methods if m in args.listen], batch_size=args.batch_size,
     )
     print(result.faithfulness.to_string(index=False))
     for name, path in result.paths.items():
@@ -516,7 +516,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", type=_methods_of_saliency, default=None, help="comma-separated; default: all")
     p.add_argument("--analysis", type=Path, default=None,
                    help="folder of `analyze --fold` (same fold): head attribution on its ablation's clips")
-    p.add_argument("--steps", type=POSITIVE_INT, default=64, help="Integrated Gradients steps")
+    p.add_argument("--steps", type=POSITIVE_INT, default=64, help="Integrated Gradients steps (to start with)")
+    p.add_argument("--ig-tolerance", type=POSITIVE, default=0.01,
+                   help="redo IG with 2×, 4×, … steps (up to --max-steps) for clips whose attributions miss "
+                        "s(x) − s(baseline) by more than this share")
+    p.add_argument("--max-steps", type=POSITIVE_INT, default=1024)
     p.add_argument("--baseline", choices=["floor", "time_mean", "zeros"], default="floor",
                    help="absent-sound reference for IG, gradient × input and deletion")
     p.add_argument("--listen", type=_methods_of_saliency, default=("integrated_gradients",),

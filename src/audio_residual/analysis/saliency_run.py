@@ -131,6 +131,8 @@ def run_saliency(
     adapter: nn.Module | None = None,
     analysis=None,
     steps: int = 64,
+    ig_tolerance: float | None = 0.01,
+    max_steps: int = 1024,
     noise_samples: int = 16,
     baseline: str = "floor",
     curve_steps: int = faith.DEFAULT_STEPS,
@@ -143,6 +145,8 @@ def run_saliency(
     """Explain the (adapted, if `adapter`) zero-shot score of each clip's own class on `clips` test clips of
     `fold`, judge the maps, write everything under `out_dir` (see the module docstring).
 
+    IG starts at `steps` and doubles them, up to `max_steps`, for clips whose attributions miss s(x) − s(b)
+    by more than `ig_tolerance` (relative); `summary.json` gives the steps used and the largest gap left.
     `analysis`: an `AnalysisResult` of the same fold (notebook 1's `run_analysis`), or the folder `analyze`
     wrote, for head attribution on the ablation's clips. `listen`: the methods whose top `keep_fraction` cells are inverted to audio.
     """
@@ -155,7 +159,7 @@ def run_saliency(
     if len(rows) == 0:
         raise ValueError(f"fold {fold} has no usable test clips to explain")
     targets = ws.table.labels[rows]
-    options = {"steps": steps, "noise_samples": noise_samples, "baseline_kind": baseline, "batch_size": batch_size,
+    options = {"steps": steps, "ig_tolerance": ig_tolerance, "max_steps": max_steps, "noise_samples": noise_samples, "baseline_kind": baseline, "batch_size": batch_size,
                "seed": seed}
     zero_shot = zero_shot_scorer(ws.classifier)
     scorer = zero_shot_scorer(ws.classifier, adapter) if adapter is not None else zero_shot
@@ -224,6 +228,7 @@ def _write(result: SaliencyResult, ws, fold: int, layout: SaliencyLayout, method
         "files": [ws.table.filenames[r] for r in result.rows], "methods": list(methods), **options,
         "score": "zero-shot logit of the clip's own class (logit scale × cosine)",
         "ig_max_relative_gap": _relative_gap(result.maps),
+        "ig_steps_used": result.maps["ig_steps"].tolist() if "ig_steps" in result.maps else None,
         "provenance": ws.provenance(),
     }
     paths["summary"] = write_json(layout / "summary.json", summary)
