@@ -8,6 +8,7 @@ wall time. Run all, or name some:
 
 Targets: capture_overhead ≤ 1.15, pca_pass_overhead ≤ 1.30, pca_rss_ratio ≤ 1.10,
 residual_step_overhead ≤ 1.25, cached_loading_share ≤ 0.05, demo_seconds ≤ 300 (2-core CPU),
+pretrain_step_overhead ≤ 1.2, pretrain_loading_share ≤ 0.05,
 prefix_cache_speedup_stage3 ≥ 3, analysis_pass_overhead ≤ 1.30, feature_workers_speedup ≥ 1.8 (2 cores),
 distributed_stats_equal ≤ 1e-10, saliency_ig_passes ≤ 70 (IG at 64 steps on one clip, in forward+backward
 passes of that clip). prefix_cache_speedup (stages 2–3) has no target: weigh it against the storage printed
@@ -17,6 +18,7 @@ printed without a target on a CPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import statistics
@@ -254,6 +256,69 @@ def cached_loading_share() -> float:
     return statistics.median(r[0] for r in runs) / statistics.median(r[1] for r in runs)
 
 
+def _pretrain_setup(clips: int, folder: Path):
+    """The tiny pretraining model, its optimizer and a memmapped cache of `clips` clips with 5 captions each."""
+    from audio_residual.training import pretrain as P
+
+    texts = [f"a {p} {f} that starts {o}" for p in ("low", "high") for f in ("tone", "hum") for o in ("early", "late")]
+    model, processor = P.new_clap("tiny", P.caption_tokenizer(texts), seed=0)
+    tokens = processor.tokenizer([texts[i % len(texts)] for i in range(5 * clips)], padding=True, return_tensors="pt")
+    features = np.load(_feature_file(folder, clips), mmap_mode="r")
+    data = P.CaptionedFeatures(features, np.zeros(clips, bool), tokens["input_ids"], tokens["attention_mask"],
+                               np.repeat(np.arange(clips), 5), np.arange(clips), np.arange(0))  # fmt: skip
+    params = P.trainable_parameters(model, "none")
+    optimizer, schedule = P.optimizer_and_schedule(model, params, P.PretrainRecipe(lr=1e-4), total_steps=1000)
+    return P, model.train(), data, optimizer, schedule
+
+
+def pretrain_step_overhead() -> float:
+    """Pretraining step (fetch, forward, symmetric loss, backward, AdamW, schedule, clamp) / bare forward +
+    backward of the same tiny model on the same batch (16 clips, one caption each)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        P, model, data, optimizer, schedule = _pretrain_setup(LOADING_BATCH, Path(tmp))
+        batch = P.epoch_batches(data, LOADING_BATCH, torch.Generator().manual_seed(0))[0]
+        inputs = P.batch_inputs(data, batch, "cpu")
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            P.batch_loss(model, data, batch, "cpu", contextlib.nullcontext).backward()
+            optimizer.step()
+            schedule.step()
+            P.clamp_logit_scale(model)
+
+        def floor() -> None:
+            model.zero_grad(set_to_none=True)
+            audio = model.audio_projection(model.audio_model(input_features=inputs["input_features"]).pooler_output)
+            text_out = model.text_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            (audio * model.text_projection(text_out.pooler_output)).sum().backward()
+
+        return _ratio(step, floor)
+
+
+def pretrain_loading_share() -> float:
+    """Share of a pretraining epoch (tiny model, batch 16, 64 clips) spent fetching batches from the memmapped
+    feature cache and the tokenized captions (warm page cache; median of a few epochs after a warm-up)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        P, model, data, optimizer, schedule = _pretrain_setup(LOADING_CLIPS, Path(tmp))
+
+        def epoch(seed: int) -> tuple[float, float]:
+            started, loading = time.perf_counter(), 0.0
+            for batch in P.epoch_batches(data, LOADING_BATCH, torch.Generator().manual_seed(seed)):
+                fetch = time.perf_counter()
+                inputs = P.batch_inputs(data, batch, "cpu")
+                loading += time.perf_counter() - fetch
+                optimizer.zero_grad(set_to_none=True)
+                P.inputs_loss(model, inputs).backward()
+                optimizer.step()
+                schedule.step()
+                P.clamp_logit_scale(model)
+            return loading, time.perf_counter() - started
+
+        epoch(0)
+        runs = [epoch(seed) for seed in range(1, REPEATS + 1)]
+    return statistics.median(r[0] for r in runs) / statistics.median(r[1] for r in runs)
+
+
 def demo_seconds() -> float:
     """Wall time (s) of `run_demo` into a temporary folder, in a fresh subprocess so imports count.
 
@@ -478,6 +543,8 @@ BENCHMARKS: dict[str, Callable[[], float]] = {
     "residual_step_overhead": residual_step_overhead,
     "cached_loading_share": cached_loading_share,
     "demo_seconds": demo_seconds,
+    "pretrain_step_overhead": pretrain_step_overhead,
+    "pretrain_loading_share": pretrain_loading_share,
     "prefix_cache_speedup": prefix_cache_speedup,
     "prefix_cache_speedup_stage3": prefix_cache_speedup_stage3,
     "analysis_pass_overhead": analysis_pass_overhead,

@@ -25,7 +25,7 @@ def single_thread():
 def tiny_bundle():
     from audio_residual.clap.loading import load_clap
 
-    return load_clap("tiny", device="cpu", class_names=("dog", "rain", "sea_waves"))
+    return load_clap("tiny-random", device="cpu", class_names=("dog", "rain", "sea_waves"))
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ def analyzed(tmp_path_factory):
     root = tmp_path_factory.mktemp("analyze")
     data = make_synthetic_esc50(root / "data", n_classes=3, clips_per_class=5, seconds=5.0, seed=0)
     out = root / "out"
-    argv = ["analyze", "--data", str(data), "--model", "tiny", "--fold", "1", "--out", str(out)]
+    argv = ["analyze", "--data", str(data), "--model", "tiny-random", "--fold", "1", "--out", str(out)]
     argv += ["--cache", str(root / "cache"), "--device", "cpu", "--batch-size", "8", "--pattern-cap", "32"]
     argv += ["--ablation-stages", "2,3", "--ablation-max-clips", "2", "--tokens-per-clip", "200"]
     assert main(argv) == 0
@@ -41,7 +41,7 @@ def test_statistics_fitted_on_training_folds_only(analyzed):
     _, out, _ = analyzed
     stats = ResidualStatistics.load(out / "stats_fold1.safetensors")
     meta = stats.metadata
-    assert meta["fold"] == 1 and meta["model_id"] == "tiny" and meta["fit_on"] == "train"
+    assert meta["fold"] == 1 and meta["model_id"] == "tiny-random" and meta["fit_on"] == "train"
     assert meta["train_folds"] == [2, 3, 4, 5] and meta["clips"] == 12  # 15 clips, 3 in test fold 1
     assert meta["tokens_per_clip"] == 200
     assert all(count <= 12 * 200 for count in meta["tokens_seen"].values())
@@ -77,6 +77,6 @@ def test_ablation_table(analyzed):
 
 def test_unknown_fold_is_a_clear_error(analyzed, capsys):
     data, out, root = analyzed
-    argv = ["analyze", "--data", str(data), "--model", "tiny", "--fold", "9", "--out", str(root / "other")]
+    argv = ["analyze", "--data", str(data), "--model", "tiny-random", "--fold", "9", "--out", str(root / "other")]
     assert main([*argv, "--cache", str(root / "cache"), "--device", "cpu"]) == 2
     assert "no fold 9" in capsys.readouterr().err

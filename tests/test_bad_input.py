@@ -65,7 +65,7 @@ def last_line(err: str) -> str:
 
 
 def zeroshot_args(data: Path, tmp_path: Path, *extra: str) -> list[str]:
-    return ["zeroshot", "--data", str(data), "--model", "tiny", "--out", str(tmp_path / "out"),
+    return ["zeroshot", "--data", str(data), "--model", "tiny-random", "--out", str(tmp_path / "out"),
             "--cache", str(tmp_path / "cache"), "--device", "cpu", *extra]
 
 
@@ -86,7 +86,7 @@ def zeroshot_args(data: Path, tmp_path: Path, *extra: str) -> list[str]:
     ],
 )
 def test_bad_arguments_are_refused_by_the_parser(capsys, tmp_path, option, value, expected):
-    code, err = run(capsys, "train-residual", "--data", "unused", "--model", "tiny", "--out", str(tmp_path / "o"),
+    code, err = run(capsys, "train-residual", "--data", "unused", "--model", "tiny-random", "--out", str(tmp_path / "o"),
                     f"{option}={value}")
     assert code == 2
     assert expected in last_line(err)
@@ -111,7 +111,7 @@ def test_cuda_without_cuda_is_refused(capsys, tmp_path):
 def test_bad_grid_is_refused_before_any_work(capsys, tmp_path, grid, expected):
     path = tmp_path / "grid.json"
     path.write_text(grid if isinstance(grid, str) else json.dumps(grid))
-    code, err = run(capsys, "sweep", "--data", str(tmp_path / "nowhere"), "--model", "tiny",
+    code, err = run(capsys, "sweep", "--data", str(tmp_path / "nowhere"), "--model", "tiny-random",
                     "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "cache"), "--grid", str(path))
     assert code == 2
     assert f"--grid {path}" in last_line(err) and expected in last_line(err)
@@ -160,7 +160,7 @@ def test_esc50_without_network_is_one_line_and_leaves_no_folder(capsys, tmp_path
         port = probe.getsockname()[1]
     monkeypatch.setattr(download_module, "ESC50_URL", f"http://127.0.0.1:{port}/master.zip")
     monkeypatch.chdir(tmp_path)
-    code, err = run(capsys, "zeroshot", "--data", "esc50", "--model", "tiny", "--out", "out", "--device", "cpu")
+    code, err = run(capsys, "zeroshot", "--data", "esc50", "--model", "tiny-random", "--out", "out", "--device", "cpu")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "cannot download http://127.0.0.1" in err and "pass --data /path/to/ESC-50-master" in err
     assert not (tmp_path / "data").exists()
@@ -375,11 +375,11 @@ def _report_for(data: Path, model_id: str) -> str:
 
 
 def test_report_describes_the_data_actually_used(small_data, data_copy):
-    recorded = _report_for(data_copy, "tiny")
+    recorded = _report_for(data_copy, "tiny-random")
     assert recorded.startswith("# Audio-ResiDual study")
     assert f"ESC-50 layout at `{data_copy}`, audio recordings: 15 clips, 3 classes, 5 folds" in recorded
     assert "model is random-initialised" in recorded and "generated" not in recorded
-    generated = _report_for(small_data, "tiny")
+    generated = _report_for(small_data, "tiny-random")
     assert generated.startswith("# Audio-ResiDual offline demo") and "The data is generated" in generated
     real = _report_for(data_copy, "laion/clap-htsat-unfused")
     assert "model: `laion/clap-htsat-unfused`" in real and "random" not in real

@@ -9,7 +9,7 @@ from audio_residual.cli import main
 
 def test_zeroshot_command_writes_one_row_per_fold(synthetic_esc50, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["zeroshot", "--data", str(synthetic_esc50), "--model", "tiny", "--out", str(out),
+    code = main(["zeroshot", "--data", str(synthetic_esc50), "--model", "tiny-random", "--out", str(out),
                  "--cache", str(tmp_path / "cache"), "--device", "cpu"])
     assert code == 0
     frame = pd.read_csv(out / "zeroshot.csv")
@@ -27,7 +27,7 @@ def test_zeroshot_skips_bad_files_and_lists_them(synthetic_esc50, tmp_path):
     shutil.copytree(synthetic_esc50, data)
     victim = sorted((data / "audio").glob("*.wav"))[0]
     victim.write_text("not audio at all")
-    args = ["zeroshot", "--data", str(data), "--model", "tiny", "--out", str(tmp_path / "out"),
+    args = ["zeroshot", "--data", str(data), "--model", "tiny-random", "--out", str(tmp_path / "out"),
             "--cache", str(tmp_path / "cache"), "--device", "cpu"]
     assert main(args) == 2  # default policy: a clear error, no results
     assert not (tmp_path / "out" / "zeroshot.csv").exists()
@@ -38,6 +38,6 @@ def test_zeroshot_skips_bad_files_and_lists_them(synthetic_esc50, tmp_path):
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
-    code = main(["zeroshot", "--data", str(tmp_path / "nowhere"), "--model", "tiny", "--out", str(tmp_path)])
+    code = main(["zeroshot", "--data", str(tmp_path / "nowhere"), "--model", "tiny-random", "--out", str(tmp_path)])
     assert code == 2
     assert "nowhere" in capsys.readouterr().err

@@ -23,7 +23,7 @@ def test_two_processes_give_the_single_process_moments(tiny_bundle, tmp_path):
     features = np.random.default_rng(0).standard_normal((7, 1, 1001, 64)).astype(np.float32)
     np.save(tmp_path / "x.npy", features)
     rows = np.array([6, 0, 2, 5, 1, 3])  # 3 batches of 2: rank 0 runs two, rank 1 one (after priming on batch 0)
-    shared = fit_on_cpu_processes("tiny", CLASSES, tmp_path / "x.npy", rows, 2, tmp_path / "stats.safetensors")
+    shared = fit_on_cpu_processes("tiny-random", CLASSES, tmp_path / "x.npy", rows, 2, tmp_path / "stats.safetensors")
     single = ResidualStatistics.fit(tiny_bundle.model, features, rows, batch_size=2)
     assert shared.blocks.keys() == single.blocks.keys()
     for block, parts in single.blocks.items():

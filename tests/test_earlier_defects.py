@@ -78,7 +78,7 @@ def test_lambda_one_is_the_identity_only_because_the_mean_is_kept(tiny_bundle, s
 
 
 def test_training_loss_uses_logit_scaled_similarities(synthetic_esc50, tmp_path, monkeypatch):
-    ws = Workspace.open(synthetic_esc50, model="tiny", cache_dir=tmp_path, device="cpu")
+    ws = Workspace.open(synthetic_esc50, model="tiny-random", cache_dir=tmp_path, device="cpu")
     split = ws.splits(val_fraction=0.2)[0]
     seen = []
     real = F.cross_entropy

@@ -148,7 +148,7 @@ def tiny_experiment(synthetic_esc50, tmp_path_factory):
     from audio_residual.workspace import Workspace
 
     return Workspace.open(
-        synthetic_esc50, model="tiny", cache_dir=tmp_path_factory.mktemp("cache"), device="cpu"
+        synthetic_esc50, model="tiny-random", cache_dir=tmp_path_factory.mktemp("cache"), device="cpu"
     )
 
 

@@ -22,7 +22,7 @@ NOT_TEST = ["best_epoch", "start_train_accuracy", "train_accuracy", "val_accurac
 
 
 def _study(data, out, cache):
-    ws = Workspace.open(data, model="tiny", cache_dir=cache, device="cpu")
+    ws = Workspace.open(data, model="tiny-random", cache_dir=cache, device="cpu")
     outcome = run_study(ws, out, GRID, BASE, analysis_options={"pattern_cap": 16, "ablation_max_clips": 4})
     return ws, outcome
 
@@ -70,7 +70,7 @@ def test_nothing_of_fold_k_chooses_what_is_reported_on_fold_k(tmp_path):
 
 @pytest.mark.usefixtures("single_thread")
 def test_a_rerun_with_other_options_never_reports_the_old_rows(synthetic_esc50, tmp_path):
-    common = ["--data", str(synthetic_esc50), "--model", "tiny", "--cache", str(tmp_path / "cache"),
+    common = ["--data", str(synthetic_esc50), "--model", "tiny-random", "--cache", str(tmp_path / "cache"),
               "--device", "cpu", "--out", str(tmp_path / "out"), "--granularity", "layer", "--stages", "3",
               "--epochs", "1", "--folds", "1"]  # fmt: skip
     assert main(["train-residual", *common, "--lr", "0.001"]) == 0
@@ -89,7 +89,7 @@ def test_cached_features_follow_content_not_mtime(tmp_path):
     data = make_synthetic_esc50(tmp_path / "data", n_classes=2, clips_per_class=5, seed=1)
 
     def open_(check: str) -> Workspace:
-        return Workspace.open(data, model="tiny", cache_dir=tmp_path / check, device="cpu", cache_check=check)
+        return Workspace.open(data, model="tiny-random", cache_dir=tmp_path / check, device="cpu", cache_check=check)
 
     ws = open_("content")
     before = np.array(ws.features.input_features[0])

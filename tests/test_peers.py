@@ -237,7 +237,7 @@ def test_run_baselines_runs_the_peer_methods_on_request(synthetic_esc50, tmp_pat
     from audio_residual.baselines import run_baselines
     from audio_residual.workspace import Workspace
 
-    ws = Workspace.open(synthetic_esc50, model="tiny", cache_dir=tmp_path / "cache", device="cpu")
+    ws = Workspace.open(synthetic_esc50, model="tiny-random", cache_dir=tmp_path / "cache", device="cpu")
     methods = ("tip_adapter", "tip_adapter_f", "coop", "lora")
     options = {"coop": {"epochs": 2}, "lora": {"epochs": 1, "ranks": 2}, "tip_adapter_f": {"epochs": 2}}
     run_baselines(ws, tmp_path, methods=methods, folds=(1,), peer_options=options)

@@ -35,7 +35,7 @@ def pair(tmp_path_factory, single_thread):
     b = make_synthetic_esc50(tmp / "b", n_classes=2, clips_per_class=5, seconds=1.0, sample_rate=16000,
                              first_class=3)  # fmt: skip
     table_b = load_dataset(b)
-    ws = Workspace.open(a, model="tiny", cache_dir=tmp / "cache", device="cpu", other_class_names=table_b.class_names)
+    ws = Workspace.open(a, model="tiny-random", cache_dir=tmp / "cache", device="cpu", other_class_names=table_b.class_names)
     assert set(ws.table.class_names).isdisjoint(table_b.class_names)
     return ws, target_workspace(ws, table_b, cache_dir=tmp / "cache"), tmp
 
@@ -147,7 +147,7 @@ def test_cli_experiment_flags(pair, tmp_path, capsys):
     ws, _, tmp = pair
     grid = tmp_path / "grid.json"
     grid.write_text(json.dumps({"granularity": ["layer"], "lr": [0.3], "epochs": [1], "fold": [1, 2, 3, 4, 5]}))
-    common = ["experiment", "--data", str(tmp / "a"), "--model", "tiny", "--cache", str(tmp / "cache"),
+    common = ["experiment", "--data", str(tmp / "a"), "--model", "tiny-random", "--cache", str(tmp / "cache"),
               "--device", "cpu", "--grid", str(grid), "--wandb", "disabled", "--val-fraction", "0.2"]  # fmt: skip
     out = tmp_path / "out"
     # bad input stops before any computing, with one line naming the culprit

@@ -40,7 +40,7 @@ def test_hub_model_records_revision_and_resolved_commit(hub_cache):
 
 
 def test_local_and_tiny_models_have_no_commit(tiny_bundle, tmp_path):
-    assert tiny_bundle.provenance["commit"] is None and tiny_bundle.provenance["model"] == "tiny"
+    assert tiny_bundle.provenance["commit"] is None and tiny_bundle.provenance["model"] == "tiny-random"
     model, processor = build_tiny_clap(("dog",))
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)

@@ -24,6 +24,7 @@ from audio_residual.analysis.faithfulness import (
 )
 from audio_residual.analysis.head_attribution import compare_with_ablation, head_attribution
 from audio_residual.analysis.saliency import (
+    IG_ABS_TOLERANCE,
     METHODS,
     LogitScore,
     attribute,
@@ -296,6 +297,6 @@ def test_ig_doubles_its_steps_only_for_clips_whose_path_is_too_sharp(clips):
     change = plain.scores - plain.baseline_scores
     assert abs(float(plain.ig_delta[0])) > 0.01 * abs(float(change[0]))  # 64 points miss the jump
     refined = attribute(Step(), x, target, methods=("integrated_gradients",), steps=64, ig_tolerance=0.01)
-    assert (refined.ig_delta.abs() <= 0.01 * change.abs() + 1e-4).all()
+    assert (refined.ig_delta.abs() <= 0.01 * change.abs() + IG_ABS_TOLERANCE).all()
     assert int(refined.ig_steps[0]) > 64 and int(refined.ig_steps[1]) == 64
     torch.testing.assert_close(refined.maps["integrated_gradients"][1], plain.maps["integrated_gradients"][1])

@@ -31,7 +31,7 @@ def explained(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("saliency")
     data = make_synthetic_esc50(root / "data", n_classes=3, clips_per_class=5, seconds=2.0, seed=0)
-    ws = Workspace.open(data, model="tiny", cache_dir=root / "cache", device="cpu")
+    ws = Workspace.open(data, model="tiny-random", cache_dir=root / "cache", device="cpu")
     train = ws.split(1).train
     stats = ResidualStatistics.fit(ws.bundle.model, ws.features.input_features, train[:4], batch_size=4)
     residual = build_residual(stats, stages=(3,))
@@ -47,7 +47,7 @@ def explained(tmp_path_factory):
                              "logit_shift": np.linspace(1, 0, len(units))})
     ablation.to_csv(analysis.ablation, index=False)
     out = root / "out"
-    argv = ["saliency", "--data", str(data), "--model", "tiny", "--out", str(out), "--cache", str(root / "cache"),
+    argv = ["saliency", "--data", str(data), "--model", "tiny-random", "--out", str(out), "--cache", str(root / "cache"),
             "--device", "cpu", "--clips", "2", "--steps", "8", "--methods", METHODS, "--lambdas", str(lambdas),
             "--batch-size", "8", "--analysis", str(analysis.root)]
     torch.set_num_threads(1)
@@ -65,7 +65,7 @@ def test_outputs_describe_every_method_and_clip(explained):
     summary = json.loads((out / "summary.json").read_text())
     rows = summary["rows"]
     assert len(rows) == 2 and set(rows) <= set(ws.split(1).test.tolist())
-    assert summary["steps"] == 8 and summary["provenance"]["model"] == "tiny"
+    assert summary["steps"] == 8 and summary["provenance"]["model"] == "tiny-random"
     with np.load(out / "maps.npz", allow_pickle=False) as maps:
         assert maps["integrated_gradients"].shape == (2, 1001, 64)
         assert maps["randomised_gradient"].shape == (2, 1001, 64)
@@ -111,7 +111,7 @@ def test_head_attribution_on_the_ablation_clips(explained):
 
 def test_bad_input_is_one_line(explained, capsys):
     root, _, _ = explained
-    base = ["saliency", "--data", str(root / "data"), "--model", "tiny", "--out", str(root / "bad"),
+    base = ["saliency", "--data", str(root / "data"), "--model", "tiny-random", "--out", str(root / "bad"),
             "--cache", str(root / "cache"), "--device", "cpu"]
     assert main([*base, "--lambdas", str(root / "missing.safetensors")]) == 2
     assert "--lambdas file not found" in capsys.readouterr().err

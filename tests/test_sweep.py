@@ -24,7 +24,7 @@ BASE = {"batch_size": 16, "val_fraction": 0.2}
 
 @pytest.fixture(scope="module")
 def experiment(synthetic_esc50, tmp_path_factory):
-    return Workspace.open(synthetic_esc50, model="tiny", cache_dir=tmp_path_factory.mktemp("cache"), device="cpu")
+    return Workspace.open(synthetic_esc50, model="tiny-random", cache_dir=tmp_path_factory.mktemp("cache"), device="cpu")
 
 
 def test_grid_and_wandb_config_agree():
@@ -91,7 +91,7 @@ def test_sweep_rows_are_keyed_by_base_options(experiment, tmp_path, monkeypatch)
 
 
 def test_sweep_and_train_residual_commands(synthetic_esc50, tmp_path, capsys):
-    common = ["--data", str(synthetic_esc50), "--model", "tiny", "--cache", str(tmp_path / "cache"), "--device", "cpu"]
+    common = ["--data", str(synthetic_esc50), "--model", "tiny-random", "--cache", str(tmp_path / "cache"), "--device", "cpu"]
     grid = tmp_path / "grid.json"
     grid.write_text(json.dumps({"granularity": ["layer", "head"], "lr": [0.3], "epochs": [2], "fold": [1]}))
     assert main(["sweep", *common, "--out", str(tmp_path / "sweep"), "--grid", str(grid), "--wandb", "disabled"]) == 0

@@ -18,7 +18,7 @@ from audio_residual.workspace import Workspace
 
 @pytest.fixture(scope="module")
 def experiment(synthetic_esc50, tmp_path_factory):
-    return Workspace.open(synthetic_esc50, model="tiny", cache_dir=tmp_path_factory.mktemp("cache"), device="cpu")
+    return Workspace.open(synthetic_esc50, model="tiny-random", cache_dir=tmp_path_factory.mktemp("cache"), device="cpu")
 
 
 def test_training_accuracy_rises_clearly_above_the_zero_shot_start(experiment):

@@ -39,7 +39,7 @@ def pair(tmp_path_factory, single_thread):
     tmp = tmp_path_factory.mktemp("transfer")
     full = load_esc50(make_synthetic_esc50(tmp / "data", n_classes=5, clips_per_class=3, seconds=1.0,
                                            sample_rate=16000))  # fmt: skip
-    bundle = load_clap("tiny", device="cpu", class_names=full.class_names)
+    bundle = load_clap("tiny-random", device="cpu", class_names=full.class_names)
     table_a = classes(full, [0, 1, 2], "a")
     exp_a = Workspace(table_a, bundle, FeatureCache(tmp / "cache" / "features", bundle.feature_extractor).compute(table_a))
     exp_b = target_workspace(exp_a, classes(full, [3, 4], "b"), cache_dir=tmp / "cache")

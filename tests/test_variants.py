@@ -244,7 +244,7 @@ def test_cli_preset_and_options_build_the_named_config():
 
 
 def test_train_residual_rows_carry_the_variant_label(synthetic_esc50, tmp_path):
-    common = ["--data", str(synthetic_esc50), "--model", "tiny", "--cache", str(tmp_path / "cache"), "--device", "cpu"]
+    common = ["--data", str(synthetic_esc50), "--model", "tiny-random", "--cache", str(tmp_path / "cache"), "--device", "cpu"]
     args = ["train-residual", *common, "--out", str(tmp_path / "run"), "--preset", "paper", "--epochs", "1",
             "--granularity", "layer", "--stages", "3", "--folds", "1"]
     assert main(args) == 0

@@ -204,12 +204,79 @@ def cmd_zeroshot(args) -> None:
 
 
 def cmd_generate(args) -> None:
+    if args.captions:
+        return cmd_generate_captions(args)
     from audio_residual.data_processing import make_synthetic_esc50
 
     path = make_synthetic_esc50(
         args.out, n_classes=args.classes, clips_per_class=args.clips_per_class, seconds=args.seconds, seed=args.seed
     )
     print(f"generated ESC-50-shaped data in {path}")
+
+
+def cmd_generate_captions(args) -> None:
+    from audio_residual.data_processing.synthetic_captions import make_synthetic_captions
+
+    path = make_synthetic_captions(
+        args.out, n_clips=args.clips, captions_per_clip=args.captions_per_clip, seconds=args.seconds, seed=args.seed
+    )
+    print(f"generated captioned audio (captions.csv: filename,caption,split) in {path}")
+
+
+def cmd_pretrain(args) -> None:
+    from audio_residual.data_processing.captions import load_captions
+    from audio_residual.training.pretrain import PretrainRecipe
+    from audio_residual.training.pretrain_run import PretrainRun, PretrainSource, pretrain
+
+    if args.preset is not None:
+        from audio_residual.training.pretrain_preset import run_preset
+
+        path = run_preset(args.preset, args.out, seed=args.seed, device=args.device)
+        print(f"pretrained CLAP ({args.preset} preset) → {path}")
+        return
+    if args.data is None:
+        raise ValueError("give --data (captioned audio) or --preset tiny")
+    if args.model is not None and args.config is not None:
+        raise ValueError("give --config (from scratch) or --model (continue training), not both")
+    table = load_captions(args.data, export_root=Path("data") / "hf", caption_column=args.caption_column)
+    recipe = PretrainRecipe(
+        epochs=args.epochs, batch_size=args.batch_size, accumulate=args.accumulate, lr=args.lr,
+        weight_decay=args.weight_decay, warmup=args.warmup, freeze=args.freeze, seed=args.seed,
+    )  # fmt: skip
+    source = PretrainSource(config=None if args.model else (args.config or "tiny"), model=args.model, tokenizer=args.tokenizer)
+    run = PretrainRun(args.out, cache_dir=args.cache, device=args.device, amp=args.amp, wandb=args.wandb,
+                      eval_classification=args.eval_classification, on_bad_file=args.on_bad_file,
+                      extra_provenance={"data_source": str(args.data)})  # fmt: skip
+    path = pretrain(table, source, recipe, run)
+    print(f"pretrained CLAP → {path} (use it as --model {path})")
+
+
+def _pretrain_parser(sub) -> None:
+    from audio_residual.training.pretrain import CONFIGS, FREEZE
+
+    p = sub.add_parser("pretrain", help="train a CLAP contrastively on captioned audio → OUT/model (a --model folder)")
+    p.add_argument("--data", default=None, help="captioned audio: Clotho or AudioCaps folder, folder with captions.csv, hf:OWNER/NAME")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--preset", choices=["tiny"], default=None, help="tiny: the shipped tiny CLAP's run (generated data)")
+    p.add_argument("--config", choices=CONFIGS, default=None, help="train from scratch at this size (default tiny)")
+    p.add_argument("--model", default=None, help="continue training this CLAP (hub id, folder, tiny, tiny-random)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder for htsat sizes (none can be downloaded offline)")
+    p.add_argument("--freeze", choices=FREEZE, default="none")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=10)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=32)
+    p.add_argument("--accumulate", type=POSITIVE_INT, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=POSITIVE, default=1e-4)
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.2)
+    p.add_argument("--warmup", type=VAL_FRACTION, default=0.05, help="share of the steps warming up linearly")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-classification", default=None, metavar="DATA", help="labelled set scored zero-shot every epoch")
+    p.add_argument("--caption-column", default=None, help="caption column of a Hugging Face dataset")
+    p.add_argument("--cache", type=Path, default=Path("cache"), help="feature cache folder")
+    p.add_argument("--device", type=_device, default="auto")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"], help="CUDA autocast")
+    p.add_argument("--on-bad-file", choices=["error", "skip"], default="error")
+    p.add_argument("--wandb", choices=WANDB_MODES, default="auto", help=WANDB_HELP)
+    p.set_defaults(func=cmd_pretrain)
 
 
 def cmd_analyze(args) -> None:
@@ -443,11 +510,20 @@ def cmd_saliency(args) -> None:
     _report_skipped(ws, args.out)
     result = run_saliency(
         ws, args.fold, args.out, clips=args.clips, methods=methods, adapter=adapter, analysis=args.analysis,
-        steps=args.steps, ig_tolerance=args.ig_tolerance, max_steps=args.max_steps, baseline=args.baseline, listen=[m for m in methods if m in args.listen], batch_size=args.batch_size,
+        steps=args.steps, ig_tolerance=args.ig_tolerance, max_steps=args.max_steps, baseline=args.baseline,
+        listen=[m for m in methods if m in args.listen], batch_size=args.batch_size,
     )
     print(result.faithfulness.to_string(index=False))
     for name, path in result.paths.items():
         print(f"{name}: {path}")
+
+
+def _caption_generation_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("captioned audio (--captions)")
+    group.add_argument("--captions", action="store_true",
+                       help="captioned clips (captions composed from each clip's attributes) instead of classes")
+    group.add_argument("--clips", type=POSITIVE_INT, default=100, help="clips to generate with --captions")
+    group.add_argument("--captions-per-clip", type=POSITIVE_INT, default=5)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -475,6 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clips-per-class", type=POSITIVE_INT, default=10)
     p.add_argument("--seconds", type=POSITIVE, default=5.0)
     p.add_argument("--seed", type=int, default=0)
+    _caption_generation_options(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("train-residual", help="train ResiDual λ on every fold → OUT/results.csv, λ, figures")
@@ -526,6 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", type=_methods_of_saliency, default=("integrated_gradients",),
                    help="methods whose most salient cells are inverted to wavs")
     p.set_defaults(func=cmd_saliency)
+
+    _pretrain_parser(sub)
 
     p = sub.add_parser("demo", help="offline end-to-end run on generated data with the tiny model")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))

@@ -1,4 +1,8 @@
-"""The offline demo: the whole study (`audio_residual.study`) on generated data with the tiny random CLAP.
+"""The offline demo: the whole study (`audio_residual.study`) on generated data with the tiny pretrained CLAP.
+
+The classes are attribute combinations of the captioned-audio generator (`synthetic_captions`) named by the
+words the tiny CLAP was pretrained on, so zero-shot means something; they are chosen close to each other
+(same family, one attribute apart, the others drawn per clip) so that the methods do not all saturate.
 
 It needs no network and no GPU; on a 2-core CPU it takes a few minutes. Besides the full-data comparison
 it runs a small few-shot sweep (k = 1, 2; one draw each) and zero-shot transfer to a second generated
@@ -12,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from audio_residual.data_processing import load_dataset, make_synthetic_esc50
+from audio_residual.data_processing import load_dataset
+from audio_residual.data_processing.synthetic_captions import make_attribute_classes
 from audio_residual.evaluation.transfer import target_workspace
 from audio_residual.layout import RunLayout
 from audio_residual.study import dataset_labels, run_study
@@ -28,10 +33,21 @@ DEMO_GRID = {
 }
 DEMO_BASE = {"batch_size": 16, "val_fraction": 0.2, "schedule": "constant"}
 DEMO_SHOTS = (1, 2)
+# Pairs one attribute apart: pitch within a family, rate, band, direction.
+DEMO_CLASSES = (
+    {"pitch": "low", "family": "hum"},
+    {"pitch": "high", "family": "hum"},
+    {"rate": "slow", "family": "clicks"},
+    {"rate": "fast", "family": "clicks"},
+    {"band": "narrow", "family": "noise"},
+    {"band": "wide", "family": "noise"},
+)
+DEMO_TRANSFER_CLASSES = ({"pitch": "low", "family": "tone"}, {"pitch": "high", "family": "tone"},
+                         {"direction": "rising", "family": "chirp"})  # fmt: skip
 DEMO_PEER_OPTIONS = {"lora": {"epochs": 1, "ranks": (2,)}, "tip_adapter_f": {"epochs": 5}, "coop": {"epochs": 5}}
 
 
-def run_demo(out: str | Path, n_classes: int = 5, clips_per_class: int = 10, seed: int = 0) -> Path:
+def run_demo(out: str | Path, n_classes: int = 6, clips_per_class: int = 10, seed: int = 0) -> Path:
     """Generate data, run every step, write `out/report.md` (+ results.csv, heads.csv, transfer.csv, figures)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the tiny model's ops are toy-sized: more threads only hand off (15× slower under load)
@@ -42,9 +58,10 @@ def run_demo(out: str | Path, n_classes: int = 5, clips_per_class: int = 10, see
 
 
 def _run_demo(out: Path, n_classes: int, clips_per_class: int, seed: int) -> Path:
-    data = make_synthetic_esc50(out / "data", n_classes=n_classes, clips_per_class=clips_per_class, seed=seed)
-    other = make_synthetic_esc50(out / "transfer_data", n_classes=3, clips_per_class=5, seed=seed + 1,
-                                 first_class=n_classes)  # fmt: skip
+    if not 2 <= n_classes <= len(DEMO_CLASSES):
+        raise ValueError(f"the demo has 2..{len(DEMO_CLASSES)} classes, got {n_classes}")
+    data = make_attribute_classes(out / "data", DEMO_CLASSES[:n_classes], clips_per_class=clips_per_class, seed=seed)
+    other = make_attribute_classes(out / "transfer_data", DEMO_TRANSFER_CLASSES, clips_per_class=5, seed=seed + 1)
     source, target = dataset_labels([data, other])
     other_table = load_dataset(other)
     ws = Workspace.open(data, model="tiny", cache_dir=out / "cache", device="cpu",

@@ -1,7 +1,7 @@
 """The one setup the three notebooks share: real run or smoke run, data, model, output folder, options.
 
     from audio_residual.notebook import setup
-    nb = setup()          # AUDIO_RESIDUAL_SMOKE=1: tiny random CLAP on generated data, for CI
+    nb = setup()          # AUDIO_RESIDUAL_SMOKE=1: tiny pretrained CLAP on generated data, for CI
     ws = nb.open()        # the Workspace every cell works on
     targets = nb.open_transfer(ws)   # other datasets for zero-shot transfer (notebook 3)
 
@@ -65,12 +65,13 @@ def setup(smoke: bool | None = None, root: str | Path = "runs") -> NotebookSetup
     smoke = os.environ.get(SMOKE_ENV) == "1" if smoke is None else smoke
     root = Path(root)
     if smoke:
-        from audio_residual.data_processing import make_synthetic_esc50
+        from audio_residual.data_processing.synthetic_captions import make_attribute_classes
+        from audio_residual.demo import DEMO_CLASSES, DEMO_TRANSFER_CLASSES
 
         out = root / "smoke"
-        data = make_synthetic_esc50(out / "data", n_classes=4, clips_per_class=6, n_folds=3, seed=0)
-        other = make_synthetic_esc50(out / "transfer_data", n_classes=2, clips_per_class=3, n_folds=3, seed=1,
-                                     first_class=4)  # classes disjoint from the study's  # fmt: skip
+        data = make_attribute_classes(out / "data", DEMO_CLASSES[:4], clips_per_class=6, n_folds=3, seed=0)
+        other = make_attribute_classes(out / "transfer_data", DEMO_TRANSFER_CLASSES[:2], clips_per_class=3, n_folds=3,
+                                       seed=1)  # classes disjoint from the study's  # fmt: skip
         return NotebookSetup(
             smoke=True, data=data, model="tiny", cache=out / "cache", layout=RunLayout(out),
             base={"batch_size": 16, "val_fraction": 0.2, "schedule": "constant"},

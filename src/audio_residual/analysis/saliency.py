@@ -38,6 +38,7 @@ from audio_residual.clap.zeroshot import ZeroShotClassifier, text_embeddings
 METHODS = ("gradient", "gradient_x_input", "smoothgrad", "integrated_gradients")
 SIGNED = {"gradient": True, "gradient_x_input": True, "smoothgrad": True, "integrated_gradients": True}
 BASELINES = ("floor", "time_mean", "zeros")
+IG_ABS_TOLERANCE = 1e-3  # score units: a clip whose score hardly moves from b to x is complete within this
 
 
 class Scorer(nn.Module):
@@ -163,7 +164,7 @@ class Attribution:
 
 
 def _integrated_gradients(forward, delta, args, change, steps, batch_size, tolerance, max_steps):
-    """IG at `steps`; clips whose completeness gap exceeds `tolerance` · |s(x) − s(b)| (+ 1e-4) are redone
+    """IG at `steps`; clips whose completeness gap exceeds `tolerance` · |s(x) − s(b)| + IG_ABS_TOLERANCE are redone
     with twice the steps until they pass or reach `max_steps`. Returns (attributions, gaps, steps per clip)."""
     ig = IntegratedGradients(forward)
     todo = torch.arange(delta.shape[0], device=delta.device)
@@ -178,7 +179,7 @@ def _integrated_gradients(forward, delta, args, change, steps, batch_size, toler
         raw[todo], gap[todo], used[todo.cpu()] = part.detach(), part_gap.detach().float(), steps
         if tolerance is None or 2 * steps > max_steps:
             break
-        too_far = gap[todo].abs().cpu() > tolerance * change[todo.cpu()].abs() + 1e-4
+        too_far = gap[todo].abs().cpu() > tolerance * change[todo.cpu()].abs() + IG_ABS_TOLERANCE
         todo, steps = todo[too_far.to(todo.device)], 2 * steps
     return raw, gap, used
 

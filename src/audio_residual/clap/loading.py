@@ -18,7 +18,9 @@ import transformers
 from transformers import ClapModel, ClapProcessor
 
 DEFAULT_MODEL = "laion/clap-htsat-unfused"
-TINY_MODEL = "tiny"  # the offline random-initialised model of `audio_residual.clap.tiny`
+TINY_MODEL = "tiny"  # the tiny CLAP pretrained on generated captioned audio, shipped in the package
+TINY_RANDOM_MODEL = "tiny-random"  # the offline random-initialised model of `audio_residual.clap.tiny`
+TINY_PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained_tiny"
 
 
 @dataclass
@@ -157,17 +159,22 @@ def load_clap(
 ) -> ClapBundle:
     """Load CLAP from a hub id (at `revision`, default the newest) or a local folder (eval mode, frozen).
 
-    `model="tiny"` builds the offline random-initialised CLAP; its tokenizer is trained on `class_names`.
+    `model="tiny"` is the tiny CLAP pretrained on generated captioned audio (shipped, see `pretrain --preset
+    tiny`); `model="tiny-random"` builds the random-initialised one, its tokenizer trained on `class_names`.
     """
     device = resolve_device(device)
     path = Path(model)
-    if revision is not None and (str(model) == TINY_MODEL or path.exists()):
+    if revision is not None and (str(model) in (TINY_MODEL, TINY_RANDOM_MODEL) or path.exists()):
         raise ValueError(f"revision {revision!r} applies to hub models, not to {str(model)!r}")
     commit = None
-    if str(model) == TINY_MODEL:
+    if str(model) == TINY_RANDOM_MODEL:
         from audio_residual.clap.tiny import build_tiny_clap
 
         model_obj, processor = build_tiny_clap(class_names or ())
+        model_id = TINY_RANDOM_MODEL
+    elif str(model) == TINY_MODEL:
+        model_obj = ClapModel.from_pretrained(TINY_PRETRAINED_DIR)
+        processor = ClapProcessor.from_pretrained(TINY_PRETRAINED_DIR)
         model_id = TINY_MODEL
     else:
         _check_local_model(Path(model))

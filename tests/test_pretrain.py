@@ -1,0 +1,169 @@
+"""`audio-residual pretrain`: the contrastive recipe's pieces, a run end to end, resume, and the CLI's layouts."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+
+from audio_residual.clap.loading import load_clap
+from audio_residual.cli import main
+from audio_residual.data_processing.captions import load_captions
+from audio_residual.data_processing.synthetic_captions import make_synthetic_captions
+from audio_residual.training import pretrain as P
+from audio_residual.training import pretrain_run as R
+
+
+@pytest.fixture(scope="module")
+def captions(tmp_path_factory):
+    root = make_synthetic_captions(tmp_path_factory.mktemp("pre") / "caps", n_clips=12, seconds=1.0, seed=1,
+                                   split_fractions=(0.6, 0.2, 0.2))  # fmt: skip
+    return load_captions(root)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return P.new_clap("tiny", P.caption_tokenizer(["a low tone", "a high chirp"]), seed=0)
+
+
+def test_symmetric_loss_scores_each_direction_once():
+    torch.manual_seed(0)
+    audio, text = torch.randn(5, 8), torch.randn(5, 8)
+    scale_a, scale_t = torch.tensor(math.log(10.0)), torch.tensor(math.log(3.0))
+    a, t = F.normalize(audio, dim=-1), F.normalize(text, dim=-1)
+    target = torch.arange(5)
+    expected = (F.cross_entropy(10 * a @ t.T, target) + F.cross_entropy(3 * t @ a.T, target)) / 2
+    loss = P.symmetric_contrastive_loss(audio, text, scale_a, scale_t)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    swapped = P.symmetric_contrastive_loss(text, audio, scale_t, scale_a)  # the roles are symmetric
+    torch.testing.assert_close(loss, swapped, rtol=1e-6, atol=1e-6)
+    # transformers' return_loss scores text→audio twice: it differs from CLIP's loss when the scales differ
+    twice = (F.cross_entropy(3 * t @ a.T, target) + F.cross_entropy((10 * a @ t.T).T, target)) / 2
+    assert not torch.allclose(loss, twice)
+
+
+def test_logit_scale_clamped_at_100(tiny):
+    model, _ = tiny
+    with torch.no_grad():
+        model.logit_scale_a.fill_(10.0)
+    P.clamp_logit_scale(model)
+    assert float(model.logit_scale_a.detach().exp()) == pytest.approx(100.0, rel=1e-5)
+
+
+def test_warmup_then_cosine(tiny):
+    model, _ = tiny
+    params = P.trainable_parameters(model, "none")
+    recipe = P.PretrainRecipe(lr=1.0, warmup=0.1)
+    optimizer, schedule = P.optimizer_and_schedule(model, params, recipe, total_steps=100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5, abs=0.02) and lrs[99] < 0.01
+    assert all(b <= a + 1e-12 for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(model.logit_scale_a) not in decayed and id(model.text_projection.linear1.weight) in decayed
+
+
+def test_freeze_text_trains_only_the_audio_side(tiny):
+    model, _ = tiny
+    params = P.trainable_parameters(model, "text")
+    assert params and not any(n.startswith(("text_model.", "text_projection.")) for n in params)
+    assert not model.text_model.embeddings.word_embeddings.weight.requires_grad
+    assert "logit_scale_a" in params and any(n.startswith("audio_model.") for n in params)
+    P.trainable_parameters(model, "none")
+    with pytest.raises(ValueError, match="--freeze"):
+        P.PretrainRecipe(freeze="both")
+
+
+def _run(table, out, epochs=2, **kw):
+    recipe = P.PretrainRecipe(epochs=epochs, batch_size=4, lr=1e-3, **kw)
+    return R.pretrain(table, R.PretrainSource("tiny"), recipe, R.PretrainRun(out, cache_dir=out.parent / "cache", device="cpu"))
+
+
+def test_pretrain_writes_a_model_folder_with_provenance_and_keeps_the_best_epoch(captions, tmp_path, single_thread):
+    folder = _run(captions, tmp_path / "run")
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert history["epoch"].tolist() == [0, 1, 2] and np.isfinite(history["train_loss"][1:]).all()
+    provenance = json.loads((folder / R.PROVENANCE_FILE).read_text())
+    best = int(np.argmax(history["mean_r1"].to_numpy()))  # first maximum: ties keep the earlier epoch
+    assert provenance["best_epoch"] == best and provenance["validation"]["mean_r1"] == history["mean_r1"][best]
+    assert provenance["data"]["clips"] == captions.counts() and provenance["recipe"]["epochs"] == 2
+    assert {"t2a_r1", "a2t_r5", "t2a_map10", "a2t_map10"} <= set(history.columns)
+    bundle = load_clap(folder, device="cpu")  # every command takes it as --model DIR
+    assert bundle.model.config.projection_dim == 32 and len(bundle.tokenizer) <= 512
+    assert (folder / "model.safetensors").is_file()
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(captions, tmp_path, monkeypatch, single_thread):
+    whole = _run(captions, tmp_path / "whole", epochs=2, seed=3)
+    real_epoch = R._one_epoch
+    calls = {"n": 0}
+
+    def dies_in_epoch_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(R, "_one_epoch", dies_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        _run(captions, tmp_path / "killed", epochs=2, seed=3)
+    monkeypatch.setattr(R, "_one_epoch", real_epoch)
+    resumed = _run(captions, tmp_path / "killed", epochs=2, seed=3)
+    a = pd.read_csv(tmp_path / "whole" / "history.csv")
+    b = pd.read_csv(tmp_path / "killed" / "history.csv")
+    pd.testing.assert_frame_equal(a, b, atol=1e-6, rtol=1e-5)
+    wa, wb = load_clap(whole, device="cpu").model.state_dict(), load_clap(resumed, device="cpu").model.state_dict()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=1e-5)
+
+
+def _tone(path, hz):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = np.arange(57600) / 48000
+    sf.write(path, 0.3 * np.sin(2 * np.pi * hz * t), 48000)
+
+
+def test_cli_pretrains_on_clotho_and_audiocaps_layouts(tmp_path, capsys, single_thread):
+    clotho = tmp_path / "clotho"
+    for part, n in {"development": 4, "validation": 2}.items():
+        names = [f"{part}{i}.wav" for i in range(n)]
+        for i, name in enumerate(names):
+            _tone(clotho / f"clotho_audio_{part}" / name, 200 + 300 * i)
+        rows = [[name] + [f"tone number {i} take {k}" for k in range(5)] for i, name in enumerate(names)]
+        pd.DataFrame(rows, columns=["file_name"] + [f"caption_{k}" for k in range(1, 6)]).to_csv(
+            clotho / f"clotho_captions_{part}.csv", index=False
+        )
+    common = ["--epochs", "1", "--batch-size", "2", "--lr", "1e-3", "--device", "cpu", "--cache", str(tmp_path / "c"),
+              "--wandb", "disabled"]  # fmt: skip
+    assert main(["pretrain", "--data", str(clotho), "--out", str(tmp_path / "o1"), *common]) == 0
+    assert load_clap(tmp_path / "o1" / "model", device="cpu").model_id.endswith("model")
+    audiocaps = tmp_path / "audiocaps"
+    header = "audiocap_id,youtube_id,start_time,caption\n"
+    for i in range(4):
+        _tone(audiocaps / "audio" / f"Yv{i}.wav", 300 + 200 * i)
+    (audiocaps / "train.csv").write_text(header + "".join(f"{i},v{i},0,tone {i}\n" for i in range(3)) + "9,gone,0,x\n")
+    (audiocaps / "val.csv").write_text(header + "5,v3,0,tone three\n6,v3,0,a third tone\n")
+    assert main(["pretrain", "--data", str(audiocaps), "--out", str(tmp_path / "o2"), *common, "--freeze", "text"]) == 0
+    skipped = pd.read_csv(tmp_path / "o2" / "skipped.csv")
+    assert skipped.to_dict("records") == [{"split": "train", "clip": "gone_0", "reason": "no audio file"}]
+    provenance = json.loads((tmp_path / "o2" / "model" / R.PROVENANCE_FILE).read_text())
+    assert provenance["data"]["missing"] == 1 and provenance["recipe"]["freeze"] == "text"
+
+
+def test_cli_bad_pretrain_input_is_one_line(tmp_path, capsys, captions):
+    data = str(captions.audio_dir)
+    assert main(["pretrain", "--data", data, "--out", str(tmp_path / "o"), "--config", "htsat-base", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--tokenizer DIR" in err and len(err.strip().splitlines()) == 1
+    assert main(["pretrain", "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    assert "--data" in capsys.readouterr().err
+    assert main(["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    assert "cannot recognise captioned audio" in capsys.readouterr().err
