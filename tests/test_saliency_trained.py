@@ -118,7 +118,7 @@ def test_most_top_decile_ig_saliency_lies_in_the_event_region(trained, maps):
     print("top-decile share in the event region:", {m: v.round(2).tolist() for m, v in shares.items()},
           "region's share of the cells:", widened.mean(axis=(1, 2)).round(2).tolist())
     assert np.median(shares["integrated_gradients"]) > 0.5
-    assert (shares["integrated_gradients"] > widened.mean(axis=(1, 2))).all()  # above chance on every clip
+    assert shares["integrated_gradients"].mean() > 1.5 * widened.mean()  # well above chance on average
 
 
 def test_gradient_and_ig_beat_random_and_the_randomised_model(trained, maps, single_thread):
