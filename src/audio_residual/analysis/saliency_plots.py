@@ -56,13 +56,15 @@ def saliency_figure(
 def curves_figure(curves: Mapping[str, Mapping[str, np.ndarray]], methods: Sequence[str]) -> Figure:
     """Mean deletion and insertion curves of every method, random order and randomised-model maps."""
     fig = _figure(10.0, 3.6)
+    colours = {method: f"C{i}" for i, method in enumerate(methods)}  # a method and its randomised twin share one
     for ax, mode in zip(fig.subplots(1, 2), ("deletion", "insertion"), strict=True):
         for name, per_mode in curves.items():
             curve = per_mode[mode]
             fractions = np.linspace(0, 1, len(curve))
-            style = {"color": "black", "linestyle": "--"} if name == "random" else {}
-            if name.startswith("randomised:"):
-                style = {"linestyle": ":", "alpha": 0.8}
+            method = name.removeprefix("randomised:")
+            style = {"color": colours.get(method, "grey"), "linestyle": ":" if name != method else "-"}
+            if name == "random":
+                style = {"color": "black", "linestyle": "--"}
             ax.plot(fractions, curve, label=name, **style)
         ax.set_title(f"{mode} (mean over clips)", fontsize=10)
         ax.set_xlabel(f"fraction of cells {'removed' if mode == 'deletion' else 'restored'}")
