@@ -357,7 +357,7 @@ def test_wandb_files_go_under_the_output_folder(tmp_path, monkeypatch):
 
 
 def test_top5_is_not_shown_for_five_classes_or_fewer():
-    from audio_residual.evaluation.compare import markdown_table
+    from audio_residual.evaluation.store import markdown_table
 
     summary = pd.DataFrame([{
         "method": "zeroshot", "accuracy_mean": 0.5, "accuracy_std": 0.1, "top5_mean": 1.0, "macro_f1_mean": 0.4,
@@ -368,7 +368,7 @@ def test_top5_is_not_shown_for_five_classes_or_fewer():
 
 
 def _report_for(data: Path, model_id: str) -> str:
-    from audio_residual.study import _title, describe
+    from audio_residual.experiments.study import _title, describe
 
     ws = SimpleNamespace(table=load_esc50(data), bundle=SimpleNamespace(model_id=model_id))
     return "\n".join([f"# {_title(ws)}", *describe(ws)])

@@ -77,10 +77,10 @@ def test_torchrun_entry_point_shares_the_cache_and_writes_the_fold_statistics(tm
         port = probe.getsockname()[1]
     for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}.items():
         monkeypatch.setenv(name, value)
-    main(["--data", str(root), "--model", "tiny", "--fold", "2", "--out", str(tmp_path / "stats"),
+    main(["--data", str(root), "--model", "tiny-random", "--fold", "2", "--out", str(tmp_path / "stats"),
           "--cache", str(tmp_path / "cache"), "--amp", "none", "--batch-size", "4"])
     monkeypatch.setattr(FeatureCache, "_clips", lambda *a: pytest.fail("the torchrun pass left features to compute"))
-    ws = Workspace.open(root, model="tiny", cache_dir=tmp_path / "cache", device="cpu", amp="none")
+    ws = Workspace.open(root, model="tiny-random", cache_dir=tmp_path / "cache", device="cpu", amp="none")
     shared = ResidualStatistics.load(tmp_path / "stats" / "stats_fold2.safetensors")
     assert shared.metadata["processes"] == 1 and shared.metadata["fold"] == 2
     train = ws.split(2).train

@@ -84,11 +84,11 @@ def test_training_loss_uses_logit_scaled_similarities(synthetic_esc50, tmp_path,
     real = F.cross_entropy
     monkeypatch.setattr(F, "cross_entropy", lambda logits, y, *a, **k: seen.append(logits.detach()) or real(logits, y, *a, **k))
     config = TrainConfig(granularity="layer", epochs=1, batch_size=len(split.train), lr=1e-3)
-    import audio_residual.training.trainer as trainer
+    import audio_residual.tasks.classification as classification  # the task's loss is what training uses
 
     order = split.train[torch.randperm(len(split.train), generator=torch.Generator().manual_seed(0)).numpy()]
     train_residual_fold(ws, split, config)
-    assert trainer.F is F and seen
+    assert classification.F is F and seen
     with torch.no_grad():
         plain = audio_embeddings(ws.bundle.model, torch.from_numpy(np.asarray(ws.features.input_features[order])))
     expected = ws.classifier.logits(plain)  # λ = 1 at the first step: exactly zero-shot logits

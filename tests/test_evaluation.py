@@ -131,8 +131,8 @@ def test_per_class_deltas_confusion_sums_and_plots(tmp_path):
     store = ResultsStore(tmp_path / "results.csv")
     labels = np.array([0, 0, 1, 1])
     for fold in (1, 2):
-        store.add_evaluation("zeroshot", fold, "k", one_hot_logits([0, 1, 0, 0], 2), labels, 2, 0, 0.1)
-        store.add_evaluation("probe", fold, "k", one_hot_logits([0, 0, 1, 1], 2), labels, 2, 6, 0.2)
+        store.add_evaluation("zeroshot", fold, "k", one_hot_logits([0, 1, 0, 0], 2), labels, 0, 0.1)
+        store.add_evaluation("probe", fold, "k", one_hot_logits([0, 0, 1, 1], 2), labels, 6, 0.2)
     deltas = per_class_deltas(store, ["a", "b"]).set_index("class_name")
     assert deltas.loc["a", "delta"] == pytest.approx(0.5) and deltas.loc["b", "delta"] == pytest.approx(1.0)
     np.testing.assert_array_equal(summed_confusion(store, "zeroshot"), [[2, 2], [4, 0]])
@@ -153,8 +153,8 @@ def tiny_experiment(synthetic_esc50, tmp_path_factory):
 
 
 def test_run_baselines_end_to_end_and_resume(tiny_experiment, tmp_path, monkeypatch):
-    from audio_residual.baselines import run_baselines
     from audio_residual.evaluation import write_report
+    from audio_residual.experiments.baselines import run_baselines
 
     ws = tiny_experiment
     calls = []
@@ -197,7 +197,7 @@ def test_run_baselines_end_to_end_and_resume(tiny_experiment, tmp_path, monkeypa
 
 
 def test_run_baselines_finetune_fold(tiny_experiment, tmp_path):
-    from audio_residual.baselines import run_baselines
+    from audio_residual.experiments.baselines import run_baselines
 
     store = run_baselines(tiny_experiment, tmp_path, methods=("zeroshot",), folds=(1,), finetune_epochs=1)
     assert store.methods() == ["zeroshot", "finetune"] and len(store) == 2

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from audio_residual.cli import main
 from audio_residual.data_processing import make_synthetic_esc50
-from audio_residual.study import run_study
+from audio_residual.experiments.study import run_study
 from audio_residual.workspace import Workspace
 
 GRID = {"granularity": ["layer"], "lr": [0.02, 0.4], "epochs": [2], "fold": [1, 2, 3]}

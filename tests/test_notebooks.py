@@ -1,4 +1,4 @@
-"""The top-level notebooks run top to bottom in smoke mode (tiny random CLAP, generated data, offline).
+"""The top-level notebooks run top to bottom in smoke mode (tiny pretrained CLAP, generated data, offline).
 
 Each notebook executes in its own temporary working directory, so its `runs/` outputs never land in the
 repository; the kernel inherits this process's environment (smoke switch, offline W&B and hub, and a
@@ -134,7 +134,14 @@ def test_notebook_2_residual(smoke_env, python3_kernel):
     assert sum(_images(c) for c in lambdas) == 2  # λ heatmap and profile of fold 1's chosen run
 
 
+def test_notebook_3_stops_without_notebook_2s_sweep(smoke_env, python3_kernel):
+    with pytest.raises(nbclient.exceptions.CellExecutionError, match="run notebook 2's cell 'Sweep over"):
+        _execute(NOTEBOOKS[2], smoke_env, python3_kernel)
+    assert not (smoke_env / SMOKE_OUT / "runs").exists()  # nothing was trained
+
+
 def test_notebook_3_comparison(smoke_env, python3_kernel):
+    _execute(NOTEBOOKS[1], smoke_env, python3_kernel)  # notebook 2's sweep, which notebook 3 reads
     notebook = _execute(NOTEBOOKS[2], smoke_env, python3_kernel)
     out = smoke_env / SMOKE_OUT
     for path in ("results.csv", "summary.csv", "table.md", "figures/fold_accuracy.png", "figures/confusion_residual.png"):
@@ -151,6 +158,6 @@ def test_notebook_3_comparison(smoke_env, python3_kernel):
     transfer = pd.read_csv(out / "transfer.csv")
     assert {"residual", "contrastive_adapter"} <= set(transfer["method"])
     report = (out / "report.md").read_text()
-    assert "## Few-shot" in report and "## Zero-shot retention" in report
+    assert "## Few-shot" in report and "## Zero-shot retention" in report and "Data: " in report
     figures = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(figures) >= 8  # fold accuracy, deltas, confusions, headline, few-shot curves, transfer heatmaps

@@ -103,7 +103,9 @@ def test_pretrain_writes_a_model_folder_with_provenance_and_keeps_the_best_epoch
 
 def test_killed_run_resumes_to_the_uninterrupted_result(captions, tmp_path, monkeypatch, single_thread):
     whole = _run(captions, tmp_path / "whole", epochs=2, seed=3)
-    real_epoch = R._one_epoch
+    from audio_residual.training import loop
+
+    real_epoch = loop._epoch
     calls = {"n": 0}
 
     def dies_in_epoch_two(*args, **kwargs):
@@ -112,10 +114,10 @@ def test_killed_run_resumes_to_the_uninterrupted_result(captions, tmp_path, monk
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(R, "_one_epoch", dies_in_epoch_two)
+    monkeypatch.setattr(loop, "_epoch", dies_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         _run(captions, tmp_path / "killed", epochs=2, seed=3)
-    monkeypatch.setattr(R, "_one_epoch", real_epoch)
+    monkeypatch.setattr(loop, "_epoch", real_epoch)
     resumed = _run(captions, tmp_path / "killed", epochs=2, seed=3)
     a = pd.read_csv(tmp_path / "whole" / "history.csv")
     b = pd.read_csv(tmp_path / "killed" / "history.csv")

@@ -9,18 +9,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from audio_residual.baselines.linear import ContrastiveAdapter
-from audio_residual.baselines.run import ALL_METHODS, run_baselines, saved_adapters
+from audio_residual.baselines.contrastive_adapter import ContrastiveAdapter
 from audio_residual.cli import main
 from audio_residual.data_processing import load_dataset, make_synthetic_esc50
-from audio_residual.evaluation.compare import ResultsStore, summary_table
 from audio_residual.evaluation.report import write_report
-from audio_residual.evaluation.transfer import target_workspace, transfer_accuracy
+from audio_residual.evaluation.store import ResultsStore, summary_table
+from audio_residual.evaluation.transfer import target_workspace
+from audio_residual.experiments.baselines import ALL_METHODS, run_baselines, saved_encoders
+from audio_residual.experiments.protocol import FULL_DATA, Protocol, few_shot_protocols
+from audio_residual.experiments.residual import train_chosen_per_fold
+from audio_residual.experiments.study import adapted_encoders, few_shot_residual, run_transfer
+from audio_residual.experiments.sweep import choose_per_fold, few_shot_grid, grid_points, run_sweep
+from audio_residual.experiments.transfer import transfer_accuracy
 from audio_residual.layout import RunLayout
-from audio_residual.protocol import FULL_DATA, Protocol, few_shot_protocols
-from audio_residual.study import adapted_encoders, few_shot_residual, run_transfer
-from audio_residual.training.run import train_chosen_per_fold
-from audio_residual.training.sweep import choose_per_fold, few_shot_grid, grid_points, run_sweep
 from audio_residual.workspace import Workspace
 
 PEER_OPTIONS = {"lora": {"epochs": 1, "ranks": (2,)}, "tip_adapter_f": {"epochs": 2}, "coop": {"epochs": 2}}
@@ -89,9 +90,9 @@ def test_presets_are_swept_on_their_own_keys_and_chosen_apart():
     assert few_shot_grid({**grid, "granularity": ["head", "layer"], "epochs": [10, 30]}) == {
         "preset": ["default", "paper"], "lr": [0.01, 0.1], "granularity": ["head"], "fold": [1, 2], "epochs": [10]}
     frame = pd.DataFrame([
-        {"point": "a", "key": "k", "preset": "default", "lr": 0.1, "epochs": 10.0, "fold": 1, "val_accuracy": 0.5},
-        {"point": "b", "key": "k", "preset": "default", "lr": 0.01, "epochs": 10.0, "fold": 1, "val_accuracy": 0.7},
-        {"point": "c", "key": "k", "preset": "paper", "lr": np.nan, "epochs": np.nan, "fold": 1, "val_accuracy": 0.9},
+        {"point": json.dumps({"preset": "default", "lr": 0.1, "epochs": 10, "fold": 1}), "key": "k", "preset": "default", "lr": 0.1, "epochs": 10.0, "fold": 1, "val_accuracy": 0.5},
+        {"point": json.dumps({"preset": "default", "lr": 0.01, "epochs": 10, "fold": 1}), "key": "k", "preset": "default", "lr": 0.01, "epochs": 10.0, "fold": 1, "val_accuracy": 0.7},
+        {"point": json.dumps({"preset": "paper", "fold": 1}), "key": "k", "preset": "paper", "lr": np.nan, "epochs": np.nan, "fold": 1, "val_accuracy": 0.9},
     ])  # fmt: skip
     assert choose_per_fold(frame) == {1: {"lr": 0.01, "epochs": 10}}  # the better paper point plays no part
     assert isinstance(choose_per_fold(frame)[1]["epochs"], int)
@@ -117,7 +118,7 @@ def test_transfer_of_each_folds_adapted_encoders(pair, tmp_path):
         assert row.accuracy == pytest.approx(np.mean(scores)) and row.retention == pytest.approx(row.accuracy - row.zeroshot)
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "transfer.csv"), table, check_dtype=False)
     # the saved adapter is the one that was scored: reloaded, it reproduces each fold's test accuracy exactly
-    adapters = saved_adapters(store, tmp_path)
+    adapters = saved_encoders(store, tmp_path, "contrastive_adapter")
     stored = store.frame[store.frame["method"] == "contrastive_adapter"].sort_values("fold")
     for adapter, (_, row) in zip(adapters, stored.iterrows(), strict=True):
         assert isinstance(adapter, ContrastiveAdapter)

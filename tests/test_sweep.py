@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from audio_residual.cli import main
-from audio_residual.training import sweep as sweep_module
-from audio_residual.training.sweep import (
+from audio_residual.experiments import sweep as sweep_module
+from audio_residual.experiments.sweep import (
     choose_per_fold,
     grid_points,
     mean_ranking,
@@ -57,10 +57,10 @@ def test_auto_mode_without_account_runs_locally(experiment, tmp_path, monkeypatc
 
 def test_choice_is_per_fold_and_ignores_test_accuracy():
     rows = [
-        {"point": "a1", "lr": 0.1, "fold": 1, "val_accuracy": 0.9, "test_accuracy": 0.1},
-        {"point": "a2", "lr": 0.1, "fold": 2, "val_accuracy": 0.5, "test_accuracy": 0.1},
-        {"point": "b1", "lr": 0.3, "fold": 1, "val_accuracy": 0.6, "test_accuracy": 1.0},
-        {"point": "b2", "lr": 0.3, "fold": 2, "val_accuracy": 0.7, "test_accuracy": 1.0},
+        {"point": json.dumps({"lr": 0.1, "fold": 1}), "lr": 0.1, "fold": 1, "val_accuracy": 0.9, "test_accuracy": 0.1},
+        {"point": json.dumps({"lr": 0.1, "fold": 2}), "lr": 0.1, "fold": 2, "val_accuracy": 0.5, "test_accuracy": 0.1},
+        {"point": json.dumps({"lr": 0.3, "fold": 1}), "lr": 0.3, "fold": 1, "val_accuracy": 0.6, "test_accuracy": 1.0},
+        {"point": json.dumps({"lr": 0.3, "fold": 2}), "lr": 0.3, "fold": 2, "val_accuracy": 0.7, "test_accuracy": 1.0},
     ]
     frame = pd.DataFrame(rows)
     assert choose_per_fold(frame) == {1: {"lr": 0.1}, 2: {"lr": 0.3}}  # each fold by its own validation
@@ -108,3 +108,12 @@ def test_sweep_and_train_residual_commands(synthetic_esc50, tmp_path, capsys):
     assert len(lambdas) == 1 and len(pd.read_csv(lambdas[0])) == results["trainable_params"].iloc[0]
     assert list(out.glob("runs/*/fold1/lambda_heatmap.png"))
     assert (out / "table.md").read_text().count("residual") >= 1
+
+
+def test_reading_an_unfinished_sweep_names_what_to_run_and_trains_nothing(experiment, tmp_path):
+    from audio_residual.experiments.sweep import SweepNotRun, finished_sweep
+
+    grid = {"lr": [0.1], "epochs": [1], "fold": [1]}
+    with pytest.raises(SweepNotRun, match="1 of 1 grid points .* notebook 2's cell .*audio-residual sweep"):
+        finished_sweep(experiment, tmp_path, grid, {"batch_size": 16})
+    assert not (tmp_path / "runs").exists()

@@ -33,7 +33,8 @@ def test_shipped_folder_says_how_it_was_made():
 
 
 def test_zero_shot_classification_on_unseen_attribute_classes(tmp_path, single_thread):
-    data = make_attribute_classes(tmp_path / "classes", FAMILY_PITCH_CLASSES, clips_per_class=10, seed=UNSEEN_SEED)
+    data = make_attribute_classes(tmp_path / "classes", FAMILY_PITCH_CLASSES, clips_per_class=6, seed=UNSEEN_SEED,
+                                  seconds=2.0)
     ws = Workspace.open(data, model="tiny", cache_dir=tmp_path / "cache", device="cpu")
     assert ws.table.class_names[:2] == ("low_tone", "high_tone")  # prompt: "This is a sound of low tone."
     accuracy = float(zero_shot_by_fold(ws)["accuracy"].mean())
@@ -41,7 +42,7 @@ def test_zero_shot_classification_on_unseen_attribute_classes(tmp_path, single_t
 
 
 def test_text_to_audio_retrieval_beats_random_five_fold(tmp_path, single_thread):
-    root = make_synthetic_captions(tmp_path / "caps", n_clips=60, seed=UNSEEN_SEED)
+    root = make_synthetic_captions(tmp_path / "caps", n_clips=40, seconds=2.0, seed=UNSEEN_SEED)
     table = load_captions(root)
     bundle = load_clap("tiny", device="cpu")
     from audio_residual.data_processing import FeatureCache
@@ -50,5 +51,5 @@ def test_text_to_audio_retrieval_beats_random_five_fold(tmp_path, single_thread)
     data = P.CaptionedFeatures.build(table, features, bundle.tokenizer)
     data.validation_rows = np.arange(len(table))  # score every clip of the unseen set
     metrics = P.validation_retrieval(bundle.model, data, torch.device("cpu"))
-    assert metrics["t2a_random_r1"] == pytest.approx(1 / 60)
+    assert metrics["t2a_random_r1"] == pytest.approx(1 / 40)
     assert metrics["t2a_r1"] >= 5 * metrics["t2a_random_r1"], metrics

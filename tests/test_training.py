@@ -38,9 +38,9 @@ def test_interrupted_run_resumes_from_its_checkpoint(experiment, tmp_path, monke
     config = TrainConfig(granularity="layer", epochs=3, lr=0.05, batch_size=16)
     full = train_residual_fold(experiment, split, config)
 
-    import audio_residual.training.trainer as trainer
+    import audio_residual.training.loop as loop
 
-    real_save, calls = trainer.save_checkpoint, []
+    real_save, calls = loop.save_checkpoint, []
 
     def save_then_crash(*args, **kwargs):
         real_save(*args, **kwargs)
@@ -48,13 +48,13 @@ def test_interrupted_run_resumes_from_its_checkpoint(experiment, tmp_path, monke
         if len(calls) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train_residual_fold(experiment, split, config, out=tmp_path)
     files = RunLayout(tmp_path).fold(run_key(experiment, config), split.fold)
     _, info = load_checkpoint(files.checkpoint)
     assert info["epoch"] == 2
-    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
     resumed = train_residual_fold(experiment, split, config, out=tmp_path)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
     np.testing.assert_allclose(resumed.test_logits, full.test_logits, rtol=1e-4, atol=1e-4)

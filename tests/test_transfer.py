@@ -8,18 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from audio_residual.analysis.stats import ResidualStatistics
-from audio_residual.baselines.linear import ContrastiveAdapter
+from audio_residual.baselines.contrastive_adapter import ContrastiveAdapter
 from audio_residual.clap.encode import audio_embeddings
 from audio_residual.clap.loading import load_clap
 from audio_residual.data_processing import ClipTable, FeatureCache, load_esc50, make_synthetic_esc50
 from audio_residual.evaluation.transfer import (
     PLAIN_ROW,
     target_workspace,
-    transfer_accuracy,
-    transfer_logits,
     transfer_matrix,
-    transfer_table,
 )
+from audio_residual.experiments.transfer import transfer_accuracy, transfer_logits, transfer_table
 from audio_residual.residual.units import build_residual
 from audio_residual.workspace import Workspace
 

@@ -156,7 +156,7 @@ def _read_grid(path: Path | None) -> dict:
     import json
     from dataclasses import fields
 
-    from audio_residual.training.sweep import DEFAULT_GRID, PRESET_KEY, check_presets
+    from audio_residual.experiments.sweep import DEFAULT_GRID, PRESET_KEY, check_presets
     from audio_residual.training.trainer import TrainConfig
 
     if path is None:
@@ -320,7 +320,7 @@ def _positive_list(text: str) -> list[int]:
 
 
 def _all_methods() -> tuple[str, ...]:
-    from audio_residual.baselines.run import ALL_METHODS
+    from audio_residual.experiments.baselines import ALL_METHODS
 
     return ALL_METHODS
 
@@ -384,7 +384,7 @@ def cmd_train_residual(args) -> None:
     from dataclasses import asdict
 
     from audio_residual.evaluation import ResultsStore, write_report
-    from audio_residual.training.run import train_all_folds
+    from audio_residual.experiments.residual import train_all_folds
     from audio_residual.training.tracking import RunTracker
     from audio_residual.training.trainer import run_key
 
@@ -406,7 +406,7 @@ def cmd_train_residual(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from audio_residual.training.sweep import (
+    from audio_residual.experiments.sweep import (
         DEFAULT_PRESET,
         choose_per_fold,
         mean_ranking,
@@ -430,7 +430,7 @@ def cmd_sweep(args) -> None:
 
 def _transfer_targets(args) -> tuple[list[str], list]:
     """Names (data and each --transfer) and tables of the transfer datasets, read before the model loads."""
-    from audio_residual.study import dataset_labels
+    from audio_residual.experiments.study import dataset_labels
     from audio_residual.workspace import resolve_dataset
 
     for data in args.transfer:
@@ -442,8 +442,8 @@ def _transfer_targets(args) -> tuple[list[str], list]:
 
 def cmd_experiment(args) -> None:
     from audio_residual.evaluation.transfer import target_workspace
-    from audio_residual.protocol import Protocol
-    from audio_residual.study import run_study
+    from audio_residual.experiments.protocol import Protocol
+    from audio_residual.experiments.study import run_study
 
     grid = _read_grid(args.grid)
     names, tables = _transfer_targets(args)

@@ -1,4 +1,4 @@
-"""The offline demo: the whole study (`audio_residual.study`) on generated data with the tiny pretrained CLAP.
+"""The offline demo: the whole study (`audio_residual.experiments.study`) on generated data with the tiny pretrained CLAP.
 
 The classes are attribute combinations of the captioned-audio generator (`synthetic_captions`) named by the
 words the tiny CLAP was pretrained on, so zero-shot means something; they are chosen close to each other
@@ -19,8 +19,8 @@ import torch
 from audio_residual.data_processing import load_dataset
 from audio_residual.data_processing.synthetic_captions import make_attribute_classes
 from audio_residual.evaluation.transfer import target_workspace
+from audio_residual.experiments.study import dataset_labels, run_study
 from audio_residual.layout import RunLayout
-from audio_residual.study import dataset_labels, run_study
 from audio_residual.workspace import Workspace
 
 DEMO_GRID = {

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from audio_residual.experiments.sweep import DEFAULT_GRID
 from audio_residual.layout import RunLayout
-from audio_residual.training.sweep import DEFAULT_GRID
 from audio_residual.workspace import Workspace, resolve_dataset
 
 SMOKE_ENV = "AUDIO_RESIDUAL_SMOKE"

@@ -1,16 +1,18 @@
-"""Baselines against which ResiDual is compared: linear probe, contrastive adapter, Tip-Adapter(-F), CoOp,
-LoRA and full fine-tuning, and `run_baselines`, which runs them fold by fold into the results store."""
+"""The algorithms of the baselines against which ResiDual is compared: linear probe, contrastive adapter,
+Tip-Adapter(-F), CoOp, LoRA and full fine-tuning (each wrapped as a registered method in `methods`)."""
 
+from audio_residual.baselines.contrastive_adapter import (
+    ContrastiveAdapter,
+    symmetric_infonce,
+    train_contrastive_adapter,
+)
 from audio_residual.baselines.finetune import AudioClassifier, FineTuned, finetune_audio_encoder
-from audio_residual.baselines.linear import ContrastiveAdapter, symmetric_infonce, train_contrastive_adapter
 from audio_residual.baselines.lora import LoraAudioClassifier, LoraTuned, train_lora
 from audio_residual.baselines.probe import LogisticProbe, train_logistic_probe
 from audio_residual.baselines.prompt_learning import CoOp, PromptLearner, train_coop
-from audio_residual.baselines.run import EMBEDDING_METHODS, run_baselines
 from audio_residual.baselines.tip_adapter import TipAdapter, train_tip_adapter, train_tip_adapter_f
 
 __all__ = [
-    "EMBEDDING_METHODS",
     "AudioClassifier",
     "CoOp",
     "ContrastiveAdapter",
@@ -21,7 +23,6 @@ __all__ = [
     "PromptLearner",
     "TipAdapter",
     "finetune_audio_encoder",
-    "run_baselines",
     "symmetric_infonce",
     "train_contrastive_adapter",
     "train_coop",

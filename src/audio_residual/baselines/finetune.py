@@ -13,12 +13,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from audio_residual.clap.batches import batches
 from audio_residual.clap.encode import audio_embeddings
 from audio_residual.clap.loading import ClapBundle
 from audio_residual.clap.zeroshot import ZeroShotClassifier
+from audio_residual.training.loop import Steps, train
 
 
 class AudioClassifier(nn.Module):
@@ -72,23 +72,35 @@ def classifier_logits(
     return torch.cat(out) if out else torch.empty(0, n_classes)
 
 
-def train_epoch(model: nn.Module, bundle: ClapBundle, steps, labels: np.ndarray, optimizer, scaler) -> list[float]:
-    """One epoch of cross-entropy steps under the bundle's autocast (loss scaled for fp16); the losses.
+def classifier_steps(
+    model: nn.Module, bundle: ClapBundle, input_features, is_longer, labels: np.ndarray, train_indices, val_indices,
+    batch_size: int, optimizer, losses: list[float],
+) -> Steps:  # fmt: skip
+    """The training loop's side of an audio classifier (fine-tuning, LoRA): cross-entropy under the bundle's
+    autocast (loss scaled for fp16), validation accuracy; `losses` collects the step losses."""
+    scaler = torch.amp.GradScaler("cuda", enabled=bundle.amp_dtype == torch.float16 and bundle.device.type == "cuda")
 
-    `steps` yields (rows, inputs, is_longer) from `batches`; fine-tuning and LoRA share this loop.
-    """
-    _train_mode(model)
-    losses = []
-    for batch, x, longer in steps:
+    def loss(batch) -> torch.Tensor:
+        rows, x, longer = batch
         with bundle.autocast():
             logits = model(x, longer)
-        loss = F.cross_entropy(logits.float(), torch.from_numpy(labels[batch]).to(bundle.device))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        losses.append(float(loss.detach()))
-    return losses
+        value = F.cross_entropy(logits.float(), torch.from_numpy(labels[rows]).to(bundle.device))
+        losses.append(float(value.detach()))
+        return value
+
+    def validate() -> float:
+        logits = classifier_logits(model, bundle, input_features, val_indices, is_longer, batch_size, 0)  # val ≠ ∅
+        return float((logits.argmax(1).numpy() == labels[np.asarray(val_indices)]).mean())
+
+    return Steps(
+        params={name: p for name, p in model.named_parameters() if p.requires_grad},
+        batches=lambda generator: batches(input_features, train_indices, batch_size, bundle.device, is_longer, generator),
+        loss=loss,
+        validate=validate if val_indices is not None and len(val_indices) > 0 else None,
+        optimizer=optimizer,
+        scaler=scaler,
+        mode=lambda training: _train_mode(model) if training else model.eval(),
+    )
 
 
 def finetune_audio_encoder(
@@ -112,18 +124,17 @@ def finetune_audio_encoder(
     `labels` indexes like `input_features` (the whole table). With `zero_shot`, the head starts as the
     zero-shot classifier (weights = logit scale × class text embeddings), so training starts from CLAP's
     own predictions; otherwise it is random. The encoder gets a small learning rate, the head a larger
-    one. With validation indices, the returned weights are those of the epoch with the best validation
-    accuracy (early stopping on validation only).
+    one. With validation indices, the returned weights are those of the epoch the training loop selects
+    (epoch 0, the zero-shot head, included).
     """
-    torch.manual_seed(seed)
     labels = np.asarray(labels)
     train_indices = np.asarray(train_indices)
     source = bundle.model
     dim = source.audio_projection.linear2.out_features
-    model = AudioClassifier(
-        copy.deepcopy(source.audio_model), copy.deepcopy(source.audio_projection), n_classes, dim
-    ).to(bundle.device)
-    model.requires_grad_(True)
+    with torch.random.fork_rng(devices=[]):  # a random head is drawn from `seed`, the global stream untouched
+        torch.manual_seed(seed)
+        model = AudioClassifier(copy.deepcopy(source.audio_model), copy.deepcopy(source.audio_projection), n_classes, dim)
+    model = model.to(bundle.device).requires_grad_(True)
     if zero_shot is not None:
         with torch.no_grad():
             model.head.weight.copy_(zero_shot.logit_scale * zero_shot.class_embeddings)
@@ -133,24 +144,9 @@ def finetune_audio_encoder(
         [{"params": encoder_params, "lr": lr}, {"params": model.head.parameters(), "lr": head_lr}],
         weight_decay=weight_decay,
     )
-    scaler = torch.amp.GradScaler(
-        "cuda", enabled=bundle.amp_dtype == torch.float16 and bundle.device.type == "cuda"
-    )
     result = FineTuned(model, bundle, sum(p.numel() for p in model.parameters() if p.requires_grad))
-    generator = np.random.default_rng(seed)
-    has_val = val_indices is not None and len(val_indices) > 0
-    best_state, best_accuracy = None, -1.0
-    for epoch in tqdm(range(epochs), desc="fine-tuning", leave=False):
-        steps = batches(input_features, train_indices, batch_size, bundle.device, is_longer, generator, f"epoch {epoch + 1}")
-        result.losses += train_epoch(model, bundle, steps, labels, optimizer, scaler)
-        if has_val:
-            val_logits = result.logits(input_features, val_indices, is_longer, batch_size)
-            accuracy = float((val_logits.argmax(1).numpy() == labels[np.asarray(val_indices)]).mean())
-            if accuracy > best_accuracy:
-                best_accuracy = accuracy
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if best_state is not None:
-        model.load_state_dict(best_state)
-        result.val_accuracy = best_accuracy
+    steps = classifier_steps(model, bundle, input_features, is_longer, labels, train_indices, val_indices, batch_size,
+                             optimizer, result.losses)  # fmt: skip
+    result.val_accuracy = train(steps, epochs, seed, desc="fine-tuning", metric="accuracy").best_score
     model.eval().requires_grad_(False)
     return result

@@ -17,14 +17,12 @@ import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from tqdm.auto import tqdm
 
-from audio_residual.baselines.finetune import classifier_logits, train_epoch
-from audio_residual.baselines.linear import _validation_score
-from audio_residual.clap.batches import batches
+from audio_residual.baselines.finetune import classifier_logits, classifier_steps
 from audio_residual.clap.encode import audio_embeddings
 from audio_residual.clap.loading import ClapBundle
 from audio_residual.clap.zeroshot import ZeroShotClassifier
+from audio_residual.training.loop import train
 
 DEFAULT_RANKS = (4, 16)
 ATTENTION_PROJECTIONS = ("query", "value")  # LoRA's original choice, W_q and W_v
@@ -77,40 +75,20 @@ def lora_audio_model(
 def _train_rank(
     bundle, input_features, is_longer, labels, train_indices, val_indices, zero_shot, rank, target_modules,
     lora_alpha, dropout, epochs, lr, weight_decay, batch_size, seed,
-) -> tuple[LoraTuned, tuple[float, float] | None]:  # fmt: skip
-    """One rank: AdamW on the LoRA weights; with validation, keep the best epoch (epoch 0 = zero-shot)."""
-    torch.manual_seed(seed)
-    audio = lora_audio_model(bundle.model.audio_model, rank, target_modules, lora_alpha, dropout)
+) -> LoraTuned:  # fmt: skip
+    """One rank: AdamW on the LoRA weights, the epoch chosen by the training loop (epoch 0 = zero-shot)."""
+    with torch.random.fork_rng(devices=[]):  # LoRA's A is drawn from `seed`, the global stream untouched
+        torch.manual_seed(seed)
+        audio = lora_audio_model(bundle.model.audio_model, rank, target_modules, lora_alpha, dropout)
     model = LoraAudioClassifier(audio, copy.deepcopy(bundle.model.audio_projection), zero_shot).to(bundle.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     result = LoraTuned(model, bundle, rank, audio.get_nb_trainable_parameters()[0])
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
-    scaler = torch.amp.GradScaler(
-        "cuda", enabled=bundle.amp_dtype == torch.float16 and bundle.device.type == "cuda"
-    )
-
-    def validate() -> tuple[float, float]:
-        logits = result.logits(input_features, val_indices, is_longer, batch_size)
-        return _validation_score(logits, torch.from_numpy(labels[np.asarray(val_indices)]))
-
-    has_val = val_indices is not None and len(val_indices) > 0
-    best_score = validate() if has_val else None
-    best_state = [p.detach().clone() for p in trainable]
-    generator = np.random.default_rng(seed)
-    for epoch in tqdm(range(epochs), desc=f"LoRA r={rank}", leave=False):
-        steps = batches(input_features, train_indices, batch_size, bundle.device, is_longer, generator, f"epoch {epoch + 1}")
-        result.losses += train_epoch(model, bundle, steps, labels, optimizer, scaler)
-        if has_val:
-            score = validate()
-            if score > best_score:
-                best_score, best_state = score, [p.detach().clone() for p in trainable]
-    if has_val:
-        with torch.no_grad():
-            for p, best in zip(trainable, best_state, strict=True):
-                p.copy_(best)
-        result.val_accuracy = best_score[0]
+    steps = classifier_steps(model, bundle, input_features, is_longer, labels, train_indices, val_indices, batch_size,
+                             optimizer, result.losses)  # fmt: skip
+    result.val_accuracy = train(steps, epochs, seed, desc=f"LoRA r={rank}", metric="accuracy").best_score
     model.eval().requires_grad_(False)
-    return result, best_score
+    return result
 
 
 def train_lora(
@@ -131,7 +109,7 @@ def train_lora(
     batch_size: int = 16,
     seed: int = 0,
 ) -> LoraTuned:
-    """LoRA on the audio encoder's attention projections, the rank chosen by validation score.
+    """LoRA on the audio encoder's attention projections, the rank chosen by validation accuracy (ties: the earlier rank).
 
     `labels` indexes like `input_features` (the whole table). `lora_alpha` is fixed across ranks, as
     Hu et al. do, so the update scale α/r shrinks with the rank. Without a validation split the first
@@ -142,16 +120,16 @@ def train_lora(
     if not ranks or min(ranks) < 1:
         raise ValueError(f"LoRA ranks must be positive integers, got {ranks}")
     has_val = val_indices is not None and len(val_indices) > 0
-    best, best_score, accuracies = None, None, {}
+    best, accuracies = None, {}
     for rank in ranks if has_val else ranks[:1]:
-        tuned, score = _train_rank(
+        tuned = _train_rank(
             bundle, input_features, is_longer, labels, train_indices, val_indices, zero_shot, rank,
             target_modules, lora_alpha, dropout, epochs, lr, weight_decay, batch_size, seed,
         )  # fmt: skip
-        if score is not None:
-            accuracies[rank] = score[0]
-        if best is None or score > best_score:
-            best, best_score = tuned, score
+        if tuned.val_accuracy is not None:
+            accuracies[rank] = tuned.val_accuracy
+        if best is None or (has_val and tuned.val_accuracy > best.val_accuracy):  # ties: the earlier rank
+            best = tuned
         if bundle.device.type == "cuda":
             torch.cuda.empty_cache()
     best.val_accuracies = accuracies

@@ -15,14 +15,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from audio_residual.baselines.linear import _as_float, _as_labels, _has_validation, _validation_score
+from audio_residual.baselines.embedded import accuracy, as_float, as_labels, validation_pair
 from audio_residual.clap.loading import ClapBundle
 from audio_residual.clap.zeroshot import DEFAULT_TEMPLATES, class_prompts
+from audio_residual.training.loop import Steps, row_batches, train
 
 
 class PromptLearner(nn.Module):
@@ -105,7 +106,7 @@ class CoOp:
 
     @torch.no_grad()
     def logits(self, emb) -> torch.Tensor:
-        return self.logit_scale * _as_float(emb) @ self.class_embeddings.T
+        return self.logit_scale * as_float(emb) @ self.class_embeddings.T
 
     @property
     def num_parameters(self) -> int:
@@ -136,44 +137,37 @@ def train_coop(
 ) -> CoOp:
     """Train the context vectors on cached audio embeddings with CoOp's optimiser (SGD, momentum 0.9,
     cosine schedule); the text tower stays frozen. With a validation split the returned vectors are those
-    of the epoch with the best validation score (epoch 0, the initial prompts, included).
+    of the epoch the training loop selects (epoch 0, the initial prompts, included).
     """
-    x, y = _as_float(train_emb), _as_labels(train_labels)
+    x, y = as_float(train_emb), as_labels(train_labels)
     learner = PromptLearner(bundle, class_names, template, n_ctx, class_specific, seed)
     scale = float(bundle.model.logit_scale_a.exp())
     result = CoOp(learner, _class_embeddings(learner, bundle), scale)
     if epochs <= 0 or len(y) == 0:
         return result
-    val = (_as_float(val_emb), _as_labels(val_labels)) if _has_validation(val_emb, val_labels) else None
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = -(-len(y) // batch_size)
+    val = validation_pair(val_emb, val_labels)
+
+    def loss(batch) -> torch.Tensor:
+        with bundle.autocast():
+            text = learner(bundle.model)
+        loss = F.cross_entropy(scale * x[batch].to(text.device) @ text.T, y[batch].to(text.device))
+        result.losses.append(float(loss.detach()))
+        return loss
+
+    def validate() -> float:
+        result.class_embeddings = _class_embeddings(learner, bundle)
+        return accuracy(result.logits(val[0]), val[1])
+
     optimizer = torch.optim.SGD([learner.ctx], lr=lr, momentum=0.9, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
-    best_ctx = learner.ctx.detach().clone()
-    best_score = _validation_score(result.logits(val[0]), val[1]) if val is not None else None
-    for epoch in tqdm(range(1, epochs + 1), desc="CoOp", leave=False):
-        order = torch.randperm(len(y), generator=generator)
-        for start in range(0, len(y), batch_size):
-            batch = order[start : start + batch_size]
-            with bundle.autocast():
-                text = learner(bundle.model)
-            logits = scale * x[batch].to(text.device) @ text.T
-            loss = F.cross_entropy(logits, y[batch].to(text.device))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            result.losses.append(float(loss.detach()))
-        if val is not None:
-            result.class_embeddings = _class_embeddings(learner, bundle)
-            score = _validation_score(result.logits(val[0]), val[1])
-            if score > best_score:
-                best_score, result.best_epoch = score, epoch
-                best_ctx = learner.ctx.detach().clone()
-    if val is not None:
-        with torch.no_grad():
-            learner.ctx.copy_(best_ctx)
-        result.val_accuracy = best_score[0]
+    steps = Steps(
+        params={"ctx": learner.ctx},
+        batches=row_batches(np.arange(len(y)), batch_size),
+        loss=loss,
+        validate=None if val is None else validate,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * -(-len(y) // batch_size)),
+    )
+    loop = train(steps, epochs, seed, desc="CoOp", metric="accuracy")
+    result.best_epoch, result.val_accuracy = loop.best_epoch, loop.best_score
     result.class_embeddings = _class_embeddings(learner, bundle)
     return result

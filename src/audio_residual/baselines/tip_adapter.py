@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from audio_residual.baselines.linear import _as_float, _as_labels, _has_validation, _validation_score
+from audio_residual.baselines.embedded import accuracy, as_float, as_labels, validation_pair
+from audio_residual.training.loop import Steps, row_batches, train
 
 DEFAULT_ALPHAS = (0.0, *(float(a) for a in np.geomspace(0.01, 100, 25)))
 DEFAULT_BETAS = tuple(float(b) for b in np.geomspace(0.1, 50, 19))
@@ -43,8 +43,8 @@ class TipAdapter(nn.Module):
     ):
         super().__init__()
         n_classes = class_embeddings.shape[0]
-        self.keys = nn.Parameter(F.normalize(_as_float(keys), dim=-1), requires_grad=train_keys)
-        self.register_buffer("values", F.one_hot(_as_labels(labels), n_classes).float())
+        self.keys = nn.Parameter(F.normalize(as_float(keys), dim=-1), requires_grad=train_keys)
+        self.register_buffer("values", F.one_hot(as_labels(labels), n_classes).float())
         self.register_buffer("class_embeddings", class_embeddings.detach().float().cpu())
         self.logit_scale = float(logit_scale)
         self.alpha, self.beta = float(alpha), float(beta)
@@ -60,7 +60,7 @@ class TipAdapter(nn.Module):
         return torch.exp(-beta * (1 - emb @ self.keys.T)) @ self.values
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        emb = _as_float(emb)
+        emb = as_float(emb)
         return self.zero_shot_logits(emb) + self.alpha * self.cache_affinity(emb, self.beta)
 
     @torch.no_grad()
@@ -76,6 +76,11 @@ class TipAdapter(nn.Module):
     def cache_size(self) -> int:
         """Stored (not trained) numbers: keys N·D plus one-hot values N·C."""
         return self.keys.numel() + self.values.numel()
+
+
+def _validation_score(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(accuracy, -cross-entropy): the α, β search's score; the loss breaks accuracy ties on small val sets."""
+    return accuracy(logits, labels), -float(F.cross_entropy(logits, labels))
 
 
 @torch.no_grad()
@@ -106,10 +111,9 @@ def train_tip_adapter(
 ) -> TipAdapter:
     """Training-free Tip-Adapter: cache the training embeddings, choose α and β on validation only."""
     adapter = TipAdapter(train_emb, train_labels, class_embeddings, logit_scale, PAPER_ALPHA, PAPER_BETA)
-    if _has_validation(val_emb, val_labels):
-        adapter.alpha, adapter.beta, score = _search(
-            adapter, _as_float(val_emb), _as_labels(val_labels), alphas, betas
-        )
+    val = validation_pair(val_emb, val_labels)
+    if val is not None:
+        adapter.alpha, adapter.beta, score = _search(adapter, *val, alphas, betas)
         adapter.val_accuracy = score[0]
     return adapter
 
@@ -129,44 +133,31 @@ def train_tip_adapter_f(
     seed: int = 0,
 ) -> TipAdapter:
     """Tip-Adapter-F: start from the training-free cache, fine-tune the keys with cross-entropy (AdamW,
-    cosine schedule, as in the paper), keep the epoch with the best validation score (epoch 0 = the
+    cosine schedule, as in the paper), keep the epoch the training loop selects (epoch 0 = the
     training-free cache included), then search α and β again on validation.
 
     Training runs at the α, β of the training-free search; when that search chose α = 0 (the keys would
     get no gradient), at the paper's α = 1, β = 5.5.
     """
-    x, y = _as_float(train_emb), _as_labels(train_labels)
+    x, y = as_float(train_emb), as_labels(train_labels)
     adapter = train_tip_adapter(x, y, class_embeddings, logit_scale, val_emb, val_labels, alphas, betas)
     adapter.keys.requires_grad_(True)
     if adapter.alpha == 0:
         adapter.alpha, adapter.beta = PAPER_ALPHA, PAPER_BETA
-    val = (_as_float(val_emb), _as_labels(val_labels)) if _has_validation(val_emb, val_labels) else None
+    val = validation_pair(val_emb, val_labels)
     if epochs <= 0 or len(y) == 0:
         return adapter
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = -(-len(y) // batch_size)
     optimizer = torch.optim.AdamW([adapter.keys], lr=lr, eps=1e-4)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
-    best_keys = adapter.keys.detach().clone()
-    best_score = _validation_score(adapter.logits(val[0]), val[1]) if val is not None else None
-    for epoch in tqdm(range(1, epochs + 1), desc="Tip-Adapter-F", leave=False):
-        order = torch.randperm(len(y), generator=generator)
-        for start in range(0, len(y), batch_size):
-            batch = order[start : start + batch_size]
-            loss = F.cross_entropy(adapter(x[batch]), y[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-        if val is not None:
-            score = _validation_score(adapter.logits(val[0]), val[1])
-            if score > best_score:
-                best_score, adapter.best_epoch = score, epoch
-                best_keys = adapter.keys.detach().clone()
+    steps = Steps(
+        params={"keys": adapter.keys},
+        batches=row_batches(np.arange(len(y)), batch_size),
+        loss=lambda batch: F.cross_entropy(adapter(x[batch]), y[batch]),
+        validate=None if val is None else lambda: accuracy(adapter.logits(val[0]), val[1]),
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * -(-len(y) // batch_size)),
+    )
+    adapter.best_epoch = train(steps, epochs, seed, desc="Tip-Adapter-F", metric="accuracy").best_epoch
     if val is not None:
-        with torch.no_grad():
-            adapter.keys.copy_(best_keys)
-        adapter.alpha, adapter.beta, score = _search(adapter, val[0], val[1], alphas, betas)
+        adapter.alpha, adapter.beta, score = _search(adapter, *val, alphas, betas)
         adapter.val_accuracy = score[0]
     return adapter

@@ -1,10 +1,10 @@
 """Evaluation: metrics, zero-shot by fold, the keyed results store, paired comparison, plots and the report."""
 
-from audio_residual.evaluation.compare import (
+from audio_residual.evaluation.metrics import confusion_matrix, fold_metrics, topk_accuracy
+from audio_residual.evaluation.report import write_report
+from audio_residual.evaluation.store import (
     RESULT_COLUMNS,
     ResultsStore,
-    confusion_matrix,
-    fold_metrics,
     markdown_table,
     paired_tests,
     per_class_accuracy,
@@ -12,8 +12,6 @@ from audio_residual.evaluation.compare import (
     summary_table,
     summed_confusion,
 )
-from audio_residual.evaluation.metrics import topk_accuracy
-from audio_residual.evaluation.report import write_report
 
 __all__ = [
     "RESULT_COLUMNS",

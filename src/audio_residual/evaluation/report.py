@@ -1,6 +1,6 @@
 """The one report writer: summary.csv, table.md, few_shot.csv, figures and report.md of an output folder.
 
-Every command that produces results ends here; the whole study (`audio_residual.study`) adds its own
+Every command that produces results ends here; the whole study (`audio_residual.experiments.study`) adds its own
 sections (nested choices, sweep, heads, time), the transfer table and the data description, a single
 `train-residual` run only the comparison. Everything is built from this session's rows of the store, so
 a report never shows a row that other options produced. The comparison table reads the full-data rows
@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from audio_residual.evaluation import plots
-from audio_residual.evaluation.compare import (
+from audio_residual.evaluation.store import (
     BASELINE_METHOD,
     ResultsStore,
     markdown_table,
@@ -25,6 +25,7 @@ from audio_residual.evaluation.compare import (
     summary_table,
     summed_confusion,
 )
+from audio_residual.evaluation.transfer import transfer_matrix
 from audio_residual.io import save_figure, write_csv, write_text
 from audio_residual.layout import RunLayout
 
@@ -42,7 +43,7 @@ def write_report(
     """Write summary.csv, table.md, the comparison figures and report.md; return the markdown table.
 
     `intro` lines go under the title (what data and model); the few-shot section (when the store holds
-    k-shot rows), the transfer section (`transfer`: rows of `evaluation.transfer.transfer_table`) and then
+    k-shot rows), the transfer section (`transfer`: rows of `experiments.transfer.transfer_table`) and then
     `sections` (markdown) follow the comparison. Per-class and confusion figures are drawn for methods
     whose rows were stored with arrays.
     """
@@ -71,8 +72,6 @@ def write_report(
         figures.append(save_figure(plots.few_shot_curves(every), layout.figures / "few_shot_curves.png"))
         protocol_sections += few_shot_section(few)
     if transfer is not None and not transfer.empty:
-        from audio_residual.evaluation.transfer import transfer_matrix
-
         for method in dict.fromkeys(transfer["method"]):
             heatmap = plots.transfer_heatmap(transfer_matrix(transfer, method), title=f"{method}: zero-shot accuracy on the target")
             figures.append(save_figure(heatmap, layout.figures / f"transfer_{method}.png"))

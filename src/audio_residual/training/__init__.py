@@ -1,6 +1,7 @@
 """λ training for ResiDual, W&B tracking and sweeps."""
 
+from audio_residual.training.loop import TrainingDiverged
 from audio_residual.training.tracking import RunTracker, wandb_available
-from audio_residual.training.trainer import FoldResult, TrainConfig, TrainingDiverged, train_residual_fold
+from audio_residual.training.trainer import FoldResult, TrainConfig, train_residual_fold
 
 __all__ = ["FoldResult", "RunTracker", "TrainConfig", "TrainingDiverged", "train_residual_fold", "wandb_available"]

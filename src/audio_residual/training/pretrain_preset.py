@@ -20,7 +20,7 @@ PRESETS = {
         "captions_per_clip": 5,
         "seconds": 2.0,
         "split_fractions": (0.9, 0.05, 0.05),
-        "recipe": PretrainRecipe(epochs=40, batch_size=16, lr=2e-3, weight_decay=0.01, warmup=0.05, all_captions=True),
+        "recipe": PretrainRecipe(epochs=24, batch_size=16, lr=2e-3, weight_decay=0.01, warmup=0.05, all_captions=True),
     }
 }
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "clap" / "pretrained_tiny"

@@ -3,13 +3,15 @@
 OUT/model/          the kept epoch (best validation mean R@1, epoch 0 included): weights (safetensors),
                     config, processor + tokenizer, and `pretraining.json` (data, recipe, epochs, figures)
 OUT/history.csv     one row per epoch (0 = the starting point): loss, lr, retrieval, zero-shot accuracy
-OUT/checkpoint.safetensors   the latest epoch's state: a killed run resumes from it
+OUT/checkpoint.safetensors   the latest epoch's state (the one training loop's): a killed run resumes from it
+OUT/epoch0.json     the starting point's validation figures
 OUT/skipped.csv     clips left out (missing AudioCaps videos, unreadable audio), when there are any
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -21,19 +23,20 @@ import numpy as np
 import pandas as pd
 import torch
 import transformers
-from tqdm.auto import tqdm
+from safetensors import safe_open
 
 from audio_residual.clap.loading import ClapBundle, align_truncation, load_clap, resolve_amp, resolve_device
 from audio_residual.data_processing import FeatureCache
 from audio_residual.data_processing.captions import CaptionTable
 from audio_residual.io import digest, write_csv, write_json
 from audio_residual.training import pretrain as P
-from audio_residual.training.checkpoint import load_checkpoint, save_checkpoint
+from audio_residual.training.loop import Steps, train
 from audio_residual.training.tracking import RunTracker
 
 PROVENANCE_FILE = "pretraining.json"
 HISTORY_FILE = "history.csv"
 CHECKPOINT_FILE = "checkpoint.safetensors"
+EPOCH0_FILE = "epoch0.json"  # the starting point's validation figures (a resumed run does not measure them again)
 
 
 @dataclass
@@ -136,32 +139,24 @@ def _save_model(model, processor, folder: Path, provenance: dict) -> None:
         raise
 
 
-def _evaluate(model, data, device, recipe, autocast, classify) -> dict:
-    metrics = P.validation_retrieval(model, data, device, recipe.eval_batch_size, autocast)
-    keep = {k: v for k, v in metrics.items() if not k.startswith(("n_", "t2a_random", "a2t_random"))}
-    keep["random_t2a_r1"] = metrics["t2a_random_r1"]
-    if classify is not None:
-        keep["zero_shot_accuracy"] = classify(model)
-    return keep
+class _Evaluation:
+    """A model's validation figures: retrieval both directions (+ zero-shot accuracy with a labelled set)."""
 
+    def __init__(self, data, device, recipe, amp, classify) -> None:
+        self.data, self.device, self.recipe, self.classify = data, device, recipe, classify
+        self.autocast = (lambda: torch.autocast("cuda", dtype=amp)) if amp is not None else contextlib.nullcontext
+        self.started = time.perf_counter()
 
-def _one_epoch(model, data, params, optimizer, scheduler, recipe, device, autocast, generator) -> float:
-    model.train()
-    batches = P.epoch_batches(data, recipe.batch_size, generator, recipe.all_captions)
-    groups = [batches[i : i + recipe.accumulate] for i in range(0, len(batches), recipe.accumulate)]
-    losses = []
-    for group in tqdm(groups, desc="pretraining steps", leave=False, unit="step"):
-        optimizer.zero_grad(set_to_none=True)
-        for batch in group:
-            loss = P.batch_loss(model, data, batch, device, autocast) / len(group)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"pretraining loss is {loss.item()}; lower --lr")
-            loss.backward()
-            losses.append(float(loss.detach()) * len(group))
-        optimizer.step()
-        scheduler.step()
-        P.clamp_logit_scale(model)
-    return float(np.mean(losses)) if losses else float("nan")
+    def __call__(self, model) -> dict:
+        metrics = P.validation_retrieval(model, self.data, self.device, self.recipe.eval_batch_size, self.autocast)
+        keep = {k: v for k, v in metrics.items() if not k.startswith(("n_", "t2a_random", "a2t_random"))}
+        keep["random_t2a_r1"] = metrics["t2a_random_r1"]
+        if self.classify is not None:
+            keep["zero_shot_accuracy"] = self.classify(model)
+        return keep
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
 
 
 def steps_per_epoch(data, recipe) -> int:
@@ -181,27 +176,71 @@ def _provenance(table, features, source, recipe, history, best_epoch, seconds, e
     }  # fmt: skip
 
 
-def _resume(path: Path, key: str, model, optimizer, scheduler):
-    """(history, best_epoch, seconds) saved by an interrupted run of the same key, else None."""
-    if not path.is_file():
-        return None
-    states, info = load_checkpoint(path)
-    if info.get("key") != key:
-        return None
-    model.load_state_dict(states["model"])
-    optimizer.load_state_dict(states["optimizer"])
-    scheduler.load_state_dict(states["scheduler"])
-    print(f"resuming pretraining after epoch {info['history'][-1]['epoch']} ({path})")
-    return info["history"], info["best_epoch"], info["seconds"]
+class _ClampedSchedule:
+    """The LR schedule the loop steps after each optimizer step, followed by CLIP's clamp of the temperatures."""
+
+    def __init__(self, schedule, model) -> None:
+        self.schedule, self.model = schedule, model
+
+    def step(self) -> None:
+        self.schedule.step()
+        P.clamp_logit_scale(self.model)
+
+    def state_dict(self) -> dict:
+        return self.schedule.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.schedule.load_state_dict(state)
+
+
+def _steps(model, data, optimizer, schedule, recipe, evaluate, seen: list, first=None) -> Steps:
+    """Pretraining's side of the one training loop: groups of `accumulate` micro-batches and their mean loss
+    (the gradients of accumulation), retrieval on validation as the selection metric. The loop keeps all the
+    model holds — weights and BatchNorm statistics — at the selected epoch; `seen` gets each validation's figures.
+    """
+    device = next(model.parameters()).device
+
+    def batches(generator):
+        micro = P.epoch_batches(data, recipe.batch_size, generator, recipe.all_captions)
+        return [micro[i : i + recipe.accumulate] for i in range(0, len(micro), recipe.accumulate)]
+
+    def loss(group):
+        return sum(P.batch_loss(model, data, batch, device, evaluate.autocast) for batch in group) / len(group)
+
+    def validate() -> float:
+        seen.append(evaluate(model))
+        if len(seen) == 1 and first is not None:
+            first(seen[0])
+        return seen[-1]["mean_r1"]
+
+    return Steps(params=dict(model.state_dict(keep_vars=True)), batches=batches, loss=loss, validate=validate,
+                 optimizer=optimizer, scheduler=_ClampedSchedule(schedule, model), mode=model.train,
+                 record=lambda: dict(seen[-1]))  # fmt: skip
+
+
+def _resumable(checkpoint: Path, key: str) -> bool:
+    """Whether the loop will resume from `checkpoint` (it does when the run's key matches)."""
+    if not checkpoint.is_file():
+        return False
+    with safe_open(str(checkpoint), framework="pt") as handle:
+        return json.loads(handle.metadata()["info"])["config"] == key
+
+
+def _epoch_zero(path: Path, key: str) -> dict:
+    """Epoch 0's figures, written by the session that measured them (a resumed run does not measure them)."""
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    if saved.pop("key", None) != key:
+        raise RuntimeError(f"{path} is missing or from another run: delete {path.parent / CHECKPOINT_FILE} and rerun")
+    return saved
 
 
 def pretrain(table: CaptionTable, source: PretrainSource, recipe: P.PretrainRecipe, run: PretrainRun) -> Path:
-    """Train contrastively, keep the best validation epoch; returns OUT/model (a `--model` folder)."""
+    """Train contrastively through the one training loop, keep the best validation epoch (epoch 0 included);
+    returns OUT/model (a `--model` folder)."""
     out = Path(run.out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(run.device)
     amp = resolve_amp(run.amp, device)
-    autocast = (lambda: torch.autocast("cuda", dtype=amp)) if amp is not None else contextlib.nullcontext
     model, processor = start_model(source, table, recipe.seed)
     align_truncation(model, processor, "pretraining")
     features = FeatureCache(run.cache_dir, processor.feature_extractor).compute(
@@ -211,41 +250,24 @@ def pretrain(table: CaptionTable, source: PretrainSource, recipe: P.PretrainReci
     data = P.CaptionedFeatures.build(table, features, processor.tokenizer, features.valid)
     model.to(device)
     params = P.trainable_parameters(model, recipe.freeze)
-    optimizer, scheduler = P.optimizer_and_schedule(model, params, recipe, recipe.epochs * steps_per_epoch(data, recipe))
-    classify = classification_eval(run.eval_classification, processor, run.cache_dir, device)
+    optimizer, schedule = P.optimizer_and_schedule(model, params, recipe, recipe.epochs * steps_per_epoch(data, recipe))
+    evaluate = _Evaluation(data, device, recipe, amp, classification_eval(run.eval_classification, processor,
+                                                                         run.cache_dir, device))  # fmt: skip
     key = digest([source.describe(), P.recipe_dict(recipe), features.digest(), table.captions, table.splits,
                   run.eval_classification])  # fmt: skip
     tracker = RunTracker(run.wandb, config={"recipe": P.recipe_dict(recipe), "start": source.describe()},
                          wandb_dir=out, job_type="pretrain")  # fmt: skip
-    started = time.perf_counter()
-    resumed = _resume(out / CHECKPOINT_FILE, key, model, optimizer, scheduler)
-    history, best_epoch, earlier = resumed or ([], 0, 0.0)
-    if not history:
-        history.append({"epoch": 0, "train_loss": float("nan"), "lr": 0.0,
-                        **_evaluate(model, data, device, recipe, autocast, classify)})  # fmt: skip
-        _save_model(model, processor, out / "model", _provenance(table, features, source, recipe, history, 0, 0.0, run.extra_provenance))
-    for epoch in tqdm(range(len(history), recipe.epochs + 1), desc="pretraining", unit="epoch",
-                      initial=len(history) - 1, total=recipe.epochs):  # fmt: skip
-        if epoch == 0:
-            continue
-        generator = torch.Generator().manual_seed(recipe.seed * 100_003 + epoch - 1)
-        loss = _one_epoch(model, data, params, optimizer, scheduler, recipe, device, autocast, generator)
-        record = {"epoch": epoch, "train_loss": loss, "lr": scheduler.get_last_lr()[0],
-                  **_evaluate(model, data, device, recipe, autocast, classify)}  # fmt: skip
-        history.append(record)
-        tracker.log({f"pretrain/{k}": v for k, v in record.items()}, step=epoch)
-        seconds = earlier + time.perf_counter() - started
-        if record["mean_r1"] > history[best_epoch]["mean_r1"]:  # ties keep the earlier epoch
-            best_epoch = epoch
-            _save_model(model, processor, out / "model",
-                        _provenance(table, features, source, recipe, history, epoch, seconds, run.extra_provenance))  # fmt: skip
-        states = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-        save_checkpoint(out / CHECKPOINT_FILE, states,
-                        {"key": key, "history": history, "best_epoch": best_epoch, "seconds": seconds})  # fmt: skip
-    seconds = earlier + time.perf_counter() - started
-    final = _provenance(table, features, source, recipe, history, best_epoch, seconds, run.extra_provenance)
-    write_json(out / "model" / PROVENANCE_FILE, final)
+    seen: list[dict] = []
+    first = None if _resumable(out / CHECKPOINT_FILE, key) else lambda m: write_json(out / EPOCH0_FILE, {"key": key, **m})
+    steps = _steps(model, data, optimizer, schedule, recipe, evaluate, seen, first)
+    result = train(steps, recipe.epochs, seed=recipe.seed, checkpoint=out / CHECKPOINT_FILE, key=key, logger=tracker,
+                   desc="pretrain", metric="mean_r1")  # fmt: skip
+    history = [{"epoch": 0, "train_loss": float("nan"), "lr": 0.0, **_epoch_zero(out / EPOCH0_FILE, key)},
+               *result.history]  # fmt: skip
+    seconds = result.earlier_seconds + evaluate.seconds()
+    provenance = _provenance(table, features, source, recipe, history, result.best_epoch, seconds, run.extra_provenance)
+    _save_model(model, processor, out / "model", provenance)  # the loop left the model at the kept epoch
     write_csv(out / HISTORY_FILE, pd.DataFrame(history))
-    tracker.summary({"best_epoch": best_epoch, **final["validation"]})
+    tracker.summary({"best_epoch": result.best_epoch, **provenance["validation"]})
     tracker.finish()
     return out / "model"

@@ -17,8 +17,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from audio_residual.analysis.stats import ResidualStatistics
 from audio_residual.clap.stage_cache import StagePrefix, first_stage
@@ -27,7 +25,8 @@ from audio_residual.evaluation.metrics import topk_accuracy
 from audio_residual.io import digest, write_csv, write_json
 from audio_residual.layout import RunLayout
 from audio_residual.residual.units import ResiDual, ResidualConfig
-from audio_residual.training.checkpoint import load_checkpoint, save_checkpoint
+from audio_residual.tasks import CLASSIFICATION
+from audio_residual.training.loop import LoopResult, Steps, train
 from audio_residual.workspace import Workspace
 
 OPTIMIZERS = ("adam", "adamw", "schedulefree")
@@ -47,10 +46,6 @@ PRESETS: dict[str, dict] = {
         "patience": 5,
     }
 }
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite: λ is no longer meaningful, so the run stops."""
 
 
 @dataclass
@@ -223,134 +218,41 @@ def _set_mode(optimizer, training: bool) -> None:
         optimizer.train() if training else optimizer.eval()
 
 
-@dataclass
-class _Progress:
-    """Where a run stands: what a checkpoint restores and every epoch updates.
+def _steps(ws: Workspace, split: Split, config: TrainConfig, residual: ResiDual, prefix: StagePrefix | None) -> Steps:
+    """ResiDual's side of the training loop: cross-entropy of the class logits with λ attached."""
+    source = ws if prefix is None else prefix  # the cached stage inputs when there is a prefix, else the log-mels
+    labels = torch.as_tensor(np.array(ws.table.labels))
+    steps_per_epoch = math.ceil(len(split.train) / config.batch_size)
+    optimizer, scheduler = _optimizer(config, list(residual.lambdas.values()), steps_per_epoch * config.epochs)
+    correct = [0]
 
-    `best_*` describe the epoch kept: the best on validation (ties keep the earlier epoch) or, without a
-    validation split, the last one; `best_val_accuracy` is then None (no validation accuracy exists).
-    """
+    def loss(batch) -> torch.Tensor:
+        rows, x, longer = batch
+        y = labels[rows].to(ws.bundle.device)
+        with ws.bundle.autocast(), residual.attached(ws.bundle.model):
+            emb = source.forward(x, longer)
+        logits = ws.classifier.logits(emb)
+        correct[0] += int((logits.argmax(1) == y).sum())
+        return CLASSIFICATION.loss(logits, y)
 
-    epoch: int = 0
-    history: list[dict] = field(default_factory=list)
-    best_epoch: int = 0
-    best_val_accuracy: float | None = None
-    best_lambdas: dict[str, torch.Tensor] | None = None
-    earlier_seconds: float = 0.0  # wall time of the sessions before this one
+    def record() -> dict:
+        accuracy, correct[0] = correct[0] / len(split.train), 0
+        return {"train_accuracy": accuracy}
 
+    def validate() -> float:
+        logits = residual_logits(ws, residual, split.val, config.batch_size, prefix)
+        return topk_accuracy(logits, ws.table.labels[split.val])
 
-@dataclass
-class _Trainer:
-    """The pieces of one fold's λ training: what every step needs, in one place."""
-
-    ws: Workspace
-    split: Split
-    config: TrainConfig
-    residual: ResiDual
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None
-    prefix: StagePrefix | None
-
-    @property
-    def source(self) -> Workspace | StagePrefix:
-        """Where batches come from: the cached stage inputs when there is a prefix, else the log-mels."""
-        return self.ws if self.prefix is None else self.prefix
-
-    def accuracy(self, indices: np.ndarray) -> float:
-        _set_mode(self.optimizer, False)
-        logits = residual_logits(self.ws, self.residual, indices, self.config.batch_size, self.prefix)
-        return topk_accuracy(logits, self.ws.table.labels[indices])
-
-    def resume(self, checkpoint: Path | None, key: str) -> _Progress:
-        """The state saved by an interrupted run of the same configuration, else a fresh start."""
-        if checkpoint is None or not checkpoint.exists():
-            return _Progress()
-        states, info = load_checkpoint(checkpoint)
-        if info["config"] != key:
-            return _Progress()
-        self.residual.lambdas.load_state_dict(states["lambdas"])
-        self.optimizer.load_state_dict(states["optimizer"])
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(states["scheduler"])
-        has_val = len(self.split.val) > 0  # older checkpoints stored an epoch number here without validation
-        return _Progress(info["epoch"], info["history"], info["best_epoch"], info["best_val"] if has_val else None,
-                         states["best"], info["seconds"])
-
-    def save(self, checkpoint: Path, key: str, progress: _Progress, seconds: float) -> None:
-        states = {"lambdas": self.residual.lambdas.state_dict(), "optimizer": self.optimizer.state_dict(),
-                  "best": progress.best_lambdas}
-        if self.scheduler is not None:
-            states["scheduler"] = self.scheduler.state_dict()
-        info = {"config": key, "epoch": progress.epoch, "history": progress.history, "best_epoch": progress.best_epoch,
-                "best_val": progress.best_val_accuracy, "seconds": seconds}
-        save_checkpoint(checkpoint, states, info)
-
-    def epoch(self, epoch: int) -> dict:
-        """One pass over the training clips in a seeded order; the epoch's record (1-based `epoch`)."""
-        ws, config, residual = self.ws, self.config, self.residual
-        labels = torch.as_tensor(np.array(ws.table.labels))
-        # Seeded by epoch: a resumed run reshuffles exactly as the uninterrupted one.
-        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch - 1)
-        _set_mode(self.optimizer, True)
-        losses, correct = [], 0
-        for step, (rows, x, longer) in enumerate(self.source.batches(self.split.train, config.batch_size, generator), 1):
-            y = labels[rows].to(ws.bundle.device)
-            with ws.bundle.autocast(), residual.attached(ws.bundle.model):
-                emb = self.source.forward(x, longer)
-            logits = ws.classifier.logits(emb)
-            loss = F.cross_entropy(logits, y)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"fold {self.split.fold}, epoch {epoch}, step {step}: loss is {loss.item()}"
-                    f" (lr {config.lr}, optimizer {config.optimizer}); lower the learning rate"
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            if self.scheduler is not None:
-                self.scheduler.step()
-            losses.append(loss.item())
-            correct += int((logits.argmax(1) == y).sum())
-        return {
-            "epoch": epoch,
-            "train_loss": float(np.mean(losses)),
-            "train_accuracy": correct / len(self.split.train),
-            "val_accuracy": self.accuracy(self.split.val) if len(self.split.val) else float("nan"),
-            "lr": self.optimizer.param_groups[0]["lr"],
-        }
-
-    def select(self, progress: _Progress, record: dict) -> None:
-        """Record the epoch; keep its λ if it is the best so far on validation (or, without validation, the last)."""
-        progress.epoch = record["epoch"]
-        progress.history.append(record)
-        has_val = len(self.split.val) > 0
-        if not has_val or progress.best_lambdas is None or record["val_accuracy"] > progress.best_val_accuracy:
-            progress.best_epoch = record["epoch"]
-            progress.best_val_accuracy = record["val_accuracy"] if has_val else None
-            progress.best_lambdas = {k: v.detach().clone() for k, v in self.residual.lambdas.items()}
-
-    def finish(self, progress: _Progress, start_train_accuracy: float, seconds) -> FoldResult:
-        """The kept λ evaluated on the training clips and then, once, on the test fold."""
-        _set_mode(self.optimizer, False)
-        if progress.best_lambdas is not None:
-            self.residual.lambdas.load_state_dict(progress.best_lambdas)
-        train_accuracy = self.accuracy(self.split.train)
-        test_logits = residual_logits(self.ws, self.residual, self.split.test, self.config.batch_size, self.prefix)
-        test_labels = self.ws.table.labels[self.split.test]
-        return FoldResult(
-            fold=self.split.fold,
-            best_epoch=progress.best_epoch,
-            start_train_accuracy=start_train_accuracy,
-            train_accuracy=train_accuracy,
-            val_accuracy=float("nan") if progress.best_val_accuracy is None else progress.best_val_accuracy,
-            test_accuracy=topk_accuracy(test_logits, test_labels),
-            test_top5=topk_accuracy(test_logits, test_labels, 5),
-            trainable_params=self.residual.num_parameters(),
-            seconds=seconds(),
-            test_logits=test_logits.numpy(),
-            test_labels=test_labels,
-            history=progress.history,
-        )
+    return Steps(
+        params=dict(residual.lambdas.items()),
+        batches=lambda generator: source.batches(split.train, config.batch_size, generator),
+        loss=loss,
+        validate=validate if len(split.val) else None,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        mode=lambda training: _set_mode(optimizer, training),
+        record=record,
+    )
 
 
 def train_residual_fold(
@@ -376,31 +278,38 @@ def train_residual_fold(
     prefix = StagePrefix(ws, stage, config.batch_size) if stage >= 1 else None
     stats = fold_statistics(ws, split, layout, config, prefix)
     residual = ResiDual.from_statistics(stats, config.residual_config()).to(ws.bundle.device)
-    steps_per_epoch = math.ceil(len(split.train) / config.batch_size)
-    optimizer, scheduler = _optimizer(config, list(residual.lambdas.values()), steps_per_epoch * config.epochs)
-    trainer = _Trainer(ws, split, config, residual, optimizer, scheduler, prefix)
-    progress = trainer.resume(None if files is None else files.checkpoint, key)
-
-    def seconds() -> float:
-        return progress.earlier_seconds + time.perf_counter() - started
-
     start_logits = residual_logits(ws, None, split.train, config.batch_size, prefix)
     start_train_accuracy = topk_accuracy(start_logits, ws.table.labels[split.train])
-    for epoch in tqdm(range(progress.epoch + 1, config.epochs + 1), desc=f"fold {split.fold} λ training", leave=False,
-                      initial=progress.epoch, total=config.epochs):
-        record = trainer.epoch(epoch)
-        trainer.select(progress, record)
-        if logger is not None:
-            logger.log({f"fold{split.fold}/{k}": v for k, v in record.items()})
-            logger.log_lambdas(residual, prefix=f"fold{split.fold}")
-        if files is not None:
-            trainer.save(files.checkpoint, key, progress, seconds())
-        if config.patience is not None and epoch - progress.best_epoch >= config.patience:
-            break
-
-    result = trainer.finish(progress, start_train_accuracy, seconds)
+    steps = _steps(ws, split, config, residual, prefix)
+    loop = train(steps, config.epochs, config.seed, config.patience, None if files is None else files.checkpoint, key,
+                 logger, f"fold{split.fold}", metric=CLASSIFICATION.selection_metric)
+    if logger is not None:
+        logger.log_lambdas(residual, prefix=f"fold{split.fold}")
+    seconds = loop.earlier_seconds + time.perf_counter() - started
+    result = _finish(ws, split, config, residual, prefix, loop, start_train_accuracy, seconds)
     if files is not None:
         residual.save(files.lambdas, metadata={"fold": split.fold, "config": asdict(config), "provenance": ws.provenance()})
-        write_csv(files.history, pd.DataFrame(progress.history))
+        write_csv(files.history, pd.DataFrame(loop.history))
         write_json(files.result, result.row())
     return result
+
+
+def _finish(ws, split, config, residual, prefix, loop: LoopResult, start_train_accuracy: float, seconds: float) -> FoldResult:
+    """The kept λ evaluated on the training clips and then, once, on the test fold."""
+    train_logits = residual_logits(ws, residual, split.train, config.batch_size, prefix)
+    test_logits = residual_logits(ws, residual, split.test, config.batch_size, prefix)
+    test_labels = ws.table.labels[split.test]
+    return FoldResult(
+        fold=split.fold,
+        best_epoch=loop.best_epoch,
+        start_train_accuracy=start_train_accuracy,
+        train_accuracy=topk_accuracy(train_logits, ws.table.labels[split.train]),
+        val_accuracy=float("nan") if loop.best_score is None else loop.best_score,
+        test_accuracy=topk_accuracy(test_logits, test_labels),
+        test_top5=topk_accuracy(test_logits, test_labels, 5),
+        trainable_params=residual.num_parameters(),
+        seconds=seconds,
+        test_logits=test_logits.numpy(),
+        test_labels=test_labels,
+        history=loop.history,
+    )

@@ -16,25 +16,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from audio_residual.baselines.embedded import accuracy, as_float, as_labels, validation_pair
 from audio_residual.io import atomic_path
-
-
-def _as_float(x) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float().cpu()
-
-
-def _as_labels(y) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y).long().cpu()
-
-
-def _has_validation(val_emb, val_labels) -> bool:
-    return val_emb is not None and val_labels is not None and len(val_labels) > 0
-
-
-def _validation_score(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """(accuracy, -cross-entropy): larger is better; the loss breaks accuracy ties on small val sets."""
-    accuracy = float((logits.argmax(1) == labels).float().mean())
-    return accuracy, -float(F.cross_entropy(logits, labels))
+from audio_residual.training.loop import Steps, row_batches, train
 
 
 class ContrastiveAdapter(nn.Module):
@@ -54,7 +38,7 @@ class ContrastiveAdapter(nn.Module):
         self.logit_scale = float(logit_scale)
 
     def adapt(self, emb: torch.Tensor) -> torch.Tensor:
-        emb = _as_float(emb)
+        emb = as_float(emb)
         return F.normalize(emb + emb @ self.delta.T + self.bias, dim=-1)
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
@@ -116,35 +100,25 @@ def train_contrastive_adapter(
 ) -> ContrastiveAdapter:
     """Train the identity-initialised adapter with symmetric InfoNCE, mini-batch AdamW, on the CPU.
 
-    With a validation split the returned weights are those of the best epoch (epoch 0 = zero-shot
-    included), so the adapter is never worse than zero-shot on validation.
+    With a validation split the returned weights are those of the epoch the training loop selects (epoch 0 =
+    zero-shot included), so the adapter is never worse than zero-shot on validation.
     """
-    x, y = _as_float(train_emb), _as_labels(train_labels)
-    torch.manual_seed(seed)
+    x, y = as_float(train_emb), as_labels(train_labels)
     adapter = ContrastiveAdapter(class_embeddings, logit_scale)
     if epochs <= 0 or len(y) == 0:
         return adapter
-    optimizer = torch.optim.AdamW([adapter.delta, adapter.bias], lr=lr, weight_decay=weight_decay)
-    generator = torch.Generator().manual_seed(seed)
-    val = (_as_float(val_emb), _as_labels(val_labels)) if _has_validation(val_emb, val_labels) else None
-    best_state = {k: v.clone() for k, v in adapter.state_dict().items()}
-    best_score = _validation_score(adapter.logits(val[0]), val[1]) if val is not None else None
-    for _ in range(epochs):
-        order = torch.randperm(len(y), generator=generator)
-        for start in range(0, len(y), batch_size):
-            batch = order[start : start + batch_size]
-            labels = y[batch]
-            loss = symmetric_infonce(
-                adapter.adapt(x[batch]), adapter.class_embeddings[labels], labels, adapter.logit_scale
-            )
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        if val is not None:
-            score = _validation_score(adapter.logits(val[0]), val[1])
-            if score > best_score:
-                best_score = score
-                best_state = {k: v.clone() for k, v in adapter.state_dict().items()}
-    if val is not None:
-        adapter.load_state_dict(best_state)
+    val = validation_pair(val_emb, val_labels)
+
+    def loss(batch) -> torch.Tensor:
+        labels = y[batch]
+        return symmetric_infonce(adapter.adapt(x[batch]), adapter.class_embeddings[labels], labels, adapter.logit_scale)
+
+    steps = Steps(
+        params={"delta": adapter.delta, "bias": adapter.bias},
+        batches=row_batches(np.arange(len(y)), batch_size),
+        loss=loss,
+        validate=None if val is None else lambda: accuracy(adapter.logits(val[0]), val[1]),
+        optimizer=torch.optim.AdamW([adapter.delta, adapter.bias], lr=lr, weight_decay=weight_decay),
+    )
+    train(steps, epochs, seed, desc="contrastive adapter", metric="accuracy")
     return adapter

@@ -11,16 +11,28 @@ from typing import TYPE_CHECKING
 import pandas as pd
 from tqdm.auto import tqdm
 
-from audio_residual.evaluation.compare import ResultsStore
+from audio_residual.evaluation.store import ResultsStore
+from audio_residual.experiments.protocol import FULL_DATA, Protocol
+from audio_residual.experiments.sweep import (
+    DEFAULT_PRESET,
+    PRESET_KEY,
+    choose_per_fold,
+    point_config,
+    presets,
+)
 from audio_residual.io import save_figure, write_csv
 from audio_residual.layout import FoldLayout, RunLayout
-from audio_residual.protocol import FULL_DATA, Protocol
 from audio_residual.residual.units import ResiDual
+from audio_residual.tasks import CLASSIFICATION
 from audio_residual.training.trainer import TrainConfig, run_key, train_residual_fold
 from audio_residual.workspace import Workspace
 
 if TYPE_CHECKING:
     from audio_residual.training.tracking import RunTracker
+
+
+# How the per-fold configurations were chosen, as part of the rows' key: an identifier, never prose.
+NESTED_SELECTION = {"per_fold": True, "split": "val", "metric": CLASSIFICATION.selection_metric}
 
 
 def save_lambda_figures(files: FoldLayout, title: str) -> pd.DataFrame:
@@ -70,7 +82,6 @@ def train_all_folds(
     elif procedure is None:
         raise ValueError("per-fold configurations need the procedure that chose them (it keys the results)")
     key = ws.key(procedure | protocol.procedure())
-    n_classes = len(ws.table.class_names)
     todo = [fold for fold in sorted(per_fold) if folds is None or fold in folds]
     for fold in tqdm(todo, desc=f"{method} folds"):
         fold_config = per_fold[fold]
@@ -79,7 +90,7 @@ def train_all_folds(
         split = protocol.split(ws, fold, fold_config.val_fraction, fold_config.seed)
         result = train_residual_fold(ws, split, fold_config, out=layout, logger=tracker)
         store.add_evaluation(
-            method, fold, key, result.test_logits, result.test_labels, n_classes, result.trainable_params,
+            method, fold, key, result.test_logits, result.test_labels, result.trainable_params,
             result.seconds, val_accuracy=result.val_accuracy, best_epoch=result.best_epoch, config=fold_config.digest(),
             **protocol.columns(),
         )
@@ -91,14 +102,6 @@ def train_all_folds(
 def chosen_configs(sweep: pd.DataFrame, base: dict, coarse: bool = True) -> dict[str, dict[int, TrainConfig]]:
     """Preset → {fold: configuration chosen on that fold's own validation split}, for every preset of the
     sweep, plus "coarse": the default preset's choice with one λ per unit (when `coarse`)."""
-    from audio_residual.training.sweep import (
-        DEFAULT_PRESET,
-        PRESET_KEY,
-        choose_per_fold,
-        point_config,
-        presets,
-    )
-
     configs = {
         preset: {fold: point_config({**options, PRESET_KEY: preset}, base) for fold, options in choose_per_fold(sweep, preset).items()}
         for preset in presets(sweep)
@@ -125,9 +128,7 @@ def train_chosen_per_fold(
     ("residual_coarse"); rows are keyed by the grid, base options and preset. `protocol` and `out` as in
     `train_all_folds`. Returns the default preset's {fold: chosen options}.
     """
-    from audio_residual.training.sweep import DEFAULT_PRESET, choose_per_fold, presets
-
-    procedure = {"selection": "best validation accuracy of each fold's own split", "grid": grid, "base": base}
+    procedure = {"selection": NESTED_SELECTION, "grid": grid, "base": base}
     for preset, configs in chosen_configs(sweep, base, coarse).items():
         variant = {"coarse": True} if preset == "coarse" else {} if preset == DEFAULT_PRESET else {"preset": preset}
         train_all_folds(ws, configs, out, store, procedure=procedure | variant, protocol=protocol)

@@ -22,16 +22,18 @@ from typing import Any
 import pandas as pd
 
 from audio_residual.analysis.run import AnalysisResult, run_analysis
-from audio_residual.baselines.run import ALL_METHODS, TRANSFER_ADAPTER, run_baselines, saved_adapters
 from audio_residual.data_processing.synthetic import GENERATOR_JSON
-from audio_residual.evaluation.compare import ResultsStore
 from audio_residual.evaluation.report import write_report
-from audio_residual.evaluation.transfer import transfer_table
-from audio_residual.io import write_csv
-from audio_residual.layout import RunLayout
-from audio_residual.protocol import FULL_DATA, Protocol, few_shot_protocols
-from audio_residual.training.run import chosen_configs, fold_lambdas, method_name, train_chosen_per_fold
-from audio_residual.training.sweep import (
+from audio_residual.evaluation.store import ResultsStore
+from audio_residual.experiments.baselines import ALL_METHODS, run_baselines, saved_encoders
+from audio_residual.experiments.protocol import FULL_DATA, Protocol, few_shot_protocols
+from audio_residual.experiments.residual import (
+    chosen_configs,
+    fold_lambdas,
+    method_name,
+    train_chosen_per_fold,
+)
+from audio_residual.experiments.sweep import (
     DEFAULT_PRESET,
     choose_per_fold,
     few_shot_grid,
@@ -39,6 +41,10 @@ from audio_residual.training.sweep import (
     presets,
     run_sweep,
 )
+from audio_residual.experiments.transfer import transfer_table
+from audio_residual.io import write_csv
+from audio_residual.layout import RunLayout
+from audio_residual.methods import REGISTRY
 from audio_residual.workspace import Workspace
 
 
@@ -152,16 +158,17 @@ def adapted_encoders(
     ws: Workspace, sweep: pd.DataFrame, base: dict, out: str | Path | RunLayout, store: ResultsStore, source: str
 ) -> dict[tuple[str, str], list]:
     """(source, method) → the encoder adapted on each full-data fold: every ResiDual method of the study
-    (λ as trained, best epoch) and the contrastive adapter (its map), those of them `store` holds rows of:
-    the methods that keep CLAP's text side."""
+    (λ as trained, selected epoch) and every transferable registered method (the contrastive adapter's map),
+    those of them `store` holds rows of: the methods that keep CLAP's text side."""
     trained = store.methods()  # this session's full-data methods
     encoders = {
         (source, method_name(configs.values())): fold_lambdas(ws, configs, out)
         for configs in chosen_configs(sweep, base).values()
         if method_name(configs.values()) in trained
     }
-    if TRANSFER_ADAPTER in trained:
-        encoders[(source, TRANSFER_ADAPTER)] = saved_adapters(store, out)
+    for name, method in REGISTRY.items():
+        if method.transferable and name in trained:
+            encoders[(source, name)] = saved_encoders(store, out, name)
     return encoders
 
 

@@ -16,7 +16,7 @@ swept) and named procedures (`TrainConfig.preset`, e.g. "paper"). A preset's own
 (the paper's lr, epochs, optimizer, batch size... stay its own, over `base` too); the other options are.
 Each preset gets its own nested choice per fold and its own results rows ("residual", "residual-paper").
 
-A k-shot protocol (`audio_residual.protocol`) runs the same grid on its draw's splits; its table lives in
+A k-shot protocol (`audio_residual.experiments.protocol`) runs the same grid on its draw's splits; its table lives in
 the draw's own layout (`RunLayout.few_shot`) and its key names the draw.
 """
 
@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import fields
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
+from audio_residual.experiments.protocol import FULL_DATA, Protocol
 from audio_residual.io import write_csv
 from audio_residual.layout import RunLayout
-from audio_residual.protocol import FULL_DATA, Protocol
 from audio_residual.training.tracking import RunTracker, resolve_mode
 from audio_residual.training.trainer import PRESETS, TrainConfig, train_residual_fold
 from audio_residual.workspace import Workspace
@@ -142,6 +140,30 @@ class SweepTable:
         write_csv(self.path, self.all_rows)
 
 
+def _table(ws: Workspace, layout: RunLayout, base: dict, protocol: Protocol) -> SweepTable:
+    """The sweep table of these data, model, base options and protocol."""
+    return SweepTable(layout.sweep, ws.key({"sweep_base": base, **protocol.procedure()}))
+
+
+class SweepNotRun(FileNotFoundError):
+    """A step that reads a sweep found it unfinished: it never trains the grid by surprise."""
+
+
+def finished_sweep(
+    ws: Workspace, out: str | Path | RunLayout, grid: dict[str, list], base: dict, protocol: Protocol = FULL_DATA
+) -> pd.DataFrame:
+    """The rows of a sweep that `run_sweep` finished (notebook 2, `audio-residual sweep`); reads, never trains."""
+    layout = RunLayout.of(out)
+    table = _table(ws, layout, base, protocol)
+    missing = [point for point in grid_points(grid) if not table.done(point)]
+    if missing:
+        raise SweepNotRun(
+            f"{len(missing)} of {len(grid_points(grid))} grid points are not in {layout.sweep}: run notebook 2's"
+            f" cell 'Sweep over λ-training options' (or `audio-residual sweep --out {layout.root}`) first"
+        )
+    return table.frame
+
+
 def train_point(
     ws: Workspace,
     point: dict,
@@ -182,7 +204,7 @@ def run_sweep(
     grid = grid or DEFAULT_GRID
     check_presets(grid)
     base = base or {}
-    table = SweepTable(layout.sweep, ws.key({"sweep_base": base, **protocol.procedure()}))
+    table = _table(ws, layout, base, protocol)
     mode = resolve_mode(use_wandb)
     if mode == "online":
         import wandb
@@ -214,18 +236,9 @@ def _options(frame: pd.DataFrame) -> list[str]:
     return [c for c in frame.columns if c not in ("point", "key", "fold", PRESET_KEY, *RESULT_COLUMNS)]
 
 
-_FIELD_TYPES = {f.name: str(f.type) for f in fields(TrainConfig)}
-
-
-def _decode(options: dict) -> dict:
-    """Grid values as they were given (lists come back from the CSV as JSON text, integers as floats when
-    another preset's rows left the column empty)."""
-    options = {k: (json.loads(v) if isinstance(v, str) and v.startswith("[") else v) for k, v in options.items()}
-    options = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in options.items()}
-    return {
-        k: int(v) if _FIELD_TYPES.get(k, "").startswith("int") and isinstance(v, float) and v.is_integer() else v
-        for k, v in options.items()
-    }
+def point_options(point: str) -> dict:
+    """A row's grid options, decoded from its JSON `point` (without its fold and preset)."""
+    return {k: v for k, v in json.loads(point).items() if k not in ("fold", PRESET_KEY)}
 
 
 def presets(frame: pd.DataFrame) -> list[str]:
@@ -250,7 +263,6 @@ def choose_per_fold(frame: pd.DataFrame, preset: str = DEFAULT_PRESET) -> dict[i
             raise ValueError(f"the sweep has no finished points of preset {preset!r}")
     elif preset != DEFAULT_PRESET:
         raise ValueError(f"the sweep has no preset column, so no points of preset {preset!r}")
-    options = [c for c in _options(frame) if frame[c].notna().any()]  # other presets' columns stay empty
     chosen = {}
     for fold, rows in frame.groupby("fold", sort=True):
         if len(rows) > 1 and rows["val_accuracy"].isna().all():
@@ -259,7 +271,7 @@ def choose_per_fold(frame: pd.DataFrame, preset: str = DEFAULT_PRESET) -> dict[i
                 " give the sweep a validation fraction > 0 (one that leaves validation clips in every class)"
             )
         best = rows.sort_values("val_accuracy", ascending=False, kind="stable", na_position="last").iloc[0]
-        chosen[int(fold)] = _decode(best[options].to_dict())
+        chosen[int(fold)] = point_options(best["point"])
     return chosen
 
 

@@ -5,7 +5,7 @@ The store is the one place results go, whichever code produced them:
     store = ResultsStore(out_dir / "results.csv")
     key = ws.key({"method": "residual", "config": ...})   # everything that produces the row
     if not store.reuse("residual", fold, key):
-        store.add_evaluation("residual", fold, key, test_logits, test_labels, n_classes, trainable_params=96, seconds=t)
+        store.add_evaluation("residual", fold, key, test_logits, test_labels, trainable_params=96, seconds=t)
 
 `results.csv` is rewritten atomically after every row, so a crash loses at most the row being computed.
 """
@@ -19,70 +19,19 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from scipy import stats
-from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
-from sklearn.metrics import precision_recall_fscore_support
 
-from audio_residual.evaluation.metrics import topk_accuracy
 from audio_residual.io import atomic_path, write_csv
+from audio_residual.tasks import CLASSIFICATION, Task
 
-RESULT_COLUMNS = (
-    "method",
-    "fold",
-    "key",
-    "accuracy",
-    "top5",
-    "macro_precision",
-    "macro_recall",
-    "macro_f1",
-    "trainable_params",
-    "seconds",
-    "shots",
-    "seed",
-)
-SUMMARY_METRICS = ("accuracy", "top5", "macro_precision", "macro_recall", "macro_f1")
+
+def result_columns(task: Task) -> tuple[str, ...]:
+    """The store's columns for a task: the row's identity, the task's metrics, cost and protocol."""
+    return ("method", "fold", "key", *task.metrics, "trainable_params", "seconds", "shots", "seed")
+
+
+RESULT_COLUMNS = result_columns(CLASSIFICATION)
 BASELINE_METHOD = "zeroshot"
-
-
-def confusion_matrix(predictions: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """(C, C) counts; rows are true classes, columns predicted classes (all zero for no clips)."""
-    if len(labels) == 0:  # scikit-learn refuses empty input
-        return np.zeros((n_classes, n_classes), dtype=np.int64)
-    return sklearn_confusion_matrix(labels, predictions, labels=np.arange(n_classes))
-
-
-def fold_metrics(logits, labels, n_classes: int) -> dict:
-    """Accuracy, top-5, macro precision/recall/F1, the confusion matrix and per-class accuracy of one fold.
-
-    Macro averages run over the classes that occur in the labels or the predictions (scikit-learn's
-    default), so a class absent from a fold does not count as a zero; a class that is present but never
-    predicted has precision 0 (zero division → 0). Per-class accuracy (= recall) is NaN for classes
-    absent from the labels, so that averaging across folds can skip them.
-    """
-    logits = torch.as_tensor(logits).detach().float().cpu()
-    labels = np.asarray(labels, dtype=np.int64)
-    predictions = logits.argmax(1).numpy()
-    confusion = confusion_matrix(predictions, labels, n_classes)
-    support = confusion.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        per_class_accuracy = np.where(support > 0, np.diag(confusion) / support, np.nan)
-    seen = np.union1d(labels, predictions)
-    if len(seen):
-        precision, recall, f1, _ = precision_recall_fscore_support(
-            labels, predictions, labels=seen, average="macro", zero_division=0
-        )
-    else:
-        precision = recall = f1 = float("nan")
-    return {
-        "accuracy": topk_accuracy(logits, labels, 1),
-        "top5": topk_accuracy(logits, labels, 5),
-        "macro_precision": float(precision),
-        "macro_recall": float(recall),
-        "macro_f1": float(f1),
-        "confusion": confusion,
-        "per_class_accuracy": per_class_accuracy,
-    }
 
 
 def _array_name(method: str, key: str, fold: int) -> str:
@@ -97,19 +46,21 @@ class ResultsStore:
     `Workspace.key`). `reuse` finds a stored row only under the same key, so a rerun with other options
     computes new rows instead of returning old ones. Rows found by `reuse` or written by `add` form this
     session's selection, one key per (method, shots, seed): `shots` and `seed` are empty for full data
-    and name the k-shot draw otherwise (`audio_residual.protocol`). `frame` — what the comparison table,
+    and name the k-shot draw otherwise (`audio_residual.experiments.protocol`). `frame` — what the comparison table,
     its figures and tests read — holds the selected full-data rows; `all_regimes` adds the selected
     k-shot rows (few-shot table and figures); `all_rows` is everything on disk. Arrays of a row go to
     `<csv dir>/arrays/<method>__<key>__fold<k>.npz`, written before the CSV row.
     """
 
-    def __init__(self, path_csv: str | Path):
+    def __init__(self, path_csv: str | Path, task: Task = CLASSIFICATION):
         self.path = Path(path_csv)
+        self.task = task
+        self.columns = result_columns(task)
         self.arrays_dir = self.path.parent / "arrays"
         if self.path.is_file():
             self.all_rows = pd.read_csv(self.path, dtype={"key": str})
         else:
-            self.all_rows = pd.DataFrame(columns=list(RESULT_COLUMNS))
+            self.all_rows = pd.DataFrame(columns=list(self.columns))
         for column in ("shots", "seed"):  # tables written before k-shot rows existed
             if column not in self.all_rows:
                 self.all_rows[column] = np.nan
@@ -157,12 +108,12 @@ class ResultsStore:
     def add(self, row: Mapping, arrays: Mapping[str, np.ndarray] | None = None) -> None:
         """Insert or replace the (method, fold, key) row, save its arrays, and rewrite the CSV atomically.
 
-        `row` needs `method`, `fold`, `key` and `accuracy`; missing standard columns are left empty (NaN).
+        `row` needs `method`, `fold`, `key` and the task's headline metric; missing columns are left empty (NaN).
         """
-        missing = {"method", "fold", "key", "accuracy"} - set(row)
+        missing = {"method", "fold", "key", self.task.headline} - set(row)
         if missing:
             raise ValueError(f"a results row needs {sorted(missing)}")
-        record = {column: row.get(column, np.nan) for column in RESULT_COLUMNS} | dict(row)
+        record = {column: row.get(column, np.nan) for column in self.columns} | dict(row)
         record["method"], record["fold"], record["key"] = str(record["method"]), int(record["fold"]), str(record["key"])
         for column in ("shots", "seed"):  # empty (NaN) for full data, whichever way the caller said so
             value = _optional_int(record[column])
@@ -180,23 +131,10 @@ class ResultsStore:
         self.select(record["method"], record["key"], record["shots"], record["seed"])
 
     def add_evaluation(
-        self,
-        method: str,
-        fold: int,
-        key: str,
-        logits,
-        labels,
-        n_classes: int,
-        trainable_params: int,
-        seconds: float,
-        **extra,
+        self, method: str, fold: int, key: str, scores, targets, trainable_params: int, seconds: float, **extra
     ) -> dict:
-        """Compute `fold_metrics` from test logits and `add` the row with its confusion/per-class arrays."""
-        metrics = fold_metrics(logits, labels, n_classes)
-        arrays = {
-            "confusion": metrics.pop("confusion"),
-            "per_class_accuracy": metrics.pop("per_class_accuracy"),
-        }
+        """The task's metrics of test scores (`Task.evaluate`), `add`ed with the arrays it returns."""
+        metrics, arrays = self.task.evaluate(scores, targets)
         row = {"method": method, "fold": int(fold), "key": key, **metrics}
         row |= {"trainable_params": int(trainable_params), "seconds": float(seconds), **extra}
         self.add(row, arrays)
@@ -254,18 +192,21 @@ def paired_tests(values: np.ndarray, baseline: np.ndarray) -> dict:
     return out
 
 
-def summary_table(results: ResultsStore | pd.DataFrame, baseline: str = BASELINE_METHOD) -> pd.DataFrame:
+def summary_table(
+    results: ResultsStore | pd.DataFrame, baseline: str = BASELINE_METHOD, task: Task = CLASSIFICATION
+) -> pd.DataFrame:
     """Per method: mean and std (ddof=1) of each metric over folds, params, total seconds, tests vs baseline.
 
-    Tests pair folds that both the method and the baseline have; accuracy is the tested metric.
+    Tests pair folds that both the method and the baseline have; the task's headline metric is tested.
     """
     frame = _frame(results)
-    base = frame[frame["method"] == baseline].set_index("fold")["accuracy"]
+    headline = task.headline
+    base = frame[frame["method"] == baseline].set_index("fold")[headline]
     records = []
     for method in dict.fromkeys(frame["method"]):
         rows = frame[frame["method"] == method].sort_values("fold")
         record = {"method": method, "n_folds": len(rows)}
-        for metric in SUMMARY_METRICS:
+        for metric in task.metrics:
             values = rows[metric].to_numpy(dtype=float)
             record[f"{metric}_mean"] = float(np.mean(values))
             record[f"{metric}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
@@ -280,7 +221,7 @@ def summary_table(results: ResultsStore | pd.DataFrame, baseline: str = BASELINE
             record["note"] = f"no {baseline} rows"
         else:
             paired = rows[rows["fold"].isin(base.index)]
-            record |= paired_tests(paired["accuracy"].to_numpy(), base.loc[paired["fold"]].to_numpy())
+            record |= paired_tests(paired[headline].to_numpy(), base.loc[paired["fold"]].to_numpy())
         records.append(record)
     return pd.DataFrame.from_records(records)
 
@@ -293,24 +234,25 @@ def _format_params(count: float) -> str:
     return "—" if pd.isna(count) else f"{int(count):,}"
 
 
-def markdown_table(summary: pd.DataFrame, baseline: str = BASELINE_METHOD, n_classes: int | None = None) -> str:
-    """Table 1 of the earlier project, extended: method | accuracy mean ± std | top-5 | macro-F1 | params | p.
+def markdown_table(
+    summary: pd.DataFrame, baseline: str = BASELINE_METHOD, n_classes: int | None = None, task: Task = CLASSIFICATION
+) -> str:
+    """method | headline mean ± std | the task's report columns | params | p vs baseline.
 
-    With `n_classes` ≤ 5 the top-5 cell shows "—": every prediction is then in the top 5.
+    A cell the task calls uninformative on this data (top-5 of ≤ 5 classes) shows "—".
     """
+    headers = [f"{task.headline} (mean ± std)", *(header for header, _ in task.report_columns)]
     lines = [
-        f"| method | accuracy (mean ± std) | top-5 | macro-F1 | trainable params | p vs {baseline} (t-test / Wilcoxon) |",
-        "|---|---|---|---|---|---|",
+        f"| method | {' | '.join(headers)} | trainable params | p vs {baseline} (t-test / Wilcoxon) |",
+        "|---|" + "---|" * (len(headers) + 2),
     ]
-    for row in summary.itertuples(index=False):
-        p = "—" if row.method == baseline else f"{_format_p(row.ttest_p)} / {_format_p(row.wilcoxon_p)}"
-        if isinstance(row.note, str) and row.note and row.method != baseline:
-            p += f" ({row.note})"
-        top5 = "—" if n_classes is not None and n_classes <= 5 else f"{row.top5_mean:.4f}"
-        lines.append(
-            f"| {row.method} | {row.accuracy_mean:.4f} ± {row.accuracy_std:.4f} | {top5} "
-            f"| {row.macro_f1_mean:.4f} | {_format_params(row.trainable_params)} | {p} |"
-        )
+    for row in summary.to_dict("records"):
+        p = "—" if row["method"] == baseline else f"{_format_p(row['ttest_p'])} / {_format_p(row['wilcoxon_p'])}"
+        if isinstance(row["note"], str) and row["note"] and row["method"] != baseline:
+            p += f" ({row['note']})"
+        cells = [f"{row[task.headline + '_mean']:.4f} ± {row[task.headline + '_std']:.4f}"]
+        cells += [f"{row[m + '_mean']:.4f}" if task.informative(m, n_classes) else "—" for _, m in task.report_columns]
+        lines.append(f"| {row['method']} | {' | '.join(cells)} | {_format_params(row['trainable_params'])} | {p} |")
     return "\n".join(lines) + "\n"
 
 

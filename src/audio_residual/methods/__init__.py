@@ -1,0 +1,21 @@
+"""Every method behind one interface (`methods.base.Method`), in one registry (`REGISTRY`).
+
+A new method is one module here and one line below (the registry keeps this order: tables list the
+methods in it); the study, `--methods`, k-shot runs, transfer and the report then include it. ResiDual
+is trained by the sweep and its nested choice (`experiments.residual`).
+"""
+
+# isort: off
+from audio_residual.methods import zeroshot  # noqa: F401 — importing a method's module registers it
+from audio_residual.methods import linear_probe  # noqa: F401
+from audio_residual.methods import contrastive_adapter  # noqa: F401
+from audio_residual.methods import tip_adapter  # noqa: F401
+from audio_residual.methods import coop  # noqa: F401
+from audio_residual.methods import lora  # noqa: F401
+from audio_residual.methods import finetune  # noqa: F401
+# isort: on
+from audio_residual.methods.base import REGISTRY, Context, Method, get, register
+
+DEFAULT_METHODS = tuple(name for name, method in REGISTRY.items() if method.by_default)
+
+__all__ = ["DEFAULT_METHODS", "REGISTRY", "Context", "Method", "get", "register"]
