@@ -171,7 +171,7 @@ def test_feature_cache_is_shared_with_labelled_tables(generated, tiny_bundle, tm
     from audio_residual.data_processing import ClipTable
 
     labelled = ClipTable(table.name, table.audio_dir, table.filenames, [0, 0, 0], [1, 1, 1], ["x"])
-    assert cache.store_dir(labelled) == cache.store_dir(table)
+    assert cache.store(labelled) == cache.store(table)
     np.testing.assert_array_equal(cache.compute(labelled).input_features, features.input_features)
 
 
