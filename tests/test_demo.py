@@ -43,3 +43,8 @@ def test_demo_writes_report_results_heads_and_figures(tmp_path):
     assert figures and all((tmp_path / line.split("](")[1].rstrip(")")).exists() for line in figures)
     for figure in ("accuracy_vs_parameters", "few_shot_curves", "transfer_residual", "transfer_contrastive_adapter"):
         assert f"- ![{figure}](figures/{figure}.png)" in text
+    # The retrieval section: every retrieval method's test rows, both directions, random baseline beside.
+    assert "## Retrieval (generated captioned audio, tiny CLAP)" in text and "| tap | text_to_audio |" in text
+    retrieval = pd.read_csv(tmp_path / "retrieval" / "retrieval.csv")
+    assert set(retrieval["method"]) == {"zero-shot", "residual", "projection", "tap", "lora", "finetune"}
+    assert len(retrieval) == 12 and retrieval["random_r1"].notna().all()

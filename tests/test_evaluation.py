@@ -8,14 +8,14 @@ import pytest
 import torch
 from scipy import stats
 
-from audio_residual.evaluation import (
+from audio_residual.evaluation import plots
+from audio_residual.evaluation.metrics import fold_metrics
+from audio_residual.evaluation.store import (
     RESULT_COLUMNS,
     ResultsStore,
-    fold_metrics,
     markdown_table,
     paired_tests,
     per_class_deltas,
-    plots,
     summary_table,
     summed_confusion,
 )
@@ -153,7 +153,7 @@ def tiny_experiment(synthetic_esc50, tmp_path_factory):
 
 
 def test_run_baselines_end_to_end_and_resume(tiny_experiment, tmp_path, monkeypatch):
-    from audio_residual.evaluation import write_report
+    from audio_residual.evaluation.report import write_report
     from audio_residual.experiments.baselines import run_baselines
 
     ws = tiny_experiment

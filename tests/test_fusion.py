@@ -168,7 +168,8 @@ def test_zeroshot_prints_and_writes_provenance(fused_dir, mixed_data, tmp_path, 
     (printed,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("provenance: ")]
     provenance = json.loads((out / "provenance.json").read_text())
     assert set(provenance) == {"model", "revision", "commit", "transformers", "enable_fusion", "sample_rate",
-                               "int16_roundtrip", "truncation", "padding", "min_seconds", "templates", "dataset"}
+                               "int16_roundtrip", "truncation", "padding", "min_seconds", "recipe", "templates",
+                               "dataset"}
     assert provenance["templates"] == ["A sound of {label}."] and provenance["sample_rate"] == 48_000
     assert provenance["int16_roundtrip"] is True and provenance["padding"] == "repeatpad"
     assert json.loads(printed.removeprefix("provenance: ")) == provenance

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from audio_residual.clap.loading import DEFAULT_MODEL
+from audio_residual.data_processing.recipes import RECIPES
 from audio_residual.layout import RunLayout
+from audio_residual.retrieval.cli import add_retrieval_parser
 from audio_residual.training.tracking import MODES as WANDB_MODES
 
 WANDB_HELP = "auto: online when logged in, else disabled; offline: log locally, `wandb sync` later"
@@ -73,7 +76,18 @@ def _common(parser: argparse.ArgumentParser, data_required: bool = True) -> None
         help="dataset folder (ESC-50, UrbanSound8K, GTZAN, datasets save_to_disk, or the audio folder of --csv), 'esc50' or hf:OWNER/NAME[:config]",
     )
     parser.add_argument("--csv", type=Path, default=None, help="CSV of filename,label,fold for the --data folder")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local folder, or 'tiny' (offline)")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL,
+        help="hub id, local folder, 'tiny' (offline), or LAION's own checkpoint: FILE.pt or laion:NAME",
+    )
+    parser.add_argument(
+        "--text-config", type=Path, default=None,
+        help="folder with RoBERTa-base's config.json and tokenizer, for a LAION .pt offline (default: the hub)",
+    )
+    parser.add_argument(
+        "--recipe", choices=RECIPES, default=RECIPES[0],
+        help="audio path: LAION's training data (default) or its get_audio_embedding_from_filelist helper",
+    )
     parser.add_argument("--revision", default=None, help="hub model revision: branch, tag or commit hash")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--cache", type=Path, default=Path("cache"), help="feature cache folder")
@@ -97,9 +111,9 @@ def _common(parser: argparse.ArgumentParser, data_required: bool = True) -> None
 
 
 def _open(args, other_class_names: tuple[str, ...] = ()):
-    """The workspace of the command's options; its provenance is written to OUT/provenance.json."""
+    """The workspace of the command's options (its provenance is written by `_write_provenance`, after the
+    outputs it describes)."""
     from audio_residual.clap.zeroshot import DEFAULT_TEMPLATES
-    from audio_residual.io import write_json
     from audio_residual.workspace import Workspace
 
     ws = Workspace.open(
@@ -117,9 +131,27 @@ def _open(args, other_class_names: tuple[str, ...] = ()):
         min_seconds=args.min_seconds,
         feature_workers=args.workers,
         other_class_names=other_class_names,
+        text_config=args.text_config,
+        recipe=args.recipe,
     )
-    write_json(RunLayout(args.out).provenance, ws.provenance())
     return ws
+
+
+def _write_provenance(args, ws) -> None:
+    """OUT/provenance.json, written once the command's outputs are: a run stopped midway leaves the
+    provenance of the outputs still there, not of the run that never wrote any."""
+    from audio_residual.io import write_json
+
+    write_json(RunLayout(args.out).provenance, ws.provenance())
+
+
+def _check_trainable(ws, folds=None) -> None:
+    """A class with clips in one test fold only is refused now, naming it, before analysis or sweep run: the
+    study's trained classifiers (linear probe and kin) need an example of every class (ResiDual alone,
+    scored against CLAP's text prompts, would not)."""
+    from audio_residual.data_processing.folds import check_classes_trainable
+
+    check_classes_trainable(ws.table, ws.features.valid, folds)
 
 
 def _report_skipped(ws, out: Path) -> None:
@@ -199,6 +231,7 @@ def cmd_zeroshot(args) -> None:
     _report_skipped(ws, args.out)
     frame = zero_shot_by_fold(ws, batch_size=args.batch_size)
     path = write_csv(RunLayout(args.out).zeroshot, frame)
+    _write_provenance(args, ws)
     print(frame.to_string(index=False))
     print(summarize(frame), f"→ {path}")
 
@@ -298,6 +331,7 @@ def cmd_analyze(args) -> None:
         ablation_max_clips=args.ablation_max_clips,
         pattern_cap=args.pattern_cap,
     )
+    _write_provenance(args, ws)
     for name, path in result.paths.items():
         print(f"{name}: {path}")
 
@@ -383,7 +417,8 @@ def _train_config(args):
 def cmd_train_residual(args) -> None:
     from dataclasses import asdict
 
-    from audio_residual.evaluation import ResultsStore, write_report
+    from audio_residual.evaluation.report import write_report
+    from audio_residual.evaluation.store import ResultsStore
     from audio_residual.experiments.residual import train_all_folds
     from audio_residual.training.tracking import RunTracker
     from audio_residual.training.trainer import run_key
@@ -398,6 +433,7 @@ def cmd_train_residual(args) -> None:
     rows = train_all_folds(ws, config, args.out, store, folds=args.folds, force=args.force, tracker=tracker)
     tracker.finish()
     write_report(store, args.out, class_names=ws.table.class_names)
+    _write_provenance(args, ws)
     columns = ["fold", "accuracy", "top5", "val_accuracy", "trainable_params", "seconds"]
     if len(ws.table.class_names) <= 5:  # top-5 of at most 5 classes is always 1
         columns.remove("top5")
@@ -420,6 +456,7 @@ def cmd_sweep(args) -> None:
     _report_skipped(ws, args.out)
     base = {"batch_size": args.batch_size, "val_fraction": args.val_fraction}
     frame = run_sweep(ws, args.out, grid=grid, base=base, use_wandb=args.wandb)
+    _write_provenance(args, ws)
     print(mean_ranking(frame).to_string(index=False))
     for preset in presets(frame):
         for fold, options in choose_per_fold(frame, preset).items():
@@ -434,10 +471,34 @@ def _transfer_targets(args) -> tuple[list[str], list]:
     from audio_residual.workspace import resolve_dataset
 
     for data in args.transfer:
-        if str(data) == str(args.data):
-            raise ValueError(f"--transfer {data}: that is the --data dataset; transfer needs another one")
+        if same_dataset(data, args.data):
+            raise ValueError(f"--transfer {data}: that is the --data dataset ({args.data}); transfer needs another one")
     names = dataset_labels([args.data, *args.transfer])
     return names, [resolve_dataset(data) for data in args.transfer]
+
+
+def same_dataset(a, b) -> bool:
+    """Whether two --data values name one dataset: the same folder however spelled (`D/`, absolute, through
+    a symlink), or the same id."""
+    a_path, b_path = Path(str(a)).expanduser(), Path(str(b)).expanduser()
+    if a_path.exists() and b_path.exists():
+        return a_path.resolve() == b_path.resolve()
+    return str(a).rstrip("/").lower() == str(b).rstrip("/").lower()
+
+
+def _report_transfer_skipped(targets: dict, out: Path) -> None:
+    """OUT/skipped-<target>.csv per transfer dataset with bad files left out, counted on the console."""
+    import pandas as pd
+
+    from audio_residual.io import write_csv
+
+    for name, target in targets.items():
+        path = Path(out) / f"skipped-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.csv"
+        if target.features.skipped:
+            write_csv(path, pd.DataFrame(target.features.skipped, columns=["filename", "reason"]))
+            print(f"transfer {name}: skipped {len(target.features.skipped)} bad file(s), listed in {path}")
+        else:
+            path.unlink(missing_ok=True)
 
 
 def cmd_experiment(args) -> None:
@@ -450,6 +511,7 @@ def cmd_experiment(args) -> None:
     ws = _open(args, other_class_names=tuple(name for table in tables for name in table.class_names))
     _check_folds(ws, grid.get("fold", []), f"--grid {args.grid}")
     _check_folds(ws, [args.analysis_fold], "--analysis-fold")
+    _check_trainable(ws)
     if args.shots:
         try:  # a class too small for the largest k is refused now, not after the full-data study
             Protocol(max(args.shots), 0).splits(ws)
@@ -458,9 +520,11 @@ def cmd_experiment(args) -> None:
     _report_skipped(ws, args.out)
     transfer = {
         name: target_workspace(ws, table, cache_dir=args.cache, on_bad_file=args.on_bad_file,
-                               int16_roundtrip=not args.no_int16)  # fmt: skip
+                               int16_roundtrip=not args.no_int16, min_seconds=args.min_seconds,
+                               check=args.cache_check, workers=args.workers)  # fmt: skip
         for name, table in zip(names[1:], tables, strict=True)
     }
+    _report_transfer_skipped(transfer, args.out)
     base = {"batch_size": args.batch_size, "val_fraction": args.val_fraction}
     outcome = run_study(
         ws, args.out, grid, base, analysis_fold=args.analysis_fold, finetune_epochs=args.finetune_epochs,
@@ -468,6 +532,7 @@ def cmd_experiment(args) -> None:
         analysis_options={"ablation_max_clips": args.ablation_max_clips},
         methods=args.methods or _all_methods(), shots=args.shots or (), seeds=args.seeds, transfer=transfer, name=names[0],
     )
+    _write_provenance(args, ws)
     print(outcome.table)
     print(f"report → {RunLayout(args.out).report}")
 
@@ -605,6 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_saliency)
 
     _pretrain_parser(sub)
+    add_retrieval_parser(sub, POSITIVE_INT, _device)
 
     p = sub.add_parser("demo", help="offline end-to-end run on generated data with the tiny model")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))

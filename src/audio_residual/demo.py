@@ -21,6 +21,7 @@ from audio_residual.data_processing.synthetic_captions import make_attribute_cla
 from audio_residual.evaluation.transfer import target_workspace
 from audio_residual.experiments.study import dataset_labels, run_study
 from audio_residual.layout import RunLayout
+from audio_residual.retrieval.demo import append_section, run_retrieval_demo
 from audio_residual.workspace import Workspace
 
 DEMO_GRID = {
@@ -71,4 +72,4 @@ def _run_demo(out: Path, n_classes: int, clips_per_class: int, seed: int) -> Pat
         ws, out, DEMO_GRID, DEMO_BASE, finetune_epochs=1, analysis_options={"pattern_cap": 128},
         peer_options=DEMO_PEER_OPTIONS, shots=DEMO_SHOTS, seeds=1, transfer=transfer, name=source,
     )
-    return RunLayout.of(out).report
+    return append_section(RunLayout.of(out).report, run_retrieval_demo(out, data, seed=seed))

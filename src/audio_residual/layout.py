@@ -10,6 +10,7 @@
       adapters/                 the contrastive adapter of each fold (safetensors), for transfer
       report.md, figures/       the study's report and its pictures
       skipped.csv, warnings.csv bad files left out / suspect files used
+      skipped-<target>.csv      bad files left out of a --transfer dataset
       zeroshot.csv              `audio-residual zeroshot`
       heads.csv                 unit spectra and pattern PCA of the analysis fold (copied from analysis/)
       analysis/                 `AnalysisLayout`: statistics, heads.csv, ablation.csv, summary.json, figures
@@ -30,8 +31,9 @@ The cache folder (`--cache`, default `cache/`), shared by every run on the machi
         input_features.npy, index.json               log-mels (row i = clip i) and each file's identity and status
         prefix-<key>/stage<s>.npy|.json|.lock        `StagePrefixLayout`: inputs of Swin stage s, keyed by model,
                                                      precision and features (`clap.stage_cache`)
+      models/<sha256>-v<n>/                          a LAION `.pt` converted to a transformers folder (`clap.laion`)
 
-Whatever else is cached (hub conversions, ...) gets its folder here too.
+Whatever else is cached gets its folder here too.
 """
 
 from __future__ import annotations
@@ -207,6 +209,11 @@ class CacheLayout:
     def features(self) -> Path:
         """The feature cache: one folder per preprocessing recipe."""
         return self.root / "features"
+
+    @property
+    def converted_models(self) -> Path:
+        """Models converted once from another format (LAION's `.pt`: `clap.laion`), one folder per file digest."""
+        return self.root / "models"
 
     def feature_recipe(self, recipe: str) -> Path:
         """The folder of one preprocessing recipe (`recipe`: the hash of its configuration)."""

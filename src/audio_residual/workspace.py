@@ -28,7 +28,9 @@ from audio_residual.data_processing import (
     official_splits,
 )
 from audio_residual.data_processing.hf import is_hf_source, load_hf_dataset
+from audio_residual.data_processing.recipes import LAION_TRAINING
 from audio_residual.io import digest
+from audio_residual.layout import CacheLayout
 
 DEFAULT_CACHE = Path("cache")
 
@@ -89,16 +91,21 @@ class Workspace:
         min_seconds: float = 1.0,
         feature_workers: int = 1,
         other_class_names: tuple[str, ...] = (),
+        text_config: str | Path | None = None,
+        recipe: str = LAION_TRAINING,
     ) -> Workspace:
         """`other_class_names`: classes of other datasets the model will also score (zero-shot transfer);
-        the offline tiny model builds its tokenizer from every name it will see, a real model ignores them."""
+        the offline tiny model builds its tokenizer from every name it will see, a real model ignores them.
+        `text_config`: the RoBERTa-base folder a LAION `.pt` needs offline (converted into cache_dir/models);
+        `recipe`: LAION's training-data audio path or its filelist helper's (`data_processing/recipes.py`)."""
         templates = tuple(check_template(t) for t in templates)  # before any slow step
         table = resolve_dataset(data, csv=csv)
         names = tuple(dict.fromkeys((*table.class_names, *other_class_names)))
-        bundle = load_clap(model, device=device, amp=amp, class_names=names, revision=revision)
+        bundle = load_clap(model, device=device, amp=amp, class_names=names, revision=revision,
+                           text_config=text_config, cache_dir=CacheLayout.of(cache_dir).converted_models)
         cache = FeatureCache(
             cache_dir, bundle.feature_extractor, int16_roundtrip=int16_roundtrip,
-            min_seconds=min_seconds, check=cache_check,
+            min_seconds=min_seconds, check=cache_check, recipe=recipe,
         )
         features = cache.compute(table, on_bad_file=on_bad_file, workers=feature_workers)
         check_folds_usable(table, features)

@@ -21,7 +21,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from audio_residual.data_processing.recipes import RECIPES
 from audio_residual.data_processing.sharded_features import ShardedFeatureCache
+from audio_residual.layout import CacheLayout
 
 
 def _fit_rank(rank: int, world: int, init_method: str, model: str, class_names, features: str, indices, batch_size: int,
@@ -63,7 +65,10 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m audio_residual.analysis.distributed_stats", description=main.__doc__)
     parser.add_argument("--data", required=True, help="dataset folder or 'esc50'")
-    parser.add_argument("--model", default="laion/clap-htsat-unfused", help="hub id, local folder or 'tiny'")
+    parser.add_argument("--model", default="laion/clap-htsat-unfused",
+                        help="hub id, local folder, 'tiny' or a LAION .pt (convert it once beforehand, e.g. by zeroshot)")
+    parser.add_argument("--text-config", type=Path, default=None, help="RoBERTa-base folder for a LAION .pt offline")
+    parser.add_argument("--recipe", choices=RECIPES, default=RECIPES[0], help="audio path (see the main CLI)")
     parser.add_argument("--fold", type=int, default=1, help="statistics of this fold's training clips")
     parser.add_argument("--out", type=Path, required=True, help="folder for stats_fold{K}.safetensors")
     parser.add_argument("--cache", type=Path, default=Path("cache"), help="feature cache folder (shared)")
@@ -78,8 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
         table = resolve_dataset(args.data)
-        bundle = load_clap(args.model, device="cuda" if cuda else "cpu", amp=args.amp, class_names=table.class_names)
-        cache = ShardedFeatureCache(args.cache, bundle.feature_extractor)
+        bundle = load_clap(args.model, device="cuda" if cuda else "cpu", amp=args.amp, class_names=table.class_names,
+                           text_config=args.text_config, cache_dir=CacheLayout.of(args.cache).converted_models)
+        cache = ShardedFeatureCache(args.cache, bundle.feature_extractor, recipe=args.recipe)
         ws = Workspace(table, bundle, cache.compute(table, workers=args.workers))
         split = ws.split(args.fold)
         stats = ResidualStatistics.fit(

@@ -15,6 +15,7 @@ from pathlib import Path
 import huggingface_hub
 import torch
 import transformers
+from safetensors import SafetensorError, safe_open
 from transformers import ClapModel, ClapProcessor
 
 DEFAULT_MODEL = "laion/clap-htsat-unfused"
@@ -34,6 +35,7 @@ class ClapBundle:
     amp_dtype: torch.dtype | None = None  # autocast dtype on CUDA; None means plain fp32
     revision: str | None = None  # the hub revision asked for (branch, tag or commit), if any
     commit: str | None = None  # the commit the hub files were loaded from; None for local folders
+    source: dict | None = None  # a converted LAION `.pt`: its file name, SHA-256 and text tower (clap/laion.py)
 
     @property
     def feature_extractor(self):
@@ -52,6 +54,7 @@ class ClapBundle:
             "commit": self.commit,
             "transformers": transformers.__version__,
             "enable_fusion": self.enable_fusion,
+            **({"laion_checkpoint": self.source} if self.source is not None else {}),
         }
 
     @property
@@ -148,6 +151,25 @@ def _check_local_model(path: Path) -> None:
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type != "clap":
         raise ValueError(f"{path} holds a model of type {model_type!r}, not 'clap'")
+    _check_weights(path, config)
+
+
+def _check_weights(path: Path, config: dict) -> None:
+    """Before transformers prints its load report: `model.safetensors` readable, projection as configured."""
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        return  # sharded or .bin weights: transformers checks those
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            keys = set(handle.keys())
+            stored = handle.get_slice("text_projection.linear2.weight").get_shape()[0] if (
+                "text_projection.linear2.weight" in keys) else None
+    except SafetensorError as err:
+        raise weights_error(path, err) from None
+    wanted = config.get("projection_dim", 512)
+    if stored is not None and stored != wanted:
+        raise ValueError(f"cannot load CLAP model {str(path)!r}: its weights do not match its config.json "
+                         f"(config.json says projection_dim={wanted}, the weights have {stored})")
 
 
 def load_clap(
@@ -156,13 +178,20 @@ def load_clap(
     amp: str | None = "auto",
     class_names: tuple[str, ...] | None = None,
     revision: str | None = None,
+    text_config: str | Path | None = None,
+    cache_dir: str | Path | None = None,
 ) -> ClapBundle:
     """Load CLAP from a hub id (at `revision`, default the newest) or a local folder (eval mode, frozen).
 
     `model="tiny"` is the tiny CLAP pretrained on generated captioned audio (shipped, see `pretrain --preset
     tiny`); `model="tiny-random"` builds the random-initialised one, its tokenizer trained on `class_names`.
+    A LAION `.pt` file or `laion:NAME` is converted once into `cache_dir` (see `clap/laion.py`), its text
+    tower's config and tokenizer taken from `text_config` (a folder) or RoBERTa-base on the hub.
     """
     device = resolve_device(device)
+    model, source = _resolve_laion(model, text_config, cache_dir, revision)
+    if source is not None:
+        revision = None  # it named the LAION hub file's revision, now resolved
     path = Path(model)
     if revision is not None and (str(model) in (TINY_MODEL, TINY_RANDOM_MODEL) or path.exists()):
         raise ValueError(f"revision {revision!r} applies to hub models, not to {str(model)!r}")
@@ -183,9 +212,49 @@ def load_clap(
             processor = ClapProcessor.from_pretrained(str(model), revision=revision)
         except OSError as err:  # transformers' own messages run over several lines; keep the first
             raise OSError(f"cannot load CLAP model {str(model)!r}: {str(err).splitlines()[0]}") from err
-        model_id = str(model)
+        except (SafetensorError, RuntimeError) as err:
+            raise weights_error(model, err) from err
+        model_id = str(model) if source is None else source["file"]
         if not path.exists():
             commit = resolved_commit(model_id, revision)
     align_truncation(model_obj, processor, model_id)
+    check_tokenizer(model_obj, processor.tokenizer, model_id)
     model_obj.to(device).eval().requires_grad_(False)
-    return ClapBundle(model_obj, processor, model_id, device, resolve_amp(amp, device), revision, commit)
+    return ClapBundle(model_obj, processor, model_id, device, resolve_amp(amp, device), revision, commit, source)
+
+
+def _resolve_laion(model, text_config, cache_dir, revision) -> tuple[str | Path, dict | None]:
+    """A LAION checkpoint becomes the folder of its cached conversion; any other model passes unchanged."""
+    from audio_residual.clap.laion import converted_laion, is_laion_checkpoint
+
+    if not is_laion_checkpoint(model):
+        if text_config is not None:
+            raise ValueError(f"text_config applies to LAION .pt checkpoints, not to {str(model)!r}")
+        return model, None
+    return converted_laion(model, text_config=text_config, cache_dir=cache_dir, revision=revision)
+
+
+def weights_error(model: str | Path, err: Exception) -> ValueError:
+    """One line for weights transformers cannot load: a damaged `model.safetensors` (truncated, empty, not
+    safetensors) or weights whose shapes disagree with `config.json` (e.g. `projection_dim`)."""
+    weights = Path(model) / "model.safetensors" if Path(model).exists() else "its model.safetensors"
+    if isinstance(err, SafetensorError):
+        return ValueError(f"cannot load CLAP model {str(model)!r}: {weights} is damaged ({str(err).splitlines()[0]}); "
+                          "download it again")
+    return ValueError(f"cannot load CLAP model {str(model)!r}: its weights do not match its config.json "
+                      f"({str(err).splitlines()[0]})")
+
+
+def check_tokenizer(model: ClapModel, tokenizer, model_id: str) -> None:
+    """Refuse a tokenizer that cannot be the model's: ids beyond the text tower's vocabulary, or one that
+    gives two different prompts the same ids (transformers builds a 5-token one when a folder has no
+    tokenizer files; every class would then score alike, silently at chance)."""
+    vocab_size = model.config.text_config.vocab_size
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"{model_id}: the tokenizer has {len(tokenizer)} tokens but the text config's vocab_size is "
+                         f"{vocab_size}: they are not from the same model")
+    first, second = (tokenizer(text)["input_ids"] for text in ("This is a sound of dog.", "This is a sound of rain."))
+    special = set(tokenizer.all_special_ids)
+    if first == second or set(first) <= special:
+        raise ValueError(f"{model_id}: its tokenizer ({len(tokenizer)} tokens, text config vocab_size {vocab_size}) "
+                         "gives different prompts the same ids: the folder lacks the model's tokenizer files")

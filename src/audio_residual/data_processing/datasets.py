@@ -150,6 +150,13 @@ def _check_inside(filenames: Sequence[str], csv_path: Path, column: str) -> None
             )
 
 
+def _check_named(labels: Sequence[str], csv_path: Path, column: str) -> None:
+    """A blank label would become a class of its own (prompt "This is a sound of ."): refuse it."""
+    for row, label in enumerate(labels):
+        if not label.strip():
+            raise DatasetError(f"{csv_path}: line {_line(row)}, column {column!r}: empty label; every clip needs a class")
+
+
 def _check_unique(filenames: Sequence[str], csv_path: Path, column: str) -> None:
     _check_inside(filenames, csv_path, column)
     first_row: dict[str, int] = {}
@@ -198,6 +205,7 @@ def load_esc50(root: Path | str) -> ClipTable:
     folds = _int_column(frame, "fold", csv_path)
     _check_folds(folds, ESC50_FOLDS, csv_path, "fold")
     targets = _int_column(frame, "target", csv_path)
+    _check_named(list(frame["category"]), csv_path, "category")
     class_names = _class_names_from_ids(targets, list(frame["category"]), csv_path, "target", "category")
     return ClipTable("esc50", root / "audio", filenames, targets, folds, class_names)
 
@@ -233,6 +241,7 @@ def load_urbansound8k(root: Path | str) -> ClipTable:
     )
     _check_unique(filenames, csv_path, "slice_file_name")
     class_ids = _int_column(frame, "classID", csv_path)
+    _check_named(list(frame["class"]), csv_path, "class")
     class_names = _class_names_from_ids(class_ids, list(frame["class"]), csv_path, "classID", "class")
     return ClipTable("urbansound8k", root / "audio", filenames, class_ids, folds, class_names)
 
@@ -255,6 +264,7 @@ def load_csv_dataset(
     _check_unique(filenames, csv_path, filename_col)
     folds = _int_column(frame, fold_col, csv_path)
     label_texts = list(frame[label_col])
+    _check_named(label_texts, csv_path, label_col)
     names = tuple(sorted(set(label_texts))) if class_names is None else tuple(class_names)
     if len(set(names)) != len(names):
         raise DatasetError(f"class_names for {csv_path} contain duplicates: {list(names)}")
@@ -270,13 +280,33 @@ def load_csv_dataset(
     return ClipTable("csv", Path(audio_dir), filenames, labels, folds, names)
 
 
-def stratified_folds(labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
-    """Fold ids 1..n_folds per row for datasets without official folds: class-balanced and seeded."""
+def stratified_folds(
+    labels: np.ndarray, n_folds: int, seed: int, class_names: Sequence[str] = (), dataset: str = "dataset"
+) -> np.ndarray:
+    """Fold ids 1..n_folds per row for datasets without official folds: class-balanced and seeded.
+
+    Every class needs at least `n_folds` clips (one per test fold); a smaller one is a `DatasetError`
+    naming the dataset, the class and the rule.
+    """
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(class_names))
+    small = [c for c in range(len(counts)) if 0 < counts[c] < n_folds] or ([] if len(labels) >= n_folds else [0])
+    if small:
+        c = small[0]
+        name = class_names[c] if c < len(class_names) else str(c)
+        raise DatasetError(
+            f"{dataset}: class {name!r} has {int(counts[c]) if len(counts) else 0} clip(s), but its {n_folds} "
+            f"stratified folds need at least {n_folds} clips per class ({len(small)} class(es) too small)"
+        )
     folds = np.zeros(len(labels), dtype=np.int64)
     splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     for fold, (_, test) in enumerate(splitter.split(np.zeros(len(labels)), labels), start=1):
         folds[test] = fold
     return folds
+
+
+def visible(folder: Path) -> list[Path]:
+    """Entries of `folder` minus hidden ones (`.ipynb_checkpoints/`, macOS `._x.au` forks): never data."""
+    return [entry for entry in folder.iterdir() if not entry.name.startswith(".")]
 
 
 def _gtzan_genres_dir(root: Path) -> Path | None:
@@ -295,10 +325,10 @@ def load_gtzan(root: Path | str, seed: int = 0) -> ClipTable:
     genres_dir = _gtzan_genres_dir(root)
     if genres_dir is None:
         raise DatasetError(f"{root}: no GTZAN folder ({' or '.join(GTZAN_DIRS)}/<genre>/) found")
-    genres = sorted(d.name for d in genres_dir.iterdir() if d.is_dir())
+    genres = sorted(d.name for d in visible(genres_dir) if d.is_dir())
     filenames, labels = [], []
     for label, genre in enumerate(genres):
-        clips = sorted(f for f in (genres_dir / genre).iterdir() if f.suffix.lower() in GTZAN_SUFFIXES)
+        clips = sorted(f for f in visible(genres_dir / genre) if f.suffix.lower() in GTZAN_SUFFIXES)
         if not clips:
             raise DatasetError(f"{genres_dir / genre}: genre folder holds no {'/'.join(GTZAN_SUFFIXES)} files")
         filenames += [f"{genres_dir.name}/{genre}/{clip.name}" for clip in clips]
@@ -306,7 +336,8 @@ def load_gtzan(root: Path | str, seed: int = 0) -> ClipTable:
     if len(genres) < 2:
         raise DatasetError(f"{genres_dir}: GTZAN needs at least 2 genre folders, found {genres}")
     labels = np.array(labels, dtype=np.int64)
-    return ClipTable("gtzan", root, filenames, labels, stratified_folds(labels, GTZAN_FOLDS, seed), genres)
+    folds = stratified_folds(labels, GTZAN_FOLDS, seed, genres, f"GTZAN at {genres_dir}")
+    return ClipTable("gtzan", root, filenames, labels, folds, genres)
 
 
 def load_dataset(path: Path | str) -> ClipTable:

@@ -20,7 +20,8 @@ import hashlib
 import json
 import multiprocessing
 import os
-import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -38,12 +39,14 @@ from audio_residual.data_processing.audio import (
     load_audio_checked,
 )
 from audio_residual.data_processing.datasets import ClipTable
-from audio_residual.io import digest, umask_mode
+from audio_residual.data_processing.recipes import LAION_TRAINING, check_recipe
+from audio_residual.io import atomic_path, digest, locked, preallocate, update_json
 from audio_residual.layout import CacheLayout, FeatureStoreLayout
 
 # 2: fusion clips of ≤ 10 s are stored with is_longer False (LAION's inference rule), no longer the
-# extractor's per-call random pick.
-CACHE_FORMAT_VERSION = 2
+# extractor's per-call random pick. 3: rand_trunc crops long clips (seeded window) before decoding and
+# resampling them; silence is judged after the mono mix and the int16 round trip.
+CACHE_FORMAT_VERSION = 3
 TRUNCATION_MODES = ("rand_trunc", "fusion")
 CHECK_MODES = ("content", "mtime")
 # Keys of `FeatureExtractor.to_dict()` that name the processor but do not change the features.
@@ -76,17 +79,10 @@ def _json_default(value: Any) -> Any:
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=1, sort_keys=True, default=_json_default)
-            handle.flush()
-            os.fsync(handle.fileno())
-        umask_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w") as handle:
+        json.dump(payload, handle, indent=1, sort_keys=True, default=_json_default)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _stable_seed(text: str) -> int:
@@ -148,6 +144,7 @@ class FeatureCache:
         padding: str | None = None,
         checkpoint_every: int = 25,
         check: str = "content",
+        recipe: str = LAION_TRAINING,
     ) -> None:
         if target_sr != feature_extractor.sampling_rate:
             raise ValueError(
@@ -165,6 +162,7 @@ class FeatureCache:
         if check not in CHECK_MODES:
             raise ValueError(f"cache check must be one of {CHECK_MODES}, got {check!r}")
         self.check = check
+        self.audio_recipe = check_recipe(recipe)
         extractor_config = {
             key: value
             for key, value in feature_extractor.to_dict().items()
@@ -178,6 +176,7 @@ class FeatureCache:
             "min_seconds": min_seconds,
             "truncation": self.truncation,
             "padding": self.padding,
+            "recipe": self.audio_recipe,
         }
         config_json = json.dumps(self.config, sort_keys=True, default=_json_default)
         self.config_hash = hashlib.sha256(config_json.encode()).hexdigest()[:16]
@@ -193,6 +192,7 @@ class FeatureCache:
             "truncation": self.truncation,
             "padding": self.padding,
             "min_seconds": self.min_seconds,
+            "recipe": self.audio_recipe,
         }
 
     def store(self, table: ClipTable) -> FeatureStoreLayout:
@@ -229,14 +229,17 @@ class FeatureCache:
             if identity is None or entries.get(filename, {}).get("identity") != identity
         ]
         if todo:
-            features, created = self._open_for_writing(store, len(table))
+            with locked(features_path):  # two runs on one cache never create two feature files
+                features, created = self._open_for_writing(store, len(table))
             if created:
                 entries, todo = {}, list(range(len(table)))
+            done: set[str] = set()  # rows computed here: the only ones this process vouches for
             clips = self._clips(table.audio_dir, [table.filenames[row] for row in todo], workers)
             try:
                 progress = tqdm(clips, total=len(todo), desc=f"CLAP features ({table.name})", unit="clip")
                 for n_done, (row, (clip, is_longer, reason, warnings)) in enumerate(zip(todo, progress, strict=True), 1):
                     filename = table.filenames[row]
+                    done.add(filename)
                     if reason is not None:
                         features[row] = 0.0
                         entries[filename] = {"row": row, "identity": identities[row], "reason": reason}
@@ -248,10 +251,10 @@ class FeatureCache:
                     if warnings:
                         entries[filename]["warnings"] = warnings
                     if n_done % self.checkpoint_every == 0:
-                        self._checkpoint(features, entries, index_path, len(table))
+                        self._checkpoint(features, entries, index_path, len(table), done)
             finally:
                 clips.close()  # stops the worker pool now, also on an error
-                self._checkpoint(features, entries, index_path, len(table))
+                self._checkpoint(features, entries, index_path, len(table), done)
                 del features
 
         skipped = [(name, entries[name]["reason"]) for name in table.filenames if "reason" in entries[name]]
@@ -276,11 +279,18 @@ class FeatureCache:
         try:
             audio, warnings = load_audio_checked(
                 audio_dir / filename, target_sr=self.target_sr, int16_roundtrip=self.int16_roundtrip,
-                min_seconds=self.min_seconds,
+                min_seconds=self.min_seconds, recipe=self.audio_recipe, **self._crop(filename),
             )
         except BadAudioError as err:
             return None, False, err.reason, []
         return (*self._extract(audio, filename), None, warnings)
+
+    def _crop(self, filename: str) -> dict:
+        """rand_trunc keeps one 10 s window of a long clip: read only that (seeded by the file name), plus a
+        margin; fusion needs the whole clip."""
+        if self.truncation != "rand_trunc":
+            return {}
+        return {"max_seconds": self.feature_extractor.nb_max_samples / self.target_sr, "seed": _stable_seed(filename)}
 
     def _clips(self, audio_dir: Path, filenames: list[str], workers: int) -> Iterator[tuple]:
         """`_clip` of each file, in order: here, or in a pool of `workers` spawned processes."""
@@ -291,7 +301,8 @@ class FeatureCache:
         # numpy and soxr, never torch or CUDA, so the parent's torch threads and CUDA context do not matter.
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(self,)) as pool:
+        initargs = (self, os.getpid())
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=initargs) as pool:
             try:
                 yield from pool.map(_worker_clip, [audio_dir] * len(filenames), filenames, chunksize=4)
             finally:
@@ -345,37 +356,66 @@ class FeatureCache:
         if features_path.is_file():
             features = np.load(features_path, mmap_mode="r+")
             if features.shape[0] == n_rows and features.dtype == np.float32:
-                return features, False
+                del features
+                preallocate(features_path, features_path.stat().st_size)  # a sparse file from a full disk
+                return np.load(features_path, mmap_mode="r+"), False
             del features
-        # Create under a temporary name so a crash cannot leave a feature file with a broken header.
-        fd, tmp = tempfile.mkstemp(prefix=f".{features_path.name}.", suffix=".tmp", dir=store.root)
-        os.close(fd)
-        created = np.lib.format.open_memmap(
-            tmp, mode="w+", dtype=np.float32, shape=(n_rows, *self._feature_shape())
-        )
-        created.flush()
-        del created
-        umask_mode(tmp)
-        os.replace(tmp, features_path)
+        # Create under a temporary name so a crash cannot leave a feature file with a broken header, and
+        # reserve its blocks: writing a memory-mapped page the disk has no room for is a SIGBUS.
+        with atomic_path(features_path) as tmp:
+            created = np.lib.format.open_memmap(
+                tmp, mode="w+", dtype=np.float32, shape=(n_rows, *self._feature_shape())
+            )
+            created.flush()
+            del created
+            try:
+                preallocate(tmp, tmp.stat().st_size)
+            except OSError as err:
+                raise OSError(err.errno, err.strerror, str(features_path)) from None
         store.index.unlink(missing_ok=True)
         return np.load(features_path, mmap_mode="r+"), True
 
-    def _checkpoint(self, features: np.memmap, entries: dict, index_path: Path, n_rows: int) -> None:
-        """Flush feature rows before the index that vouches for them."""
+    def _checkpoint(
+        self, features: np.memmap, entries: dict, index_path: Path, n_rows: int, done: set[str] = frozenset()
+    ) -> None:
+        """Flush feature rows before the index that vouches for them; merged under a lock with the index on
+        disk, so rows another process on the same cache computed meanwhile stay vouched for."""
         features.flush()
-        _write_json_atomic(
-            index_path, {"format_version": CACHE_FORMAT_VERSION, "n_rows": n_rows, "entries": entries}
-        )
+        ours = {"format_version": CACHE_FORMAT_VERSION, "n_rows": n_rows, "entries": entries}
+
+        def merge(current: dict | None) -> dict:
+            if not current or {k: current.get(k) for k in ("format_version", "n_rows")} != {
+                "format_version": CACHE_FORMAT_VERSION, "n_rows": n_rows
+            }:
+                return ours
+            return {**ours, "entries": {**current.get("entries", {}), **{name: entries[name] for name in done}}}
+
+        update_json(index_path, merge, write=_write_json_atomic)
 
 
 _WORKER_CACHE: FeatureCache | None = None  # the cache a pool worker extracts for (set once per process)
 
 
-def _init_worker(cache: FeatureCache) -> None:
-    """One BLAS thread per worker: the workers already fill the cores, more threads would only contend."""
+def _init_worker(cache: FeatureCache, parent: int | None = None) -> None:
+    """One BLAS thread per worker: the workers already fill the cores, more threads would only contend.
+    A worker exits when its parent dies (`exit_with_parent`), instead of holding its memory forever."""
     global _WORKER_CACHE
     _WORKER_CACHE = cache
     threadpool_limits(1)
+    if parent is not None:
+        exit_with_parent(parent)
+
+
+def exit_with_parent(parent: int, period: float = 0.5) -> None:
+    """End this process soon after process `parent` is gone (killed with -9 included): a daemon thread
+    watches the parent pid, which changes when the orphan is re-parented. Portable, unlike prctl."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(period)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _worker_clip(audio_dir: Path, filename: str) -> tuple[np.ndarray | None, bool, str | None, list[str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,3 +105,22 @@ def few_shot_splits(
             )
         )
     return splits
+
+
+def check_classes_trainable(table: ClipTable, valid: np.ndarray | None = None, folds: Sequence[int] | None = None) -> None:
+    """Refuse, before any computing, a class without a training example on some test fold: its usable clips
+    all lie in that fold, or it has none at all (every file skipped). The message names the dataset, the
+    class and the fold."""
+    valid = np.ones(len(table), dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    for fold in table.fold_ids if folds is None else folds:
+        trained = set(np.unique(table.labels[valid & (table.folds != fold)]).tolist())
+        missing = [c for c in range(len(table.class_names)) if c not in trained]
+        if not missing:
+            continue
+        c = missing[0]
+        where = (f"has clips only in fold {fold}" if np.any(valid & (table.labels == c))
+                 else "has no usable clip (every file skipped or none listed)")
+        raise ValueError(
+            f"{table.name!r}: class {table.class_names[c]!r} {where}: with fold {fold} as the test fold it has "
+            f"no training example ({len(missing)} class(es) like it); move some of its clips to other folds or drop it"
+        )

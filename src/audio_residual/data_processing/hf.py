@@ -44,7 +44,56 @@ def parse_hf_spec(spec: str) -> tuple[str, str | None]:
     match = re.fullmatch(r"([\w.-]+/[\w.-]+)(?::([\w.-]+))?", body)
     if not spec.startswith(HF_PREFIX) or match is None:
         raise ValueError(f"cannot parse {spec!r}: expected hf:OWNER/NAME or hf:OWNER/NAME:CONFIG")
+    if any(part.startswith(".") for part in match.group(1).split("/")):  # '.', '..' would name a folder
+        raise ValueError(f"cannot parse {spec!r}: OWNER and NAME may not start with '.' (expected hf:OWNER/NAME)")
     return match.group(1), match.group(2)
+
+
+def _saved_split_rows(folder: Path) -> int | None:
+    """Rows of a `Dataset.save_to_disk` folder per its `state.json` (0 when it holds no data file), None if unknown."""
+    try:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return None if len(state.get("_data_files", [None])) else 0
+
+
+def _load_saved(path: Path):
+    """`datasets.load_from_disk`, refusing a dataset with no rows and leaving out empty splits (which
+    `datasets` cannot even open); a DatasetDict stays one, of its non-empty splits."""
+    import datasets
+
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
+        kept = [split for split in splits if _saved_split_rows(path / split) != 0]
+        if not kept:
+            raise DatasetError(f"{path}: every split ({', '.join(splits) or 'none'}) is empty: no clips")
+        return datasets.DatasetDict({split: datasets.load_from_disk(str(path / split)) for split in kept})
+    if _saved_split_rows(path) == 0:
+        raise DatasetError(f"{path}: the saved dataset is empty: no clips")
+    return datasets.load_from_disk(str(path))
+
+
+def _pool(opened, source) -> tuple:
+    """All splits of a DatasetDict in one dataset (they must share their columns), and their fingerprints."""
+    import datasets
+
+    if not isinstance(opened, datasets.DatasetDict):
+        parts, fingerprints = [opened], [opened._fingerprint]
+    else:
+        parts = [opened[split] for split in opened if len(opened[split])]
+        fingerprints = [f"{split}:{opened[split]._fingerprint}" for split in opened]
+        first = next(iter(opened))
+        for split in opened:
+            if opened[split].features != opened[first].features:
+                a, b = opened[first].features, opened[split].features
+                differ = sorted(c for c in set(a) | set(b) if a.get(c) != b.get(c))
+                raise DatasetError(
+                    f"{source}: splits {first!r} and {split!r} differ in column(s) {differ}; they cannot be pooled"
+                )
+    if not parts or not sum(len(part) for part in parts):
+        raise DatasetError(f"{source}: the dataset is empty: no clips")
+    return (datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]), fingerprints
 
 
 def _open(source: str | Path):
@@ -56,14 +105,9 @@ def _open(source: str | Path):
         opened = datasets.load_dataset(repo, config)
         name = "hf-" + repo.replace("/", "--") + (f"--{config}" if config else "")
     else:
-        opened = datasets.load_from_disk(str(source))
+        opened = _load_saved(Path(source))
         name = "hf-" + re.sub(r"[^\w.-]+", "-", Path(source).resolve().name)
-    if isinstance(opened, datasets.DatasetDict):
-        parts = [opened[split] for split in opened]
-        pooled = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-        fingerprints = [f"{split}:{opened[split]._fingerprint}" for split in opened]
-    else:
-        pooled, fingerprints = opened, [opened._fingerprint]
+    pooled, fingerprints = _pool(opened, source)
     key = hashlib.sha256("|".join(fingerprints).encode()).hexdigest()[:16]
     return pooled, name, key
 
@@ -90,6 +134,7 @@ def _labels(dataset, label_column: str | None) -> tuple[np.ndarray, tuple[str, .
     if isinstance(feature, ClassLabel):
         names, labels = tuple(feature.names), np.asarray(values, dtype=np.int64)
     else:
+        _check_label_texts(values, label_column)
         names = tuple(sorted(set(map(str, values))))
         index_of = {name: i for i, name in enumerate(names)}
         labels = np.array([index_of[str(v)] for v in values], dtype=np.int64)
@@ -99,16 +144,28 @@ def _labels(dataset, label_column: str | None) -> tuple[np.ndarray, tuple[str, .
     return labels, names
 
 
-def _folds(dataset, labels: np.ndarray, seed: int) -> np.ndarray:
+def _check_label_texts(values, column: str) -> None:
+    """A missing or blank label would become a class of its own ("This is a sound of ."): refuse it."""
+    for row, value in enumerate(values):
+        if value is None or not str(value).strip():
+            raise DatasetError(f"row {row}, column {column!r}: empty label {value!r}; every clip needs a class")
+
+
+def _folds(dataset, labels: np.ndarray, seed: int, class_names=(), source: str = "dataset") -> np.ndarray:
     if FOLD_COLUMN not in dataset.features:
-        return stratified_folds(labels, DEFAULT_FOLDS, seed)
-    folds = []
-    for row, value in enumerate(dataset[FOLD_COLUMN]):
-        try:
-            folds.append(int(value))
-        except (TypeError, ValueError) as err:
-            raise DatasetError(f"row {row}, column {FOLD_COLUMN!r}: {value!r} is not an integer fold") from err
-    return np.array(folds, dtype=np.int64)
+        return stratified_folds(labels, DEFAULT_FOLDS, seed, class_names, str(source))
+    return np.array([_integer_fold(row, value) for row, value in enumerate(dataset[FOLD_COLUMN])], dtype=np.int64)
+
+
+def _integer_fold(row: int, value) -> int:
+    """An integer fold from an int, an integral float (2.0) or a string of an integer; 1.5 is refused, not truncated."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    raise DatasetError(f"row {row}, column {FOLD_COLUMN!r}: {value!r} is not an integer fold")
 
 
 def _suffix(stored_path: str | None, data: bytes, row: int) -> str:
@@ -165,7 +222,7 @@ def load_hf_dataset(
     dataset, name, key = _open(source)
     audio_column = _column_of_type(dataset, Audio, "Audio", preferred="audio")
     labels, class_names = _labels(dataset, label_column)
-    folds = _folds(dataset, labels, seed)
+    folds = _folds(dataset, labels, seed, class_names, source)
     out_dir = Path(export_root) / f"{name}-{key}"
     filenames = _export_audio(dataset, audio_column, out_dir)
     if len(filenames) != len(labels):

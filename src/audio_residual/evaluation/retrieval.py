@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 # scorer(audio rows, caption columns) -> scores (rows, columns): larger means a better match.
 Scorer = Callable[[slice, slice], torch.Tensor]
@@ -95,7 +96,8 @@ def retrieval_ranks(scorer: Scorer, n_audio: int, caption_clip, block: int = 256
     n_text = len(clips)
     clip_t = torch.as_tensor(clips)
     t2a = np.empty(n_text, dtype=np.int64)
-    for start in range(0, n_text, block):
+    quiet = n_text + n_audio <= 8 * block  # a bar only where the passes take many blocks
+    for start in tqdm(range(0, n_text, block), desc="retrieval text→audio", leave=False, disable=quiet):
         cols = slice(start, min(start + block, n_text))
         scores = scorer(slice(0, n_audio), cols).T  # (captions, clips)
         t2a[cols] = _rank_of(scores, clip_t[cols].to(scores.device)).cpu().numpy()
@@ -106,7 +108,7 @@ def retrieval_ranks(scorer: Scorer, n_audio: int, caption_clip, block: int = 256
     slot = np.minimum(np.arange(counts.max())[None], counts[:, None] - 1)
     captions_of = torch.as_tensor(order[starts[:, None] + slot])  # (n_audio, max captions)
     a2t = np.empty(n_text, dtype=np.int64)
-    for start in range(0, n_audio, block):
+    for start in tqdm(range(0, n_audio, block), desc="retrieval audio→text", leave=False, disable=quiet):
         rows = slice(start, min(start + block, n_audio))
         scores = scorer(rows, slice(0, n_text))  # (clips, captions)
         for s in range(captions_of.shape[1]):

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from audio_residual.io import atomic_path, write_csv
+from audio_residual.io import atomic_path, update_csv
 from audio_residual.tasks import CLASSIFICATION, Task
 
 
@@ -31,6 +31,7 @@ def result_columns(task: Task) -> tuple[str, ...]:
 
 
 RESULT_COLUMNS = result_columns(CLASSIFICATION)
+RESULT_KEY = ("method", "fold", "key")  # what identifies a stored row
 BASELINE_METHOD = "zeroshot"
 
 
@@ -57,6 +58,12 @@ class ResultsStore:
         self.task = task
         self.columns = result_columns(task)
         self.arrays_dir = self.path.parent / "arrays"
+        self._reload()
+        # (method, shots, seed) → key of this session's rows; shots and seed are None for full data
+        self.selected: dict[tuple[str, int | None, int | None], str] = {}
+
+    def _reload(self) -> None:
+        """Read the table again: rows other processes added to the same file since are reused, not recomputed."""
         if self.path.is_file():
             self.all_rows = pd.read_csv(self.path, dtype={"key": str})
         else:
@@ -64,8 +71,6 @@ class ResultsStore:
         for column in ("shots", "seed"):  # tables written before k-shot rows existed
             if column not in self.all_rows:
                 self.all_rows[column] = np.nan
-        # (method, shots, seed) → key of this session's rows; shots and seed are None for full data
-        self.selected: dict[tuple[str, int | None, int | None], str] = {}
 
     def _selected_rows(self, full_data_only: bool) -> pd.DataFrame:
         rows = self.all_rows
@@ -99,6 +104,7 @@ class ResultsStore:
     def reuse(self, method: str, fold: int, key: str, shots: int | None = None, seed: int | None = None) -> bool:
         """Whether (method, fold) is stored under `key`; the method joins this session's results either way."""
         self.select(method, key, shots, seed)
+        self._reload()
         return bool(self._match(method, fold, key).any())
 
     def methods(self) -> list[str]:
@@ -123,11 +129,8 @@ class ResultsStore:
             with atomic_path(self.arrays_dir / _array_name(record["method"], record["key"], record["fold"])) as tmp:
                 with open(tmp, "wb") as handle:
                     np.savez(handle, **{k: np.asarray(v) for k, v in arrays.items()})
-        keep = ~self._match(record["method"], record["fold"], record["key"])
-        new_row = pd.DataFrame([record])
-        frame = new_row if not keep.any() else pd.concat([self.all_rows[keep], new_row], ignore_index=True)
-        write_csv(self.path, frame)
-        self.all_rows = frame
+        # re-read and merged under a lock: rows other processes wrote into this file meanwhile are kept
+        self.all_rows = update_csv(self.path, pd.DataFrame([record]), RESULT_KEY, dtype={"key": str})
         self.select(record["method"], record["key"], record["shots"], record["seed"])
 
     def add_evaluation(

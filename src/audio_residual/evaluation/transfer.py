@@ -22,14 +22,23 @@ def target_workspace(
     cache_dir: str | Path = DEFAULT_CACHE,
     on_bad_file: str = "error",
     int16_roundtrip: bool = True,
+    min_seconds: float = 1.0,
+    check: str = "content",
+    workers: int = 1,
 ) -> Workspace:
     """Dataset B on the model of `source`: adapted encoders were fitted to that model, so B must use it too.
 
-    (The offline tiny model learns its tokenizer from class names: load it with A's and B's names.)
+    B's audio is prepared like A's (`min_seconds`, the cache `check`, `workers`); its skipped files are in
+    the returned workspace's `features.skipped`. (The offline tiny model learns its tokenizer from class
+    names: load it with A's and B's names.)
     """
     bundle = source.bundle
-    cache = FeatureCache(cache_dir, bundle.feature_extractor, int16_roundtrip=int16_roundtrip)
-    return Workspace(table, bundle, cache.compute(table, on_bad_file=on_bad_file), source.templates)
+    cache = FeatureCache(cache_dir, bundle.feature_extractor, int16_roundtrip=int16_roundtrip,
+                         min_seconds=min_seconds, check=check)
+    features = cache.compute(table, on_bad_file=on_bad_file, workers=workers)
+    if not features.valid.any():
+        raise ValueError(f"transfer dataset {table.name!r}: every one of its {len(table)} clips was skipped as a bad file")
+    return Workspace(table, bundle, features, source.templates)
 
 
 def transfer_matrix(table: pd.DataFrame, method: str, value: str = "accuracy") -> pd.DataFrame:

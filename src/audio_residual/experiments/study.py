@@ -42,7 +42,7 @@ from audio_residual.experiments.sweep import (
     run_sweep,
 )
 from audio_residual.experiments.transfer import transfer_table
-from audio_residual.io import write_csv
+from audio_residual.io import update_csv
 from audio_residual.layout import RunLayout
 from audio_residual.methods import REGISTRY
 from audio_residual.workspace import Workspace
@@ -150,7 +150,7 @@ def run_transfer(
 ) -> pd.DataFrame:
     """Zero-shot retention of this study's adapted encoders on each target dataset → `transfer.csv`."""
     table = transfer_table(targets, adapted_encoders(ws, sweep, base, out, store, source))
-    write_csv(RunLayout.of(out).transfer, table)
+    update_csv(RunLayout.of(out).transfer, table, ("source", "method", "target"))  # other writers' rows kept
     return table
 
 

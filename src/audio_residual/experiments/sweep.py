@@ -29,7 +29,7 @@ from pathlib import Path
 import pandas as pd
 
 from audio_residual.experiments.protocol import FULL_DATA, Protocol
-from audio_residual.io import write_csv
+from audio_residual.io import update_csv
 from audio_residual.layout import RunLayout
 from audio_residual.training.tracking import RunTracker, resolve_mode
 from audio_residual.training.trainer import PRESETS, TrainConfig, train_residual_fold
@@ -121,6 +121,10 @@ class SweepTable:
     def __init__(self, path: Path, key: str):
         self.path = Path(path)
         self.key = key
+        self._reload()
+
+    def _reload(self) -> None:
+        """Read the table again: points other agents finished into the same file since are not retrained."""
         self.all_rows = pd.read_csv(self.path, dtype={"key": str}) if self.path.exists() else pd.DataFrame()
 
     @property
@@ -130,14 +134,15 @@ class SweepTable:
         return self.all_rows[self.all_rows["key"] == self.key].reset_index(drop=True)
 
     def done(self, point: dict) -> bool:
+        self._reload()
         frame = self.frame
         return not frame.empty and _point_key(point) in set(frame["point"])
 
     def add(self, point: dict, row: dict) -> None:
         options = {k: json.dumps(v) if isinstance(v, list) else v for k, v in point.items()}
         record = {"point": _point_key(point), "key": self.key, **options, **row}
-        self.all_rows = pd.concat([self.all_rows, pd.DataFrame([record])], ignore_index=True)
-        write_csv(self.path, self.all_rows)
+        # re-read and merged under a lock: other agents' rows written into this file meanwhile are kept
+        self.all_rows = update_csv(self.path, pd.DataFrame([record]), ("key", "point"), dtype={"key": str})
 
 
 def _table(ws: Workspace, layout: RunLayout, base: dict, protocol: Protocol) -> SweepTable:
@@ -186,6 +191,12 @@ def train_point(
     return row
 
 
+def with_all_folds(grid: dict[str, list], ws: Workspace) -> dict[str, list]:
+    """A grid without a `fold` key runs on every fold of the dataset (not on fold 1 alone, which would then
+    be compared with baselines run on every fold)."""
+    return grid if "fold" in grid else {**grid, "fold": list(ws.table.fold_ids)}
+
+
 def run_sweep(
     ws: Workspace,
     out: str | Path | RunLayout,
@@ -201,7 +212,7 @@ def run_sweep(
     (`wandb sync` later).
     """
     layout = RunLayout.of(out)
-    grid = grid or DEFAULT_GRID
+    grid = with_all_folds(grid or DEFAULT_GRID, ws)
     check_presets(grid)
     base = base or {}
     table = _table(ws, layout, base, protocol)

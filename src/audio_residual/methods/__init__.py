@@ -1,4 +1,5 @@
-"""Every method behind one interface (`methods.base.Method`), in one registry (`REGISTRY`).
+"""Every method behind one interface (`methods.base.Method`), in its task's registry (`REGISTRIES[task]`;
+`REGISTRY` is classification's).
 
 A new method is one module here and one line below (the registry keeps this order: tables list the
 methods in it); the study, `--methods`, k-shot runs, transfer and the report then include it. ResiDual
@@ -13,9 +14,10 @@ from audio_residual.methods import tip_adapter  # noqa: F401
 from audio_residual.methods import coop  # noqa: F401
 from audio_residual.methods import lora  # noqa: F401
 from audio_residual.methods import finetune  # noqa: F401
+from audio_residual.methods import retrieval  # noqa: F401 — the retrieval task's methods (REGISTRIES["retrieval"])
 # isort: on
-from audio_residual.methods.base import REGISTRY, Context, Method, get, register
+from audio_residual.methods.base import REGISTRIES, REGISTRY, Context, Method, get, register
 
 DEFAULT_METHODS = tuple(name for name, method in REGISTRY.items() if method.by_default)
 
-__all__ = ["DEFAULT_METHODS", "REGISTRY", "Context", "Method", "get", "register"]
+__all__ = ["DEFAULT_METHODS", "REGISTRIES", "REGISTRY", "Context", "Method", "get", "register"]

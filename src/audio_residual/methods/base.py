@@ -41,6 +41,7 @@ class Method:
     """One way to adapt (or not) CLAP: how it fits on a split, how it scores clips, what it trains."""
 
     name: ClassVar[str]
+    task: ClassVar[str] = "classification"  # the task it solves: names are unique within a task's registry
     uses_embeddings: ClassVar[bool] = True  # trains on the cached audio embeddings (computed once for all)
     by_default: ClassVar[bool] = False  # in the default method list (`DEFAULT_METHODS`); else only when named
     transferable: ClassVar[bool] = False  # keeps CLAP's text side: its fitted model scores other label sets
@@ -66,14 +67,16 @@ class Method:
         raise NotImplementedError
 
 
-REGISTRY: dict[str, Method] = {}
+REGISTRIES: dict[str, dict[str, Method]] = {"classification": {}}  # task → its methods, in registration order
+REGISTRY = REGISTRIES["classification"]
 
 
 def register(cls: type[Method]) -> type[Method]:
-    """Add a method to the registry under its name (a second method of the same name is an error)."""
-    if cls.name in REGISTRY and type(REGISTRY[cls.name]) is not cls:
-        raise ValueError(f"a method named {cls.name!r} is already registered")
-    REGISTRY[cls.name] = cls()
+    """Add a method to its task's registry under its name (a second method of the same name is an error)."""
+    registry = REGISTRIES.setdefault(cls.task, {})
+    if cls.name in registry and type(registry[cls.name]) is not cls:
+        raise ValueError(f"a {cls.task} method named {cls.name!r} is already registered")
+    registry[cls.name] = cls()
     return cls
 
 

@@ -3,7 +3,8 @@ result columns. Classification is the first; a new task is one module and one li
 
 from audio_residual.tasks.base import Task
 from audio_residual.tasks.classification import CLASSIFICATION, Classification
+from audio_residual.tasks.retrieval import RETRIEVAL, Retrieval
 
-TASKS: dict[str, Task] = {CLASSIFICATION.name: CLASSIFICATION}
+TASKS: dict[str, Task] = {CLASSIFICATION.name: CLASSIFICATION, RETRIEVAL.name: RETRIEVAL}
 
-__all__ = ["CLASSIFICATION", "TASKS", "Classification", "Task"]
+__all__ = ["CLASSIFICATION", "RETRIEVAL", "TASKS", "Classification", "Retrieval", "Task"]
