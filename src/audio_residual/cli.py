@@ -548,6 +548,44 @@ def cmd_demo(args) -> None:
     print(f"report → {report}")
 
 
+def _methods_of_saliency(text: str) -> tuple[str, ...]:
+    from audio_residual.analysis.saliency import METHODS
+
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = sorted(set(names) - set(METHODS))
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown saliency method(s) {unknown or [text]}: choose from {','.join(METHODS)}")
+    return names
+
+
+def cmd_saliency(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from audio_residual.analysis.saliency import METHODS
+    from audio_residual.analysis.saliency_run import run_saliency
+
+    methods = args.methods or METHODS
+    adapter = None
+    if args.lambdas is not None:
+        from audio_residual.residual.units import ResiDual
+
+        if not args.lambdas.is_file():
+            raise FileNotFoundError(f"--lambdas file not found: {args.lambdas}")
+        adapter = ResiDual.load(args.lambdas)
+    ws = _open(args)
+    _check_folds(ws, [args.fold], "--fold")
+    _report_skipped(ws, args.out)
+    result = run_saliency(
+        ws, args.fold, args.out, clips=args.clips, methods=methods, adapter=adapter, analysis=args.analysis,
+        steps=args.steps, ig_tolerance=args.ig_tolerance, max_steps=args.max_steps, baseline=args.baseline,
+        listen=[m for m in methods if m in args.listen], batch_size=args.batch_size,
+    )
+    print(result.faithfulness.to_string(index=False))
+    for name, path in result.paths.items():
+        print(f"{name}: {path}")
+
+
 def _caption_generation_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("captioned audio (--captions)")
     group.add_argument("--captions", action="store_true",
@@ -614,6 +652,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transfer", nargs="+", default=[], metavar="DATA",
                    help="other datasets (as --data) scored zero-shot with each fold's adapted encoders → transfer.csv")
     p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser("saliency", help="saliency maps of test clips, faithfulness.csv, figures and wavs → OUT/")
+    _common(p)
+    p.add_argument("--fold", type=int, default=1, help="test fold whose clips are explained")
+    p.add_argument("--clips", type=POSITIVE_INT, default=4, help="test clips to explain (seeded choice)")
+    p.add_argument("--lambdas", type=Path, default=None, help="ResiDual λ file (safetensors): explain the adapted model")
+    p.add_argument("--methods", type=_methods_of_saliency, default=None, help="comma-separated; default: all")
+    p.add_argument("--analysis", type=Path, default=None,
+                   help="folder of `analyze --fold` (same fold): head attribution on its ablation's clips")
+    p.add_argument("--steps", type=POSITIVE_INT, default=64, help="Integrated Gradients steps (to start with)")
+    p.add_argument("--ig-tolerance", type=POSITIVE, default=0.01,
+                   help="redo IG with 2×, 4×, … steps (up to --max-steps) for clips whose attributions miss "
+                        "s(x) − s(baseline) by more than this share")
+    p.add_argument("--max-steps", type=POSITIVE_INT, default=1024)
+    p.add_argument("--baseline", choices=["floor", "time_mean", "zeros"], default="floor",
+                   help="absent-sound reference for IG, gradient × input and deletion")
+    p.add_argument("--listen", type=_methods_of_saliency, default=("integrated_gradients",),
+                   help="methods whose most salient cells are inverted to wavs")
+    p.set_defaults(func=cmd_saliency)
 
     _pretrain_parser(sub)
     add_retrieval_parser(sub, POSITIVE_INT, _device)
