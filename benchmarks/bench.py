@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from retrieval_bench import RETRIEVAL_BENCHMARKS  # noqa: E402  (benchmarks/ is the script's folder)
+from timing import ratio  # noqa: E402
 
 BATCH = 8
 REPEATS = 3
@@ -55,17 +56,6 @@ def _features(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 1, 1001, 64)).astype(np.float32)
 
 
-def _ratio(numerator: Callable[[], None], denominator: Callable[[], None]) -> float:
-    """median(numerator time) / median(denominator time), interleaved after one warm-up of each."""
-    numerator(), denominator()
-    top, bottom = [], []
-    for _ in range(REPEATS):
-        for fn, times in ((numerator, top), (denominator, bottom)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(top) / statistics.median(bottom)
-
 
 @torch.no_grad()
 def capture_overhead() -> float:
@@ -82,7 +72,7 @@ def capture_overhead() -> float:
         with hooks.hooks([("*.attn.hook_z", lambda z, point: store.__setitem__(point.name, z))]):
             audio_embeddings(model, x)
 
-    return _ratio(captured, lambda: audio_embeddings(model, x))
+    return ratio(captured, lambda: audio_embeddings(model, x), REPEATS)
 
 
 @torch.no_grad()
@@ -99,7 +89,7 @@ def pca_pass_overhead() -> float:
         for start in range(0, len(rows), BATCH):
             audio_embeddings(model, torch.from_numpy(features[rows[start : start + BATCH]]))
 
-    return _ratio(lambda: ResidualStatistics.fit(model, features, rows, batch_size=BATCH), plain)
+    return ratio(lambda: ResidualStatistics.fit(model, features, rows, batch_size=BATCH), plain, REPEATS)
 
 
 def _feature_file(folder: Path, clips: int) -> Path:
@@ -208,7 +198,7 @@ def residual_step_overhead() -> float:
         gain.grad = None
         F.cross_entropy(scale * emb @ classes.T, labels).backward()
 
-    return _ratio(step, floor)
+    return ratio(step, floor, REPEATS)
 
 
 def cached_loading_share() -> float:
@@ -293,7 +283,7 @@ def pretrain_step_overhead() -> float:
             text_out = model.text_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
             (audio * model.text_projection(text_out.pooler_output)).sum().backward()
 
-        return _ratio(step, floor)
+        return ratio(step, floor, REPEATS)
 
 
 def pretrain_loading_share() -> float:
@@ -385,7 +375,7 @@ def _prefix_speedup(stages: tuple[int, ...]) -> float:
 
         return run
 
-    return _ratio(step(lambda: audio_embeddings(model, x)), step(cached))
+    return ratio(step(lambda: audio_embeddings(model, x)), step(cached), REPEATS)
 
 
 def prefix_cache_speedup() -> float:
@@ -418,7 +408,7 @@ def analysis_pass_overhead() -> float:
         ResidualStatistics.fit(model, features, rows, batch_size=BATCH,
                                extra_hooks=[("*.attn.hook_pattern", reservoir.hook)])
 
-    return _ratio(analysis, plain)
+    return ratio(analysis, plain, REPEATS)
 
 
 FEATURE_CLIPS = 240  # generated 5 s clips for the feature-worker figure (pool start-up is counted)
@@ -534,7 +524,7 @@ def saliency_ig_passes() -> float:
         inputs = x.clone().requires_grad_(True)
         scorer(inputs, target).sum().backward()
 
-    return _ratio(integrated_gradients, one_pass)
+    return ratio(integrated_gradients, one_pass, REPEATS)
 
 
 BENCHMARKS: dict[str, Callable[[], float]] = {

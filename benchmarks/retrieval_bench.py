@@ -9,7 +9,6 @@ contrastive loss / its classification step, same model and batch).
 from __future__ import annotations
 
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timing import ratio  # noqa: E402  (benchmarks/ is the script's folder)
 
 MEMORY_CLIPS = 2000  # N: the memory figure compares 2N clips × 5 captions with N clips × 5 captions
 EMBED_DIM = 512
@@ -26,17 +26,6 @@ BATCH = 8
 DOT_LOOPS = 20
 REPEATS = 5
 
-
-def _ratio(numerator: Callable[[], None], denominator: Callable[[], None]) -> float:
-    """median(numerator time) / median(denominator time), interleaved after one warm-up of each."""
-    numerator(), denominator()
-    top, bottom = [], []
-    for _ in range(REPEATS):
-        for fn, times in ((numerator, top), (denominator, bottom)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(top) / statistics.median(bottom)
 
 
 def retrieval_memory_child(clips: int) -> None:
@@ -92,12 +81,12 @@ def tap_pair_time_ratio() -> float:
         prepare = time.perf_counter() - start
         dot = dot_scorer(tokens.mean(1), text)
         # The dot-product side runs DOT_LOOPS times per timing: one pass (~10 ms) is within scheduler jitter.
-        ratio = DOT_LOOPS * _ratio(lambda: score_all(tap_scorer),
-                                   lambda: [score_all(dot) for _ in range(DOT_LOOPS)])
+        pair_ratio = DOT_LOOPS * ratio(lambda: score_all(tap_scorer),
+                                       lambda: [score_all(dot) for _ in range(DOT_LOOPS)], REPEATS)
     print(f"# tap_pair_time_ratio: {TAP_CLIPS} clips × {len(text)} captions, {TAP_FRAMES} frames, width {EMBED_DIM}, "
           f"{torch.get_num_threads()} threads; TAP's per-clip preparation {1000 * prepare / TAP_CLIPS:.2f} ms/clip",
           file=sys.stderr)
-    return ratio
+    return pair_ratio
 
 
 def residual_contrastive_step_ratio() -> float:
@@ -133,8 +122,8 @@ def residual_contrastive_step_ratio() -> float:
 
         return run
 
-    return _ratio(step(lambda emb: pair_infonce(emb, captions, scale)),
-                  step(lambda emb: F.cross_entropy(scale * emb @ classes.T, labels)))
+    return ratio(step(lambda emb: pair_infonce(emb, captions, scale)),
+                 step(lambda emb: F.cross_entropy(scale * emb @ classes.T, labels)), REPEATS)
 
 
 RETRIEVAL_BENCHMARKS: dict[str, Callable[[], float]] = {
