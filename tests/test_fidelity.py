@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from audio_residual.cli import main
 from audio_residual.data_processing import make_synthetic_esc50
+from audio_residual.experiments.config import StudyConfig
 from audio_residual.experiments.study import run_study
 from audio_residual.workspace import Workspace
 
@@ -23,7 +24,7 @@ NOT_TEST = ["best_epoch", "start_train_accuracy", "train_accuracy", "val_accurac
 
 def _study(data, out, cache):
     ws = Workspace.open(data, model="tiny-random", cache_dir=cache, device="cpu")
-    outcome = run_study(ws, out, GRID, BASE, analysis_options={"pattern_cap": 16, "ablation_max_clips": 4})
+    outcome = run_study(ws, out, StudyConfig(GRID, BASE), analysis_options={"pattern_cap": 16, "ablation_max_clips": 4})
     return ws, outcome
 
 

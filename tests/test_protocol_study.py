@@ -16,6 +16,7 @@ from audio_residual.evaluation.report import write_report
 from audio_residual.evaluation.store import ResultsStore, summary_table
 from audio_residual.evaluation.transfer import target_workspace
 from audio_residual.experiments.baselines import ALL_METHODS, run_baselines, saved_encoders
+from audio_residual.experiments.config import StudyConfig
 from audio_residual.experiments.protocol import FULL_DATA, Protocol, few_shot_protocols
 from audio_residual.experiments.residual import train_chosen_per_fold
 from audio_residual.experiments.study import adapted_encoders, few_shot_residual, run_transfer
@@ -46,8 +47,8 @@ def test_every_method_runs_under_k_shot_and_rows_keep_their_protocol(pair, tmp_p
     protocols = few_shot_protocols([1, 2], seeds=1)
     store = run_baselines(ws, tmp_path, methods=ALL_METHODS, folds=[1], finetune_epochs=1, peer_options=PEER_OPTIONS,
                           protocols=[FULL_DATA, *protocols])  # fmt: skip
-    few_shot_residual(ws, tmp_path, {"preset": ["default", "paper"], "granularity": ["layer"], "lr": [0.1],
-                                     "epochs": [2], "fold": [1]}, BASE, store, protocols)  # fmt: skip
+    grid = {"preset": ["default", "paper"], "granularity": ["layer"], "lr": [0.1], "epochs": [2], "fold": [1]}
+    few_shot_residual(ws, tmp_path, StudyConfig(grid, BASE), store, protocols)
     every = store.all_regimes
     methods = {*ALL_METHODS, "finetune", "residual", "residual-paper", "residual_coarse"}
     for k in (1, 2):
@@ -104,15 +105,16 @@ def test_presets_are_swept_on_their_own_keys_and_chosen_apart():
 def test_transfer_of_each_folds_adapted_encoders(pair, tmp_path):
     ws, target, _ = pair
     grid = {"granularity": ["layer"], "lr": [0.3], "epochs": [2], "fold": [1, 2]}
-    sweep = run_sweep(ws, tmp_path, grid, BASE, use_wandb=False)
+    config = StudyConfig(grid, BASE)
+    sweep = run_sweep(ws, tmp_path, config, use_wandb=False)
     store = run_baselines(ws, tmp_path, methods=("zeroshot", "contrastive_adapter"), folds=[1, 2])
-    train_chosen_per_fold(ws, sweep, grid, BASE, tmp_path, store, coarse=False)
-    table = run_transfer(ws, tmp_path, sweep, BASE, store, {"B": target}, "A")
+    train_chosen_per_fold(ws, sweep, config, tmp_path, store, coarse=False)
+    table = run_transfer(ws, tmp_path, sweep, config, store, {"B": target}, "A")
     assert list(zip(table["source"], table["method"], table["target"], strict=True)) == [
         ("A", "residual", "B"), ("A", "contrastive_adapter", "B")]  # fmt: skip
     assert (table["encoders"] == 2).all()
     assert table["zeroshot"].tolist() == [transfer_accuracy(target)] * 2
-    encoders = adapted_encoders(ws, sweep, BASE, tmp_path, store, "A")
+    encoders = adapted_encoders(ws, sweep, config, tmp_path, store, "A")
     for row in table.itertuples():
         scores = [transfer_accuracy(target, e) for e in encoders[("A", row.method)]]
         assert row.accuracy == pytest.approx(np.mean(scores)) and row.retention == pytest.approx(row.accuracy - row.zeroshot)

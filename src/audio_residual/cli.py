@@ -183,35 +183,6 @@ def _check_folds(ws, folds, option: str) -> None:
         raise ValueError(f"{option}: no fold {unknown[0]} in {ws.table.name!r}: folds are {list(ws.table.fold_ids)}")
 
 
-def _read_grid(path: Path | None) -> dict:
-    """The sweep grid from JSON: an object mapping training options (and 'fold') to non-empty lists."""
-    import json
-    from dataclasses import fields
-
-    from audio_residual.experiments.sweep import DEFAULT_GRID, PRESET_KEY, check_presets
-    from audio_residual.training.trainer import TrainConfig
-
-    if path is None:
-        return DEFAULT_GRID
-    try:
-        grid = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--grid {path}: not valid JSON ({err})") from err
-    if not isinstance(grid, dict) or not grid:
-        raise ValueError(f"--grid {path}: expected a JSON object {{option: [values]}}, got {json.dumps(grid)[:60]}")
-    known = {f.name for f in fields(TrainConfig)} | {"fold", PRESET_KEY}
-    for key, values in grid.items():
-        if key not in known:
-            raise ValueError(f"--grid {path}: unknown option {key!r}; known: {sorted(known)}")
-        if not isinstance(values, list) or not values:
-            raise ValueError(f"--grid {path}: {key!r} must map to a non-empty list of values, got {values!r}")
-    try:
-        check_presets(grid)
-    except ValueError as err:
-        raise ValueError(f"--grid {path}: {err}") from None
-    return grid
-
-
 def _check_writable(path: Path, option: str) -> None:
     """Fail before any computing if results could not be written there."""
     try:
@@ -445,6 +416,7 @@ def cmd_train_residual(args) -> None:
 
 
 def cmd_sweep(args) -> None:
+    from audio_residual.experiments.config import StudyConfig
     from audio_residual.experiments.sweep import (
         DEFAULT_PRESET,
         choose_per_fold,
@@ -453,12 +425,11 @@ def cmd_sweep(args) -> None:
         run_sweep,
     )
 
-    grid = _read_grid(args.grid)
+    config = StudyConfig.from_cli(args)
     ws = _open(args)
-    _check_folds(ws, grid.get("fold", []), f"--grid {args.grid}")
+    _check_folds(ws, config.folds, f"--grid {args.grid}")
     _report_skipped(ws, args.out)
-    base = {"batch_size": args.batch_size, "val_fraction": args.val_fraction}
-    frame = run_sweep(ws, args.out, grid=grid, base=base, use_wandb=args.wandb)
+    frame = run_sweep(ws, args.out, config, use_wandb=args.wandb)
     _write_provenance(args, ws)
     print(mean_ranking(frame).to_string(index=False))
     for preset in presets(frame):
@@ -506,13 +477,14 @@ def _report_transfer_skipped(targets: dict, out: Path) -> None:
 
 def cmd_experiment(args) -> None:
     from audio_residual.evaluation.transfer import target_workspace
+    from audio_residual.experiments.config import StudyConfig
     from audio_residual.experiments.protocol import Protocol
     from audio_residual.experiments.study import run_study
 
-    grid = _read_grid(args.grid)
+    config = StudyConfig.from_cli(args)
     names, tables = _transfer_targets(args)
     ws = _open(args, other_class_names=tuple(name for table in tables for name in table.class_names))
-    _check_folds(ws, grid.get("fold", []), f"--grid {args.grid}")
+    _check_folds(ws, config.folds, f"--grid {args.grid}")
     _check_folds(ws, [args.analysis_fold], "--analysis-fold")
     _check_trainable(ws)
     if args.shots:
@@ -528,12 +500,9 @@ def cmd_experiment(args) -> None:
         for name, table in zip(names[1:], tables, strict=True)
     }
     _report_transfer_skipped(transfer, args.out)
-    base = {"batch_size": args.batch_size, "val_fraction": args.val_fraction}
     outcome = run_study(
-        ws, args.out, grid, base, analysis_fold=args.analysis_fold, finetune_epochs=args.finetune_epochs,
-        use_wandb=args.wandb,
-        analysis_options={"ablation_max_clips": args.ablation_max_clips},
-        methods=args.methods or _all_methods(), shots=args.shots or (), seeds=args.seeds, transfer=transfer, name=names[0],
+        ws, args.out, config, use_wandb=args.wandb, analysis_options={"ablation_max_clips": args.ablation_max_clips},
+        transfer=transfer, name=names[0],
     )
     _write_provenance(args, ws)
     print(outcome.table)

@@ -19,6 +19,7 @@ import torch
 from audio_residual.data_processing import load_dataset
 from audio_residual.data_processing.synthetic_captions import make_attribute_classes
 from audio_residual.evaluation.transfer import target_workspace
+from audio_residual.experiments.config import StudyConfig
 from audio_residual.experiments.study import dataset_labels, run_study
 from audio_residual.layout import RunLayout
 from audio_residual.retrieval.demo import append_section, run_retrieval_demo
@@ -68,8 +69,9 @@ def _run_demo(out: Path, n_classes: int, clips_per_class: int, seed: int) -> Pat
     ws = Workspace.open(data, model="tiny", cache_dir=out / "cache", device="cpu",
                         other_class_names=other_table.class_names)  # fmt: skip
     transfer = {target: target_workspace(ws, other_table, cache_dir=out / "cache")}
+    config = StudyConfig(grid=DEMO_GRID, base=DEMO_BASE, finetune_epochs=1, shots=DEMO_SHOTS, seeds=1)
     run_study(
-        ws, out, DEMO_GRID, DEMO_BASE, finetune_epochs=1, analysis_options={"pattern_cap": 128},
-        peer_options=DEMO_PEER_OPTIONS, shots=DEMO_SHOTS, seeds=1, transfer=transfer, name=source,
+        ws, out, config, analysis_options={"pattern_cap": 128}, peer_options=DEMO_PEER_OPTIONS,
+        transfer=transfer, name=source,
     )
     return append_section(RunLayout.of(out).report, run_retrieval_demo(out, data, seed=seed))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from audio_residual.experiments.config import StudyConfig
 from audio_residual.experiments.sweep import DEFAULT_GRID
 from audio_residual.layout import RunLayout
 from audio_residual.workspace import Workspace, resolve_dataset
@@ -33,13 +34,8 @@ class NotebookSetup:
     model: str
     cache: Path
     layout: RunLayout
-    base: dict  # training options shared by every grid point
-    grid: dict  # the sweep (fold included)
-    finetune_epochs: int
-    analysis_fold: int = 1
+    config: StudyConfig  # grid (fold included), base training options, methods, k-shot protocols
     analysis_options: dict = field(default_factory=dict)
-    shots: tuple[int, ...] = (1, 2, 4, 8, 16)  # k-shot protocols (notebook 3)
-    seeds: int = 3  # k-shot draws per k
     transfer: dict[str, str | Path] = field(default_factory=dict)  # name → dataset, scored zero-shot
     peer_options: dict = field(default_factory=dict)  # keyword arguments of the peer methods' training
 
@@ -74,20 +70,25 @@ def setup(smoke: bool | None = None, root: str | Path = "runs") -> NotebookSetup
                                        seed=1)  # classes disjoint from the study's  # fmt: skip
         return NotebookSetup(
             smoke=True, data=data, model="tiny", cache=out / "cache", layout=RunLayout(out),
-            base={"batch_size": 16, "val_fraction": 0.2, "schedule": "constant"},
-            grid={"preset": ["default", "paper"], "granularity": ["layer", "head"], "lr": [0.1], "epochs": [2],
-                  "fold": [1, 2, 3]},  # fmt: skip
-            finetune_epochs=1,
+            config=StudyConfig(
+                base={"batch_size": 16, "val_fraction": 0.2, "schedule": "constant"},
+                grid={"preset": ["default", "paper"], "granularity": ["layer", "head"], "lr": [0.1], "epochs": [2],
+                      "fold": [1, 2, 3]},  # fmt: skip
+                finetune_epochs=1, shots=(1, 2), seeds=1,
+            ),
             analysis_options={"tokens_per_clip": 200, "batch_size": 8, "ablation_max_clips": 4, "pattern_cap": 64},
-            shots=(1, 2), seeds=1, transfer={"generated, 2 other classes": other},
+            transfer={"generated, 2 other classes": other},
             peer_options={"lora": {"epochs": 1, "ranks": (2,)}, "tip_adapter_f": {"epochs": 5}, "coop": {"epochs": 5}},
         )
     return NotebookSetup(
         smoke=False, data="esc50", model="laion/clap-htsat-unfused", cache=Path("cache"),
         layout=RunLayout(root / "esc50"),
-        base={"batch_size": 64, "val_fraction": 0.1, "schedule": "cosine", "optimizer": "adamw"},
-        grid=DEFAULT_GRID,  # default unit: 2 × 2 × 3 × 2 options × 5 folds = 120 runs; paper preset: 30
-        finetune_epochs=5 if torch.cuda.is_available() else 0,  # full fine-tuning only on a GPU
+        config=StudyConfig(
+            base={"batch_size": 64, "val_fraction": 0.1, "schedule": "cosine", "optimizer": "adamw"},
+            grid=DEFAULT_GRID,  # default unit: 2 × 2 × 3 × 2 options × 5 folds = 120 runs; paper preset: 30
+            finetune_epochs=5 if torch.cuda.is_available() else 0,  # full fine-tuning only on a GPU
+            shots=(1, 2, 4, 8, 16), seeds=3,  # k-shot protocols (notebook 3): 3 draws per k
+        ),
         # Ablation costs one pass over the evaluated clips per head (184 heads): cap the clips.
         analysis_options={"batch_size": 16, "ablation_max_clips": 200, "pattern_cap": 512},
     )

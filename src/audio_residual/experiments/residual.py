@@ -28,6 +28,7 @@ from audio_residual.training.trainer import TrainConfig, run_key, train_residual
 from audio_residual.workspace import Workspace
 
 if TYPE_CHECKING:
+    from audio_residual.experiments.config import StudyConfig
     from audio_residual.training.tracking import RunTracker
 
 
@@ -99,11 +100,11 @@ def train_all_folds(
     return frame[frame["method"] == method]
 
 
-def chosen_configs(sweep: pd.DataFrame, base: dict, coarse: bool = True) -> dict[str, dict[int, TrainConfig]]:
+def chosen_configs(sweep: pd.DataFrame, config: StudyConfig, coarse: bool = True) -> dict[str, dict[int, TrainConfig]]:
     """Preset → {fold: configuration chosen on that fold's own validation split}, for every preset of the
-    sweep, plus "coarse": the default preset's choice with one λ per unit (when `coarse`)."""
+    sweep (under `config.base`), plus "coarse": the default preset's choice with one λ per unit (when `coarse`)."""
     configs = {
-        preset: {fold: point_config({**options, PRESET_KEY: preset}, base) for fold, options in choose_per_fold(sweep, preset).items()}
+        preset: {fold: point_config({**options, PRESET_KEY: preset}, config.base) for fold, options in choose_per_fold(sweep, preset).items()}
         for preset in presets(sweep)
     }
     if coarse and DEFAULT_PRESET in configs:
@@ -114,8 +115,7 @@ def chosen_configs(sweep: pd.DataFrame, base: dict, coarse: bool = True) -> dict
 def train_chosen_per_fold(
     ws: Workspace,
     sweep: pd.DataFrame,
-    grid: dict,
-    base: dict,
+    config: StudyConfig,
     out: str | Path | RunLayout,
     store: ResultsStore,
     coarse: bool = True,
@@ -125,11 +125,11 @@ def train_chosen_per_fold(
 
     One method per preset of the sweep, rows labelled by the chosen variant ("residual" for the default
     unit, "residual-paper" for the paper's procedure), and the default's coarse twin, one λ per unit
-    ("residual_coarse"); rows are keyed by the grid, base options and preset. `protocol` and `out` as in
+    ("residual_coarse"); rows are keyed by `config`'s grid and base options and the preset. `protocol` and `out` as in
     `train_all_folds`. Returns the default preset's {fold: chosen options}.
     """
-    procedure = {"selection": NESTED_SELECTION, "grid": grid, "base": base}
-    for preset, configs in chosen_configs(sweep, base, coarse).items():
+    procedure = {"selection": NESTED_SELECTION, "grid": config.grid, "base": config.base}
+    for preset, configs in chosen_configs(sweep, config, coarse).items():
         variant = {"coarse": True} if preset == "coarse" else {} if preset == DEFAULT_PRESET else {"preset": preset}
         train_all_folds(ws, configs, out, store, procedure=procedure | variant, protocol=protocol)
     return choose_per_fold(sweep, DEFAULT_PRESET if DEFAULT_PRESET in presets(sweep) else presets(sweep)[0])

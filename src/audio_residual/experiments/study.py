@@ -2,8 +2,8 @@
 k-shot protocols → zero-shot transfer → report.
 
     ws = Workspace.open("esc50", model="laion/clap-htsat-unfused")
-    outcome = run_study(ws, "runs/esc50", grid=DEFAULT_GRID, base={"val_fraction": 0.1},
-                        shots=(1, 2, 4, 8, 16), seeds=3, transfer={"us8k": target_workspace(ws, us8k_table)})
+    config = StudyConfig(grid=DEFAULT_GRID, base={"val_fraction": 0.1}, shots=(1, 2, 4, 8, 16), seeds=3)
+    outcome = run_study(ws, "runs/esc50", config, transfer={"us8k": target_workspace(ws, us8k_table)})
 
 Each step resumes from what the output folder already holds under the same key (see `RunLayout`), so a
 killed run continues where it stopped and a rerun with other options computes only what changed.
@@ -25,8 +25,9 @@ from audio_residual.analysis.run import AnalysisResult, run_analysis
 from audio_residual.data_processing.synthetic import GENERATOR_JSON
 from audio_residual.evaluation.report import write_report
 from audio_residual.evaluation.store import ResultsStore
-from audio_residual.experiments.baselines import ALL_METHODS, run_baselines, saved_encoders
-from audio_residual.experiments.protocol import FULL_DATA, Protocol, few_shot_protocols
+from audio_residual.experiments.baselines import run_baselines, saved_encoders
+from audio_residual.experiments.config import StudyConfig
+from audio_residual.experiments.protocol import FULL_DATA, Protocol
 from audio_residual.experiments.residual import (
     chosen_configs,
     fold_lambdas,
@@ -36,7 +37,6 @@ from audio_residual.experiments.residual import (
 from audio_residual.experiments.sweep import (
     DEFAULT_PRESET,
     choose_per_fold,
-    few_shot_grid,
     mean_ranking,
     presets,
     run_sweep,
@@ -65,60 +65,54 @@ class StudyOutcome:
 def run_study(
     ws: Workspace,
     out: str | Path,
-    grid: dict,
-    base: dict,
-    analysis_fold: int = 1,
-    finetune_epochs: int = 0,
+    config: StudyConfig,
     use_wandb: str | bool = False,
     analysis_options: dict | None = None,
-    methods: Sequence[str] = ALL_METHODS,
     peer_options: Mapping[str, Mapping[str, Any]] | None = None,
-    shots: Sequence[int] = (),
-    seeds: int = 1,
     transfer: Mapping[str, Workspace] | None = None,
     name: str | None = None,
 ) -> StudyOutcome:
     """Every step of the study; writes results.csv, report.md and figures under `out`.
 
-    `methods` are the baselines (fine-tuning joins with `finetune_epochs > 0`); ResiDual always runs, one
-    method per preset of the grid plus the coarse twin. With `shots`, every method runs again on each k-shot
-    draw (`seeds` draws per k), ResiDual with its configuration chosen per fold on the draw's own validation
-    clips from `few_shot_grid(grid)`. `transfer` maps dataset names to workspaces on this model
+    `config.methods` are the baselines (fine-tuning joins with `config.finetune_epochs > 0`); ResiDual always
+    runs, one method per preset of the grid plus the coarse twin. With `config.shots`, every method runs again
+    on each k-shot draw (`config.seeds` draws per k), ResiDual with its configuration chosen per fold on the
+    draw's own validation clips from `config.few_shot()`. `transfer` maps dataset names to workspaces on this model
     (`evaluation.transfer.target_workspace`): each fold's adapted encoders are scored zero-shot on all of
     their clips, next to the plain model, into `transfer.csv`; `name` names this dataset there.
     """
     layout = RunLayout.of(out)
     timings = {}
     started = time.perf_counter()
-    analysis = run_analysis(ws, fold=analysis_fold, out_dir=layout.analysis, **(analysis_options or {}))
+    analysis = run_analysis(ws, fold=config.analysis_fold, out_dir=layout.analysis, **(analysis_options or {}))
     shutil.copyfile(analysis.paths["heads"], layout.heads)
     timings["analysis"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    sweep = run_sweep(ws, layout, grid=grid, base=base, use_wandb=use_wandb)
+    sweep = run_sweep(ws, layout, config, use_wandb=use_wandb)
     timings["sweep"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    few_shot = few_shot_protocols(shots, seeds) if shots else []
+    few_shot = config.protocols()
     store = run_baselines(
-        ws, layout, methods=methods, val_fraction=base.get("val_fraction", 0.1), finetune_epochs=finetune_epochs,
-        peer_options=peer_options, protocols=[FULL_DATA, *few_shot],
+        ws, layout, methods=config.methods, val_fraction=config.val_fraction,
+        finetune_epochs=config.finetune_epochs, peer_options=peer_options, protocols=[FULL_DATA, *few_shot],
     )
-    chosen = train_chosen_per_fold(ws, sweep, grid, base, layout, store)  # nested: fold k chooses without k
+    chosen = train_chosen_per_fold(ws, sweep, config, layout, store)  # nested: fold k chooses without k
     timings["comparison"] = time.perf_counter() - started
 
     if few_shot:
         started = time.perf_counter()
-        few_shot_residual(ws, layout, grid, base, store, few_shot)
+        few_shot_residual(ws, layout, config, store, few_shot)
         timings["few-shot"] = time.perf_counter() - started
 
     table = None
     if transfer:
         started = time.perf_counter()
-        table = run_transfer(ws, layout, sweep, base, store, transfer, name or ws.table.name)
+        table = run_transfer(ws, layout, sweep, config, store, transfer, name or ws.table.name)
         timings["transfer"] = time.perf_counter() - started
 
-    outcome = StudyOutcome(analysis, analysis_fold, sweep, chosen, store, "", timings, table)
+    outcome = StudyOutcome(analysis, config.analysis_fold, sweep, chosen, store, "", timings, table)
     outcome.table = write_report(
         store, layout, ws.table.class_names, title=_title(ws), intro=describe(ws), sections=_sections(outcome),
         transfer=table,
@@ -127,35 +121,36 @@ def run_study(
 
 
 def few_shot_residual(
-    ws: Workspace, out: str | Path | RunLayout, grid: dict, base: dict, store: ResultsStore, protocols: Sequence[Protocol]
+    ws: Workspace, out: str | Path | RunLayout, config: StudyConfig, store: ResultsStore, protocols: Sequence[Protocol]
 ) -> None:
-    """ResiDual on each k-shot draw, into `store`: the draw's own sweep over `few_shot_grid(grid)` (in the
+    """ResiDual on each k-shot draw, into `store`: the draw's own sweep over `config.few_shot()`'s grid (in the
     draw's layout) and each fold's configuration chosen on that draw's validation clips (nested)."""
     layout = RunLayout.of(out)
-    small_grid = few_shot_grid(grid)
+    small = config.few_shot()
     for protocol in protocols:
         draw = layout.few_shot(protocol.shots, protocol.seed)
-        draw_sweep = run_sweep(ws, draw, grid=small_grid, base=base, use_wandb=False, protocol=protocol)
-        train_chosen_per_fold(ws, draw_sweep, small_grid, base, draw, store, protocol=protocol)
+        draw_sweep = run_sweep(ws, draw, small, use_wandb=False, protocol=protocol)
+        train_chosen_per_fold(ws, draw_sweep, small, draw, store, protocol=protocol)
 
 
 def run_transfer(
     ws: Workspace,
     out: str | Path | RunLayout,
     sweep: pd.DataFrame,
-    base: dict,
+    config: StudyConfig,
     store: ResultsStore,
     targets: Mapping[str, Workspace],
     source: str,
 ) -> pd.DataFrame:
     """Zero-shot retention of this study's adapted encoders on each target dataset → `transfer.csv`."""
-    table = transfer_table(targets, adapted_encoders(ws, sweep, base, out, store, source))
+    table = transfer_table(targets, adapted_encoders(ws, sweep, config, out, store, source))
     update_csv(RunLayout.of(out).transfer, table, ("source", "method", "target"))  # other writers' rows kept
     return table
 
 
 def adapted_encoders(
-    ws: Workspace, sweep: pd.DataFrame, base: dict, out: str | Path | RunLayout, store: ResultsStore, source: str
+    ws: Workspace, sweep: pd.DataFrame, config: StudyConfig, out: str | Path | RunLayout, store: ResultsStore,
+    source: str,
 ) -> dict[tuple[str, str], list]:
     """(source, method) → the encoder adapted on each full-data fold: every ResiDual method of the study
     (λ as trained, selected epoch) and every transferable registered method (the contrastive adapter's map),
@@ -163,7 +158,7 @@ def adapted_encoders(
     trained = store.methods()  # this session's full-data methods
     encoders = {
         (source, method_name(configs.values())): fold_lambdas(ws, configs, out)
-        for configs in chosen_configs(sweep, base).values()
+        for configs in chosen_configs(sweep, config).values()
         if method_name(configs.values()) in trained
     }
     for name, method in REGISTRY.items():

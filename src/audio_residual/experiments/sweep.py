@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -34,6 +35,9 @@ from audio_residual.layout import RunLayout
 from audio_residual.training.tracking import RunTracker, resolve_mode
 from audio_residual.training.trainer import PRESETS, TrainConfig, train_residual_fold
 from audio_residual.workspace import Workspace
+
+if TYPE_CHECKING:
+    from audio_residual.experiments.config import StudyConfig
 
 RESULT_COLUMNS = (
     "best_epoch",
@@ -145,9 +149,9 @@ class SweepTable:
         self.all_rows = update_csv(self.path, pd.DataFrame([record]), ("key", "point"), dtype={"key": str})
 
 
-def _table(ws: Workspace, layout: RunLayout, base: dict, protocol: Protocol) -> SweepTable:
+def _table(ws: Workspace, layout: RunLayout, config: StudyConfig, protocol: Protocol) -> SweepTable:
     """The sweep table of these data, model, base options and protocol."""
-    return SweepTable(layout.sweep, ws.key({"sweep_base": base, **protocol.procedure()}))
+    return SweepTable(layout.sweep, ws.key({"sweep_base": config.base, **protocol.procedure()}))
 
 
 class SweepNotRun(FileNotFoundError):
@@ -155,15 +159,15 @@ class SweepNotRun(FileNotFoundError):
 
 
 def finished_sweep(
-    ws: Workspace, out: str | Path | RunLayout, grid: dict[str, list], base: dict, protocol: Protocol = FULL_DATA
+    ws: Workspace, out: str | Path | RunLayout, config: StudyConfig, protocol: Protocol = FULL_DATA
 ) -> pd.DataFrame:
     """The rows of a sweep that `run_sweep` finished (notebook 2, `audio-residual sweep`); reads, never trains."""
     layout = RunLayout.of(out)
-    table = _table(ws, layout, base, protocol)
-    missing = [point for point in grid_points(grid) if not table.done(point)]
+    table = _table(ws, layout, config, protocol)
+    missing = [point for point in grid_points(config.grid) if not table.done(point)]
     if missing:
         raise SweepNotRun(
-            f"{len(missing)} of {len(grid_points(grid))} grid points are not in {layout.sweep}: run notebook 2's"
+            f"{len(missing)} of {len(grid_points(config.grid))} grid points are not in {layout.sweep}: run notebook 2's"
             f" cell 'Sweep over λ-training options' (or `audio-residual sweep --out {layout.root}`) first"
         )
     return table.frame
@@ -200,22 +204,20 @@ def with_all_folds(grid: dict[str, list], ws: Workspace) -> dict[str, list]:
 def run_sweep(
     ws: Workspace,
     out: str | Path | RunLayout,
-    grid: dict[str, list] | None = None,
-    base: dict | None = None,
+    config: StudyConfig,
     use_wandb: str | bool = "auto",  # a `tracking.MODES` word (True/False: online/disabled)
     project: str = "audio-residual",
     protocol: Protocol = FULL_DATA,
 ) -> pd.DataFrame:
-    """Run every grid point (W&B agent when online, else a local loop) on `protocol`'s splits.
+    """Run every point of `config.grid` (W&B agent when online, else a local loop) on `protocol`'s splits,
+    each under `config.base`.
 
     Returns the sweep table. Offline, each point of the local loop is logged to its own offline W&B run
     (`wandb sync` later).
     """
     layout = RunLayout.of(out)
-    grid = with_all_folds(grid or DEFAULT_GRID, ws)
-    check_presets(grid)
-    base = base or {}
-    table = _table(ws, layout, base, protocol)
+    grid, base = with_all_folds(config.grid, ws), config.base
+    table = _table(ws, layout, config, protocol)
     mode = resolve_mode(use_wandb)
     if mode == "online":
         import wandb
