@@ -167,7 +167,8 @@ def test_cli_experiment_flags(pair, tmp_path, capsys):
     assert "unknown method 'probe'" in capsys.readouterr().err
 
     assert main([*common, "--out", str(out), "--methods", "zeroshot,contrastive_adapter", "--shots", "1",
-                 "--seeds", "2", "--transfer", str(tmp / "b"), "--ablation-max-clips", "2"]) == 0  # fmt: skip
+                 "--seeds", "2", "--transfer", str(tmp / "b"), "--ablation-max-clips", "2",
+                 "--saliency-clips", "1"]) == 0  # fmt: skip
     results = pd.read_csv(out / "results.csv")
     few = results.dropna(subset=["shots"])
     assert set(few["seed"]) == {0, 1} and set(few["shots"]) == {1}
@@ -176,3 +177,7 @@ def test_cli_experiment_flags(pair, tmp_path, capsys):
     assert set(transfer["source"]) == {"a"} and set(transfer["target"]) == {"b"}
     report = (out / "report.md").read_text()
     assert "## Zero-shot retention" in report and "## Few-shot" in report
+    # asked for, the study explains one analysis-fold test clip and its report says how faithful each map is
+    faithfulness = pd.read_csv(out / "saliency" / "faithfulness.csv")
+    assert "## Saliency (fold 1 test clips)" in report
+    assert all(method in report for method in faithfulness["method"])

@@ -620,6 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=POSITIVE_INT, default=1, help="k-shot draws per k (default 1)")
     p.add_argument("--transfer", nargs="+", default=[], metavar="DATA",
                    help="other datasets (as --data) scored zero-shot with each fold's adapted encoders → transfer.csv")
+    p.add_argument("--saliency-clips", type=NON_NEGATIVE_INT, default=0,
+                   help="> 0: saliency maps of that many analysis-fold test clips → OUT/saliency/, a report section")
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("saliency", help="saliency maps of test clips, faithfulness.csv, figures and wavs → OUT/")

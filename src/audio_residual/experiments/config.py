@@ -39,7 +39,8 @@ def check_grid(grid: Any) -> dict[str, list]:
 class StudyConfig:
     """One study's options. `grid`: the sweep, 'fold' included; `base`: training options every grid point
     shares (`TrainConfig` fields); `methods`: the baselines (fine-tuning joins with `finetune_epochs > 0`);
-    `shots`/`seeds`: the k-shot protocols. Checked on construction."""
+    `shots`/`seeds`: the k-shot protocols; `saliency_clips`: saliency maps and their faithfulness on that many
+    test clips of the analysis fold (0: none). Checked on construction."""
 
     grid: dict[str, list] = field(default_factory=lambda: dict(DEFAULT_GRID))
     base: dict[str, Any] = field(default_factory=dict)
@@ -48,6 +49,7 @@ class StudyConfig:
     analysis_fold: int = 1
     shots: tuple[int, ...] = ()
     seeds: int = 1
+    saliency_clips: int = 0  # > 0: saliency of that many analysis-fold test clips, a report section
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid", check_grid(self.grid))
@@ -76,6 +78,7 @@ class StudyConfig:
             analysis_fold=getattr(args, "analysis_fold", 1),
             shots=getattr(args, "shots", None) or (),
             seeds=getattr(args, "seeds", 1),
+            saliency_clips=getattr(args, "saliency_clips", 0),
         )
 
     @property

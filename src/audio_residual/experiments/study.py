@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 from audio_residual.analysis.run import AnalysisResult, run_analysis
+from audio_residual.analysis.saliency_run import run_saliency
 from audio_residual.data_processing.synthetic import GENERATOR_JSON
 from audio_residual.evaluation.report import write_report
 from audio_residual.evaluation.store import ResultsStore
@@ -60,6 +61,7 @@ class StudyOutcome:
     table: str  # the comparison, markdown
     timings: dict[str, float] = field(default_factory=dict)
     transfer: pd.DataFrame | None = None  # zero-shot retention on other datasets (`transfer_table`)
+    saliency: pd.DataFrame | None = None  # faithfulness of the saliency maps (`config.saliency_clips` > 0)
 
 
 def run_study(
@@ -112,7 +114,15 @@ def run_study(
         table = run_transfer(ws, layout, sweep, config, store, transfer, name or ws.table.name)
         timings["transfer"] = time.perf_counter() - started
 
-    outcome = StudyOutcome(analysis, config.analysis_fold, sweep, chosen, store, "", timings, table)
+    saliency = None
+    if config.saliency_clips:
+        started = time.perf_counter()
+        saliency = run_saliency(
+            ws, config.analysis_fold, layout / "saliency", clips=config.saliency_clips, analysis=analysis
+        ).faithfulness
+        timings["saliency"] = time.perf_counter() - started
+
+    outcome = StudyOutcome(analysis, config.analysis_fold, sweep, chosen, store, "", timings, table, saliency)
     outcome.table = write_report(
         store, layout, ws.table.class_names, title=_title(ws), intro=describe(ws), sections=_sections(outcome),
         transfer=table,
@@ -213,39 +223,77 @@ def describe(ws: Workspace) -> list[str]:
 
 
 def _sections(outcome: StudyOutcome) -> list[str]:
-    heads = outcome.analysis.spectra
-    contribution = heads[(heads["view"] == "contribution") & (heads["granularity"] == "head")]
-    per_stage = contribution.groupby("stage")[["id90", "participation_ratio"]].mean().round(2)
+    return study_sections(
+        outcome.chosen, outcome.sweep, outcome.analysis.spectra, outcome.analysis_fold, outcome.timings,
+        outcome.saliency,
+    )
+
+
+def study_sections(
+    chosen: Mapping[int, dict],
+    sweep: pd.DataFrame,
+    heads: pd.DataFrame | None,
+    analysis_fold: int,
+    timings: Mapping[str, float],
+    saliency: pd.DataFrame | None = None,
+) -> list[str]:
+    """The report's study sections (nested choices, sweep, heads when analysed, saliency when run, time when
+    measured): `run_study` and notebook 3, which assembles the same study cell by cell, write the same report."""
     return [
         "",
         "ResiDual configuration of each fold, chosen by that fold's validation split (clips of the other folds;"
         " the test fold takes no part):",
         "",
-        *[f"- fold {fold}: `{json.dumps(options)}`" for fold, options in outcome.chosen.items()],
+        *[f"- fold {fold}: `{json.dumps(options)}`" for fold, options in chosen.items()],
         *[
             f"- fold {fold} ({preset} preset): `{json.dumps(options)}`"
-            for preset in presets(outcome.sweep)
+            for preset in presets(sweep)
             if preset != DEFAULT_PRESET
-            for fold, options in choose_per_fold(outcome.sweep, preset).items()
+            for fold, options in choose_per_fold(sweep, preset).items()
         ],
         "",
         "## Sweep (mean over folds, ranked by validation accuracy; for reading only, not used to choose)",
         "",
         "```",
-        mean_ranking(outcome.sweep).head(6).to_string(index=False),
+        mean_ranking(sweep).head(6).to_string(index=False),
         "```",
+        *([] if heads is None else heads_section(heads, analysis_fold)),
         "",
-        f"## Attention heads (fold {outcome.analysis_fold} training clips): mean intrinsic dimension (90 % EVR)"
-        " and participation ratio",
+        "Per-fold metrics in `results.csv`; λ per fold under `runs/`.",
+        *([] if saliency is None else saliency_section(saliency, analysis_fold)),
+        *(["", "## Time (s)", "", ", ".join(f"{k} {v:.1f}" for k, v in timings.items())] if timings else []),
+        "",
+    ]
+
+
+def heads_section(heads: pd.DataFrame, fold: int) -> list[str]:
+    """Mean intrinsic dimension and participation ratio of the head contributions, per stage."""
+    contribution = heads[(heads["view"] == "contribution") & (heads["granularity"] == "head")]
+    per_stage = contribution.groupby("stage")[["id90", "participation_ratio"]].mean().round(2)
+    return [
+        "",
+        f"## Attention heads (fold {fold} training clips): mean intrinsic dimension (90 % EVR) and participation"
+        " ratio",
         "",
         "```",
         per_stage.to_string(),
         "```",
         "",
-        "One row per unit in `heads.csv`; per-fold metrics in `results.csv`; λ per fold under `runs/`.",
+        "One row per unit in `heads.csv`.",
+    ]
+
+
+def saliency_section(faithfulness: pd.DataFrame, fold: int) -> list[str]:
+    """Faithfulness of each attribution (deletion/insertion AUC against a random order and a randomised
+    model); maps, curves and wavs are under `saliency/`."""
+    return [
         "",
-        "## Time (s)",
+        f"## Saliency (fold {fold} test clips): faithfulness of each attribution",
         "",
-        ", ".join(f"{k} {v:.1f}" for k, v in outcome.timings.items()),
+        "```",
+        faithfulness.to_string(index=False),
+        "```",
         "",
+        "Deletion AUC: lower is better; insertion AUC: higher is better. Maps, curves and listenable wavs are in"
+        " `saliency/` (`saliency/figures/`, `saliency/wavs/`).",
     ]
