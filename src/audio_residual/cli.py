@@ -563,6 +563,52 @@ def _caption_generation_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--captions-per-clip", type=POSITIVE_INT, default=5)
 
 
+def _experiment_parser(sub) -> None:
+    """`experiment`: the whole study's options."""
+    p = sub.add_parser("experiment", help="the whole study: analysis, sweep, ResiDual, baselines → OUT/report.md")
+    _common(p)
+    p.add_argument("--grid", type=Path, default=None, help="JSON {option: [values]}, 'fold' included")
+    p.add_argument("--val-fraction", type=VAL_FRACTION, default=0.1)
+    p.add_argument("--analysis-fold", type=int, default=1)
+    p.add_argument("--ablation-max-clips", type=POSITIVE_INT, default=200)
+    p.add_argument(
+        "--finetune-epochs", type=NON_NEGATIVE_INT, default=0, help="> 0 adds full fine-tuning (GPU advised)"
+    )
+    p.add_argument("--wandb", choices=WANDB_MODES, default="auto", help=WANDB_HELP)
+    p.add_argument("--methods", type=_methods, default=None,
+                   help="baselines, comma-separated (default: all of " + ",".join(_all_methods()) + "); ResiDual always runs")
+    p.add_argument("--shots", type=_positive_list, default=None,
+                   help="k-shot protocols too, e.g. 1,2,4,8,16 training clips per class (same test folds)")
+    p.add_argument("--seeds", type=POSITIVE_INT, default=1, help="k-shot draws per k (default 1)")
+    p.add_argument("--transfer", nargs="+", default=[], metavar="DATA",
+                   help="other datasets (as --data) scored zero-shot with each fold's adapted encoders → transfer.csv")
+    p.add_argument("--saliency-clips", type=NON_NEGATIVE_INT, default=0,
+                   help="> 0: saliency maps of that many analysis-fold test clips → OUT/saliency/, a report section")
+    p.set_defaults(func=cmd_experiment)
+
+
+def _saliency_parser(sub) -> None:
+    """`saliency`: attributions over the log-mel and their faithfulness."""
+    p = sub.add_parser("saliency", help="saliency maps of test clips, faithfulness.csv, figures and wavs → OUT/")
+    _common(p)
+    p.add_argument("--fold", type=int, default=1, help="test fold whose clips are explained")
+    p.add_argument("--clips", type=POSITIVE_INT, default=4, help="test clips to explain (seeded choice)")
+    p.add_argument("--lambdas", type=Path, default=None, help="ResiDual λ file (safetensors): explain the adapted model")
+    p.add_argument("--methods", type=_methods_of_saliency, default=None, help="comma-separated; default: all")
+    p.add_argument("--analysis", type=Path, default=None,
+                   help="folder of `analyze --fold` (same fold): head attribution on its ablation's clips")
+    p.add_argument("--steps", type=POSITIVE_INT, default=64, help="Integrated Gradients steps (to start with)")
+    p.add_argument("--ig-tolerance", type=POSITIVE, default=0.01,
+                   help="redo IG with 2×, 4×, … steps (up to --max-steps) for clips whose attributions miss "
+                        "s(x) − s(baseline) by more than this share")
+    p.add_argument("--max-steps", type=POSITIVE_INT, default=1024)
+    p.add_argument("--baseline", choices=["floor", "time_mean", "zeros"], default="floor",
+                   help="absent-sound reference for IG, gradient × input and deletion")
+    p.add_argument("--listen", type=_methods_of_saliency, default=("integrated_gradients",),
+                   help="methods whose most salient cells are inverted to wavs")
+    p.set_defaults(func=cmd_saliency)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="audio-residual", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -603,46 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wandb", choices=WANDB_MODES, default="auto", help=WANDB_HELP)
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("experiment", help="the whole study: analysis, sweep, ResiDual, baselines → OUT/report.md")
-    _common(p)
-    p.add_argument("--grid", type=Path, default=None, help="JSON {option: [values]}, 'fold' included")
-    p.add_argument("--val-fraction", type=VAL_FRACTION, default=0.1)
-    p.add_argument("--analysis-fold", type=int, default=1)
-    p.add_argument("--ablation-max-clips", type=POSITIVE_INT, default=200)
-    p.add_argument(
-        "--finetune-epochs", type=NON_NEGATIVE_INT, default=0, help="> 0 adds full fine-tuning (GPU advised)"
-    )
-    p.add_argument("--wandb", choices=WANDB_MODES, default="auto", help=WANDB_HELP)
-    p.add_argument("--methods", type=_methods, default=None,
-                   help="baselines, comma-separated (default: all of " + ",".join(_all_methods()) + "); ResiDual always runs")
-    p.add_argument("--shots", type=_positive_list, default=None,
-                   help="k-shot protocols too, e.g. 1,2,4,8,16 training clips per class (same test folds)")
-    p.add_argument("--seeds", type=POSITIVE_INT, default=1, help="k-shot draws per k (default 1)")
-    p.add_argument("--transfer", nargs="+", default=[], metavar="DATA",
-                   help="other datasets (as --data) scored zero-shot with each fold's adapted encoders → transfer.csv")
-    p.add_argument("--saliency-clips", type=NON_NEGATIVE_INT, default=0,
-                   help="> 0: saliency maps of that many analysis-fold test clips → OUT/saliency/, a report section")
-    p.set_defaults(func=cmd_experiment)
-
-    p = sub.add_parser("saliency", help="saliency maps of test clips, faithfulness.csv, figures and wavs → OUT/")
-    _common(p)
-    p.add_argument("--fold", type=int, default=1, help="test fold whose clips are explained")
-    p.add_argument("--clips", type=POSITIVE_INT, default=4, help="test clips to explain (seeded choice)")
-    p.add_argument("--lambdas", type=Path, default=None, help="ResiDual λ file (safetensors): explain the adapted model")
-    p.add_argument("--methods", type=_methods_of_saliency, default=None, help="comma-separated; default: all")
-    p.add_argument("--analysis", type=Path, default=None,
-                   help="folder of `analyze --fold` (same fold): head attribution on its ablation's clips")
-    p.add_argument("--steps", type=POSITIVE_INT, default=64, help="Integrated Gradients steps (to start with)")
-    p.add_argument("--ig-tolerance", type=POSITIVE, default=0.01,
-                   help="redo IG with 2×, 4×, … steps (up to --max-steps) for clips whose attributions miss "
-                        "s(x) − s(baseline) by more than this share")
-    p.add_argument("--max-steps", type=POSITIVE_INT, default=1024)
-    p.add_argument("--baseline", choices=["floor", "time_mean", "zeros"], default="floor",
-                   help="absent-sound reference for IG, gradient × input and deletion")
-    p.add_argument("--listen", type=_methods_of_saliency, default=("integrated_gradients",),
-                   help="methods whose most salient cells are inverted to wavs")
-    p.set_defaults(func=cmd_saliency)
-
+    _experiment_parser(sub)
+    _saliency_parser(sub)
     _pretrain_parser(sub)
     add_retrieval_parser(sub, POSITIVE_INT, _device)
 
