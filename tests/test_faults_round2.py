@@ -525,14 +525,17 @@ def test_provenance_describes_the_outputs_beside_it(small_data, tmp_path, capsys
 
 def test_a_grid_without_fold_sweeps_every_fold(small_data, tmp_path, monkeypatch):
     from audio_residual.experiments import sweep as sweep_module
+    from audio_residual.experiments.config import StudyConfig
     from audio_residual.workspace import Workspace
 
     ws = Workspace.open(small_data, model="tiny-random", cache_dir=tmp_path / "cache", device="cpu")
     trained = []
     monkeypatch.setattr(sweep_module, "train_point",
                         lambda ws, point, *a, **k: trained.append(point["fold"]) or {"val_accuracy": 0.5})
-    frame = sweep_module.run_sweep(ws, tmp_path / "out", grid={"lr": [0.1]}, base={}, use_wandb=False)
+    config = StudyConfig(grid={"lr": [0.1]}, base={})
+    frame = sweep_module.run_sweep(ws, tmp_path / "out", config, use_wandb=False)
     assert sorted(trained) == [1, 2, 3, 4, 5] and sorted(frame["fold"]) == [1, 2, 3, 4, 5]
+    assert len(sweep_module.finished_sweep(ws, tmp_path / "out", config)) == 5  # and reads back as finished
 
 
 def test_a_class_only_in_one_test_fold_is_named_before_any_work(small_data, tmp_path, capsys):

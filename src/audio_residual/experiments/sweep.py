@@ -164,10 +164,11 @@ def finished_sweep(
     """The rows of a sweep that `run_sweep` finished (notebook 2, `audio-residual sweep`); reads, never trains."""
     layout = RunLayout.of(out)
     table = _table(ws, layout, config, protocol)
-    missing = [point for point in grid_points(config.grid) if not table.done(point)]
+    points = grid_points(with_all_folds(config.grid, ws))  # the points `run_sweep` trains
+    missing = [point for point in points if not table.done(point)]
     if missing:
         raise SweepNotRun(
-            f"{len(missing)} of {len(grid_points(config.grid))} grid points are not in {layout.sweep}: run notebook 2's"
+            f"{len(missing)} of {len(points)} grid points are not in {layout.sweep}: run notebook 2's"
             f" cell 'Sweep over λ-training options' (or `audio-residual sweep --out {layout.root}`) first"
         )
     return table.frame
