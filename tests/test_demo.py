@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 import torch
 
 from audio_residual.demo import run_demo
+
+pytestmark = pytest.mark.slow  # the whole offline demo: `make test-slow`
 
 METHODS = {"zeroshot", "linear_probe", "contrastive_adapter", "tip_adapter", "tip_adapter_f", "coop", "lora", "finetune",
            "residual", "residual-paper", "residual_coarse"}  # fmt: skip

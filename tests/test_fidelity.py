@@ -38,6 +38,7 @@ def _overwrite_with_noise(data, fold: int) -> None:
 
 
 @pytest.mark.usefixtures("single_thread")
+@pytest.mark.slow  # the whole study, twice
 def test_nothing_of_fold_k_chooses_what_is_reported_on_fold_k(tmp_path):
     """Fold 1's test audio replaced by noise: fold 1's configuration, λ and non-test numbers do not move."""
     data = make_synthetic_esc50(tmp_path / "data", n_classes=3, clips_per_class=10, seed=3)

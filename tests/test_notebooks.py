@@ -16,6 +16,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+slow = pytest.mark.slow  # a notebook executed end to end: `make test-slow`
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
@@ -107,6 +109,7 @@ def _images(cell) -> int:
     return sum("image/png" in output.get("data", {}) for output in cell.get("outputs", []))
 
 
+@slow
 def test_notebook_1_analysis(smoke_env, python3_kernel):
     notebook = _execute(NOTEBOOKS[0], smoke_env, python3_kernel)
     out = smoke_env / SMOKE_OUT / "analysis"  # nb.layout.analysis
@@ -118,6 +121,7 @@ def test_notebook_1_analysis(smoke_env, python3_kernel):
     assert "max |Σ_h head_h + b_O − attn_out|" in _all_text(notebook)
 
 
+@slow
 def test_notebook_2_residual(smoke_env, python3_kernel):
     notebook = _execute(NOTEBOOKS[1], smoke_env, python3_kernel)
     out = smoke_env / SMOKE_OUT
@@ -134,12 +138,14 @@ def test_notebook_2_residual(smoke_env, python3_kernel):
     assert sum(_images(c) for c in lambdas) == 2  # λ heatmap and profile of fold 1's chosen run
 
 
+@slow
 def test_notebook_3_stops_without_notebook_2s_sweep(smoke_env, python3_kernel):
     with pytest.raises(nbclient.exceptions.CellExecutionError, match="run notebook 2's cell 'Sweep over"):
         _execute(NOTEBOOKS[2], smoke_env, python3_kernel)
     assert not (smoke_env / SMOKE_OUT / "runs").exists()  # nothing was trained
 
 
+@slow
 def test_notebook_3_comparison(smoke_env, python3_kernel):
     _execute(NOTEBOOKS[1], smoke_env, python3_kernel)  # notebook 2's sweep, which notebook 3 reads
     notebook = _execute(NOTEBOOKS[2], smoke_env, python3_kernel)
