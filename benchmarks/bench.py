@@ -258,7 +258,7 @@ def _pretrain_setup(clips: int, folder: Path):
     data = P.CaptionedFeatures(features, np.zeros(clips, bool), tokens["input_ids"], tokens["attention_mask"],
                                np.repeat(np.arange(clips), 5), np.arange(clips), np.arange(0))  # fmt: skip
     params = P.trainable_parameters(model, "none")
-    optimizer, schedule = P.optimizer_and_schedule(model, params, P.PretrainRecipe(lr=1e-4), total_steps=1000)
+    optimizer, schedule = P.optimizer_and_schedule(model, params, P.PretrainConfig(lr=1e-4), total_steps=1000)
     return P, model.train(), data, optimizer, schedule
 
 

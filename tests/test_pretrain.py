@@ -57,7 +57,7 @@ def test_logit_scale_clamped_at_100(tiny):
 def test_warmup_then_cosine(tiny):
     model, _ = tiny
     params = P.trainable_parameters(model, "none")
-    recipe = P.PretrainRecipe(lr=1.0, warmup=0.1)
+    recipe = P.PretrainConfig(lr=1.0, warmup=0.1)
     optimizer, schedule = P.optimizer_and_schedule(model, params, recipe, total_steps=100)
     lrs = []
     for _ in range(100):
@@ -79,11 +79,11 @@ def test_freeze_text_trains_only_the_audio_side(tiny):
     assert "logit_scale_a" in params and any(n.startswith("audio_model.") for n in params)
     P.trainable_parameters(model, "none")
     with pytest.raises(ValueError, match="--freeze"):
-        P.PretrainRecipe(freeze="both")
+        P.PretrainConfig(freeze="both")
 
 
 def _run(table, out, epochs=2, **kw):
-    recipe = P.PretrainRecipe(epochs=epochs, batch_size=4, lr=1e-3, **kw)
+    recipe = P.PretrainConfig(epochs=epochs, batch_size=4, lr=1e-3, **kw)
     return R.pretrain(table, R.PretrainSource("tiny"), recipe, R.PretrainRun(out, cache_dir=out.parent / "cache", device="cpu"))
 
 
