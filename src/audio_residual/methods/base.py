@@ -17,6 +17,7 @@ the fitted encoder can score another dataset's classes zero-shot (`transferable`
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -146,6 +147,11 @@ def get(name: str, task: Task | str = CLASSIFICATION) -> Method:
 def default_methods(task: Task | str) -> tuple[str, ...]:
     task_name = task if isinstance(task, str) else task.name
     return tuple(name for name, method in registry(task).items() if task_name in method.by_default)
+
+
+def option_defaults(options_type) -> dict[str, Any]:
+    """A method's options and their defaults, read off its options dataclass (one home for each default)."""
+    return {f.name: f.default for f in dataclasses.fields(options_type)}
 
 
 def keyword_defaults(function, *exclude: str) -> dict[str, Any]:

@@ -8,6 +8,7 @@ It keeps CLAP's text side, so its map also scores another dataset's classes zero
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from audio_residual.methods.base import (
     accuracy,
     as_float,
     as_labels,
-    keyword_defaults,
+    option_defaults,
     register,
     validation_pair,
 )
@@ -79,6 +80,14 @@ class ContrastiveAdapter(nn.Module):
         return adapter
 
 
+@dataclass(frozen=True)
+class AdapterOptions:
+    epochs: int = 50
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    batch_size: int = 256
+
+
 def train_contrastive_adapter(
     train_emb,
     train_labels,
@@ -86,10 +95,7 @@ def train_contrastive_adapter(
     logit_scale: float,
     val_emb=None,
     val_labels=None,
-    epochs: int = 50,
-    lr: float = 1e-3,
-    weight_decay: float = 1e-2,
-    batch_size: int = 256,
+    options: AdapterOptions = AdapterOptions(),
     seed: int = 0,
 ) -> ContrastiveAdapter:
     """Train the identity-initialised adapter with symmetric InfoNCE, mini-batch AdamW, on the CPU.
@@ -99,7 +105,7 @@ def train_contrastive_adapter(
     """
     x, y = as_float(train_emb), as_labels(train_labels)
     adapter = ContrastiveAdapter(class_embeddings, logit_scale)
-    if epochs <= 0 or len(y) == 0:
+    if options.epochs <= 0 or len(y) == 0:
         return adapter
     val = validation_pair(val_emb, val_labels)
 
@@ -112,12 +118,12 @@ def train_contrastive_adapter(
 
     steps = Steps(
         params={"delta": adapter.delta, "bias": adapter.bias},
-        batches=row_batches(np.arange(len(y)), batch_size),
+        batches=row_batches(np.arange(len(y)), options.batch_size),
         loss=loss,
         validate=None if val is None else lambda: accuracy(adapter.logits(val[0]), val[1]),
-        optimizer=torch.optim.AdamW([adapter.delta, adapter.bias], lr=lr, weight_decay=weight_decay),
+        optimizer=torch.optim.AdamW([adapter.delta, adapter.bias], lr=options.lr, weight_decay=options.weight_decay),
     )
-    train(steps, epochs, seed, desc="contrastive adapter", metric="accuracy")
+    train(steps, options.epochs, seed, desc="contrastive adapter", metric="accuracy")
     return adapter
 
 
@@ -126,13 +132,13 @@ class ContrastiveAdapterMethod(Method):
     name = "contrastive_adapter"
     by_default = ("classification",)
     transferable = True
-    defaults = keyword_defaults(train_contrastive_adapter, "seed")
+    defaults = option_defaults(AdapterOptions)
 
     def fit(self, ctx):
         train, val, classifier = ctx.split.train, ctx.split.val, ctx.ws.classifier
         return train_contrastive_adapter(
             ctx.embed(train), ctx.labels(train), classifier.class_embeddings, classifier.logit_scale, ctx.embed(val),
-            ctx.labels(val), seed=ctx.seed, **ctx.options,
+            ctx.labels(val), AdapterOptions(**ctx.options), seed=ctx.seed,
         )  # fmt: skip
 
     def embed(self, model, ws, rows):

@@ -27,7 +27,7 @@ from audio_residual.methods.base import (
     accuracy,
     as_float,
     as_labels,
-    keyword_defaults,
+    option_defaults,
     register,
     validation_pair,
 )
@@ -127,6 +127,16 @@ def _class_embeddings(learner: PromptLearner, bundle: ClapBundle) -> torch.Tenso
         return learner(bundle.model).float().cpu()
 
 
+@dataclass(frozen=True)
+class CoOpOptions:
+    n_ctx: int | None = None  # context vectors; None: as many as the template's words before the label
+    class_specific: bool = False
+    epochs: int = 50
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    batch_size: int = 32
+
+
 def train_coop(
     bundle: ClapBundle,
     class_names: Sequence[str],
@@ -135,12 +145,7 @@ def train_coop(
     val_emb=None,
     val_labels=None,
     template: str = DEFAULT_TEMPLATES[0],
-    n_ctx: int | None = None,
-    class_specific: bool = False,
-    epochs: int = 50,
-    lr: float = 2e-3,
-    weight_decay: float = 5e-4,
-    batch_size: int = 32,
+    options: CoOpOptions = CoOpOptions(),
     seed: int = 0,
 ) -> CoOp:
     """Train the context vectors on cached audio embeddings with CoOp's optimiser (SGD, momentum 0.9,
@@ -148,7 +153,8 @@ def train_coop(
     of the epoch the training loop selects (epoch 0, the initial prompts, included).
     """
     x, y = as_float(train_emb), as_labels(train_labels)
-    learner = PromptLearner(bundle, class_names, template, n_ctx, class_specific, seed)
+    epochs, batch_size = options.epochs, options.batch_size
+    learner = PromptLearner(bundle, class_names, template, options.n_ctx, options.class_specific, seed)
     scale = float(bundle.model.logit_scale_a.exp())
     result = CoOp(learner, _class_embeddings(learner, bundle), scale)
     if epochs <= 0 or len(y) == 0:
@@ -166,7 +172,7 @@ def train_coop(
         result.class_embeddings = _class_embeddings(learner, bundle)
         return accuracy(result.logits(val[0]), val[1])
 
-    optimizer = torch.optim.SGD([learner.ctx], lr=lr, momentum=0.9, weight_decay=weight_decay)
+    optimizer = torch.optim.SGD([learner.ctx], lr=options.lr, momentum=0.9, weight_decay=options.weight_decay)
     steps = Steps(
         params={"ctx": learner.ctx},
         batches=row_batches(np.arange(len(y)), batch_size),
@@ -185,12 +191,12 @@ def train_coop(
 class CoOpMethod(Method):
     name = "coop"
     by_default = ("classification",)
-    defaults = keyword_defaults(train_coop, "seed", "template")
+    defaults = option_defaults(CoOpOptions)
 
     def fit(self, ctx):
         train, val = ctx.split.train, ctx.split.val
         return train_coop(ctx.ws.bundle, ctx.ws.table.class_names, ctx.embed(train), ctx.labels(train), ctx.embed(val),
-                          ctx.labels(val), template=ctx.ws.templates[0], seed=ctx.seed, **ctx.options)  # fmt: skip
+                          ctx.labels(val), ctx.ws.templates[0], CoOpOptions(**ctx.options), seed=ctx.seed)  # fmt: skip
 
     def scores(self, model, ctx, rows):
         return model.logits(ctx.embed(rows))

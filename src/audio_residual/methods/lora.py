@@ -22,7 +22,7 @@ from torch import nn
 
 from audio_residual.clap.encode import audio_embeddings
 from audio_residual.data_processing import Split
-from audio_residual.methods.base import Method, keyword_defaults, register, release_memory
+from audio_residual.methods.base import Method, option_defaults, register, release_memory
 from audio_residual.tasks import Task
 from audio_residual.training.encoder import encoder_steps
 from audio_residual.training.loop import train
@@ -84,45 +84,40 @@ def lora_tower(ws: Workspace, rank: int, target_modules: Sequence[str], lora_alp
     return AudioTower(audio, projection).to(ws.bundle.device)
 
 
-def _train_rank(ws: Workspace, task: Task, split: Split, rank: int, options: dict, seed: int) -> LoraTuned:
+@dataclass(frozen=True)
+class LoraOptions:
+    ranks: int | Sequence[int] = DEFAULT_RANKS  # tried in turn, the best on validation kept
+    target_modules: Sequence[str] = ATTENTION_PROJECTIONS
+    lora_alpha: float = 8.0  # fixed across ranks, as Hu et al. do: the update scale α/r shrinks with the rank
+    dropout: float = 0.0
+    epochs: int = 5
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    batch_size: int = 16
+
+
+def _train_rank(ws: Workspace, task: Task, split: Split, rank: int, options: LoraOptions, seed: int) -> LoraTuned:
     """One rank: AdamW on the LoRA weights, the epoch chosen by the training loop (epoch 0 = zero-shot)."""
-    tower = lora_tower(ws, rank, options["target_modules"], options["lora_alpha"], options["dropout"], seed)
+    tower = lora_tower(ws, rank, options.target_modules, options.lora_alpha, options.dropout, seed)
     trainable = {name: p for name, p in tower.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(trainable.values(), lr=options["lr"], weight_decay=options["weight_decay"])
+    optimizer = torch.optim.AdamW(trainable.values(), lr=options.lr, weight_decay=options.weight_decay)
     bundle = ws.bundle
     scaler = torch.amp.GradScaler("cuda", enabled=bundle.amp_dtype == torch.float16 and bundle.device.type == "cuda")
     steps = encoder_steps(ws, task, split, tower, lambda rows: ws.embed(rows, model=tower), trainable, optimizer,
-                          options["batch_size"], scaler=scaler, mode=batchnorm_frozen_mode(tower))
-    result = train(steps, options["epochs"], seed, desc=f"LoRA r={rank}", metric=task.selection_metric)
+                          options.batch_size, scaler=scaler, mode=batchnorm_frozen_mode(tower))
+    result = train(steps, options.epochs, seed, desc=f"LoRA r={rank}", metric=task.selection_metric)
     tower.eval().requires_grad_(False)
     params = tower.audio_model.get_nb_trainable_parameters()[0]
     return LoraTuned(tower, rank, params, result.best_score, result.best_epoch)
 
 
-def train_lora(
-    ws: Workspace,
-    task: Task,
-    split: Split,
-    ranks: int | Sequence[int] = DEFAULT_RANKS,
-    target_modules: Sequence[str] = ATTENTION_PROJECTIONS,
-    lora_alpha: float = 8.0,
-    dropout: float = 0.0,
-    epochs: int = 5,
-    lr: float = 5e-4,
-    weight_decay: float = 0.01,
-    batch_size: int = 16,
-    seed: int = 0,
-) -> LoraTuned:
-    """LoRA for `task`, the rank chosen by the validation score (ties: the earlier rank).
-
-    `lora_alpha` is fixed across ranks, as Hu et al. do, so the update scale α/r shrinks with the rank.
-    Without a validation split the first rank is trained for all epochs.
-    """
-    ranks = [int(ranks)] if np.isscalar(ranks) else [int(r) for r in ranks]
+def train_lora(ws: Workspace, task: Task, split: Split, options: LoraOptions = LoraOptions(), seed: int = 0
+               ) -> LoraTuned:
+    """LoRA for `task`, the rank chosen by the validation score (ties: the earlier rank). Without a validation
+    split the first rank is trained for all epochs."""
+    ranks = [int(options.ranks)] if np.isscalar(options.ranks) else [int(r) for r in options.ranks]
     if not ranks or min(ranks) < 1:
         raise ValueError(f"LoRA ranks must be positive integers, got {ranks}")
-    options = {"target_modules": target_modules, "lora_alpha": lora_alpha, "dropout": dropout, "epochs": epochs,
-               "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size}
     best, scores = None, {}
     for rank in ranks if len(split.val) else ranks[:1]:
         tuned = _train_rank(ws, task, split, rank, options, seed)
@@ -141,10 +136,10 @@ class Lora(Method):
     tasks = ("classification", "retrieval")
     by_default = ("classification", "retrieval")
     transferable = True
-    defaults = keyword_defaults(train_lora, "seed")
+    defaults = option_defaults(LoraOptions)
 
     def fit(self, ctx):
-        return train_lora(ctx.ws, ctx.task, ctx.split, seed=ctx.seed, **ctx.options)
+        return train_lora(ctx.ws, ctx.task, ctx.split, LoraOptions(**ctx.options), seed=ctx.seed)
 
     def embed(self, model: LoraTuned, ws, rows):
         return ws.embed(rows, model=model.tower)

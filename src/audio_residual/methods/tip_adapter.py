@@ -14,6 +14,7 @@ as the paper does; α = 0 is in the grid, so the chosen model is never below zer
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from audio_residual.methods.base import (
     as_float,
     as_labels,
     keyword_defaults,
+    option_defaults,
     register,
     validation_pair,
 )
@@ -126,6 +128,15 @@ def train_tip_adapter(
     return adapter
 
 
+@dataclass(frozen=True)
+class TipAdapterFOptions:
+    alphas: Sequence[float] = DEFAULT_ALPHAS
+    betas: Sequence[float] = DEFAULT_BETAS
+    epochs: int = 20
+    lr: float = 1e-3
+    batch_size: int = 256
+
+
 def train_tip_adapter_f(
     train_emb,
     train_labels,
@@ -133,11 +144,7 @@ def train_tip_adapter_f(
     logit_scale: float,
     val_emb=None,
     val_labels=None,
-    alphas: Sequence[float] = DEFAULT_ALPHAS,
-    betas: Sequence[float] = DEFAULT_BETAS,
-    epochs: int = 20,
-    lr: float = 1e-3,
-    batch_size: int = 256,
+    options: TipAdapterFOptions = TipAdapterFOptions(),
     seed: int = 0,
 ) -> TipAdapter:
     """Tip-Adapter-F: start from the training-free cache, fine-tune the keys with cross-entropy (AdamW,
@@ -148,6 +155,7 @@ def train_tip_adapter_f(
     get no gradient), at the paper's α = 1, β = 5.5.
     """
     x, y = as_float(train_emb), as_labels(train_labels)
+    alphas, betas, epochs, batch_size = options.alphas, options.betas, options.epochs, options.batch_size
     adapter = train_tip_adapter(x, y, class_embeddings, logit_scale, val_emb, val_labels, alphas, betas)
     adapter.keys.requires_grad_(True)
     if adapter.alpha == 0:
@@ -155,7 +163,7 @@ def train_tip_adapter_f(
     val = validation_pair(val_emb, val_labels)
     if epochs <= 0 or len(y) == 0:
         return adapter
-    optimizer = torch.optim.AdamW([adapter.keys], lr=lr, eps=1e-4)
+    optimizer = torch.optim.AdamW([adapter.keys], lr=options.lr, eps=1e-4)
     steps = Steps(
         params={"keys": adapter.keys},
         batches=row_batches(np.arange(len(y)), batch_size),
@@ -194,10 +202,10 @@ class TipAdapterMethod(Method):
 class TipAdapterF(Method):
     name = "tip_adapter_f"
     by_default = ("classification",)
-    defaults = keyword_defaults(train_tip_adapter_f, "seed")
+    defaults = option_defaults(TipAdapterFOptions)
 
     def fit(self, ctx):
-        return train_tip_adapter_f(*_cache_args(ctx), seed=ctx.seed, **ctx.options)
+        return train_tip_adapter_f(*_cache_args(ctx), TipAdapterFOptions(**ctx.options), seed=ctx.seed)
 
     def scores(self, model, ctx, rows):
         return model.logits(ctx.embed(rows))
