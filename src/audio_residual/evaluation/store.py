@@ -257,7 +257,8 @@ def markdown_table(
         p = "—" if row["method"] == baseline else f"{_format_p(row['ttest_p'])} / {_format_p(row['wilcoxon_p'])}"
         if isinstance(row["note"], str) and row["note"] and row["method"] != baseline:
             p += f" ({row['note']})"
-        cells = [f"{row[task.headline + '_mean']:.4f} ± {row[task.headline + '_std']:.4f}"]
+        std = row[task.headline + "_std"]
+        cells = [f"{row[task.headline + '_mean']:.4f}" + ("" if pd.isna(std) else f" ± {std:.4f}")]
         cells += [f"{row[m + '_mean']:.4f}" if task.informative(m, n_classes) else "—" for _, m in task.report_columns]
         lines.append(f"| {row['method']} | {' | '.join(cells)} | {_format_params(row['trainable_params'])} | {p} |")
     return "\n".join(lines) + "\n"

@@ -246,6 +246,8 @@ def mean_ranking(frame: pd.DataFrame, metric: str = "accuracy") -> pd.DataFrame:
     """Option sets ranked by validation `metric` averaged over folds: a summary to read, never to choose by."""
     options = ([PRESET_KEY] if PRESET_KEY in frame else []) + _options(frame)
     val, test = f"val_{metric}", f"test_{metric}"
+    if not options:  # a grid of one point per fold
+        frame, options = frame.assign(point_options="{}"), ["point_options"]
     grouped = frame.groupby(options, dropna=False).agg(**{val: (val, "mean"), test: (test, "mean"),
                                                           "folds": ("fold", "nunique")})
     return grouped.sort_values(val, ascending=False, kind="stable").reset_index()

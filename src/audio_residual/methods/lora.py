@@ -105,9 +105,9 @@ def _train_rank(ws: Workspace, task: Task, split: Split, rank: int, options: Lor
     scaler = torch.amp.GradScaler("cuda", enabled=bundle.amp_dtype == torch.float16 and bundle.device.type == "cuda")
     steps = encoder_steps(ws, task, split, tower, lambda rows: ws.embed(rows, model=tower), trainable, optimizer,
                           options.batch_size, scaler=scaler, mode=batchnorm_frozen_mode(tower))
+    params = tower.audio_model.get_nb_trainable_parameters()[0]  # peft's count, before the tower is frozen
     result = train(steps, options.epochs, seed, desc=f"LoRA r={rank}", metric=task.selection_metric)
     tower.eval().requires_grad_(False)
-    params = tower.audio_model.get_nb_trainable_parameters()[0]
     return LoraTuned(tower, rank, params, result.best_score, result.best_epoch)
 
 
