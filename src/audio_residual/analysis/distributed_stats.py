@@ -67,8 +67,10 @@ def sharded_statistics(data, fold: int, out: Path, model, audio, cache_dir: Path
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     started = not dist.is_initialized()
-    if started:
+    if started and "RANK" in os.environ:  # under torchrun: its rendezvous
         dist.init_process_group("nccl" if cuda else "gloo")
+    elif started:  # alone: a group of one process
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         table = load_table(data)
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"

@@ -20,13 +20,10 @@ TRAIN_OPTIONS = ("granularity", "kinds", "stages", "k", "evr", "init", "center",
 
 def transfer_targets(args, ws) -> dict:
     """Each --transfer dataset on the study's model and audio configuration (`Workspace.on`), its skipped files
-    listed in OUT/skipped-<name>.csv; the study's own dataset is refused."""
+    listed in OUT/skipped-<name>.csv (the study's own dataset was refused by `transfer_class_names`)."""
     from audio_residual.experiments.study import dataset_labels
     from audio_residual.workspace import write_skipped
 
-    for data in args.transfer:
-        if same_dataset(data, args.data):
-            raise ValueError(f"--transfer {data}: that is the --data dataset ({args.data}); transfer needs another one")
     names = dataset_labels([args.data, *args.transfer])[1:]
     targets = {name: ws.on(data) for name, data in zip(names, args.transfer, strict=True)}
     for name, target in targets.items():
@@ -35,9 +32,13 @@ def transfer_targets(args, ws) -> dict:
 
 
 def transfer_class_names(args) -> tuple[str, ...]:
-    """The transfer datasets' class names, read before the model loads (the offline random model's tokenizer)."""
+    """The transfer datasets' class names, read before the model loads (the offline random model's tokenizer);
+    the study's own dataset is refused here, before any work."""
     from audio_residual.data_processing.sources import resolve_dataset
 
+    for data in args.transfer:
+        if same_dataset(data, args.data):
+            raise ValueError(f"--transfer {data}: that is the --data dataset ({args.data}); transfer needs another one")
     return tuple(name for data in args.transfer for name in resolve_dataset(data).class_names)
 
 
@@ -68,7 +69,7 @@ def cmd_zeroshot(args) -> None:
 def cmd_experiment(args) -> None:
     from audio_residual.data_processing.folds import check_classes_trainable
     from audio_residual.experiments.protocol import Protocol
-    from audio_residual.experiments.study import Study
+    from audio_residual.experiments.study import Study, dataset_labels
     from audio_residual.workspace import write_skipped
 
     config = opt.study_config(args, "classification", analysis_fold=args.analysis_fold, shots=args.shots or (),
@@ -84,7 +85,8 @@ def cmd_experiment(args) -> None:
             raise ValueError(f"--shots {max(args.shots)}: {err}") from None
     write_skipped(ws, args.out)
     targets = transfer_targets(args, ws)
-    study = Study(ws, args.out, config, wandb=args.wandb)
+    # the study's dataset is named like its --transfer targets, so "A → B" rows and the matrix line up
+    study = Study(ws, args.out, config, wandb=args.wandb, name=dataset_labels([args.data, *args.transfer])[0])
     outcome = study.run(targets, {"ablation_max_clips": args.ablation_max_clips})
     opt.write_provenance(args, ws)
     print(outcome.table)
@@ -92,7 +94,7 @@ def cmd_experiment(args) -> None:
 
 
 def cmd_retrieval(args) -> None:
-    from audio_residual.experiments.study import Study
+    from audio_residual.experiments.study import Study, dataset_labels
     from audio_residual.workspace import write_skipped
 
     config = opt.study_config(args, "retrieval", examples=args.examples)
@@ -102,7 +104,8 @@ def cmd_retrieval(args) -> None:
           f"{len(ws.features.skipped)} skipped as bad audio, {len(ws.duplicates)} duplicate audio file(s) within a "
           "split")
     write_skipped(ws, args.out)
-    outcome = Study(ws, args.out, config, wandb=args.wandb).run(transfer_targets(args, ws))
+    name = dataset_labels([args.data, *args.transfer])[0]
+    outcome = Study(ws, args.out, config, wandb=args.wandb, name=name).run(transfer_targets(args, ws))
     opt.write_provenance(args, ws)
     print(outcome.table)
     print(f"report → {RunLayout(args.out).report}")

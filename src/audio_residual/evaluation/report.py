@@ -68,6 +68,9 @@ def write_report(
     if not every.empty:
         figure = plots.accuracy_vs_parameters(every, headline)
         figures.append(save_figure(figure, layout.figures / f"{headline}_vs_parameters.png"))
+    if task.figure_metrics and not store.frame.empty:
+        figure = plots.metrics_vs_parameters(store.frame, task.figure_metrics)
+        figures.append(save_figure(figure, layout.figures / f"{'_'.join(task.figure_metrics)}_vs_parameters.png"))
     protocol_sections = []
     if every["shots"].notna().any():
         few = few_shot_summary(every, headline)

@@ -63,7 +63,8 @@ class StudyConfig:
     `grid`: ResiDual's sweep, 'fold' included (None: the task's default, `STUDY_GRIDS`); `base`: training options
     every grid point shares (`TrainConfig` fields); `shots`/`seeds`: the k-shot protocols; `saliency_clips`:
     saliency maps and their faithfulness on that many test clips of the analysis fold (0: none); `examples`: test
-    clips whose best-scored texts the report lists (retrieval)."""
+    clips whose best-scored texts the report lists (retrieval). The task's baseline (zero-shot) always runs: every
+    other method is compared with it."""
 
     task: str = "classification"
     methods: tuple[str, ...] | None = None
@@ -84,12 +85,17 @@ class StudyConfig:
         object.__setattr__(self, "grid", check_grid(dict(grid)))
         TrainConfig.from_dict(dict(self.base))  # unknown or invalid options fail here, not mid-study
         object.__setattr__(self, "base", dict(self.base))
-        names = default_methods(self.task) if self.methods is None else tuple(dict.fromkeys(self.methods))
-        known = registry(self.task)
+        known, baseline = registry(self.task), get_task(self.task).baseline
+        names = tuple(dict.fromkeys(self.methods or ()))
         unknown = [name for name in (*names, *self.options) if name not in known]
         if unknown:
             raise ValueError(f"unknown {self.task} method {unknown[0]!r}; choose from {list(known)}")
         object.__setattr__(self, "methods", names)
+        if not names:
+            object.__setattr__(self, "methods", tuple(
+                n for n in default_methods(self.task) if known[n].in_default(self.method_options(n))))
+        if baseline in known and baseline not in self.methods:  # every other method is compared with it
+            object.__setattr__(self, "methods", (baseline, *self.methods))
         object.__setattr__(self, "shots", tuple(int(k) for k in self.shots))
         if self.shots and TASKS[self.task].captioned:
             raise ValueError(f"k-shot protocols draw clips per class: {self.task} has no classes")

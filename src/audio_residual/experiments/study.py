@@ -33,7 +33,7 @@ from audio_residual.evaluation.store import ResultsStore
 from audio_residual.evaluation.transfer import transfer_table
 from audio_residual.experiments.config import StudyConfig
 from audio_residual.experiments.protocol import FULL_DATA, Protocol
-from audio_residual.experiments.sweep import mean_ranking, run_sweep
+from audio_residual.experiments.sweep import finished_sweep, mean_ranking, run_sweep
 from audio_residual.io import update_csv, write_json
 from audio_residual.layout import RunLayout
 from audio_residual.methods import Context, Method
@@ -99,6 +99,12 @@ class Study:
             self.sweep_frame = frame
         return frame
 
+    def finished_sweep(self) -> pd.DataFrame:
+        """The sweep an earlier step (notebook 2, `audio-residual sweep`) finished into this folder; it is never
+        trained by surprise: a missing point stops with the cell and the command to run."""
+        self.sweep_frame = finished_sweep(self.ws, self.layout, self.config)
+        return self.sweep_frame
+
     def methods(self, protocols: Sequence[Protocol] | None = None, force: bool = False,
                 folds: Sequence[int] | None = None) -> ResultsStore:
         """Every method of `config.methods` on every split (of `folds`, default all) of every protocol (default:
@@ -109,7 +115,8 @@ class Study:
         todo = [(protocol, split, name) for protocol in protocols
                 for split in protocol.splits(self.ws, self.config.val_fraction, self.config.seed)
                 if folds is None or split.fold in folds
-                for name in self.config.methods if not self._stored(name, split.fold, protocol) or force]
+                for name in self.config.methods if self._runs_on(name, split.fold)
+                and (force or not self._stored(name, split.fold, protocol))]
         tracker = RunTracker(self.wandb, config={"study": _jsonable(self.config)}, wandb_dir=self.layout.root,
                              job_type=f"{self.task.name}-methods") if todo else None
         for protocol, split, name in tqdm(todo, desc=f"{self.task.name} methods", disable=not todo):
@@ -151,6 +158,8 @@ class Study:
     def run(self, transfer: Mapping[str, Workspace] | None = None, analysis_options: dict | None = None
             ) -> StudyOutcome:
         """Every step the data allows, timed; the report last."""
+        for name in self.config.methods:  # bad options stop the run before the analysis or the sweep trains
+            self.config.method(name).check(self.config.method_options(name), self.ws)
         steps = [("sweep", lambda: [self.sweep(p) for p in [FULL_DATA, *self.config.protocols()]]),
                  ("methods", self.methods)]
         if not self.ws.captioned:
@@ -173,6 +182,10 @@ class Study:
         method, options = self.config.method(name), self.config.method_options(name)
         split = {"val_fraction": self.config.val_fraction, "seed": self.config.seed}
         return self.ws.key({**method.procedure(options), "split": split, **protocol.procedure()})
+
+    def _runs_on(self, name: str, fold: int) -> bool:
+        """Whether `name` has anything to run on `fold` (ResiDual: only the folds its grid names)."""
+        return self.config.method(name).runs_on(self.config.method_options(name), fold)
 
     def _stored(self, name: str, fold: int, protocol: Protocol) -> bool:
         method = self.config.method(name)
@@ -197,8 +210,10 @@ class Study:
             self.fitted[(label, split.fold)] = (method, model)
             if method.saves:
                 method.save(model, self.layout.adapter(label, key, split.fold))
+        details = method.details(model)
+        seconds = details.pop("seconds", seconds)  # a method that read back runs trained earlier says their cost
         self.store.add_evaluation(label, split.fold, key, scores, self.task.targets(self.ws, split.test), params,
-                                  seconds, **method.details(model), **protocol.columns())
+                                  seconds, **details, **protocol.columns())
         if not (protocol.full_data and method.transferable):
             del model
             release_memory(self.ws)
@@ -244,6 +259,8 @@ class Study:
     def sections(self) -> list[str]:
         """Nested choices, the sweep, heads when analysed, examples, saliency when run, time when measured."""
         heads = None if self.analysis_result is None else self.analysis_result.spectra
+        if heads is None and self.layout.analysis.heads.is_file():  # notebook 1's analysis of the same folder
+            heads = pd.read_csv(self.layout.analysis.heads)
         return study_sections(self.store.frame, self.sweep_frame, heads, self.config.analysis_fold, self.timings,
                               self.saliency_frame, self.task, self.examples)
 
@@ -336,6 +353,7 @@ def choices_section(frame: pd.DataFrame) -> list[str]:
              "Each fold's configuration, chosen by that fold's validation split (clips of the training folds; the test "
              "fold takes no part):", ""]
     chosen = frame.dropna(subset=["chosen"])
+    chosen = chosen.iloc[chosen["method"].map(list(dict.fromkeys(chosen["method"])).index).argsort(kind="stable")]
     lines += [f"- {row.method}, fold {int(row.fold)}: `{row.chosen}`" for row in chosen.itertuples(index=False)]
     return lines
 

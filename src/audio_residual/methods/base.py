@@ -84,6 +84,14 @@ class Method:
     def check(self, options: Mapping[str, Any], ws: Workspace) -> None:
         """Refuse bad options before any method of the run trains (e.g. a text model that is not one)."""
 
+    def in_default(self, options: Mapping[str, Any]) -> bool:
+        """Whether a study that names no methods runs it (it is `by_default` for the task), under `options`."""
+        return True
+
+    def runs_on(self, options: Mapping[str, Any], fold: int) -> bool:
+        """Whether it has anything to run on `fold` under `options` (the study skips folds it has not)."""
+        return True
+
     def fit(self, ctx: Context) -> Any:
         raise NotImplementedError
 

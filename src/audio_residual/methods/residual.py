@@ -17,10 +17,15 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
+
+from audio_residual.io import save_figure, write_csv
+from audio_residual.layout import FoldLayout
 from audio_residual.methods.base import Context, Method, register
 from audio_residual.residual.units import ResiDual
 from audio_residual.training.grid import (
     DEFAULT_PRESET,
+    PRESET_KEY,
     few_shot_grid,
     point_config,
     point_options,
@@ -33,6 +38,16 @@ from audio_residual.training.trainer import (
     run_key,
     train_residual_fold,
 )
+
+
+def save_lambda_figures(files: FoldLayout, residual: ResiDual, title: str) -> None:
+    """The λ table (CSV) and pictures of a fold's chosen run, beside its λ file."""
+    from audio_residual.residual.plots import lambda_heatmap, lambda_profile
+
+    table = pd.DataFrame(residual.lambda_table())
+    write_csv(files.lambda_table, table)
+    save_figure(lambda_heatmap(table, title=f"{title}: λ per component"), files.root / "lambda_heatmap.png")
+    save_figure(lambda_profile(table, title=f"{title}: λ by component rank"), files.root / "lambda_profile.png")
 
 
 @dataclass
@@ -79,8 +94,10 @@ class Residual(Method):
     coarse = False
 
     def configs(self, options: dict, fold: int | None = None, shots: int | None = None) -> list[tuple[dict, TrainConfig]]:
-        grid = few_shot_grid(options["grid"]) if shots else options["grid"]
-        points = preset_points(dict(grid), self.preset, fold)
+        grid = dict(few_shot_grid(options["grid"]) if shots else options["grid"])
+        if self.preset != DEFAULT_PRESET and self.preset not in grid.get(PRESET_KEY, []):  # always available
+            grid[PRESET_KEY] = [*grid.get(PRESET_KEY, []), self.preset]
+        points = preset_points(grid, self.preset, fold)
         return [(point, point_config(point, options["base"])) for point in points]
 
     def label(self, options) -> str:
@@ -89,6 +106,11 @@ class Residual(Method):
         configs = [dataclasses.replace(c, coarse=True) if self.coarse else c for _, c in self.configs(dict(options))]
         variants = {c.variant for c in configs}
         return variants.pop() if len(variants) == 1 else f"{self.name}-mixed"
+
+    def runs_on(self, options, fold: int) -> bool:
+        """Only the folds its grid names: a grid of some folds reports ResiDual on those (the others' rows would
+        have no configuration to choose from)."""
+        return bool(self.configs(dict(options), fold))
 
     def fit(self, ctx: Context) -> ResidualChoice:
         configs = self.configs(ctx.options, ctx.split.fold, ctx.shots)
@@ -99,6 +121,9 @@ class Residual(Method):
         if self.coarse:  # the default choice, one λ per unit
             config = dataclasses.replace(config, coarse=True)
             result = trained_point(ctx, config)
+        if ctx.layout is not None:
+            save_lambda_figures(ctx.layout.fold(run_key(ctx.ws, config), ctx.split.fold), result.residual,
+                                self.label(ctx.options))
         return ResidualChoice(result.residual, config, point_options(point), result)
 
     def embed(self, model: ResidualChoice, ws, rows):
@@ -110,7 +135,7 @@ class Residual(Method):
     def details(self, model: ResidualChoice) -> dict:
         result = model.result
         return {"best_epoch": result.best_epoch, "val_score": result.val_score, "chosen": json.dumps(model.options),
-                "config": model.config.digest()}
+                "config": model.config.digest(), "seconds": result.seconds}  # the chosen run's training time
 
     def save(self, model: ResidualChoice, path: Path) -> None:
         model.residual.save(path, metadata={"config": dataclasses.asdict(model.config), "chosen": model.options})
@@ -126,6 +151,10 @@ class ResidualPaper(Residual):
     name = "residual-paper"
     by_default = ("classification",)
     preset = "paper"
+
+    def in_default(self, options) -> bool:
+        """By default only when the grid lists the paper preset (a grid of other options sweeps the default unit)."""
+        return self.preset in dict(options["grid"]).get(PRESET_KEY, [])
 
 
 @register

@@ -45,6 +45,7 @@ class Task:
     captioned: ClassVar[bool] = False
     baseline: ClassVar[str] = "zeroshot"  # the method every other is compared with
     has_examples: ClassVar[bool] = False  # `examples` lists test queries for the report
+    figure_metrics: ClassVar[dict[str, str | None]] = {}  # metrics drawn against parameters (→ random baseline)
 
     @property
     def headline(self) -> str:

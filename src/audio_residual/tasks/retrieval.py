@@ -209,6 +209,7 @@ class Retrieval(Task):
                       ("random R@1 (T→A)", "t2a_random_r1"))  # fmt: skip
     captioned = True
     has_examples = True
+    figure_metrics = {"t2a_r1": "t2a_random_r1", "a2t_r1": "a2t_random_r1"}
     block = 256  # queries per streamed block of the metric
 
     def targets(self, ws, rows: np.ndarray) -> np.ndarray:
