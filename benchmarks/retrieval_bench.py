@@ -63,8 +63,8 @@ def tap_pair_time_ratio() -> float:
     O(clips · L · D²), not per pair) is timed apart and printed. TAP costs at least L frame similarities
     per pair where a dot product costs one: L = 32 bounds the ratio from below.
     """
-    from audio_residual.tasks.retrieval import dot_scorer
     from audio_residual.methods.tap import TextAwarePooling
+    from audio_residual.tasks.retrieval import dot_scorer
 
     g = torch.Generator().manual_seed(0)
     tokens = torch.randn(TAP_CLIPS, TAP_FRAMES, EMBED_DIM, generator=g)

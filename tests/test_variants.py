@@ -297,4 +297,4 @@ def test_train_residual_rows_carry_the_variant_label(synthetic_esc50, tmp_path):
             "--granularity", "layer", "--stages", "3", "--folds", "1"]
     assert main(args) == 0
     results = pd.read_csv(tmp_path / "run" / "results.csv")
-    assert results["method"].tolist() == ["residual-center-drop-tail-zero-init-randn"]
+    assert results["method"].tolist() == ["zeroshot", "residual-center-drop-tail-zero-init-randn"]
