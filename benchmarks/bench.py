@@ -258,7 +258,7 @@ def _pretrain_setup(clips: int, folder: Path):
     data = P.CaptionedFeatures(features, np.zeros(clips, bool), tokens["input_ids"], tokens["attention_mask"],
                                np.repeat(np.arange(clips), 5), np.arange(clips), np.arange(0))  # fmt: skip
     params = P.trainable_parameters(model, "none")
-    optimizer, schedule = P.optimizer_and_schedule(model, params, P.PretrainRecipe(lr=1e-4), total_steps=1000)
+    optimizer, schedule = P.optimizer_and_schedule(model, params, P.PretrainConfig(lr=1e-4), total_steps=1000)
     return P, model.train(), data, optimizer, schedule
 
 
@@ -422,15 +422,16 @@ def feature_workers_speedup() -> float:
     """
     from audio_residual.clap.tiny import build_tiny_clap
     from audio_residual.data_processing import FeatureCache, load_esc50, make_synthetic_esc50
+    from audio_residual.data_processing.audio_config import AudioConfig
 
     extractor = build_tiny_clap(())[1].feature_extractor
     with tempfile.TemporaryDirectory() as tmp:
         table = load_esc50(make_synthetic_esc50(Path(tmp) / "esc", n_classes=4, clips_per_class=FEATURE_CLIPS // 4))
         seconds, files = {}, []
         for workers in (1, 2):
-            cache = FeatureCache(Path(tmp) / f"cache{workers}", extractor)
+            cache = FeatureCache(Path(tmp) / f"cache{workers}", extractor, AudioConfig(workers=workers))
             started = time.perf_counter()
-            cache.compute(table, workers=workers)
+            cache.compute(table)
             seconds[workers] = time.perf_counter() - started
             files.append(cache.store(table).features.read_bytes())
         assert files[0] == files[1], "2 workers wrote other features than 1 process"
@@ -487,9 +488,9 @@ def scale_seconds() -> float:
         processor.save_pretrained(Path(tmp) / "model")
         grid = {"lr": [0.01], "epochs": [10], "stages": [[3]], "granularity": ["head"], "fold": [1, 2]}
         (Path(tmp) / "grid.json").write_text(json.dumps(grid))
-        command = [sys.executable, "-m", "audio_residual.cli", "experiment", "--data", str(data),
+        command = [sys.executable, "-m", "audio_residual", "experiment", "--data", str(data),
                    "--model", str(Path(tmp) / "model"), "--out", str(Path(tmp) / "out"), "--cache", str(Path(tmp) / "cache"),
-                   "--grid", str(Path(tmp) / "grid.json"), "--wandb", "off", "--workers", "2",
+                   "--grid", str(Path(tmp) / "grid.json"), "--wandb", "disabled", "--workers", "2",
                    "--ablation-max-clips", "2"]
         started = time.perf_counter()
         subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)

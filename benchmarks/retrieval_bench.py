@@ -30,7 +30,7 @@ REPEATS = 5
 
 def retrieval_memory_child(clips: int) -> None:
     """In a fresh process: the growth of peak RSS (kB) while making N × 5 embeddings and evaluating them."""
-    from audio_residual.evaluation.retrieval import retrieval_metrics
+    from audio_residual.tasks.retrieval import retrieval_metrics
 
     torch.set_grad_enabled(False)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -63,8 +63,8 @@ def tap_pair_time_ratio() -> float:
     O(clips · L · D²), not per pair) is timed apart and printed. TAP costs at least L frame similarities
     per pair where a dot product costs one: L = 32 bounds the ratio from below.
     """
-    from audio_residual.evaluation.retrieval import dot_scorer
-    from audio_residual.retrieval.tap import TextAwarePooling
+    from audio_residual.methods.tap import TextAwarePooling
+    from audio_residual.tasks.retrieval import dot_scorer
 
     g = torch.Generator().manual_seed(0)
     tokens = torch.randn(TAP_CLIPS, TAP_FRAMES, EMBED_DIM, generator=g)
@@ -96,7 +96,7 @@ def residual_contrastive_step_ratio() -> float:
     from audio_residual.clap.encode import audio_embeddings
     from audio_residual.clap.tiny import build_htsat_tiny_random
     from audio_residual.residual.units import build_residual
-    from audio_residual.retrieval.contrastive import pair_infonce
+    from audio_residual.tasks.loss import pair_infonce
 
     model, _ = build_htsat_tiny_random(("dog",))
     model.eval().requires_grad_(False)

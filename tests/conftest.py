@@ -43,3 +43,99 @@ def synthetic_esc50(tmp_path_factory):
     from audio_residual.data_processing import make_synthetic_esc50
 
     return make_synthetic_esc50(tmp_path_factory.mktemp("esc50"), n_classes=4, clips_per_class=10, seed=0)
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """A generated ESC-50-shaped folder: 3 classes × 5 clips of 1.5 s at 16 kHz over 5 folds (3 clips per fold).
+    Read only: a test that damages it works on a copy."""
+    from audio_residual.data_processing import make_synthetic_esc50
+
+    return make_synthetic_esc50(
+        tmp_path_factory.mktemp("data") / "esc", n_classes=3, clips_per_class=5, seconds=1.5, sample_rate=16000
+    )
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs when this process may mount one (root), else None (the tests then fake ENOSPC)."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        yield None
+        return
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+class CliRun:
+    """One command-line call: its exit code, stdout, stderr and the stderr lines that are errors."""
+
+    def __init__(self, code: int, out: str, err: str):
+        self.code, self.out, self.err = code, out, err
+        self.errors = "\n".join(line for line in err.splitlines() if "error:" in line)
+
+
+@pytest.fixture
+def cli(capsys):
+    """`cli(*argv)` runs `audio-residual ARGV` in-process: SystemExit (argparse) counts as its code, and no
+    traceback may reach the user."""
+    from audio_residual.cli import main
+
+    def run(*argv) -> CliRun:
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as exit_:
+            code = exit_.code
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.err
+        return CliRun(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def workspace_of_arrays():
+    """Build a `Workspace` over in-memory log-mel inputs (no audio files), for method tests fed arrays:
+    `workspace_of_arrays(bundle, features, labels, class_names, folds=None)`; every clip valid, none longer."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from audio_residual.data_processing import CachedFeatures, ClipTable
+    from audio_residual.workspace import Workspace
+
+    def build(bundle, features, labels, class_names, folds=None):
+        n = len(features)
+        folds = np.ones(n, dtype=np.int64) if folds is None else np.asarray(folds)
+        table = ClipTable("arrays", Path("."), [f"clip{i}.wav" for i in range(n)], np.asarray(labels), folds,
+                          tuple(class_names))
+        features = CachedFeatures(np.asarray(features, dtype=np.float32), np.zeros(n, dtype=bool),
+                                  np.ones(n, dtype=bool), [], tuple(f"clip{i}" for i in range(n)), "arrays")
+        return Workspace(table, bundle, features)
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def laion_pt_for_captions(tmp_path_factory):
+    """(a LAION-layout `.pt` of the tiny geometry, the folder its --text-config names): a small RoBERTa whose
+    tokenizer knows the generated captions' words. Built by `tests/laion_source.py`, as test_laion_checkpoint does."""
+    from laion_source import Geometry, laion_checkpoint, small_roberta
+
+    from audio_residual.data_processing.synthetic_captions import CAPTION_WORDS
+
+    config, model, tokenizer = small_roberta([CAPTION_WORDS])
+    root = tmp_path_factory.mktemp("laion_pt")
+    text_config = root / "roberta"
+    config.save_pretrained(text_config)
+    tokenizer.save_pretrained(text_config)
+    path = root / "630k-audioset-best.pt"
+    torch.save(laion_checkpoint(Geometry(), model, seed=3), path)
+    return path, text_config

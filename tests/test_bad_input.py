@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -31,14 +32,6 @@ from audio_residual.data_processing.audio import load_audio_checked
 def tone(seconds: float, sample_rate: int, amplitude: float = 0.5) -> np.ndarray:
     t = np.arange(int(round(seconds * sample_rate))) / sample_rate
     return (amplitude * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory) -> Path:
-    """3 classes × 5 clips of 1.5 s over 5 folds (3 clips per fold)."""
-    return make_synthetic_esc50(
-        tmp_path_factory.mktemp("data") / "esc", n_classes=3, clips_per_class=5, seconds=1.5, sample_rate=16000
-    )
 
 
 @pytest.fixture
@@ -91,6 +84,24 @@ def test_bad_arguments_are_refused_by_the_parser(capsys, tmp_path, option, value
     assert code == 2
     assert expected in last_line(err)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "argv", "expected"),
+    [
+        ("experiment", ["--methods", "bogus"], "unknown classification method 'bogus'; choose from ['zeroshot'"),
+        ("retrieval", ["--methods", "zero-shot"], "unknown retrieval method 'zero-shot'; choose from ['zeroshot'"),
+        ("experiment", ["--method-option", "lora"], "argument --method-option: 'lora': write METHOD.OPTION=VALUE"),
+        ("experiment", ["--method-option", "lora.bogus=1"], "method 'lora' has no option(s) ['bogus']; its options: "),
+        ("experiment", ["--finetune-epochs", "2"], "unrecognized arguments: --finetune-epochs 2"),
+        ("retrieval", ["--retention", "x"], "unrecognized arguments: --retention x"),
+    ],
+)
+def test_bad_study_options_are_refused_before_any_work(capsys, tmp_path, command, argv, expected):
+    """The study vocabulary (--methods, --method-option NAME.KEY=VALUE); options of the old one are refused."""
+    code, err = run(capsys, command, "--data", str(tmp_path / "nowhere"), "--model", "tiny-random",
+                    "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "cache"), *argv)
+    assert code == 2 and expected in last_line(err), err  # not "nowhere not found": refused before the data
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -344,6 +355,34 @@ def test_results_and_cache_respect_the_umask(tmp_path, umask):
         assert stat.S_IMODE(path.stat().st_mode) == expected, path
 
 
+def test_full_output_disk_names_the_file_being_written(small_disk, tmp_path):
+    """safetensors says "I/O error: No space left on device (os error 28)": an OSError naming the file instead."""
+    from safetensors.torch import save_file
+
+    from audio_residual.io import atomic_path
+
+    out = small_disk or tmp_path
+    target = out / "stats" / "stats_fold1.safetensors"
+    with pytest.raises(OSError) as caught, atomic_path(target) as tmp:
+        if small_disk is None:
+            raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+        save_file({"a": torch.zeros(2**19)}, str(tmp))  # 2 MiB into 1 MiB
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
+    assert "No space left on device" in str(caught.value) and str(target) in str(caught.value)
+    assert not target.exists() and not list(target.parent.iterdir())  # no half-written file left
+
+
+def test_full_output_disk_through_the_command_line(small_disk, small_data, tmp_path, capsys):
+    if small_disk is None:
+        pytest.skip("needs a small tmpfs (root); the fake-ENOSPC path is tested above")
+    (small_disk / "filler").write_bytes(b"\0" * (1024 * 1024 - 64 * 1024))  # 64 KiB left
+    code, err = run(capsys, "train-residual", "--data", str(small_data), "--model", "tiny-random", "--device", "cpu",
+                    "--out", str(small_disk / "run"), "--cache", str(tmp_path / "cache"), "--epochs", "1",
+                    "--folds", "1", "--granularity", "layer")
+    errors = "\n".join(line for line in err.splitlines() if "error:" in line)
+    assert code == 2 and "No space left on device" in errors and str(small_disk / "run") in errors, err
+
+
 def test_wandb_files_go_under_the_output_folder(tmp_path, monkeypatch):
     """W&B's `dir=` is where it writes `wandb/`; RunTracker must pass the output folder (creating it)."""
     wandb = pytest.importorskip("wandb")
@@ -370,7 +409,7 @@ def test_top5_is_not_shown_for_five_classes_or_fewer():
 def _report_for(data: Path, model_id: str) -> str:
     from audio_residual.experiments.study import _title, describe
 
-    ws = SimpleNamespace(table=load_esc50(data), bundle=SimpleNamespace(model_id=model_id))
+    ws = SimpleNamespace(table=load_esc50(data), bundle=SimpleNamespace(model_id=model_id), captioned=False)
     return "\n".join([f"# {_title(ws)}", *describe(ws)])
 
 

@@ -7,11 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from audio_residual.baselines import (
-    finetune_audio_encoder,
-    symmetric_infonce,
-    train_contrastive_adapter,
-)
+from audio_residual.data_processing import Split
+from audio_residual.methods.contrastive_adapter import AdapterOptions, train_contrastive_adapter
+from audio_residual.methods.finetune import finetune_audio_encoder
+from audio_residual.tasks.loss import symmetric_infonce
 
 N_CLASSES, DIM = 6, 24
 
@@ -47,7 +46,7 @@ def rotated(separable):
 
 def test_adapter_at_zero_epochs_is_zero_shot(rotated):
     centres, emb, labels = rotated
-    adapter = train_contrastive_adapter(emb, labels, centres, logit_scale=14.3, epochs=0)
+    adapter = train_contrastive_adapter(emb, labels, centres, logit_scale=14.3, options=AdapterOptions(epochs=0))
     zero_shot = 14.3 * emb @ centres.T
     torch.testing.assert_close(adapter.logits(emb), zero_shot)
     assert adapter.num_parameters == DIM * DIM + DIM
@@ -56,7 +55,8 @@ def test_adapter_at_zero_epochs_is_zero_shot(rotated):
 def test_adapter_learns_rotated_embeddings_deterministically(rotated):
     centres, emb, labels = rotated
     zero_shot = _accuracy(emb[180:] @ centres.T, labels[180:])
-    kwargs = dict(val_emb=emb[150:180], val_labels=labels[150:180], epochs=60, lr=1e-2, batch_size=64, seed=0)
+    kwargs = dict(val_emb=emb[150:180], val_labels=labels[150:180],
+                  options=AdapterOptions(epochs=60, lr=1e-2, batch_size=64), seed=0)
     adapter = train_contrastive_adapter(emb[:150], labels[:150], centres, 20.0, **kwargs)
     again = train_contrastive_adapter(emb[:150], labels[:150], centres, 20.0, **kwargs)
     assert zero_shot < 0.5
@@ -67,31 +67,22 @@ def test_adapter_learns_rotated_embeddings_deterministically(rotated):
 def test_symmetric_infonce_treats_same_label_pairs_as_positives():
     text = torch.eye(3)
     labels = torch.tensor([0, 0, 1, 2])
-    aligned = symmetric_infonce(text[labels], text[labels], labels, scale=20.0)
-    swapped = symmetric_infonce(text[torch.tensor([1, 0, 0, 2])], text[labels], labels, scale=20.0)
+    aligned = symmetric_infonce(20.0 * text[labels] @ text[labels].T, labels, labels)
+    swapped = symmetric_infonce(20.0 * text[torch.tensor([1, 0, 0, 2])] @ text[labels].T, labels, labels)
     # Two clips of class 0 with the same text are both positives: the loss is at its floor, log(2) per clip.
     assert aligned < swapped
     assert aligned.item() == pytest.approx(np.log(2) * 0.5, abs=1e-3)
 
 
-def test_finetune_copies_the_model_trains_and_counts_params(tiny_bundle):
+def test_finetune_copies_the_model_trains_and_counts_params(tiny_bundle, workspace_of_arrays):
     model = tiny_bundle.model
     before = {k: v.clone() for k, v in model.state_dict().items()}
     gen = np.random.default_rng(0)
     features = gen.standard_normal((4, 1, 1001, 64)).astype(np.float32)
     features[2:] += 2.0  # two clearly different inputs for the two classes
-    labels = np.array([0, 0, 1, 1])
-    tuned = finetune_audio_encoder(
-        tiny_bundle,
-        features,
-        np.zeros(4, dtype=bool),
-        labels,
-        np.arange(4),
-        2,
-        epochs=3,
-        lr=1e-3,
-        batch_size=4,
-    )
+    ws = workspace_of_arrays(tiny_bundle, features, [0, 0, 1, 1], ("dog", "rain"))
+    split = Split(1, np.arange(4), np.arange(4), np.arange(0))  # no validation: every epoch trains on
+    tuned = finetune_audio_encoder(ws, split, zero_shot_head=False, epochs=3, lr=1e-3, batch_size=4)
     dim = model.audio_projection.linear2.out_features
     expected = sum(p.numel() for p in model.audio_model.parameters())
     expected += sum(p.numel() for p in model.audio_projection.parameters()) + dim * 2 + 2
@@ -106,21 +97,14 @@ def test_finetune_copies_the_model_trains_and_counts_params(tiny_bundle):
     assert tuned.logits(features, np.arange(4), np.zeros(4, dtype=bool)).shape == (4, 2)
 
 
-def test_finetune_before_training_reproduces_zero_shot(tiny_bundle):
+def test_finetune_before_training_reproduces_zero_shot(tiny_bundle, workspace_of_arrays):
     from audio_residual.clap.zeroshot import ZeroShotClassifier
 
-    zero_shot = ZeroShotClassifier(tiny_bundle, ("dog", "rain", "sea_waves"))
     features = np.random.default_rng(1).standard_normal((3, 1, 1001, 64)).astype(np.float32)
     longer = np.zeros(3, dtype=bool)
-    tuned = finetune_audio_encoder(
-        tiny_bundle,
-        features,
-        longer,
-        np.zeros(3, dtype=np.int64),
-        np.arange(3),
-        3,
-        zero_shot=zero_shot,
-        epochs=0,
-    )
-    expected = zero_shot.logits(zero_shot.embed(features, np.arange(3), longer))
-    torch.testing.assert_close(tuned.logits(features, np.arange(3), longer), expected, rtol=1e-4, atol=1e-4)
+    ws = workspace_of_arrays(tiny_bundle, features, [0, 0, 0], ("dog", "rain", "sea_waves"))
+    rows = np.arange(3)
+    tuned = finetune_audio_encoder(ws, Split(1, rows, rows, np.arange(0)), epochs=0)
+    zero_shot = ZeroShotClassifier(tiny_bundle, ("dog", "rain", "sea_waves"))  # built apart from the workspace
+    expected = zero_shot.logits(zero_shot.embed(features, rows, longer))
+    torch.testing.assert_close(tuned.logits(features, rows, longer), expected, rtol=1e-4, atol=1e-4)

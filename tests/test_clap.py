@@ -1,6 +1,10 @@
-"""CLAP access layer: offline loading, prompts, zero-shot logits."""
+"""CLAP access layer: offline loading, prompts, zero-shot logits; a damaged model folder is a one-line error."""
 
 from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,3 +93,73 @@ def test_amp_choice():
     assert resolve_amp("bf16", torch.device("cuda")) is torch.bfloat16
     with pytest.raises(ValueError, match="amp"):
         resolve_amp("fp8", torch.device("cuda"))
+
+
+# --- model folders ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory, small_data) -> Path:
+    """The tiny random CLAP for small_data's classes, saved as a model folder."""
+    from audio_residual.data_processing import load_esc50
+
+    bundle = load_clap("tiny-random", device="cpu", class_names=load_esc50(small_data).class_names)
+    folder = tmp_path_factory.mktemp("model") / "clap"
+    bundle.model.save_pretrained(folder)
+    bundle.processor.save_pretrained(folder)
+    return folder
+
+
+def _damaged(saved_model: Path, tmp_path: Path, case: str) -> Path:
+    folder = tmp_path / case
+    shutil.copytree(saved_model, folder)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    if case == "projection_dim":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "projection_dim": 2 * config["projection_dim"]}))
+    elif case == "no_tokenizer":
+        for path in folder.iterdir():
+            if path.name.startswith(("tokenizer", "vocab", "merges", "special_tokens")):
+                path.unlink()
+    else:
+        weights.write_bytes({"truncated": data[: len(data) // 2], "header_only": data[:header], "empty": b"",
+                             "garbage": b"<html>Not Found</html>" * 50}[case])
+    return folder
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("truncated", "model.safetensors is damaged"),
+    ("header_only", "model.safetensors is damaged"),
+    ("empty", "model.safetensors is damaged"),
+    ("garbage", "model.safetensors is damaged"),
+    ("projection_dim", "its weights do not match its config.json (config.json says projection_dim=64, the weights have 32)"),
+    ("no_tokenizer", "gives different prompts the same ids: the folder lacks the model's tokenizer files"),
+])
+def test_damaged_model_folders_are_one_line_errors(saved_model, small_data, tmp_path, cli, case, expected):
+    folder = _damaged(saved_model, tmp_path, case)
+    run = cli("zeroshot", "--data", small_data, "--model", folder, "--device", "cpu", "--out", tmp_path / "out",
+              "--cache", tmp_path / "cache")
+    assert run.code == 2 and expected in run.errors and len(run.errors.splitlines()) == 1, run.err
+    assert case in run.errors or str(folder) in run.errors
+
+
+def test_the_saved_model_itself_loads(saved_model):
+    assert load_clap(saved_model, device="cpu").model.config.projection_dim == 32
+
+
+def test_a_tokenizer_larger_than_the_text_vocabulary_is_refused(tiny_bundle):
+    from audio_residual.clap.loading import check_tokenizer
+
+    class Wide:
+        all_special_ids = [0]
+
+        def __len__(self):
+            return tiny_bundle.model.config.text_config.vocab_size + 1
+
+        def __call__(self, text):
+            return {"input_ids": [len(text)]}
+
+    with pytest.raises(ValueError, match="tokenizer has 513 tokens but the text config's vocab_size is 512"):
+        check_tokenizer(tiny_bundle.model, Wide(), "m")

@@ -138,6 +138,7 @@ def test_two_sweep_and_train_commands_into_one_out(tmp_path):
     sweep = pd.read_csv(out / "sweep.csv")
     assert len(sweep) == 8 and sorted(set(sweep["lr"])) == [0.05, 0.1, 0.2, 0.3]
     results = pd.read_csv(out / "results.csv")
+    results = results[results["method"] != "zeroshot"]  # the baseline every run adds (one row per fold, shared)
     assert sorted(results["fold"]) == [1, 2]
     index = json.loads(next(cache.rglob("index.json")).read_text())
     assert len(index["entries"]) == 15  # both computed the features into one cache: every row vouched for
@@ -181,3 +182,27 @@ def test_where_a_folder_cannot_be_locked_a_lock_file_serves(tmp_path, monkeypatc
     path = tmp_path / "transfer.csv"
     _run_writers(_csv_writer, path)  # forked writers inherit the patch
     assert len(pd.read_csv(path)) == WRITERS * ROWS and (tmp_path / io_module.LOCK_FILE).is_file()
+
+
+def _retrieval_writer(path: str, writer: int, barrier) -> None:
+    from audio_residual.tasks import RETRIEVAL
+
+    store = ResultsStore(path, RETRIEVAL)  # every writer reads the (empty) table before any of them writes
+    barrier.wait()
+    for row in range(ROWS):
+        metrics = {metric: writer / 10 + row / 100 for metric in RETRIEVAL.metrics}
+        store.add({"method": f"m{writer}", "fold": 0, "key": f"k{writer}-{row}", **metrics})
+
+
+def test_retrieval_store_keeps_every_writers_wide_rows(tmp_path):
+    """retrieval.csv is the keyed results store of the retrieval task: one wide row per (method, fold, key)."""
+    from audio_residual.tasks import RETRIEVAL
+
+    path = tmp_path / "retrieval.csv"
+    _run_writers(_retrieval_writer, path)
+    rows = pd.read_csv(path, dtype={"key": str})
+    assert len(rows) == WRITERS * ROWS and not rows.duplicated(["method", "fold", "key"]).any()
+    assert set(RETRIEVAL.metrics) <= set(rows) and "direction" not in rows and list(rows)[:4] == [
+        "method", "fold", "key", "mean_r1"]
+    store = ResultsStore(path, RETRIEVAL)  # a later session reuses another writer's row instead of recomputing it
+    assert store.reuse("m3", 0, "k3-5") and list(store.frame["t2a_r1"]) == [pytest.approx(0.35)]

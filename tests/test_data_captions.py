@@ -182,6 +182,19 @@ def test_caption_table_rejects_inconsistent_rows():
         CaptionTable("x", ".", ["a.wav"], [["cap"]], ["dev"])
 
 
+def test_every_command_reads_captioned_audio_through_one_loader(generated):
+    from audio_residual.data_processing.sources import load_table
+
+    table, same = load_table(generated, captions=True), load_captions(generated)
+    assert isinstance(table, CaptionTable)
+    assert (table.filenames, table.captions, table.splits) == (same.filenames, same.captions, same.splits)
+    assert load_table(table, captions=True) is table  # a loaded table passes as is
+    with pytest.raises(DatasetError, match="cannot recognise a dataset"):
+        load_table(generated)  # without `captions` it is read as a labelled dataset, which it is not
+    with pytest.raises(ValueError, match="--csv lists a labelled dataset"):
+        load_table(generated, captions=True, csv="labels.csv")
+
+
 def test_cli_generates_captioned_audio(tmp_path, capsys):
     assert main(["generate-data", "--captions", "--clips", "6", "--seconds", "0.5", "--out", str(tmp_path / "c")]) == 0
     assert len(load_captions(tmp_path / "c")) == 6 and "captions.csv" in capsys.readouterr().out

@@ -1,9 +1,12 @@
 """Dataset tables: loaders on valid layouts, and a clear DatasetError for each kind of broken CSV."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+import soundfile as sf
 
 from audio_residual.data_processing import (
     ClipTable,
@@ -207,3 +210,48 @@ def test_gtzan_kaggle_folder_and_empty_genre(tmp_path):
     (root / "genres" / "metal").mkdir()
     with pytest.raises(DatasetError, match=r"genres/metal: genre folder holds no \.wav/\.au files"):
         load_gtzan(root)
+
+
+def test_csv_and_esc50_empty_labels_are_refused(tmp_path, small_data):
+    csv = tmp_path / "labels.csv"
+    csv.write_text("filename,label,fold\na.wav,dog,1\nb.wav,,2\n")
+    with pytest.raises(DatasetError, match=r"line 3, column 'label': empty label"):
+        load_csv_dataset(tmp_path, csv)
+    data = tmp_path / "esc"
+    shutil.copytree(small_data, data)
+    meta = pd.read_csv(data / "meta" / "esc50.csv")
+    meta.loc[meta["target"] == 0, "category"] = ""
+    meta.to_csv(data / "meta" / "esc50.csv", index=False)
+    with pytest.raises(DatasetError, match="column 'category': empty label"):
+        load_esc50(data)
+
+
+def _au_gtzan(root: Path, per_genre: int = 10, genres=("blues", "jazz")) -> Path:
+    """A GTZAN folder of real .au clips (1.2 s tones at 22.05 kHz)."""
+    t = np.arange(int(1.2 * 22050)) / 22050
+    for genre in genres:
+        (root / "genres" / genre).mkdir(parents=True)
+        for i in range(per_genre):
+            audio = ((0.1 + 0.01 * i) * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32)
+            sf.write(root / "genres" / genre / f"{genre}.{i:05d}.au", audio, 22050, format="AU", subtype="PCM_16")
+    return root
+
+
+def test_gtzan_ignores_hidden_folders_and_files(tmp_path):
+    root = _au_gtzan(tmp_path / "g")
+    (root / "genres" / ".ipynb_checkpoints").mkdir()
+    shutil.copy(next((root / "genres" / "jazz").iterdir()), root / "genres" / ".ipynb_checkpoints" / "x.au")
+    (root / "genres" / "jazz" / "._jazz.00000.au").write_bytes(b"\x00\x05\x16\x07 mac resource fork")
+    table = load_gtzan(root)
+    assert table.class_names == ("blues", "jazz") and len(table) == 20
+    assert not any("/." in name for name in table.filenames)
+
+
+def test_gtzan_with_too_few_clips_names_the_genre_and_the_rule(tmp_path, cli):
+    root = _au_gtzan(tmp_path / "g", per_genre=10)
+    for i in range(6, 10):
+        (root / "genres" / "jazz" / f"jazz.{i:05d}.au").unlink()
+    run = cli("zeroshot", "--data", root, "--model", "tiny-random", "--out", tmp_path / "o", "--cache", tmp_path / "c",
+              "--device", "cpu")
+    assert run.code == 2 and "GTZAN" in run.errors and "class 'jazz' has 6 clip(s)" in run.errors
+    assert "10 stratified folds need at least 10 clips per class" in run.errors and "n_splits" not in run.errors

@@ -1,5 +1,7 @@
-"""Feature cache: exact extractor output, reuse without recomputation, invalidation, resume, bad files."""
+"""Feature cache: exact extractor output, reuse without recomputation, invalidation, resume, bad files, a full
+disk."""
 
+import errno
 import os
 import subprocess
 import sys
@@ -17,6 +19,7 @@ from audio_residual.data_processing import (
     load_esc50,
     make_synthetic_esc50,
 )
+from audio_residual.data_processing.audio_config import AudioConfig
 
 
 class CountingExtractor(ClapFeatureExtractor):
@@ -83,7 +86,7 @@ def test_config_change_recomputes_in_a_new_folder(tmp_path, table):
     base = FeatureCache(tmp_path / "cache", rand_trunc_extractor())
     base.compute(table)
     for changed in (
-        FeatureCache(tmp_path / "cache", rand_trunc_extractor(), int16_roundtrip=False),
+        FeatureCache(tmp_path / "cache", rand_trunc_extractor(), AudioConfig(int16_roundtrip=False)),
         FeatureCache(tmp_path / "cache", rand_trunc_extractor(), padding="repeat"),
         FeatureCache(tmp_path / "cache", rand_trunc_extractor(frequency_max=8000)),
     ):
@@ -159,7 +162,7 @@ def test_bad_files_error_and_skip_policies(tmp_path, table):
     table.paths()[9].unlink()
     with pytest.raises(BadAudioError, match=rf"{table.filenames[2]}: empty file"):
         FeatureCache(cache_dir, rand_trunc_extractor()).compute(table)
-    features = FeatureCache(cache_dir, rand_trunc_extractor()).compute(table, on_bad_file="skip")
+    features = FeatureCache(cache_dir, rand_trunc_extractor(), AudioConfig(on_bad_file="skip")).compute(table)
     assert features.valid.tolist() == [i not in (2, 9) for i in range(15)]
     assert features.skipped == [
         (table.filenames[2], "empty file (0 bytes)"),
@@ -212,8 +215,47 @@ def test_cache_files_are_plain_npy_and_json_where_the_cache_layout_says(tmp_path
     cache.compute(table)
     store = cache.store(table)
     files = sorted(p.relative_to(tmp_path / "cache").as_posix() for p in (tmp_path / "cache").rglob("*") if p.is_file())
-    recipe = f"features/{cache.config_hash}"
-    assert files == [f"{recipe}/config.json", f"{recipe}/{store.root.name}/index.json",
-                     f"{recipe}/{store.root.name}/input_features.npy"]
+    config = f"features/{cache.config_hash}"
+    assert files == [f"{config}/config.json", f"{config}/{store.root.name}/index.json",
+                     f"{config}/{store.root.name}/input_features.npy"]
     assert store.root.name.startswith(f"{table.name}-")
     assert np.load(store.features, allow_pickle=False).shape[0] == len(table)
+
+
+# --- a full disk -------------------------------------------------------------------------------------------
+
+
+def _fake_full_disk(monkeypatch) -> None:
+    """posix_fallocate reports the full disk (where no small tmpfs can be mounted)."""
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+
+
+def test_full_cache_disk_names_the_feature_file_and_reruns_cleanly(small_disk, small_data, tmp_path, cli, monkeypatch):
+    """The features of 15 clips (~3.8 MB) cannot fit: an error naming the file, not a SIGBUS ("Bus error")."""
+    if small_disk is None:
+        _fake_full_disk(monkeypatch)
+    cache = small_disk or tmp_path / "cache"
+    argv = ["zeroshot", "--data", small_data, "--model", "tiny-random", "--device", "cpu", "--out", tmp_path / "out",
+            "--cache", cache]
+    for _ in range(2):  # and again on the rerun
+        run = cli(*argv)
+        assert run.code == 2 and "No space left on device" in run.errors and "input_features.npy" in run.errors, run.err
+    assert not list(Path(cache).rglob("index.json"))  # nothing vouches for rows that were never written
+    assert not [p for p in Path(cache).rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_sparse_feature_file_left_by_an_old_crash_is_reserved_or_refused(small_disk, tmp_path, monkeypatch):
+    """A rerun reopens the feature file of the crashed run: its holes are reserved before any page is written."""
+    from audio_residual.io import preallocate
+
+    if small_disk is None:
+        _fake_full_disk(monkeypatch)
+    sparse = (small_disk or tmp_path) / "input_features.npy"
+    with open(sparse, "wb") as handle:
+        handle.truncate(4 * 2**20)  # 4 MiB of holes on a 1 MiB disk
+    with pytest.raises(OSError, match="cannot reserve 4.0 MiB") as caught:
+        preallocate(sparse, sparse.stat().st_size)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(sparse)

@@ -1,6 +1,10 @@
-"""Official splits: every clip tested once, no overlap, validation stratified and outside the test fold."""
+"""Official splits: every clip tested once, no overlap, validation stratified and outside the test fold; a class
+no training split can learn is refused before any work."""
+
+import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from audio_residual.data_processing import ClipTable, carve_validation, few_shot_splits, official_splits
@@ -114,3 +118,17 @@ def test_few_shot_never_draws_skipped_files(tmp_path):
     for split in few_shot_splits(table, 3, seed=0, val_per_class=3, valid=valid):
         assert valid[np.concatenate([split.train, split.val, split.test])].all()
         assert np.array_equal(split.test, np.flatnonzero((table.folds == split.fold) & valid))
+
+
+def test_a_class_only_in_one_test_fold_is_named_before_any_work(small_data, tmp_path, cli):
+    data = tmp_path / "esc"
+    shutil.copytree(small_data, data)
+    meta = pd.read_csv(data / "meta" / "esc50.csv")
+    name = meta.loc[meta["target"] == 2, "category"].iloc[0]
+    meta.loc[meta["target"] == 2, "fold"] = 3
+    meta.to_csv(data / "meta" / "esc50.csv", index=False)
+    run = cli("experiment", "--data", data, "--model", "tiny-random", "--device", "cpu", "--out", tmp_path / "out",
+              "--cache", tmp_path / "cache", "--wandb", "disabled")
+    assert run.code == 2 and f"'esc50': class {name!r} has clips only in fold 3" in run.errors
+    assert "fold 3 as the test fold" in run.errors
+    assert not (tmp_path / "out" / "analysis").exists() and not (tmp_path / "out" / "sweep.csv").exists()

@@ -1,4 +1,5 @@
-"""Hugging Face datasets: a saved `datasets.Dataset` with an Audio column becomes files, labels and folds."""
+"""Hugging Face datasets: a saved `datasets.Dataset` with an Audio column becomes files, labels and folds; a
+saved folder or hub id it cannot use is a one-line error naming what is wrong."""
 
 import json
 
@@ -10,7 +11,7 @@ from transformers import ClapFeatureExtractor
 
 from audio_residual.data_processing import DatasetError, FeatureCache, load_audio
 from audio_residual.data_processing.hf import EXPORT_INDEX, load_hf_dataset, parse_hf_spec
-from audio_residual.workspace import resolve_dataset
+from audio_residual.data_processing.sources import resolve_dataset
 
 
 def write_clips(folder, n_per_class=5) -> tuple[list[bytes], list[int]]:
@@ -99,3 +100,64 @@ def test_bad_spec_is_one_line_error(spec):
 def test_spec_parts():
     assert parse_hf_spec("hf:ashraq/esc50") == ("ashraq/esc50", None)
     assert parse_hf_spec("hf:owner/name.v2:clean") == ("owner/name.v2", "clean")
+
+
+# --- saved folders and ids that are refused ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_full(tmp_path_factory):
+    """10 clips of 1.2 s, labels rain / dog alternating."""
+    folder = tmp_path_factory.mktemp("hfsrc")
+    rows, labels = [], []
+    t = np.arange(int(1.2 * 16000)) / 16000
+    for i in range(10):
+        path = folder / f"c{i}.wav"
+        sf.write(path, ((0.1 + 0.05 * (i % 2)) * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32), 16000)
+        rows.append({"bytes": path.read_bytes(), "path": f"c{i}.wav"})
+        labels.append(i % 2)
+    ds = Dataset.from_dict({"audio": rows, "label": labels}).cast_column("audio", Audio())
+    return ds.cast_column("label", ClassLabel(names=["rain", "dog"]))
+
+
+def _hf_cases(full):
+    from datasets import Value
+
+    return {
+        "one_empty_split": (DatasetDict(train=full, test=full.select([])), None),
+        "all_splits_empty": (DatasetDict(train=full.select([]), test=full.select([])), "every split (train, test) is empty"),
+        "empty_dataset": (full.select([]), "the saved dataset is empty"),
+        "renamed_column": (DatasetDict(train=full, test=full.rename_column("label", "tag")),
+                           "splits 'train' and 'test' differ in column(s) ['label', 'tag']"),
+        "retyped_column": (DatasetDict(train=full, test=full.cast_column("label", Value("string"))),
+                           "differ in column(s) ['label']"),
+        "fractional_folds": (full.add_column("fold", [1.5 + i % 5 for i in range(10)]),
+                             "column 'fold': 1.5 is not an integer fold"),
+        "empty_string_label": (full.add_column("genre", ["x", ""] * 5), "empty label ''"),
+    }
+
+
+def test_hf_saved_folders_that_crashed_are_one_line_errors(hf_full, tmp_path, cli):
+    for name, (dataset, expected) in _hf_cases(hf_full).items():
+        dataset.save_to_disk(str(tmp_path / name))
+        if expected is None:  # an empty split is left out; the others are used
+            assert len(load_hf_dataset(tmp_path / name, tmp_path / "export")) == 10
+            continue
+        if name == "empty_string_label":
+            with pytest.raises(DatasetError, match=expected):
+                load_hf_dataset(tmp_path / name, tmp_path / "export", label_column="genre")
+            continue
+        run = cli("zeroshot", "--data", tmp_path / name, "--model", "tiny-random", "--device", "cpu",
+                  "--out", tmp_path / "out", "--cache", tmp_path / "cache")
+        assert run.code == 2 and expected in run.errors and len(run.errors.strip().splitlines()) == 1, (name, run.err)
+
+
+@pytest.mark.parametrize("spec", ["hf:../..", "hf:./x", "hf:owner/..", "hf:../name:config"])
+def test_hf_ids_naming_folders_are_refused(spec, cli, tmp_path):
+    run = cli("zeroshot", "--data", spec, "--model", "tiny-random", "--out", tmp_path / "o", "--cache", tmp_path / "c")
+    assert run.code == 2 and "may not start with '.'" in run.errors
+
+
+def test_hf_integral_float_folds_are_kept(hf_full, tmp_path):
+    hf_full.add_column("fold", [float(1 + i % 5) for i in range(10)]).save_to_disk(str(tmp_path / "f"))
+    assert load_hf_dataset(tmp_path / "f", tmp_path / "e").folds.tolist() == [1 + i % 5 for i in range(10)]

@@ -9,7 +9,6 @@ import torch
 from scipy import stats
 
 from audio_residual.evaluation import plots
-from audio_residual.evaluation.metrics import fold_metrics
 from audio_residual.evaluation.store import (
     RESULT_COLUMNS,
     ResultsStore,
@@ -20,6 +19,7 @@ from audio_residual.evaluation.store import (
     summed_confusion,
 )
 from audio_residual.io import save_figure
+from audio_residual.tasks.classification import fold_metrics
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -145,25 +145,40 @@ def test_per_class_deltas_confusion_sums_and_plots(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_experiment(synthetic_esc50, tmp_path_factory):
+    from audio_residual.clap.loading import ModelSource
     from audio_residual.workspace import Workspace
 
-    return Workspace.open(
-        synthetic_esc50, model="tiny-random", cache_dir=tmp_path_factory.mktemp("cache"), device="cpu"
-    )
+    return Workspace.open(synthetic_esc50, ModelSource("tiny-random", device="cpu"),
+                          cache_dir=tmp_path_factory.mktemp("cache"))
 
 
-def test_run_baselines_end_to_end_and_resume(tiny_experiment, tmp_path, monkeypatch):
+def _methods(ws, out, methods, base=None, **run):
+    """Study.methods of the given methods (the study's own store and split)."""
+    from audio_residual.experiments.config import StudyConfig
+    from audio_residual.experiments.study import Study
+
+    return Study(ws, out, StudyConfig(methods=methods, base=base or {})).methods(**run)
+
+
+def _fresh_session(ws, calls):
+    """The workspace as a new session opens it: no embedding computed yet; `calls` records each embedding pass."""
+    import dataclasses
+
+    fresh = dataclasses.replace(ws, _embeddings=None)
+    embed = fresh.embed
+    fresh.embed = lambda rows, **kw: calls.append(len(rows)) or embed(rows, **kw)
+    return fresh
+
+
+def test_study_methods_end_to_end_and_resume(tiny_experiment, tmp_path):
     from audio_residual.evaluation.report import write_report
-    from audio_residual.experiments.baselines import run_baselines
 
-    ws = tiny_experiment
     calls = []
-    embed = ws.embed
-    monkeypatch.setattr(ws, "embed", lambda rows, **kw: calls.append(len(rows)) or embed(rows, **kw))
-    store = run_baselines(ws, tmp_path)
+    ws = _fresh_session(tiny_experiment, calls)
+    methods = ("zeroshot", "linear_probe", "contrastive_adapter")
+    store = _methods(ws, tmp_path, methods)
     assert calls == [len(ws.valid_indices())]  # one embedding pass shared by every fold and method
     frame = pd.read_csv(tmp_path / "results.csv")
-    methods = ("zeroshot", "linear_probe", "contrastive_adapter")
     assert sorted(zip(frame["method"], frame["fold"], strict=True)) == sorted(
         (m, f) for m in methods for f in range(1, 6)
     )
@@ -174,7 +189,7 @@ def test_run_baselines_end_to_end_and_resume(tiny_experiment, tmp_path, monkeypa
 
     # zero-shot rows equal the classifier applied to the test fold
     split = ws.splits(0.1, 0)[0]
-    logits = ws.classifier.logits(embed(split.test))
+    logits = ws.classifier.logits(tiny_experiment.embed(split.test))
     expected = fold_metrics(logits, ws.table.labels[split.test], n_classes)["accuracy"]
     assert frame.query("method == 'zeroshot' and fold == 1")["accuracy"].item() == pytest.approx(expected)
 
@@ -186,20 +201,23 @@ def test_run_baselines_end_to_end_and_resume(tiny_experiment, tmp_path, monkeypa
     assert {"fold_accuracy.png", "confusion_zeroshot.png", "class_deltas_linear_probe.png"} <= figures
 
     calls.clear()
-    rerun = run_baselines(ws, tmp_path)  # everything done: nothing is embedded or recomputed
+    ws = _fresh_session(tiny_experiment, calls)
+    rerun = _methods(ws, tmp_path, methods)  # everything done: nothing is embedded or recomputed
     assert calls == [] and rerun.frame.equals(store.frame)
-    forced = run_baselines(ws, tmp_path, methods=("zeroshot",), folds=(2,), force=True)
+    forced = _methods(ws, tmp_path, ("zeroshot",), folds=(2,), force=True)
     assert calls == [len(ws.valid_indices())] and len(forced.all_rows) == 15 and forced.methods() == ["zeroshot"]
     before = store.frame.query("method == 'zeroshot'").reset_index(drop=True)
     assert not forced.frame.equals(before)  # fold 2's zero-shot row was rewritten (new seconds)
-    other = run_baselines(ws, tmp_path, methods=("zeroshot",), val_fraction=0.2)  # other options: new rows
+    other = _methods(ws, tmp_path, ("zeroshot",), base={"val_fraction": 0.2})  # other options: new rows
     assert len(other.all_rows) == 20 and len(other) == 5 and other.frame["key"].nunique() == 1
 
 
-def test_run_baselines_finetune_fold(tiny_experiment, tmp_path):
-    from audio_residual.experiments.baselines import run_baselines
+def test_study_finetune_fold(tiny_experiment, tmp_path):
+    from audio_residual.experiments.config import StudyConfig
+    from audio_residual.experiments.study import Study
 
-    store = run_baselines(tiny_experiment, tmp_path, methods=("zeroshot",), folds=(1,), finetune_epochs=1)
+    config = StudyConfig(methods=("zeroshot", "finetune"), options={"finetune": {"epochs": 1}})
+    store = Study(tiny_experiment, tmp_path, config).methods(folds=(1,))
     assert store.methods() == ["zeroshot", "finetune"] and len(store) == 2
     model = tiny_experiment.bundle.model
     n_classes = len(tiny_experiment.table.class_names)

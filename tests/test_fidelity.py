@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -11,8 +12,10 @@ import pytest
 import soundfile as sf
 from safetensors.torch import load_file
 
+from audio_residual.clap.loading import ModelSource
 from audio_residual.cli import main
 from audio_residual.data_processing import make_synthetic_esc50
+from audio_residual.data_processing.audio_config import AudioConfig
 from audio_residual.experiments.config import StudyConfig
 from audio_residual.experiments.study import run_study
 from audio_residual.workspace import Workspace
@@ -20,12 +23,20 @@ from audio_residual.workspace import Workspace
 GRID = {"granularity": ["layer"], "lr": [0.02, 0.4], "epochs": [2], "fold": [1, 2, 3]}
 BASE = {"batch_size": 16, "val_fraction": 0.3, "schedule": "constant"}
 NOT_TEST = ["best_epoch", "start_train_accuracy", "train_accuracy", "val_accuracy", "trainable_params"]
+METHODS = ("zeroshot", "linear_probe", "contrastive_adapter", "residual", "residual_coarse")
 
 
 def _study(data, out, cache):
-    ws = Workspace.open(data, model="tiny-random", cache_dir=cache, device="cpu")
-    outcome = run_study(ws, out, StudyConfig(GRID, BASE), analysis_options={"pattern_cap": 16, "ablation_max_clips": 4})
+    ws = Workspace.open(data, ModelSource("tiny-random", device="cpu"), cache_dir=cache)
+    outcome = run_study(ws, out, StudyConfig(methods=METHODS, grid=GRID, base=BASE),
+                        analysis_options={"pattern_cap": 16, "ablation_max_clips": 4})
     return ws, outcome
+
+
+def _chosen(outcome, fold: int) -> dict:
+    """The grid options ResiDual chose for `fold` on that fold's own validation split."""
+    frame = outcome.store.frame
+    return json.loads(frame[(frame["method"] == "residual") & (frame["fold"] == fold)]["chosen"].item())
 
 
 def _overwrite_with_noise(data, fold: int) -> None:
@@ -48,7 +59,7 @@ def test_nothing_of_fold_k_chooses_what_is_reported_on_fold_k(tmp_path):
     exp_b, second = _study(data, tmp_path / "b", tmp_path / "cache")
     sweep_b = pd.read_csv(tmp_path / "b" / "sweep.csv")
 
-    assert first.chosen[1] == second.chosen[1]
+    assert _chosen(first, 1) == _chosen(second, 1)
     fold1 = (sweep_a["fold"] == 1).to_numpy()
     pd.testing.assert_frame_equal(sweep_a.loc[fold1, NOT_TEST], sweep_b.loc[fold1, NOT_TEST])
     # The other folds' validation sets hold fold 1's clips: their numbers are allowed to move, and do.
@@ -59,14 +70,17 @@ def test_nothing_of_fold_k_chooses_what_is_reported_on_fold_k(tmp_path):
     from audio_residual.layout import RunLayout
     from audio_residual.training.trainer import TrainConfig, run_key
 
-    config = TrainConfig.from_dict({**BASE, **first.chosen[1]})
+    config = TrainConfig.from_dict({**BASE, **_chosen(first, 1)})
     lam_a = load_file(RunLayout(tmp_path / "a").fold(run_key(exp_a, config), 1).lambdas)
     lam_b = load_file(RunLayout(tmp_path / "b").fold(run_key(exp_b, config), 1).lambdas)
     assert lam_a.keys() == lam_b.keys() and all(lam_a[k].equal(lam_b[k]) for k in lam_a)
 
-    rows_a = pd.read_csv(tmp_path / "a" / "results.csv").query("method == 'residual' and fold == 1")
+    every = pd.read_csv(tmp_path / "a" / "results.csv")
+    assert sorted(every.loc[every["method"] == "residual", "fold"]) == [1, 2, 3]  # the grid's folds only
+    assert sorted(every.loc[every["method"] == "zeroshot", "fold"]) == [1, 2, 3, 4, 5]
+    rows_a = every.query("method == 'residual' and fold == 1")
     rows_b = pd.read_csv(tmp_path / "b" / "results.csv").query("method == 'residual' and fold == 1")
-    assert rows_a["val_accuracy"].item() == rows_b["val_accuracy"].item()
+    assert rows_a["val_score"].item() == rows_b["val_score"].item()
     assert rows_a["best_epoch"].item() == rows_b["best_epoch"].item()
 
 
@@ -78,20 +92,23 @@ def test_a_rerun_with_other_options_never_reports_the_old_rows(synthetic_esc50, 
     assert main(["train-residual", *common, "--lr", "0.001"]) == 0
     assert main(["train-residual", *common, "--lr", "0.5"]) == 0
     rows = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert (rows["method"] == "zeroshot").sum() == 1  # the baseline both runs add: the same key, stored once
+    rows = rows[rows["method"] != "zeroshot"]
     assert len(rows) == 2 and rows["key"].nunique() == 2  # the second run computed its own row
     table = (tmp_path / "out" / "table.md").read_text()
     second = rows.iloc[1]
     assert table.count("| residual |") == 1 and f"| residual | {second['accuracy']:.4f}" in table
     assert len(list((tmp_path / "out" / "runs").iterdir())) == 2
     assert main(["train-residual", *common, "--lr", "0.001"]) == 0  # back to the first options: reused
-    assert len(pd.read_csv(tmp_path / "out" / "results.csv")) == 2
+    assert len(pd.read_csv(tmp_path / "out" / "results.csv")) == 3
 
 
 def test_cached_features_follow_content_not_mtime(tmp_path):
     data = make_synthetic_esc50(tmp_path / "data", n_classes=2, clips_per_class=5, seed=1)
 
     def open_(check: str) -> Workspace:
-        return Workspace.open(data, model="tiny-random", cache_dir=tmp_path / check, device="cpu", cache_check=check)
+        return Workspace.open(data, ModelSource("tiny-random", device="cpu"), AudioConfig(cache_check=check),
+                              cache_dir=tmp_path / check)
 
     ws = open_("content")
     before = np.array(ws.features.input_features[0])

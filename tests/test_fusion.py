@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import soundfile as sf
 import torch
@@ -111,7 +112,7 @@ def test_truncation_follows_the_model_with_a_warning_naming_both(fusion, tmp_pat
     with pytest.warns(UserWarning, match=f"truncation='{wrong}'.*enable_fusion={fusion}.*'{right}'"):
         bundle = load_clap(tmp_path, device="cpu")
     assert bundle.feature_extractor.truncation == right
-    assert FeatureCache(tmp_path / "cache", bundle.feature_extractor).recipe["truncation"] == right
+    assert FeatureCache(tmp_path / "cache", bundle.feature_extractor).preprocessing["truncation"] == right
 
 
 def test_cached_features_from_before_the_rule_are_not_reused(mixed_data, tmp_path):
@@ -152,9 +153,15 @@ def test_analyze_train_residual_and_experiment_run_on_a_fused_model(fused_dir, m
     grid = tmp_path / "grid.json"
     grid.write_text(json.dumps({"granularity": ["layer"], "lr": [0.1], "epochs": [1], "fold": [1, 2]}))
     experiment = tmp_path / "experiment"
+    # every method family on the fused encoder, one epoch each (ResiDual's paper and coarse variants train the
+    # same hooks as `residual`: nothing fusion-specific, and the paper preset's 30 epochs would dominate the suite)
+    methods = "zeroshot,linear_probe,contrastive_adapter,tip_adapter,tip_adapter_f,coop,lora,residual"
     assert main(["experiment", *common, "--out", str(experiment), "--grid", str(grid), "--val-fraction", "0.2",
-                 "--ablation-max-clips", "2", "--wandb", "disabled"]) == 0
+                 "--ablation-max-clips", "2", "--wandb", "disabled", "--methods", methods, "--epochs", "1"]) == 0
     assert (experiment / "report.md").is_file()
+    rows = pd.read_csv(experiment / "results.csv")
+    assert sorted(zip(rows["method"], rows["fold"], strict=True)) == sorted(
+        (method, fold) for method in methods.split(",") for fold in (1, 2))
     assert json.loads((experiment / "provenance.json").read_text()) == provenance
     capsys.readouterr()
 
@@ -168,8 +175,10 @@ def test_zeroshot_prints_and_writes_provenance(fused_dir, mixed_data, tmp_path, 
     (printed,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("provenance: ")]
     provenance = json.loads((out / "provenance.json").read_text())
     assert set(provenance) == {"model", "revision", "commit", "transformers", "enable_fusion", "sample_rate",
-                               "int16_roundtrip", "truncation", "padding", "min_seconds", "recipe", "templates",
-                               "dataset"}
+                               "int16_roundtrip", "truncation", "padding", "min_seconds", "recipe", "audio",
+                               "templates", "dataset"}
+    assert provenance["audio"] == {"recipe": "laion-training", "int16_roundtrip": True, "min_seconds": 1.0,
+                                   "cache_check": "content", "workers": 1, "on_bad_file": "error"}
     assert provenance["templates"] == ["A sound of {label}."] and provenance["sample_rate"] == 48_000
     assert provenance["int16_roundtrip"] is True and provenance["padding"] == "repeatpad"
     assert json.loads(printed.removeprefix("provenance: ")) == provenance

@@ -217,10 +217,10 @@ def test_offline_without_roberta_names_what_is_missing(roberta, tmp_path):
         converted_laion(path, text_config=tmp_path / "nowhere", cache_dir=tmp_path / "c")
 
 
-def test_cli_error_is_one_line_and_exit_2(roberta, synthetic_esc50, tmp_path, capsys):
+def test_cli_error_is_one_line_and_exit_2(roberta, small_data, tmp_path, capsys):
     path = _save(tmp_path, laion_checkpoint(Geometry(), roberta[0]), "bad.pt")
     path.write_bytes(b"not a checkpoint")
-    code = main(["zeroshot", "--data", str(synthetic_esc50), "--model", str(path), "--out", str(tmp_path / "out"),
+    code = main(["zeroshot", "--data", str(small_data), "--model", str(path), "--out", str(tmp_path / "out"),
                  "--cache", str(tmp_path / "cache"), "--text-config", str(roberta[1])])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "bad.pt" in err

@@ -10,6 +10,7 @@ import soundfile as sf
 
 from audio_residual.clap.tiny import hub_feature_extractor
 from audio_residual.data_processing.audio import load_audio
+from audio_residual.data_processing.audio_config import AudioConfig
 from audio_residual.data_processing.datasets import ClipTable
 from audio_residual.data_processing.features import FeatureCache
 from audio_residual.data_processing.recipes import LAION_FILELIST, LAION_TRAINING, librosa_length, resample
@@ -57,7 +58,7 @@ def test_sample_counts_and_padding(clips, name, recipe):
     # What the extractor actually computes equals the mel of the clip repeated `copies` times, then zeros.
     extractor = hub_feature_extractor(enable_fusion=False)
     table = ClipTable("recipes", clips, (f"{name}.wav",), np.zeros(1), np.ones(1), ("tone",))
-    cache = FeatureCache(clips / "cache", extractor, recipe=recipe)
+    cache = FeatureCache(clips / "cache", extractor, AudioConfig(recipe=recipe))
     cached = cache.compute(table).input_features[0]
     padded = np.concatenate([np.tile(audio, copies), np.zeros(zeros, dtype=np.float32)])
     explicit = extractor(padded, sampling_rate=48_000, truncation="rand_trunc", return_tensors="np")
@@ -69,12 +70,12 @@ def test_the_recipes_differ_exactly_where_librosa_adds_a_sample(clips):
     names = tuple(f"{name}.wav" for name in CASES)
     table = ClipTable("recipes", clips, names, np.zeros(len(names)), np.ones(len(names)), ("tone",))
     features = {
-        recipe: FeatureCache(clips / "cache", extractor, recipe=recipe).compute(table)
+        recipe: FeatureCache(clips / "cache", extractor, AudioConfig(recipe=recipe)).compute(table)
         for recipe in (LAION_TRAINING, LAION_FILELIST)
     }
     training, filelist = features[LAION_TRAINING], features[LAION_FILELIST]
     assert training.config_hash != filelist.config_hash  # the cache key includes the recipe
-    assert (training.recipe["recipe"], filelist.recipe["recipe"]) == (LAION_TRAINING, LAION_FILELIST)
+    assert (training.preprocessing["recipe"], filelist.preprocessing["recipe"]) == (LAION_TRAINING, LAION_FILELIST)
     differs = [bool(np.abs(a - b).max() > 1e-3) for a, b in zip(training.input_features, filelist.input_features, strict=True)]
     assert differs == [True, True, False, False]  # 5 s and 2 s at 44.1 kHz; not 3 s
 
@@ -87,13 +88,16 @@ def test_filelist_resampling_is_soxr_then_librosas_fix():
     np.testing.assert_array_equal(filelist[:-1], training)
     with pytest.raises(ValueError, match="recipe must be one of laion-training, laion-filelist"):
         resample(audio, 44_100, 48_000, "librosa")
+    with pytest.raises(ValueError, match="recipe must be one of laion-training, laion-filelist"):
+        AudioConfig(recipe="librosa")
 
 
-def test_cli_records_the_recipe(synthetic_esc50, tmp_path):
+def test_cli_records_the_recipe(small_data, tmp_path):
     from audio_residual.cli import main
 
     out = tmp_path / "out"
-    args = ["zeroshot", "--data", str(synthetic_esc50), "--model", "tiny-random", "--out", str(out),
+    args = ["zeroshot", "--data", str(small_data), "--model", "tiny-random", "--out", str(out),
             "--cache", str(tmp_path / "cache"), "--device", "cpu", "--recipe", LAION_FILELIST]
     assert main(args) == 0
-    assert json.loads((out / "provenance.json").read_text())["recipe"] == LAION_FILELIST
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["recipe"] == LAION_FILELIST and provenance["audio"]["recipe"] == LAION_FILELIST

@@ -10,14 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from audio_residual.baselines import (
-    finetune_audio_encoder,
-    train_contrastive_adapter,
-    train_coop,
-    train_lora,
-    train_tip_adapter_f,
-)
+from audio_residual.clap.loading import ModelSource
 from audio_residual.clap.zeroshot import ZeroShotClassifier
+from audio_residual.data_processing import Split
+from audio_residual.methods.contrastive_adapter import AdapterOptions, train_contrastive_adapter
+from audio_residual.methods.coop import CoOpOptions, train_coop
+from audio_residual.methods.finetune import finetune_audio_encoder
+from audio_residual.methods.lora import LoraOptions, train_lora
+from audio_residual.methods.tip_adapter import TipAdapterFOptions, train_tip_adapter_f
+from audio_residual.tasks import CLASSIFICATION
 from audio_residual.training import TrainConfig, train_residual_fold
 from audio_residual.training.loop import Steps, row_batches, train
 from audio_residual.workspace import Workspace
@@ -74,18 +75,18 @@ def test_embedding_methods_keep_their_start_on_permuted_training_labels():
     labels = torch.arange(60) % 3
     emb = F.normalize(centres[labels] + 0.05 * torch.randn(60, 16, generator=gen), dim=-1)
     train_set, val = (emb[:40], _rotated(labels[:40], 3)), (emb[40:], labels[40:])  # zero-shot: all right on val
-    adapter = train_contrastive_adapter(*train_set, centres, 20.0, *val, epochs=5, lr=0.1, batch_size=8)
+    adapter = train_contrastive_adapter(*train_set, centres, 20.0, *val, AdapterOptions(epochs=5, lr=0.1, batch_size=8))
     assert torch.equal(adapter.delta, torch.zeros(16, 16)) and torch.equal(adapter.bias, torch.zeros(16))
-    tip = train_tip_adapter_f(*train_set, centres, 20.0, *val, epochs=5, lr=0.1, batch_size=8)
+    tip = train_tip_adapter_f(*train_set, centres, 20.0, *val, TipAdapterFOptions(epochs=5, lr=0.1, batch_size=8))
     assert tip.best_epoch == 0 and torch.equal(tip.keys.detach(), F.normalize(train_set[0], dim=-1))
 
 
 def test_coop_keeps_its_start_on_permuted_training_labels(tiny_bundle):
-    start = train_coop(tiny_bundle, NAMES, torch.zeros(0, 1), torch.zeros(0), epochs=0)
+    start = train_coop(tiny_bundle, NAMES, torch.zeros(0, 1), torch.zeros(0), options=CoOpOptions(epochs=0))
     labels = torch.arange(30) % 3
     emb = start.class_embeddings[labels]  # each clip at its class's prompt: zero-shot is right on every clip
-    coop = train_coop(tiny_bundle, NAMES, emb[:18], _rotated(labels[:18], 3), emb[18:], labels[18:], epochs=4,
-                      lr=0.5, batch_size=6)  # fmt: skip
+    coop = train_coop(tiny_bundle, NAMES, emb[:18], _rotated(labels[:18], 3), emb[18:], labels[18:],
+                      options=CoOpOptions(epochs=4, lr=0.5, batch_size=6))
     assert coop.best_epoch == 0 and torch.equal(coop.learner.ctx.detach(), start.learner.ctx.detach())
 
 
@@ -103,22 +104,21 @@ def _zero_shot_labels(bundle, features, longer):
     return zero_shot, labels
 
 
-def test_finetuning_and_lora_keep_their_start_on_permuted_training_labels(tiny_bundle, clips):
+def test_finetuning_and_lora_keep_their_start_on_permuted_training_labels(tiny_bundle, clips, workspace_of_arrays):
     features, longer = clips
     zero_shot, labels = _zero_shot_labels(tiny_bundle, features, longer)
-    train_rows, val_rows = np.arange(5), np.arange(5, 8)
-    tuned = finetune_audio_encoder(tiny_bundle, features, longer, labels, train_rows, 3, val_rows, zero_shot=zero_shot,
-                                   epochs=2, lr=1e-3, head_lr=1e-1, batch_size=2)  # fmt: skip
+    ws = workspace_of_arrays(tiny_bundle, features, labels, NAMES)
+    split = Split(1, np.arange(5), np.arange(5, 8), np.arange(5, 8))
+    tuned = finetune_audio_encoder(ws, split, epochs=2, lr=1e-3, head_lr=1e-1, batch_size=2)
     assert tuned.val_accuracy == 1.0
     torch.testing.assert_close(tuned.model.head.weight, zero_shot.logit_scale * zero_shot.class_embeddings)
-    lora = train_lora(tiny_bundle, features, longer, labels, train_rows, zero_shot, val_rows, ranks=(2,), epochs=2,
-                      lr=1e-1, batch_size=2)  # fmt: skip
-    lora_b = [p for name, p in lora.model.named_parameters() if "lora_B" in name]
-    assert lora.val_accuracy == 1.0 and lora_b and all(torch.count_nonzero(p) == 0 for p in lora_b)
+    lora = train_lora(ws, CLASSIFICATION, split, LoraOptions(ranks=(2,), epochs=2, lr=1e-1, batch_size=2))
+    lora_b = [p for name, p in lora.tower.named_parameters() if "lora_B" in name]
+    assert lora.val_score == 1.0 and lora_b and all(torch.count_nonzero(p) == 0 for p in lora_b)
 
 
 def test_residual_keeps_its_start_on_permuted_training_labels(synthetic_esc50, tmp_path):
-    ws = Workspace.open(synthetic_esc50, model="tiny-random", cache_dir=tmp_path / "cache", device="cpu")
+    ws = Workspace.open(synthetic_esc50, ModelSource("tiny-random", device="cpu"), cache_dir=tmp_path / "cache")
     split = ws.splits(val_fraction=0.2)[0]
     rows = ws.valid_indices()
     predicted = np.zeros(len(ws.table), dtype=np.int64)
@@ -128,4 +128,4 @@ def test_residual_keeps_its_start_on_permuted_training_labels(synthetic_esc50, t
     permuted = dataclasses.replace(ws, table=dataclasses.replace(ws.table, labels=labels))
     config = TrainConfig(granularity="layer", epochs=3, lr=0.3, batch_size=12, schedule="constant")
     result = train_residual_fold(permuted, split, config)
-    assert result.best_epoch == 0 and result.val_accuracy == 1.0
+    assert result.best_epoch == 0 and result.val_score == 1.0

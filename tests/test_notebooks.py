@@ -166,5 +166,6 @@ def test_notebook_3_comparison(smoke_env, python3_kernel):
     report = (out / "report.md").read_text()
     assert "## Few-shot" in report and "## Zero-shot retention" in report and "Data: " in report
     assert "## Sweep" in report and "chosen by that fold's validation split" in report  # the study's sections
+    assert "- residual-paper, fold 1: `" in report  # the paper preset's own nested choice
     figures = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(figures) >= 8  # fold accuracy, deltas, confusions, headline, few-shot curves, transfer heatmaps

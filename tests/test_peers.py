@@ -10,16 +10,18 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from audio_residual.baselines import (
+from audio_residual.clap.zeroshot import ZeroShotClassifier
+from audio_residual.data_processing import Split
+from audio_residual.methods.coop import CoOpOptions, train_coop
+from audio_residual.methods.linear_probe import train_logistic_probe
+from audio_residual.methods.lora import LoraOptions, lora_tower, train_lora
+from audio_residual.methods.tip_adapter import (
     TipAdapter,
-    train_coop,
-    train_logistic_probe,
-    train_lora,
+    TipAdapterFOptions,
     train_tip_adapter,
     train_tip_adapter_f,
 )
-from audio_residual.baselines.lora import lora_audio_model
-from audio_residual.clap.zeroshot import ZeroShotClassifier
+from audio_residual.tasks import CLASSIFICATION
 
 N_CLASSES, DIM = 6, 24
 NAMES = ("dog", "rain", "sea_waves")  # the tiny_bundle's classes
@@ -123,18 +125,23 @@ def test_tip_adapter_learns_rotated_data_choosing_alpha_beta_on_validation():
 
 
 def test_tip_adapter_f_trains_the_keys_and_never_loses_validation_accuracy():
-    # clusters on which some trained epoch beats the training-free cache's validation accuracy outright
     centres, emb, labels = _clusters(7, noise=0.5, rotate=True)
-    args = (emb[:90], labels[:90], centres, 20.0, emb[90:150], labels[90:150])
-    free = train_tip_adapter(*args)
-    tuned = train_tip_adapter_f(*args, epochs=30, lr=1e-2, batch_size=32, seed=0)
-    again = train_tip_adapter_f(*args, epochs=30, lr=1e-2, batch_size=32, seed=0)
-    assert tuned.num_parameters == 90 * DIM
-    assert tuned.best_epoch > 0 and not torch.allclose(tuned.keys, F.normalize(emb[:90], dim=-1))
-    assert tuned.val_accuracy >= free.val_accuracy
-    assert torch.equal(tuned.logits(emb[150:]), again.logits(emb[150:]))
+    train, val = (emb[:90], labels[:90]), (emb[90:150], labels[90:150])
+    cache = F.normalize(emb[:90], dim=-1)
+    options = TipAdapterFOptions(epochs=30, lr=1e-2, batch_size=32)
+    blind = train_tip_adapter_f(*train, centres, 20.0, options=options, seed=0)  # no validation: the last epoch
+    assert blind.num_parameters == 90 * DIM
+    assert blind.best_epoch == 30 and not torch.allclose(blind.keys, cache)  # the keys trained
+    free = train_tip_adapter(*train, centres, 20.0, *val)
     zero_shot = _accuracy(20.0 * emb[150:] @ centres.T, labels[150:])
-    assert _accuracy(tuned.logits(emb[150:]), labels[150:]) >= zero_shot + 0.3
+    for seed in range(3):  # whichever epoch each seed keeps, validation never falls below the cache's
+        tuned = train_tip_adapter_f(*train, centres, 20.0, *val, options, seed=seed)
+        assert tuned.val_accuracy >= free.val_accuracy
+        if tuned.best_epoch == 0:  # no trained epoch beat the training-free cache: its keys come back exactly
+            assert torch.equal(tuned.keys.detach(), cache)
+        assert _accuracy(tuned.logits(emb[150:]), labels[150:]) >= zero_shot + 0.3
+    again = train_tip_adapter_f(*train, centres, 20.0, *val, options, seed=2)
+    assert torch.equal(tuned.logits(emb[150:]), again.logits(emb[150:]))
 
 
 # ---- CoOp -------------------------------------------------------------------------------------------------
@@ -149,33 +156,40 @@ def test_coop_starts_at_zero_shot_and_counts_context_parameters(tiny_bundle):
     width = tiny_bundle.model.text_model.config.hidden_size
     prefix = tiny_bundle.tokenizer("This is a sound of", add_special_tokens=False)["input_ids"]
     empty = (torch.zeros(0, 32), torch.zeros(0, dtype=torch.long))
-    coop = train_coop(tiny_bundle, NAMES, *empty, epochs=0)
+    coop = train_coop(tiny_bundle, NAMES, *empty, options=CoOpOptions(epochs=0))
     # Prompts of different token lengths are padded: the mask and position ids must match input_ids'.
     assert len({len(tiny_bundle.tokenizer(n.replace("_", " "))["input_ids"]) for n in NAMES}) > 1
     torch.testing.assert_close(coop.class_embeddings, zero_shot.class_embeddings, rtol=1e-5, atol=1e-5)
     assert coop.learner.n_ctx == len(prefix) and coop.num_parameters == len(prefix) * width
-    specific = train_coop(tiny_bundle, NAMES, *empty, n_ctx=4, class_specific=True, epochs=0)
+    specific = train_coop(tiny_bundle, NAMES, *empty, options=CoOpOptions(n_ctx=4, class_specific=True, epochs=0))
     assert specific.num_parameters == 4 * width * len(NAMES)
-    assert train_coop(tiny_bundle, NAMES, *empty, n_ctx=4, epochs=0).num_parameters == 4 * width
+    assert train_coop(tiny_bundle, NAMES, *empty, options=CoOpOptions(n_ctx=4, epochs=0)).num_parameters == 4 * width
     with pytest.raises(ValueError, match="no {label}"):
-        train_coop(tiny_bundle, NAMES, *empty, template="a sound", epochs=0)
+        train_coop(tiny_bundle, NAMES, *empty, template="a sound", options=CoOpOptions(epochs=0))
     with pytest.raises(ValueError, match="pass n_ctx"):
-        train_coop(tiny_bundle, NAMES, *empty, template="{label} sound", epochs=0)
+        train_coop(tiny_bundle, NAMES, *empty, template="{label} sound", options=CoOpOptions(epochs=0))
 
 
 @pytest.mark.parametrize("class_specific", [False, True])
 def test_coop_learns_on_frozen_audio_embeddings(tiny_bundle, class_specific):
+    """Learning, not one lucky trajectory: over five training seeds the kept context beats the initial prompts
+    on validation every time (the loop keeps epoch 0 otherwise) and lifts training accuracy clearly on average."""
     before = _state(tiny_bundle.model)
     gen = torch.Generator().manual_seed(6)
     dim = tiny_bundle.model.text_projection.linear2.out_features
     centres = F.normalize(torch.randn(3, dim, generator=gen), dim=-1)
     labels = torch.arange(72) % 3
     emb = F.normalize(centres[labels] + 0.2 * torch.randn(72, dim, generator=gen), dim=-1)
-    kwargs = dict(class_specific=class_specific, epochs=15, lr=0.1, batch_size=16, seed=3)  # a seed that learns both ways
-    coop = train_coop(tiny_bundle, NAMES, emb[:48], labels[:48], emb[48:], labels[48:], **kwargs)
-    start = train_coop(tiny_bundle, NAMES, emb[:48], labels[:48], epochs=0)
-    assert _accuracy(coop.logits(emb[:48]), labels[:48]) >= _accuracy(start.logits(emb[:48]), labels[:48]) + 0.3
-    assert coop.best_epoch > 0 and coop.val_accuracy == _accuracy(coop.logits(emb[48:]), labels[48:])
+    start = train_coop(tiny_bundle, NAMES, emb[:48], labels[:48], options=CoOpOptions(epochs=0))
+    start_train, start_val = _accuracy(start.logits(emb[:48]), labels[:48]), _accuracy(start.logits(emb[48:]), labels[48:])
+    options = CoOpOptions(class_specific=class_specific, epochs=30, lr=0.1, batch_size=16)
+    gains = []
+    for seed in range(5):
+        coop = train_coop(tiny_bundle, NAMES, emb[:48], labels[:48], emb[48:], labels[48:], options=options, seed=seed)
+        assert coop.best_epoch > 0 and coop.val_accuracy == _accuracy(coop.logits(emb[48:]), labels[48:])
+        assert coop.val_accuracy > start_val
+        gains.append(_accuracy(coop.logits(emb[:48]), labels[:48]) - start_train)
+    assert np.mean(gains) >= 0.2 and sum(g >= 0.1 for g in gains) >= 4, gains
     for key, value in tiny_bundle.model.state_dict().items():
         assert torch.equal(value, before[key]), f"frozen text tower weight {key} changed"
 
@@ -192,56 +206,68 @@ def two_class_clips():
     return features, np.zeros(6, dtype=bool), labels
 
 
-def test_lora_before_training_is_zero_shot(tiny_bundle, two_class_clips):
+def _lora_workspace(workspace_of_arrays, bundle, clips):
+    features, _, labels = clips
+    return workspace_of_arrays(bundle, features, labels, NAMES)
+
+
+def test_lora_before_training_is_zero_shot(tiny_bundle, two_class_clips, workspace_of_arrays):
     features, longer, labels = two_class_clips
+    ws = _lora_workspace(workspace_of_arrays, tiny_bundle, two_class_clips)
     zero_shot = ZeroShotClassifier(tiny_bundle, NAMES)
-    tuned = train_lora(tiny_bundle, features, longer, labels, np.arange(4), zero_shot, epochs=0)
-    expected = zero_shot.logits(zero_shot.embed(features, np.arange(6), longer))
-    torch.testing.assert_close(tuned.logits(features, np.arange(6), longer), expected, rtol=1e-5, atol=1e-5)
+    rows = np.arange(6)
+    tuned = train_lora(ws, CLASSIFICATION, Split(1, np.arange(4), rows, np.arange(0)), LoraOptions(epochs=0))
+    expected = zero_shot.logits(zero_shot.embed(features, rows, longer))
+    got = CLASSIFICATION.scores(ws, ws.embed(rows, model=tuned.tower), rows)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_lora_trains_adapters_only_counts_peft_params_and_picks_rank_on_validation(tiny_bundle, two_class_clips):
+def test_lora_trains_adapters_only_counts_peft_params_and_picks_rank_on_validation(tiny_bundle, two_class_clips,
+                                                                                   workspace_of_arrays):
     features, longer, labels = two_class_clips
+    ws = _lora_workspace(workspace_of_arrays, tiny_bundle, two_class_clips)
     zero_shot = ZeroShotClassifier(tiny_bundle, NAMES)
     before = _state(tiny_bundle.model)
-    tuned = train_lora(tiny_bundle, features, longer, labels, np.arange(4), zero_shot, np.arange(4, 6),
-                       ranks=(1, 4), epochs=4, lr=1e-2, batch_size=4)  # fmt: skip
+    split = Split(1, np.arange(4), np.arange(6), np.arange(4, 6))
+    tuned = train_lora(ws, CLASSIFICATION, split, LoraOptions(ranks=(1, 4), epochs=4, lr=1e-2, batch_size=4))
     targets = [m for n, m in tiny_bundle.model.audio_model.named_modules() if n.endswith((".query", ".value"))]
     assert len(targets) == 2 * 6  # query and value of the tiny model's 6 Swin blocks
-    fresh = lora_audio_model(tiny_bundle.model.audio_model, tuned.rank, ("query", "value"), 8.0, 0.0)
-    assert tuned.trainable_params == fresh.get_nb_trainable_parameters()[0]
+    fresh = lora_tower(ws, tuned.rank, ("query", "value"), 8.0, 0.0, seed=0)
+    assert tuned.trainable_params == fresh.audio_model.get_nb_trainable_parameters()[0]
     assert tuned.trainable_params == sum(tuned.rank * (m.in_features + m.out_features) for m in targets)
-    assert set(tuned.val_accuracies) == {1, 4} and tuned.val_accuracy == max(tuned.val_accuracies.values())
+    assert set(tuned.val_scores) == {1, 4} and tuned.val_score == max(tuned.val_scores.values())
     for key, value in tiny_bundle.model.state_dict().items():
         assert torch.equal(value, before[key]), f"shared bundle weight {key} changed"
     original = dict(tiny_bundle.model.audio_model.named_parameters())
     base = {  # the trained copy's own base weights, as peft renamed them (…query.base_layer.weight)
         name.replace(".base_layer", ""): value
-        for name, value in tuned.model.audio_model.get_base_model().named_parameters()
+        for name, value in tuned.tower.audio_model.get_base_model().named_parameters()
         if "lora_" not in name
     }
     assert base.keys() == original.keys()
     assert all(torch.equal(base[name], original[name]) for name in original)
-    lora_b = [p for n, p in tuned.model.named_parameters() if "lora_B" in n]
+    lora_b = [p for n, p in tuned.tower.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)
-    train_logits = tuned.logits(features, np.arange(4), longer)
+    train_logits = CLASSIFICATION.scores(ws, ws.embed(np.arange(4), model=tuned.tower), np.arange(4))
     start = zero_shot.logits(zero_shot.embed(features, np.arange(4), longer))
     assert _accuracy(train_logits, labels[:4]) > _accuracy(start, labels[:4])
 
 
-# ---- run_baselines ----------------------------------------------------------------------------------------
+# ---- the study runs them -----------------------------------------------------------------------------------
 
 
-def test_run_baselines_runs_the_peer_methods_on_request(synthetic_esc50, tmp_path):
+def test_the_study_runs_the_peer_methods_on_request(synthetic_esc50, tmp_path):
     import pandas as pd
 
-    from audio_residual.experiments.baselines import run_baselines
+    from audio_residual.clap.loading import ModelSource
+    from audio_residual.experiments.config import StudyConfig
+    from audio_residual.experiments.study import Study
     from audio_residual.workspace import Workspace
 
-    ws = Workspace.open(synthetic_esc50, model="tiny-random", cache_dir=tmp_path / "cache", device="cpu")
+    ws = Workspace.open(synthetic_esc50, ModelSource("tiny-random", device="cpu"), cache_dir=tmp_path / "cache")
     methods = ("tip_adapter", "tip_adapter_f", "coop", "lora")
     options = {"coop": {"epochs": 2}, "lora": {"epochs": 1, "ranks": 2}, "tip_adapter_f": {"epochs": 2}}
-    run_baselines(ws, tmp_path, methods=methods, folds=(1,), peer_options=options)
+    Study(ws, tmp_path, StudyConfig(methods=methods, options=options)).methods(folds=(1,))
     frame = pd.read_csv(tmp_path / "results.csv").set_index("method")
     split = ws.split(1, val_fraction=0.1)
     dim, width = ws.classifier.class_embeddings.shape[1], ws.bundle.model.text_model.config.hidden_size
@@ -251,5 +277,5 @@ def test_run_baselines_runs_the_peer_methods_on_request(synthetic_esc50, tmp_pat
     assert frame.loc["coop", "trainable_params"] == n_ctx * width
     assert frame.loc["lora", "trainable_params"] > 0
     assert frame["accuracy"].between(0, 1).all()
-    with pytest.raises(ValueError, match="unknown methods"):
-        run_baselines(ws, tmp_path, methods=("cocoop",))
+    with pytest.raises(ValueError, match="unknown classification method 'cocoop'"):
+        StudyConfig(methods=("cocoop",))

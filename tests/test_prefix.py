@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,16 +12,18 @@ import torch
 from audio_residual.analysis.stats import ResidualStatistics
 from audio_residual.clap import stage_cache
 from audio_residual.clap.encode import audio_embeddings, encode_from_stage, stage_input
+from audio_residual.clap.loading import ModelSource
 from audio_residual.clap.stage_cache import StagePrefix
 from audio_residual.layout import FeatureStoreLayout
 from audio_residual.residual.units import build_residual
+from audio_residual.tasks import CLASSIFICATION
 from audio_residual.training import TrainConfig, train_residual_fold, trainer
 from audio_residual.workspace import Workspace
 
 
 @pytest.fixture(scope="module")
 def experiment(synthetic_esc50, tmp_path_factory):
-    return Workspace.open(synthetic_esc50, model="tiny-random", cache_dir=tmp_path_factory.mktemp("cache"), device="cpu")
+    return Workspace.open(synthetic_esc50, ModelSource("tiny-random", device="cpu"), cache_dir=tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +64,11 @@ def test_cached_prefix_encodes_the_same_tokens_pooled_output_and_embedding(exper
 
 def test_cached_prefix_gives_bit_identical_logits(experiment, trained_residual):
     prefix = StagePrefix(experiment, 2, batch_size=5)  # batches unlike the evaluation's
-    rows = experiment.valid_indices()[3:20]
+    ws = dataclasses.replace(experiment, batch_size=7)
+    rows = ws.valid_indices()[3:20]
     for residual in (None, trained_residual):
-        full = trainer.residual_logits(experiment, residual, rows, batch_size=7)
-        cached = trainer.residual_logits(experiment, residual, rows, batch_size=7, prefix=prefix)
+        full = CLASSIFICATION.scores(ws, trainer.residual_embeddings(ws, residual, rows), rows)
+        cached = CLASSIFICATION.scores(ws, trainer.residual_embeddings(ws, residual, rows, prefix=prefix), rows)
         assert torch.equal(full, cached)
 
 
@@ -110,7 +114,9 @@ def test_training_with_late_stages_uses_the_prefix_and_matches_the_full_path(exp
         assert calls
     finally:
         handle.remove()
-    np.testing.assert_array_equal(cached.test_logits, full.test_logits)
+    assert cached.residual.lambdas.keys() == full.residual.lambdas.keys()
+    assert all(torch.equal(cached.residual.lambdas[k], full.residual.lambdas[k]) for k in full.residual.lambdas)
+    assert cached.test == full.test and cached.val_score == full.val_score
     assert [h["train_loss"] for h in cached.history] == [h["train_loss"] for h in full.history]
 
 

@@ -14,6 +14,7 @@ from audio_residual.clap.loading import load_clap
 from audio_residual.cli import main
 from audio_residual.data_processing.captions import load_captions
 from audio_residual.data_processing.synthetic_captions import make_synthetic_captions
+from audio_residual.tasks.loss import symmetric_infonce
 from audio_residual.training import pretrain as P
 from audio_residual.training import pretrain_run as R
 
@@ -37,13 +38,49 @@ def test_symmetric_loss_scores_each_direction_once():
     a, t = F.normalize(audio, dim=-1), F.normalize(text, dim=-1)
     target = torch.arange(5)
     expected = (F.cross_entropy(10 * a @ t.T, target) + F.cross_entropy(3 * t @ a.T, target)) / 2
-    loss = P.symmetric_contrastive_loss(audio, text, scale_a, scale_t)
+    loss = P.contrastive_loss(audio, text, scale_a, scale_t)
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
-    swapped = P.symmetric_contrastive_loss(text, audio, scale_t, scale_a)  # the roles are symmetric
+    swapped = P.contrastive_loss(text, audio, scale_t, scale_a)  # the roles are symmetric
     torch.testing.assert_close(loss, swapped, rtol=1e-6, atol=1e-6)
     # transformers' return_loss scores text→audio twice: it differs from CLIP's loss when the scales differ
     twice = (F.cross_entropy(3 * t @ a.T, target) + F.cross_entropy((10 * a @ t.T).T, target)) / 2
     assert not torch.allclose(loss, twice)
+    # It is the one symmetric InfoNCE of every task, with CLAP's per-direction temperature.
+    ids = torch.arange(5)
+    torch.testing.assert_close(loss, symmetric_infonce(10 * a @ t.T, ids, ids, 3 * t @ a.T), rtol=1e-6, atol=1e-6)
+
+
+def test_several_captions_per_clip_are_all_positives():
+    """--all-captions: every caption of a clip in the step; each caption's positive is its clip, and each clip's
+    target is spread evenly over its captions (not pushed apart as the one-positive diagonal would)."""
+    torch.manual_seed(1)
+    audio, text = torch.randn(2, 6), torch.randn(5, 6)
+    owner = torch.tensor([0, 0, 0, 1, 1])
+    scale_a, scale_t = torch.tensor(math.log(10.0)), torch.tensor(math.log(3.0))
+    a, t = F.normalize(audio, dim=-1), F.normalize(text, dim=-1)
+    rows = (10 * a @ t.T).log_softmax(1)
+    a2t = -(rows[0, :3].mean() + rows[1, 3:].mean()) / 2
+    cols = (3 * t @ a.T).log_softmax(1)
+    t2a = -cols[torch.arange(5), owner].mean()
+    loss = P.contrastive_loss(audio, text, scale_a, scale_t, owner)
+    torch.testing.assert_close(loss, (a2t + t2a) / 2, rtol=1e-6, atol=1e-6)
+    # With one caption per clip it is CLIP's loss.
+    one = P.contrastive_loss(audio, text[[0, 3]], scale_a, scale_t, torch.tensor([0, 1]))
+    torch.testing.assert_close(one, P.contrastive_loss(audio, text[[0, 3]], scale_a, scale_t), rtol=1e-6, atol=1e-6)
+
+
+def test_all_captions_batches_bring_every_caption_of_each_clip():
+    caption_clip = np.array([0, 0, 1, 2, 2, 2, 3])  # table row of each caption
+    data = P.CaptionedFeatures(None, None, None, None, caption_clip, train_rows=np.array([0, 1, 2, 3]),
+                               validation_rows=np.array([], dtype=np.int64))
+    for all_captions in (True, False):
+        batches = P.epoch_batches(data, 3, torch.Generator().manual_seed(0), all_captions)
+        assert [len(rows) for rows, _, _ in batches] == [3]  # the last clip alone has no negative: dropped
+        for rows, captions, owner in batches:
+            assert (caption_clip[captions] == rows[owner]).all()  # each caption's owner is its clip's position
+            counts = np.bincount(owner, minlength=len(rows))
+            expected = np.bincount(caption_clip)[rows] if all_captions else np.ones(len(rows), int)
+            np.testing.assert_array_equal(counts, expected)
 
 
 def test_logit_scale_clamped_at_100(tiny):
@@ -57,7 +94,7 @@ def test_logit_scale_clamped_at_100(tiny):
 def test_warmup_then_cosine(tiny):
     model, _ = tiny
     params = P.trainable_parameters(model, "none")
-    recipe = P.PretrainRecipe(lr=1.0, warmup=0.1)
+    recipe = P.PretrainConfig(lr=1.0, warmup=0.1)
     optimizer, schedule = P.optimizer_and_schedule(model, params, recipe, total_steps=100)
     lrs = []
     for _ in range(100):
@@ -79,12 +116,13 @@ def test_freeze_text_trains_only_the_audio_side(tiny):
     assert "logit_scale_a" in params and any(n.startswith("audio_model.") for n in params)
     P.trainable_parameters(model, "none")
     with pytest.raises(ValueError, match="--freeze"):
-        P.PretrainRecipe(freeze="both")
+        P.PretrainConfig(freeze="both")
 
 
 def _run(table, out, epochs=2, **kw):
-    recipe = P.PretrainRecipe(epochs=epochs, batch_size=4, lr=1e-3, **kw)
-    return R.pretrain(table, R.PretrainSource("tiny"), recipe, R.PretrainRun(out, cache_dir=out.parent / "cache", device="cpu"))
+    recipe = P.PretrainConfig(epochs=epochs, batch_size=4, lr=1e-3, **kw)
+    return R.pretrain(table, R.PretrainSource("tiny"), recipe, R.PretrainRun(out, cache_dir=out.parent / "cache", device="cpu",
+                                                                                wandb="disabled"))
 
 
 def test_pretrain_writes_a_model_folder_with_provenance_and_keeps_the_best_epoch(captions, tmp_path, single_thread):
@@ -94,7 +132,7 @@ def test_pretrain_writes_a_model_folder_with_provenance_and_keeps_the_best_epoch
     provenance = json.loads((folder / R.PROVENANCE_FILE).read_text())
     best = int(np.argmax(history["mean_r1"].to_numpy()))  # first maximum: ties keep the earlier epoch
     assert provenance["best_epoch"] == best and provenance["validation"]["mean_r1"] == history["mean_r1"][best]
-    assert provenance["data"]["clips"] == captions.counts() and provenance["recipe"]["epochs"] == 2
+    assert provenance["data"]["clips"] == captions.counts() and provenance["training"]["epochs"] == 2
     assert {"t2a_r1", "a2t_r5", "t2a_map10", "a2t_map10"} <= set(history.columns)
     bundle = load_clap(folder, device="cpu")  # every command takes it as --model DIR
     assert bundle.model.config.projection_dim == 32 and len(bundle.tokenizer) <= 512
@@ -138,13 +176,19 @@ def test_cli_pretrains_on_clotho_and_audiocaps_layouts(tmp_path, capsys, single_
     for part, n in {"development": 4, "validation": 2}.items():
         names = [f"{part}{i}.wav" for i in range(n)]
         for i, name in enumerate(names):
-            _tone(clotho / f"clotho_audio_{part}" / name, 200 + 300 * i)
+            _tone(clotho / f"clotho_audio_{part}" / name, 200 + 300 * i)  # validation's two = development's first two
         rows = [[name] + [f"tone number {i} take {k}" for k in range(5)] for i, name in enumerate(names)]
         pd.DataFrame(rows, columns=["file_name"] + [f"caption_{k}" for k in range(1, 6)]).to_csv(
             clotho / f"clotho_captions_{part}.csv", index=False
         )
     common = ["--epochs", "1", "--batch-size", "2", "--lr", "1e-3", "--device", "cpu", "--cache", str(tmp_path / "c"),
               "--wandb", "disabled"]  # fmt: skip
+    # The same audio in two splits would be validated on what it trained on: refused, one line.
+    assert main(["pretrain", "--data", str(clotho), "--out", str(tmp_path / "o1"), *common]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "are the same audio" in err[-1] and "clotho_audio_validation/validation0.wav" in err[-1]
+    for i in range(2):
+        _tone(clotho / "clotho_audio_validation" / f"validation{i}.wav", 350 + 300 * i)
     assert main(["pretrain", "--data", str(clotho), "--out", str(tmp_path / "o1"), *common]) == 0
     assert load_clap(tmp_path / "o1" / "model", device="cpu").model_id.endswith("model")
     audiocaps = tmp_path / "audiocaps"
@@ -155,9 +199,23 @@ def test_cli_pretrains_on_clotho_and_audiocaps_layouts(tmp_path, capsys, single_
     (audiocaps / "val.csv").write_text(header + "5,v3,0,tone three\n6,v3,0,a third tone\n")
     assert main(["pretrain", "--data", str(audiocaps), "--out", str(tmp_path / "o2"), *common, "--freeze", "text"]) == 0
     skipped = pd.read_csv(tmp_path / "o2" / "skipped.csv")
-    assert skipped.to_dict("records") == [{"split": "train", "clip": "gone_0", "reason": "no audio file"}]
+    assert skipped.to_dict("records") == [{"filename": "gone_0", "reason": "no audio file", "split": "train"}]
     provenance = json.loads((tmp_path / "o2" / "model" / R.PROVENANCE_FILE).read_text())
-    assert provenance["data"]["missing"] == 1 and provenance["recipe"]["freeze"] == "text"
+    assert provenance["data"]["missing"] == 1 and provenance["training"]["freeze"] == "text"
+
+
+def test_cli_pretrains_a_laion_checkpoint_offline(tmp_path, captions, laion_pt_for_captions, capsys, single_thread):
+    """`--model FILE.pt --text-config DIR`: LAION's own checkpoint, converted offline, trained on, saved as a folder."""
+    checkpoint, text_config = laion_pt_for_captions
+    out = tmp_path / "o"
+    assert main(["pretrain", "--data", str(captions.audio_dir), "--out", str(out), "--model", str(checkpoint),
+                 "--text-config", str(text_config), "--epochs", "1", "--batch-size", "4", "--device", "cpu",
+                 "--cache", str(tmp_path / "c"), "--wandb", "disabled"]) == 0
+    provenance = json.loads((out / "model" / R.PROVENANCE_FILE).read_text())
+    assert provenance["start"]["model"] == {"model": str(checkpoint), "revision": None, "text_config": str(text_config)}
+    assert provenance["training"]["epochs"] == 1 and [e["epoch"] for e in provenance["epochs"]] == [0, 1]
+    assert load_clap(out / "model", device="cpu").model.config.projection_dim == 32  # a --model folder now
+    capsys.readouterr()
 
 
 def test_cli_bad_pretrain_input_is_one_line(tmp_path, capsys, captions):

@@ -1,6 +1,9 @@
-"""Provenance of hub models: the revision asked for and the commit it resolved to (offline, from a hub cache)."""
+"""Provenance of hub models: the revision asked for and the commit it resolved to (offline, from a hub cache);
+OUT/provenance.json always describes the outputs beside it."""
 
 from __future__ import annotations
+
+import json
 
 import huggingface_hub.constants
 import pytest
@@ -45,3 +48,21 @@ def test_local_and_tiny_models_have_no_commit(tiny_bundle, tmp_path):
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     assert load_clap(tmp_path, device="cpu").provenance["commit"] is None
+
+
+def test_provenance_describes_the_outputs_beside_it(small_data, tmp_path, cli, monkeypatch):
+    from audio_residual.evaluation import zeroshot as zeroshot_module
+
+    out = tmp_path / "out"
+    argv = ["zeroshot", "--data", small_data, "--model", "tiny-random", "--device", "cpu", "--out", out,
+            "--cache", tmp_path / "cache"]
+    assert cli(*argv, "--template", "A sound of {label}.").code == 0
+    before = (out / "zeroshot.csv").read_bytes()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(zeroshot_module, "zero_shot_by_fold", killed)
+    assert cli(*argv, "--template", "Another {label}.").code == 130  # stopped midway
+    assert (out / "zeroshot.csv").read_bytes() == before
+    assert json.loads((out / "provenance.json").read_text())["templates"] == ["A sound of {label}."]

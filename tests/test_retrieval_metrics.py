@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from audio_residual.evaluation.retrieval import (
-    direction_rows,
+from audio_residual.tasks.retrieval import (
+    RETRIEVAL,
     metrics_from_ranks,
     random_recall,
     retrieval_metrics,
@@ -146,12 +146,13 @@ def test_random_recall_is_k_over_n_with_one_caption_per_clip():
     assert random_recall(50, np.repeat(np.arange(50), 5), 1)["a2t"] == pytest.approx(1 / 50)
 
 
-def test_direction_rows_and_top_captions():
+def test_one_wide_row_holds_both_directions_and_top_captions():
+    """A stored row is wide: every metric of both directions and their random baselines, headline mean R@1."""
     m = metrics_from_ranks(retrieval_ranks(matrix_scorer(S), 3, CAPTION_CLIP))
-    rows = direction_rows(m)
-    assert [r["direction"] for r in rows] == ["text_to_audio", "audio_to_text"]
-    assert rows[1]["r1"] == m["a2t_r1"] and rows[0]["map10"] == m["t2a_map10"]
-    assert rows[0]["random_r1"] == m["t2a_random_r1"]
+    row, _ = RETRIEVAL.evaluate(S, CAPTION_CLIP)
+    assert set(RETRIEVAL.metrics) == set(row) and RETRIEVAL.headline == "mean_r1"
+    assert all(row[k] == m[k] for k in row)
+    assert row["t2a_random_r1"] == pytest.approx(1 / 3) and row["a2t_map10"] == m["a2t_map10"]
     indices, values = top_captions(matrix_scorer(S), [1, 2], n_text=5, k=2)
     np.testing.assert_array_equal(indices, [[3, 1], [4, 3]])
     np.testing.assert_allclose(values, [[0.7, 0.6], [0.9, 0.4]])

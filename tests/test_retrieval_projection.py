@@ -19,12 +19,12 @@ from transformers import (
     ViTModel,
 )
 
+from audio_residual.clap.text_encoders import clap_text_encoder, load_text_encoder
 from audio_residual.clap.tiny import offline_tokenizer
 from audio_residual.clap.zeroshot import text_embeddings
-from audio_residual.evaluation.retrieval import retrieval_metrics
-from audio_residual.retrieval.contrastive import pair_infonce
-from audio_residual.retrieval.projection import LinearProjection
-from audio_residual.retrieval.text_encoders import clap_text_encoder, load_text_encoder
+from audio_residual.methods.projection import LinearProjection
+from audio_residual.tasks.loss import pair_infonce
+from audio_residual.tasks.retrieval import retrieval_metrics
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 TEXTS = ["a dog barks twice", "rain falls on a roof", "waves on the sea shore"]

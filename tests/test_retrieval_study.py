@@ -1,21 +1,30 @@
-"""`audio-residual retrieval`: the study end to end on generated, Clotho- and AudioCaps-layout data; bad input."""
+"""`audio-residual retrieval`: the study end to end on generated, Clotho- and AudioCaps-layout data, on a LAION `.pt`,
+two runs into one folder, a method added in a test; bad input."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
+import torch.nn.functional as F
 from transformers import ViTConfig, ViTModel
 
 from audio_residual.cli import main
 from audio_residual.data_processing.synthetic import make_synthetic_esc50
 from audio_residual.data_processing.synthetic_captions import make_synthetic_captions
+from audio_residual.methods import REGISTRIES, Method, register
+from audio_residual.tasks import RETRIEVAL
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-FAST = ["--model", "tiny", "--epochs", "1", "--batch-size", "4"]
+FAST = ["--model", "tiny", "--epochs", "1", "--batch-size", "4", "--wandb", "disabled"]
+DIRECTIONS = [f"{d}_{m}" for d in ("t2a", "a2t") for m in ("r1", "r5", "r10", "map10", "mean_rank", "random_r1")]
 
 
 @pytest.fixture(scope="module")
@@ -25,32 +34,125 @@ def generated(tmp_path_factory):
                                    split_fractions=(0.5, 0.25, 0.25))
 
 
-def test_study_writes_keyed_rows_figure_examples_retention_and_resumes(generated, tmp_path, capsys):
+def read_rows(out):
+    return pd.read_csv(out / "retrieval.csv", dtype={"key": str})
+
+
+def test_study_writes_wide_keyed_rows_figures_examples_transfer_and_resumes(generated, tmp_path, capsys):
     labelled = make_synthetic_esc50(tmp_path / "esc", n_classes=2, clips_per_class=2, seconds=1.0)
     out, cache = tmp_path / "out", tmp_path / "cache"
     args = ["retrieval", "--data", str(generated), "--out", str(out), "--cache", str(cache), *FAST,
-            "--methods", "residual,projection,tap", "--retention", str(labelled)]
-    assert main(args) == 0
-    table = pd.read_csv(out / "retrieval.csv", dtype={"key": str})
-    assert list(table["method"]) == ["zero-shot"] * 2 + ["residual"] * 2 + ["projection"] * 2 + ["tap"] * 2
-    assert set(table["direction"]) == {"text_to_audio", "audio_to_text"}
-    for column in ("r1", "r5", "r10", "map10", "trainable_params", "seconds", "key", "random_r1"):
+            "--methods", "zeroshot,residual,projection,tap"]
+    assert main([*args, "--transfer", str(labelled)]) == 0
+    table = read_rows(out)
+    assert list(table["method"]) == ["zeroshot", "residual", "projection", "tap"]  # one wide row per method
+    assert "direction" not in table and (table["fold"] == 0).all()
+    for column in ("mean_r1", *DIRECTIONS, "trainable_params", "seconds", "key"):
         assert table[column].notna().all(), column
-    assert (table.groupby("method")["key"].nunique() == 1).all() and table["key"].nunique() == 4
-    assert table.loc[table["method"] == "zero-shot", "trainable_params"].eq(0).all()
-    assert table.loc[table["method"] != "zero-shot", "trainable_params"].gt(0).all()
-    retention = pd.read_csv(out / "retention.csv")
-    assert list(retention["method"]) == ["zero-shot", "residual", "projection", "tap"]
-    assert retention["accuracy"].between(0, 1).all() and (retention["chance"] == 0.5).all()
-    for name in ("retrieval_r1_vs_params.png", "examples.json", "report.md", "run.json"):
+    np.testing.assert_allclose(table["mean_r1"], (table["t2a_r1"] + table["a2t_r1"]) / 2)
+    assert (table["t2a_random_r1"] == 1 / 3).all()  # the 3 test clips only
+    assert table["key"].nunique() == 4
+    assert table.loc[table["method"] == "zeroshot", "trainable_params"].eq(0).all()
+    assert table.loc[table["method"] != "zeroshot", "trainable_params"].gt(0).all()
+    assert table.loc[table["method"] != "zeroshot", "best_epoch"].isin([0, 1]).all()
+    transfer = pd.read_csv(out / "transfer.csv")
+    assert list(transfer["method"]) == ["residual", "projection", "tap"] and set(transfer["target"]) == {"esc"}
+    assert transfer["accuracy"].between(0, 1).all() and transfer["zeroshot"].between(0, 1).all()
+    np.testing.assert_allclose(transfer["retention"], transfer["accuracy"] - transfer["zeroshot"])
+    for name in ("figures/t2a_r1_a2t_r1_vs_parameters.png", "examples.json", "report.md", "provenance.json"):
         assert (out / name).is_file(), name
     report = (out / "report.md").read_text()
-    assert "## Retention" in report and "random_r1" in report and "✓" in report
-    # Without retention, stored rows of the same key are reused: nothing trains again.
+    assert "## Zero-shot retention" in report and "random R@1" in report and "✓" in report
+    assert all(f"| {method} |" in report for method in table["method"])
+    # Without transfer, stored rows of the same key are reused: nothing trains again.
     seconds = table["seconds"].copy()
-    assert main([*args[:-2]]) == 0
-    again = pd.read_csv(out / "retrieval.csv", dtype={"key": str})
+    assert main(args) == 0
+    again = read_rows(out)
     np.testing.assert_array_equal(again["seconds"], seconds)
+    capsys.readouterr()
+
+
+def _retrieval_process(data, out, cache, methods):
+    argv = ["retrieval", "--data", str(data), "--out", str(out), "--cache", str(cache), *FAST, "--methods", methods]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
+           "MPLBACKEND": "Agg"}
+    return subprocess.Popen([sys.executable, "-m", "audio_residual", *argv], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_two_runs_with_other_methods_into_one_out_keep_every_row(generated, tmp_path):
+    """Two agents on one --out (and --cache), each with its own methods: retrieval.csv ends with every row of both."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    runs = [_retrieval_process(generated, out, cache, methods) for methods in ("zeroshot,projection", "zeroshot,tap")]
+    errors = [run.communicate(timeout=300)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [e.strip().splitlines()[-3:] for e in errors]
+    table = read_rows(out)
+    assert sorted(table["method"]) == ["projection", "tap", "zeroshot"]  # zero-shot's one key: one row
+    assert not table.duplicated(["method", "fold", "key"]).any() and table["mean_r1"].notna().all()
+
+
+class CentredAudio(Method):
+    """A toy retrieval method defined outside the package: audio embeddings minus (a share of) the training
+    clips' mean, renormalised. Registered only by the test that uses it."""
+
+    name = "toy_centred"
+    tasks = ("retrieval",)
+    defaults = {"share": 1.0}
+
+    def fit(self, ctx):
+        return ctx.options["share"] * ctx.embed(ctx.split.train).mean(0)
+
+    def embed(self, model, ws, rows):
+        return F.normalize(ws.embeddings(rows) - model, dim=-1)
+
+    def trainable_params(self, model) -> int:
+        return model.numel()
+
+
+@pytest.fixture
+def toy_method():
+    register(CentredAudio)
+    yield REGISTRIES["retrieval"][CentredAudio.name]
+    REGISTRIES["retrieval"].pop(CentredAudio.name)
+
+
+def test_a_method_registered_outside_the_package_joins_the_study(generated, tmp_path, toy_method):
+    from audio_residual.clap.loading import ModelSource
+    from audio_residual.experiments.config import StudyConfig
+    from audio_residual.experiments.study import Study
+    from audio_residual.workspace import Workspace
+
+    ws = Workspace.open(generated, ModelSource("tiny", device="cpu"), cache_dir=tmp_path / "cache", captions=True)
+    config = StudyConfig(task="retrieval", methods=("zeroshot", "toy_centred"), options={"toy_centred": {"share": 0.5}})
+    outcome = Study(ws, tmp_path / "out", config).run()
+    table = read_rows(tmp_path / "out")
+    assert list(table["method"]) == ["zeroshot", "toy_centred"] and list(outcome.store.frame["method"]) == list(
+        table["method"])
+    (split,) = ws.splits()
+    expected, _ = RETRIEVAL.evaluate(
+        RETRIEVAL.scores(ws, F.normalize(ws.embeddings(split.test) - 0.5 * ws.embeddings(split.train).mean(0), dim=-1),
+                         split.test),
+        RETRIEVAL.targets(ws, split.test))  # its option reached it: the half-mean is subtracted
+    row = table.set_index("method").loc["toy_centred"]
+    assert all(row[metric] == pytest.approx(value) for metric, value in expected.items())
+    assert row["trainable_params"] == ws.bundle.model.config.projection_dim
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| toy_centred |" in report and "| zeroshot |" in report
+
+
+def test_a_laion_checkpoint_runs_the_study_offline(generated, tmp_path, laion_pt_for_captions, capsys):
+    """`--model FILE.pt --text-config DIR`: converted offline into --cache, studied like any model; --recipe too."""
+    checkpoint, text_config = laion_pt_for_captions
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    assert main(["retrieval", "--data", str(generated), "--out", str(out), "--cache", str(cache), "--model",
+                 str(checkpoint), "--text-config", str(text_config), "--epochs", "1", "--batch-size", "4",
+                 "--wandb", "disabled", "--methods", "zeroshot,projection", "--recipe", "laion-filelist"]) == 0
+    table = read_rows(out)
+    assert list(table["method"]) == ["zeroshot", "projection"] and table["mean_r1"].between(0, 1).all()
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["recipe"] == "laion-filelist" and provenance["audio"]["recipe"] == "laion-filelist"
+    assert provenance["model"] == checkpoint.name and provenance["laion_checkpoint"]["file"] == checkpoint.name
+    assert len(list((cache / "models").iterdir())) == 1  # converted once, into the cache
     capsys.readouterr()
 
 
@@ -92,13 +194,16 @@ def test_study_runs_on_official_layouts(layout, tmp_path, capsys):
     data = layout(tmp_path / layout.__name__)
     out = tmp_path / "out"
     assert main(["retrieval", "--data", str(data), "--out", str(out), "--cache", str(tmp_path / "c"), *FAST,
-                 "--methods", "residual"]) == 0
-    table = pd.read_csv(out / "retrieval.csv")
-    assert set(table["dataset"]) == {layout.__name__} and len(table) == 4
-    assert (table["n_audio"] == 2).all()  # the test split only
+                 "--methods", "zeroshot,residual"]) == 0
+    table = read_rows(out)
+    assert list(table["method"]) == ["zeroshot", "residual"]
+    assert (table["t2a_random_r1"] == 1 / 2).all()  # the 2 clips of the test split only
+    assert json.loads((out / "provenance.json").read_text())["dataset"] == layout.__name__
     printed = capsys.readouterr().out
     if layout is audiocaps:
         assert "1 listed but missing" in printed
+        skipped = pd.read_csv(out / "skipped.csv")
+        assert skipped.to_dict("records") == [{"filename": "gone_0", "reason": "no audio file", "split": "train"}]
 
 
 def test_bad_input_is_one_line(generated, tmp_path, capsys):
@@ -106,17 +211,22 @@ def test_bad_input_is_one_line(generated, tmp_path, capsys):
     ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                        image_size=32, patch_size=16)).save_pretrained(vit)
     common = ["--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c"), *FAST]
-    assert main(["retrieval", "--data", str(generated), *common, "--methods", "projection",
-                 "--text-model", str(vit)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("audio-residual retrieval: error:") and "is not a text encoder" in err
+
+    def last_error():
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("audio-residual retrieval: error:")
+        return err
+
+    assert main(["retrieval", "--data", str(generated), *common, "--methods", "zeroshot,residual,projection",
+                 "--method-option", f"projection.text_model={vit}"]) == 2
+    assert "is not a text encoder" in last_error()
+    assert not {"retrieval.csv", "sweep.csv", "runs"} & {p.name for p in (tmp_path / "o").iterdir()}  # nothing trained
     no_test = tmp_path / "no_test"
     shutil.copytree(generated, no_test)
     captions = pd.read_csv(no_test / "captions.csv")
     captions.assign(split=captions["split"].replace("test", "train")).to_csv(no_test / "captions.csv", index=False)
-    assert main(["retrieval", "--data", str(no_test), *common]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("audio-residual retrieval: error:") and "the test split has no clips" in err
+    assert main(["retrieval", "--data", str(no_test), *common, "--methods", "zeroshot"]) == 2
+    assert "the test split has no clips" in last_error()
     # The same audio under two names: within a split counted, across splits refused.
     dup = tmp_path / "dup"
     shutil.copytree(generated, dup)
@@ -124,11 +234,13 @@ def test_bad_input_is_one_line(generated, tmp_path, capsys):
     train = list(captions.loc[captions["split"] == "train", "filename"])
     test = list(captions.loc[captions["split"] == "test", "filename"])
     shutil.copy(dup / train[0], dup / train[1])
-    assert main(["retrieval", "--data", str(dup), *common, "--methods", "zero-shot"]) == 0
+    assert main(["retrieval", "--data", str(dup), *common, "--methods", "zeroshot"]) == 0
     assert "1 duplicate audio file(s) within a split" in capsys.readouterr().out
     shutil.copy(dup / train[0], dup / test[0])
-    assert main(["retrieval", "--data", str(dup), *common, "--methods", "zero-shot"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert main(["retrieval", "--data", str(dup), *common, "--methods", "zeroshot"]) == 2
+    err = last_error()
     assert "are the same audio" in err and test[0] in err
-    with pytest.raises(SystemExit):
-        main(["retrieval", "--data", str(generated), *common, "--methods", "bogus"])
+    assert main(["retrieval", "--data", str(generated), *common, "--methods", "zeroshot,bogus"]) == 2
+    assert "unknown retrieval method 'bogus'" in last_error()
+    assert main(["retrieval", "--data", str(generated), *common, "--method-option", "tap.bogus=1"]) == 2
+    assert "method 'tap' has no option(s) ['bogus']" in last_error()

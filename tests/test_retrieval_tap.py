@@ -7,9 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from audio_residual.evaluation.retrieval import metrics_from_ranks, retrieval_ranks
-from audio_residual.retrieval.contrastive import symmetric_infonce
-from audio_residual.retrieval.tap import TextAwarePooling
+from audio_residual.methods.tap import TextAwarePooling
+from audio_residual.tasks.loss import symmetric_infonce
+from audio_residual.tasks.retrieval import metrics_from_ranks, retrieval_ranks
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # toy-sized training steps: thread hand-offs dominate
 
 
 def data(n=5, m=7, length=6, dim=8, seed=0):
@@ -88,5 +90,5 @@ def test_symmetric_infonce_treats_same_clip_pairs_as_positives():
     cols = logits.log_softmax(0)
     t2a = -(cols[0, 0] + cols[0, 1] + cols[1, 2]) / 3
     assert float(loss) == pytest.approx(float((a2t + t2a) / 2), abs=1e-6)
-    with pytest.raises(ValueError, match="matching caption"):
+    with pytest.raises(ValueError, match="matching text"):
         symmetric_infonce(logits, torch.tensor([0, 2]), torch.tensor([0, 0, 1]))

@@ -134,7 +134,7 @@ def scorer_classifier(bundle):
 def test_a_classifier_module_with_the_zero_shot_head_gives_the_zero_shot_maps(scorer, tiny_bundle, clips):
     """Fine-tuned / LoRA models are scored by their own logits; with CLAP's head they equal zero-shot."""
 
-    class Head(nn.Module):  # the shape of baselines.finetune.AudioClassifier
+    class Head(nn.Module):  # the shape of methods.finetune.AudioClassifier
         def __init__(self, model, classes, scale):
             super().__init__()
             self.audio_model, self.audio_projection = model.audio_model, model.audio_projection

@@ -23,6 +23,7 @@ METHODS = "gradient,integrated_gradients"
 @pytest.fixture(scope="module")
 def explained(tmp_path_factory):
     from audio_residual.analysis import ResidualStatistics
+    from audio_residual.clap.loading import ModelSource
     from audio_residual.data_processing import make_synthetic_esc50
     from audio_residual.layout import AnalysisLayout
     from audio_residual.names import parse_block
@@ -31,7 +32,7 @@ def explained(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("saliency")
     data = make_synthetic_esc50(root / "data", n_classes=3, clips_per_class=5, seconds=2.0, seed=0)
-    ws = Workspace.open(data, model="tiny-random", cache_dir=root / "cache", device="cpu")
+    ws = Workspace.open(data, ModelSource("tiny-random", device="cpu"), cache_dir=root / "cache")
     train = ws.split(1).train
     stats = ResidualStatistics.fit(ws.bundle.model, ws.features.input_features, train[:4], batch_size=4)
     residual = build_residual(stats, stages=(3,))

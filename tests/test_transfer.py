@@ -8,18 +8,19 @@ import torch
 import torch.nn.functional as F
 
 from audio_residual.analysis.stats import ResidualStatistics
-from audio_residual.baselines.contrastive_adapter import ContrastiveAdapter
 from audio_residual.clap.encode import audio_embeddings
 from audio_residual.clap.loading import load_clap
-from audio_residual.data_processing import ClipTable, FeatureCache, load_esc50, make_synthetic_esc50
-from audio_residual.evaluation.transfer import (
-    PLAIN_ROW,
-    target_workspace,
-    transfer_matrix,
-)
-from audio_residual.experiments.transfer import transfer_accuracy, transfer_logits, transfer_table
+from audio_residual.data_processing import ClipTable, load_esc50, make_synthetic_esc50
+from audio_residual.data_processing.audio_config import AudioConfig
+from audio_residual.evaluation.transfer import PLAIN_ROW, transfer_accuracy, transfer_matrix, transfer_table
+from audio_residual.methods import get
+from audio_residual.methods.contrastive_adapter import ContrastiveAdapter
+from audio_residual.methods.residual import ResidualChoice
 from audio_residual.residual.units import build_residual
+from audio_residual.tasks import CLASSIFICATION
 from audio_residual.workspace import Workspace
+
+RESIDUAL, ADAPTER = get("residual"), get("contrastive_adapter")
 
 
 def classes(table: ClipTable, keep: list[int], name: str) -> ClipTable:
@@ -39,8 +40,9 @@ def pair(tmp_path_factory, single_thread):
                                            sample_rate=16000))  # fmt: skip
     bundle = load_clap("tiny-random", device="cpu", class_names=full.class_names)
     table_a = classes(full, [0, 1, 2], "a")
-    exp_a = Workspace(table_a, bundle, FeatureCache(tmp / "cache" / "features", bundle.feature_extractor).compute(table_a))
-    exp_b = target_workspace(exp_a, classes(full, [3, 4], "b"), cache_dir=tmp / "cache")
+    exp_a = Workspace.of(table_a, bundle, AudioConfig(), tmp / "cache")
+    exp_b = exp_a.on(classes(full, [3, 4], "b"))  # B on A's model, audio configuration and cache
+    assert exp_b.cache_dir == exp_a.cache_dir and exp_b.audio == exp_a.audio
     assert set(exp_a.table.class_names).isdisjoint(exp_b.table.class_names)
     stats = ResidualStatistics.fit(bundle.model, exp_a.features.input_features, exp_a.valid_indices(), batch_size=9)
     return exp_a, exp_b, build_residual(stats, granularity="head")
@@ -63,12 +65,25 @@ def trained(residual, ws, steps: int = 5):
     return residual
 
 
+def transfer_logits(target: Workspace, adapted=None) -> torch.Tensor:
+    """Zero-shot logits of every usable clip of `target`: of the plain model, or of (method, fitted model)."""
+    rows = target.valid_indices()
+    if adapted is None:
+        return CLASSIFICATION.scores(target, target.embeddings(rows), rows)
+    method, model = adapted
+    return method.transfer_scores(model, target, rows)
+
+
+def as_residual(residual) -> tuple:
+    return RESIDUAL, ResidualChoice(residual)
+
+
 def test_residual_at_one_retains_plain_zero_shot_and_trained_differs(pair):
     exp_a, exp_b, residual = pair
     plain = transfer_logits(exp_b)
     assert plain.shape == (len(exp_b.table), 2)
-    torch.testing.assert_close(transfer_logits(exp_b, residual), plain, atol=1e-5, rtol=0)
-    moved = transfer_logits(exp_b, trained(residual, exp_a))
+    torch.testing.assert_close(transfer_logits(exp_b, as_residual(residual)), plain, atol=1e-5, rtol=0)
+    moved = transfer_logits(exp_b, as_residual(trained(residual, exp_a)))
     assert moved.shape == plain.shape and (moved - plain).abs().max() > 1e-3
 
 
@@ -76,13 +91,14 @@ def test_adapter_map_uses_the_target_classes(pair):
     exp_a, exp_b, _ = pair
     adapter = ContrastiveAdapter(exp_a.classifier.class_embeddings, exp_a.classifier.logit_scale)  # 3 A classes
     plain = transfer_logits(exp_b)
-    torch.testing.assert_close(transfer_logits(exp_b, adapter), plain, atol=1e-5, rtol=0)  # identity map
+    torch.testing.assert_close(transfer_logits(exp_b, (ADAPTER, adapter)), plain, atol=1e-5, rtol=0)  # identity map
     with torch.no_grad():
         adapter.delta.copy_(0.5 * torch.randn(adapter.delta.shape, generator=torch.Generator().manual_seed(0)))
-    moved = transfer_logits(exp_b, adapter)
+    moved = transfer_logits(exp_b, (ADAPTER, adapter))
     assert moved.shape == plain.shape and (moved - plain).abs().max() > 1e-3
-    with pytest.raises(TypeError, match="cannot transfer a Linear"):
-        transfer_logits(exp_b, torch.nn.Linear(2, 2))
+    assert not get("linear_probe").transferable  # tied to A's classes: a probe has no text side to transfer
+    with pytest.raises(NotImplementedError, match="linear_probe does not embed audio for CLAP's text side"):
+        transfer_logits(exp_b, (get("linear_probe"), torch.nn.Linear(2, 2)))
 
 
 def test_transfer_table_and_matrix(pair):
@@ -91,11 +107,12 @@ def test_transfer_table_and_matrix(pair):
     adapter = ContrastiveAdapter(exp_a.classifier.class_embeddings, exp_a.classifier.logit_scale)
     frame = transfer_table(
         {"A": exp_a, "B": exp_b},
-        {("A", "residual"): [residual, moved], ("A", "adapter"): adapter, ("B", "residual"): residual},
+        {("A", "residual"): [as_residual(residual), as_residual(moved)], ("A", "adapter"): [(ADAPTER, adapter)],
+         ("B", "residual"): [as_residual(residual)]},
     )
     assert list(zip(frame["source"], frame["method"], frame["target"], strict=True)) == [
         ("A", "residual", "B"), ("A", "adapter", "B"), ("B", "residual", "A")]  # fmt: skip
-    scores = [transfer_accuracy(exp_b, residual), transfer_accuracy(exp_b, moved)]
+    scores = [transfer_accuracy(exp_b, as_residual(residual)), transfer_accuracy(exp_b, as_residual(moved))]
     first = frame.iloc[0]
     assert first["encoders"] == 2 and first["accuracy"] == pytest.approx(np.mean(scores))
     assert first["accuracy_std"] == pytest.approx(np.std(scores, ddof=1))

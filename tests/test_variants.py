@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 from audio_residual.analysis.stats import ResidualStatistics
 from audio_residual.clap.encode import audio_embeddings
 from audio_residual.clap.hooks import ClapHooks
-from audio_residual.cli import _train_config, build_parser, main
+from audio_residual.cli import build_parser, main
+from audio_residual.cli.study import train_config as _train_config
 from audio_residual.residual.units import ResiDual, ResidualConfig
 from audio_residual.training.trainer import TrainConfig
 
@@ -156,6 +157,53 @@ def test_identity_at_lambda_one_only_where_promised(tiny_bundle, stats, clip, si
     assert gap <= 1e-5 if config.identity_at_one else gap > 1e-3
 
 
+def test_each_block_is_edited_once_and_its_mlp_runs_once(tiny_bundle, stats, features, single_thread):
+    """The earlier project applied each patched block twice. λ = 3 on block 0's attention: its output must be
+    u + 2 Φᵀ Φ (u − μ) (once, not twice), and the block output the shortcut + edited attention + one MLP pass."""
+    model = tiny_bundle.model
+    x = torch.from_numpy(features[6:])
+    residual = ResiDual.from_statistics(stats, ResidualConfig(granularity="block", stages=(0,), k=4))
+    with torch.no_grad():
+        for p in residual.lambdas.values():
+            p.fill_(3.0)
+    hooks = ClapHooks(model)
+    names = ["layers.0.blocks.0." + s for s in ("hook_resid_pre", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")]
+    with torch.no_grad():
+        u = hooks.run_with_cache(x, names=["layers.0.blocks.0.hook_attn_out"])[1]["layers.0.blocks.0.hook_attn_out"]
+        mlp_calls = []
+        layer = hooks.encoder.layers[0].blocks[0]
+        counter = layer.output.register_forward_hook(lambda *_: mlp_calls.append(1))
+        try:
+            with residual.attached(model):
+                _, cache = hooks.run_with_cache(x, names=names)
+        finally:
+            counter.remove()
+    basis = stats.pca("block", "attn", (0,))["layers.0.blocks.0.attn"].prune(k=4)
+    u = u.double()
+    expected_attn = u + 2 * ((u - basis.mean) @ basis.components.T) @ basis.components
+    pre, mid, mlp, post = (cache[n].double() for n in names)
+    assert (mid - pre - expected_attn).abs().max() <= 1e-5
+    assert (post - mid - mlp).abs().max() <= 1e-5
+    assert len(mlp_calls) == 1
+
+
+def test_lambda_one_is_the_identity_only_because_the_mean_is_kept(tiny_bundle, stats, features, single_thread):
+    """The earlier project dropped the PCA mean. With μ the edit at λ = 1 is exactly zero; the mean-free form
+    u + Φᵀ(λ−1)Φu would also be zero at λ = 1, so check λ ≠ 1 too: the edit must be centred (zero on μ itself)."""
+    model = tiny_bundle.model
+    x = torch.from_numpy(features[6:])
+    residual = ResiDual.from_statistics(stats, ResidualConfig(granularity="block"))
+    with torch.no_grad():
+        plain = audio_embeddings(model, x)
+        with residual.attached(model):
+            assert (audio_embeddings(model, x) - plain).abs().max() <= 1e-5
+    site = next(s for s in residual.sites if s.hook.endswith("hook_attn_out"))
+    with torch.no_grad():
+        residual.lambdas[site.group].fill_(0.25)
+        mean = getattr(residual, site.buffers["mean"])
+        torch.testing.assert_close(residual.edit(mean[None, None], site)[0, 0], mean, rtol=0, atol=1e-6)
+
+
 def test_paper_preset_fields_and_overrides():
     paper = TrainConfig.preset("paper")
     assert (paper.init, paper.evr, paper.center, paper.tail) == ("randn", 0.9, "drop", "zero")
@@ -249,4 +297,4 @@ def test_train_residual_rows_carry_the_variant_label(synthetic_esc50, tmp_path):
             "--granularity", "layer", "--stages", "3", "--folds", "1"]
     assert main(args) == 0
     results = pd.read_csv(tmp_path / "run" / "results.csv")
-    assert results["method"].tolist() == ["residual-center-drop-tail-zero-init-randn"]
+    assert results["method"].tolist() == ["zeroshot", "residual-center-drop-tail-zero-init-randn"]

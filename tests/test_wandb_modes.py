@@ -19,9 +19,10 @@ def test_auto_is_online_only_when_logged_in(monkeypatch):
         resolve_mode("on")
 
 
-@pytest.mark.parametrize("command", ["train-residual", "sweep", "experiment"])
+@pytest.mark.parametrize("command", ["train-residual", "sweep", "experiment", "retrieval", "pretrain"])
 def test_every_command_takes_the_same_words(command):
     parser = build_parser()
+    assert parser.parse_args([command, "--data", "x", "--out", "o"]).wandb == "auto"  # one default everywhere
     for mode in MODES:
         assert parser.parse_args([command, "--data", "x", "--out", "o", "--wandb", mode]).wandb == mode
     with pytest.raises(SystemExit):

@@ -1,13 +1,14 @@
 """Where every output of a run lives, decided once (open_clip decides its run folder in one place).
 
     OUT/
-      provenance.json           model, revision, commit, preprocessing recipe, templates
+      provenance.json           model, revision, commit, audio configuration and preprocessing, templates
       results.csv, arrays/      one row per (method, fold, key) + its confusion / per-class arrays; k-shot
-                                rows too, with their `shots` and `seed`
+                                rows too, with their `shots` and `seed` (retrieval.csv: the retrieval task's,
+                                + its ranks; examples.json: per-query examples)
       summary.csv, table.md     the comparison of this run's full-data rows
       few_shot.csv              mean ± std over folds × seeds per (method, k)
       transfer.csv              zero-shot accuracy on other datasets with each fold's adapted encoder
-      adapters/                 the contrastive adapter of each fold (safetensors), for transfer
+      adapters/                 each transferable method's fitted model per fold (safetensors), for transfer
       report.md, figures/       the study's report and its pictures
       skipped.csv, warnings.csv bad files left out / suspect files used
       skipped-<target>.csv      bad files left out of a --transfer dataset
@@ -26,8 +27,8 @@ the whole layout here and a training run finds the sweep's runs by key, not by a
 The cache folder (`--cache`, default `cache/`), shared by every run on the machine, is `CacheLayout`'s:
 
     CACHE/
-      features/<recipe>/config.json                  the preprocessing recipe (`FeatureCache`) hashed in <recipe>
-      features/<recipe>/<table>-<key>/               `FeatureStoreLayout`: one table's clips under that recipe
+      features/<config>/config.json                  the preprocessing configuration (`FeatureCache`), hashed in <config>
+      features/<config>/<table>-<key>/               `FeatureStoreLayout`: one table's clips under that configuration
         input_features.npy, index.json               log-mels (row i = clip i) and each file's identity and status
         prefix-<key>/stage<s>.npy|.json|.lock        `StagePrefixLayout`: inputs of Swin stage s, keyed by model,
                                                      precision and features (`clap.stage_cache`)
@@ -62,6 +63,14 @@ class RunLayout:
     @property
     def results(self) -> Path:
         return self.root / "results.csv"
+
+    def results_for(self, task: str) -> Path:
+        """The keyed results table of a task: results.csv (classification) or <task>.csv (retrieval.csv)."""
+        return self.results if task == "classification" else self.root / f"{task}.csv"
+
+    @property
+    def examples(self) -> Path:
+        return self.root / "examples.json"
 
     @property
     def arrays(self) -> Path:
@@ -207,7 +216,7 @@ class CacheLayout:
 
     @property
     def features(self) -> Path:
-        """The feature cache: one folder per preprocessing recipe."""
+        """The feature cache: one folder per preprocessing configuration."""
         return self.root / "features"
 
     @property
@@ -215,16 +224,16 @@ class CacheLayout:
         """Models converted once from another format (LAION's `.pt`: `clap.laion`), one folder per file digest."""
         return self.root / "models"
 
-    def feature_recipe(self, recipe: str) -> Path:
-        """The folder of one preprocessing recipe (`recipe`: the hash of its configuration)."""
-        return self.features / recipe
+    def feature_config(self, config_hash: str) -> Path:
+        """The folder of one preprocessing configuration (named by its hash)."""
+        return self.features / config_hash
 
-    def feature_recipe_file(self, recipe: str) -> Path:
-        return self.feature_recipe(recipe) / "config.json"
+    def feature_config_file(self, config_hash: str) -> Path:
+        return self.feature_config(config_hash) / "config.json"
 
-    def feature_store(self, recipe: str, table: str, key: str) -> FeatureStoreLayout:
-        """One table's rows under a recipe; `key` digests its audio folder and ordered filenames."""
-        return FeatureStoreLayout(self.feature_recipe(recipe) / f"{table}-{key}")
+    def feature_store(self, config_hash: str, table: str, key: str) -> FeatureStoreLayout:
+        """One table's rows under a preprocessing configuration; `key` digests its audio folder and filenames."""
+        return FeatureStoreLayout(self.feature_config(config_hash) / f"{table}-{key}")
 
 
 @dataclass(frozen=True)

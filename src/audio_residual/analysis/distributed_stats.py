@@ -1,8 +1,8 @@
-"""The statistics pass of one fold sharded over processes or GPUs with `torch.distributed`, and its torchrun CLI.
+"""The statistics pass of one fold sharded over processes or GPUs with `torch.distributed` (`audio-residual stats`).
 
 Launched by `torchrun`, one process per GPU (or CPU process, gloo), on one or several machines:
 
-    torchrun --nproc_per_node 8 -m audio_residual.analysis.distributed_stats --data esc50 \\
+    torchrun --nproc_per_node 8 -m audio_residual stats --data esc50 \\
         --model laion/clap-htsat-unfused --fold 1 --out runs/esc50/stats
 
 The features are extracted first by every rank (`ShardedFeatureCache`). Statistics: each rank runs every
@@ -12,7 +12,7 @@ world_size-th batch of the fold's training clips and the float64 sums are all-re
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
 import socket
 from pathlib import Path
@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from audio_residual.data_processing.recipes import RECIPES
 from audio_residual.data_processing.sharded_features import ShardedFeatureCache
 from audio_residual.layout import CacheLayout
 
@@ -57,49 +56,38 @@ def fit_on_cpu_processes(model: str, class_names, features: Path, indices, batch
     return ResidualStatistics.load(out)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """torchrun entry: sharded feature extraction, then the sharded statistics pass of one fold's training clips."""
+def sharded_statistics(data, fold: int, out: Path, model, audio, cache_dir: Path, batch_size: int = 32) -> Path | None:
+    """`audio-residual stats` under torchrun (or alone): the feature cache filled by every process (rank 0 writes
+    it), then the statistics pass over fold `fold`'s training clips, sharded; rank 0 writes and returns the file."""
     from audio_residual.analysis.stats import ResidualStatistics
-    from audio_residual.clap.loading import load_clap
-    from audio_residual.workspace import Workspace, resolve_dataset
+    from audio_residual.data_processing.sources import load_table
+    from audio_residual.workspace import Workspace, tokenizer_words
 
-    parser = argparse.ArgumentParser(prog="python -m audio_residual.analysis.distributed_stats", description=main.__doc__)
-    parser.add_argument("--data", required=True, help="dataset folder or 'esc50'")
-    parser.add_argument("--model", default="laion/clap-htsat-unfused",
-                        help="hub id, local folder, 'tiny' or a LAION .pt (convert it once beforehand, e.g. by zeroshot)")
-    parser.add_argument("--text-config", type=Path, default=None, help="RoBERTa-base folder for a LAION .pt offline")
-    parser.add_argument("--recipe", choices=RECIPES, default=RECIPES[0], help="audio path (see the main CLI)")
-    parser.add_argument("--fold", type=int, default=1, help="statistics of this fold's training clips")
-    parser.add_argument("--out", type=Path, required=True, help="folder for stats_fold{K}.safetensors")
-    parser.add_argument("--cache", type=Path, default=Path("cache"), help="feature cache folder (shared)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=1, help="feature-extraction processes per rank")
-    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
-    args = parser.parse_args(argv)
-
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() if model.device == "auto" else str(model.device).startswith("cuda")
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    started = not dist.is_initialized()
+    if started and "RANK" in os.environ:  # under torchrun: its rendezvous
+        dist.init_process_group("nccl" if cuda else "gloo")
+    elif started:  # alone: a group of one process
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        table = resolve_dataset(args.data)
-        bundle = load_clap(args.model, device="cuda" if cuda else "cpu", amp=args.amp, class_names=table.class_names,
-                           text_config=args.text_config, cache_dir=CacheLayout.of(args.cache).converted_models)
-        cache = ShardedFeatureCache(args.cache, bundle.feature_extractor, recipe=args.recipe)
-        ws = Workspace(table, bundle, cache.compute(table, workers=args.workers))
-        split = ws.split(args.fold)
+        table = load_table(data)
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
+        bundle = dataclasses.replace(model, device=device).load(tokenizer_words(table),
+                                                                CacheLayout.of(cache_dir).converted_models)
+        ShardedFeatureCache(cache_dir, bundle.feature_extractor, audio).compute(table)  # every rank extracts a share
+        ws = Workspace.of(table, bundle, audio, cache_dir)  # reads the finished cache
+        split = ws.split(fold)
         stats = ResidualStatistics.fit(
-            bundle.model, ws.features.input_features, split.train, batch_size=args.batch_size,
+            bundle.model, ws.features.input_features, split.train, batch_size=batch_size,
             autocast=bundle.autocast, device=bundle.device, is_longer=ws.features.is_longer, distributed=True,
-            metadata={"model_id": bundle.model_id, "dataset": table.name, "fold": args.fold, "fit_on": "train",
-                      "processes": dist.get_world_size()},
+            metadata={"model_id": bundle.model_id, "dataset": table.name, "fold": fold, "fit_on": "train",
+                      "processes": dist.get_world_size(), "provenance": ws.provenance()},
         )
         if dist.get_rank() == 0:
-            path = stats.save(args.out / f"stats_fold{args.fold}.safetensors")
-            print(f"statistics of fold {args.fold} ({len(split.train)} clips, {dist.get_world_size()} processes) → {path}")
+            return stats.save(Path(out) / f"stats_fold{fold}.safetensors")
+        return None
     finally:
-        dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()
+        if started:
+            dist.destroy_process_group()

@@ -30,6 +30,74 @@ class AnalysisResult:
     paths: dict[str, Path]
 
 
+def _fit_statistics(
+    ws, fold: int, train: np.ndarray, tokens_per_clip: int | None, batch_size: int, pattern_cap: int
+) -> tuple[ResidualStatistics, PatternReservoir]:
+    """Moments and attention-pattern reservoir of the training clips, from one forward over them.
+
+    The moments and the reservoir ride the same hooks' pass; the metadata records which folds and which
+    model and workspace the statistics come from, so a saved file says what it was fitted on.
+    """
+    bundle, features = ws.bundle, ws.features
+    metadata = {
+        "model_id": bundle.model_id,
+        "dataset": ws.table.name,
+        "fold": int(fold),
+        "fit_on": "train",
+        "train_folds": sorted({int(f) for f in ws.table.folds[train]}),
+        "provenance": ws.provenance(),
+    }
+    reservoir = PatternReservoir(cap=pattern_cap)
+    stats = ResidualStatistics.fit(
+        bundle.model,
+        features.input_features,
+        train,
+        batch_size=batch_size,
+        tokens_per_clip=tokens_per_clip,
+        autocast=bundle.autocast,
+        device=bundle.device,
+        is_longer=features.is_longer,
+        metadata=metadata,
+        extra_hooks=[("*.attn.hook_pattern", reservoir.hook)],
+    )
+    return stats, reservoir
+
+
+def _figures(
+    spectra: pd.DataFrame, stats: ResidualStatistics, reservoir: PatternReservoir, ablation: pd.DataFrame
+) -> dict[str, Figure]:
+    """Every figure of the analysis by file stem, built from the tables so notebooks can show them inline."""
+    pattern_curves = {name: np.cumsum(explained_variance_ratio(v)) for name, v in reservoir.eigenvalues().items()}
+    return {
+        "id90_heads": plots.intrinsic_dimension_heatmap(spectra, "id90"),
+        "id90_heads_pattern": plots.intrinsic_dimension_heatmap(spectra, "id90", view="pattern"),
+        "participation_heads": plots.participation_heatmap(spectra),
+        "participation_layers": plots.mean_participation_by_layer(spectra),
+        "evr_heads": plots.evr_curves_plot(evr_curves(stats, "head"), "head contributions: cumulative EVR"),
+        "evr_blocks": plots.evr_curves_plot(evr_curves(stats, "block"), "block attention outputs: cumulative EVR"),
+        "evr_patterns": plots.evr_curves_plot(pattern_curves, "attention patterns: cumulative EVR"),
+        "ablation": plots.ablation_heatmap(ablation),
+    }
+
+
+def _summary(
+    stats: ResidualStatistics,
+    test_clips: int,
+    ablation: pd.DataFrame,
+    pattern_cap: int,
+    reservoir: PatternReservoir,
+) -> dict:
+    """summary.json: the statistics' metadata plus what the ablation and the pattern reservoir saw."""
+    return {
+        **stats.metadata,
+        "test_clips": int(test_clips),
+        "ablation_clips": int(ablation["clips"].iloc[0]) if len(ablation) else 0,
+        "base_accuracy": float(ablation["base_accuracy"].iloc[0]) if len(ablation) else None,
+        "pattern_cap": pattern_cap,
+        "pattern_windows_seen": reservoir.seen,
+    }
+
+
 def run_analysis(
     ws,
     fold: int,
@@ -50,35 +118,13 @@ def run_analysis(
     split = ws.split(fold)
     if len(split.train) == 0:
         raise ValueError(f"fold {fold} has no training clips to fit statistics on")
-    bundle, features = ws.bundle, ws.features
-    train_folds = sorted({int(f) for f in ws.table.folds[split.train]})
-    metadata = {
-        "model_id": bundle.model_id,
-        "dataset": ws.table.name,
-        "fold": int(fold),
-        "fit_on": "train",
-        "train_folds": train_folds,
-        "provenance": ws.provenance(),
-    }
-    # One forward for both: the moments and the attention-pattern reservoir ride the same hooks' pass.
-    reservoir = PatternReservoir(cap=pattern_cap)
-    stats = ResidualStatistics.fit(
-        bundle.model,
-        features.input_features,
-        split.train,
-        batch_size=batch_size,
-        tokens_per_clip=tokens_per_clip,
-        autocast=bundle.autocast,
-        device=bundle.device,
-        is_longer=features.is_longer,
-        metadata=metadata,
-        extra_hooks=[("*.attn.hook_pattern", reservoir.hook)],
-    )
+    stats, reservoir = _fit_statistics(ws, fold, split.train, tokens_per_clip, batch_size, pattern_cap)
     paths = {"stats": stats.save(out.stats(fold))}
 
     spectra = pd.concat([spectra_table(stats), reservoir.table()], ignore_index=True)
     paths["heads"] = write_csv(out.heads, spectra)
 
+    features = ws.features
     ablation = head_ablation(
         ws.classifier,
         features.input_features,
@@ -92,26 +138,9 @@ def run_analysis(
     )
     paths["ablation"] = write_csv(out.ablation, ablation)
 
-    pattern_curves = {name: np.cumsum(explained_variance_ratio(v)) for name, v in reservoir.eigenvalues().items()}
-    figures = {
-        "id90_heads": plots.intrinsic_dimension_heatmap(spectra, "id90"),
-        "id90_heads_pattern": plots.intrinsic_dimension_heatmap(spectra, "id90", view="pattern"),
-        "participation_heads": plots.participation_heatmap(spectra),
-        "participation_layers": plots.mean_participation_by_layer(spectra),
-        "evr_heads": plots.evr_curves_plot(evr_curves(stats, "head"), "head contributions: cumulative EVR"),
-        "evr_blocks": plots.evr_curves_plot(evr_curves(stats, "block"), "block attention outputs: cumulative EVR"),
-        "evr_patterns": plots.evr_curves_plot(pattern_curves, "attention patterns: cumulative EVR"),
-        "ablation": plots.ablation_heatmap(ablation),
-    }
+    figures = _figures(spectra, stats, reservoir, ablation)
     for name, fig in figures.items():
         paths[f"png_{name}"] = save_figure(fig, out.figure(name))
-    summary = {
-        **stats.metadata,
-        "test_clips": int(len(split.test)),
-        "ablation_clips": int(ablation["clips"].iloc[0]) if len(ablation) else 0,
-        "base_accuracy": float(ablation["base_accuracy"].iloc[0]) if len(ablation) else None,
-        "pattern_cap": pattern_cap,
-        "pattern_windows_seen": reservoir.seen,
-    }
+    summary = _summary(stats, len(split.test), ablation, pattern_cap, reservoir)
     paths["summary"] = write_json(out.summary, summary)
     return AnalysisResult(stats, spectra, ablation, figures, paths)

@@ -141,6 +141,123 @@ def pca_from_moments(name: str, moments: Moments, rel_tol: float | None = None) 
     return PCABasis(name, moments.mean, vectors[:, keep].T.contiguous(), values[keep], float(values.clamp(min=0).sum()))
 
 
+class _MomentPass:
+    """What one statistics pass shares with its hooks, kept in one place so `fit` reads as its steps.
+
+    The hooks see batch·windows rows, so they need the clips in the current forward (`batch`) to regroup
+    tokens per clip; the token sampler is reseeded per batch number, so a sharded pass draws the same
+    tokens as one process; `priming` makes a forward only set the shifts (see `StreamingMoments`).
+    """
+
+    def __init__(
+        self,
+        embed: Callable[[torch.Tensor, torch.Tensor | None], object],
+        tokens_per_clip: int | None,
+        seed: int,
+        autocast: Callable[[], contextlib.AbstractContextManager],
+    ):
+        self.embed = embed
+        self.tokens_per_clip = tokens_per_clip
+        self.seed = seed
+        self.autocast = autocast
+        self.accumulators: dict[str, dict[str, StreamingMoments]] = {}
+        self.generator = torch.Generator()
+        self.batch = 0  # clips in the current forward pass: the hooks see batch·windows rows
+        self.priming = False
+        self.stats_hooks: list[tuple[NameFilter, HookFn]] = [
+            ("*.attn.hook_z", self.accumulate("z")),
+            ("*.hook_mlp_out", self.accumulate("mlp")),
+        ]
+
+    def take(self, tensor: torch.Tensor, width: int) -> torch.Tensor:
+        """The clip's tokens, or `tokens_per_clip` of them drawn uniformly, to save time on big stages."""
+        tokens = tensor.reshape(self.batch, -1, width)  # z arrives as (..., heads, d_head): concatenate heads
+        if self.tokens_per_clip is None or self.tokens_per_clip >= tokens.shape[1]:
+            return tokens
+        pick = torch.randperm(tokens.shape[1], generator=self.generator)[: self.tokens_per_clip]
+        return tokens[:, pick.to(tokens.device)]
+
+    def accumulate(self, kind: str) -> HookFn:
+        """A hook feeding one kind of vector (z or mlp) of every block it sees into that block's moments."""
+
+        def hook(tensor: torch.Tensor, point: HookPoint) -> None:
+            key = block_name(point.stage, point.block)
+            moments = self.accumulators.setdefault(key, {})
+            if kind not in moments:
+                moments[kind] = StreamingMoments(point.width)
+            if self.priming:
+                moments[kind].set_shift(self.take(tensor, point.width))
+            else:
+                moments[kind].update(self.take(tensor, point.width))
+
+        return hook
+
+    def run(self, number: int, x: torch.Tensor, longer: torch.Tensor | None) -> None:
+        """One forward of batch `number`, its token draws seeded by the number alone (not by the process)."""
+        self.batch = len(x)
+        self.generator.manual_seed(self.seed * 1_000_003 + number)
+        with self.autocast():
+            self.embed(x, longer)
+
+    def collect(
+        self,
+        hooks: ClapHooks,
+        input_features: np.ndarray,
+        indices: np.ndarray,
+        batch_size: int,
+        device: torch.device | str,
+        is_longer: np.ndarray | None,
+        extra_hooks: Sequence[tuple[NameFilter, HookFn]],
+        distributed: bool,
+    ) -> None:
+        """Run this process's batches through the hooks; with `distributed`, all-reduce the sums after."""
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        numbers = range(rank, -(-len(indices) // batch_size), world)
+        # This process's batches back to back: only the overall last batch can be short, and it comes last.
+        chunks = [indices[n * batch_size : (n + 1) * batch_size] for n in numbers]
+        mine = np.concatenate(chunks or [indices[:0]])
+        if rank != 0:
+            with hooks.hooks(self.stats_hooks):  # the shifts come from batch 0, as in one process
+                self.priming = True
+                self.run(0, *model_inputs(input_features, indices[:batch_size], device, is_longer))
+                self.priming = False
+        with hooks.hooks([*self.stats_hooks, *extra_hooks]):
+            steps = batches(input_features, mine, batch_size, device, is_longer, desc="PCA statistics")
+            for number, (_, x, longer) in zip(numbers, steps, strict=True):
+                self.run(number, x, longer)
+        if distributed:
+            for key in sorted(self.accumulators):
+                for kind in sorted(self.accumulators[key]):
+                    self.accumulators[key][kind].all_reduce()
+
+
+def _block_moments(
+    hooks: ClapHooks, accumulators: dict[str, dict[str, StreamingMoments]]
+) -> tuple[dict[str, dict[str, Moments]], dict[str, torch.Tensor], dict[str, int]]:
+    """Per block: moments of z, of the attention output (exact, via W_O and b_O) and of the MLP output.
+
+    Also W_O (float64, for the head-space route) and the head count of each block the pass reached.
+    """
+    blocks, w_out, heads = {}, {}, {}
+    for s, b, layer in hooks.blocks():
+        key = block_name(s, b)
+        if key not in accumulators:  # a forward from a cached stage input skips the earlier stages
+            continue
+        z_mean, z_cov = accumulators[key]["z"].mean_cov()
+        count = accumulators[key]["z"].count
+        w = layer.attention.output.dense.weight.detach().double().cpu()
+        bias = layer.attention.output.dense.bias.detach().double().cpu()
+        mlp_mean, mlp_cov = accumulators[key]["mlp"].mean_cov()
+        blocks[key] = {
+            "z": Moments(z_mean, z_cov, count),
+            "attn": Moments(w @ z_mean + bias, w @ z_cov @ w.T, count),
+            "mlp": Moments(mlp_mean, mlp_cov, accumulators[key]["mlp"].count),
+        }
+        w_out[key] = w
+        heads[key] = layer.attention.self.num_attention_heads
+    return blocks, w_out, heads
+
+
 class ResidualStatistics:
     """Per-block moments of head contexts, attention outputs and MLP outputs of one fitted index set."""
 
@@ -182,75 +299,12 @@ class ResidualStatistics:
         if len(indices) == 0:
             raise ValueError("statistics need at least one clip: the index set is empty")
         hooks = ClapHooks(model)
-        accumulators: dict[str, dict[str, StreamingMoments]] = {}
-        generator = torch.Generator()
-        batch, priming = 0, False  # clips in the current forward pass: the hooks see batch·windows rows
-
-        def take(tensor: torch.Tensor, width: int) -> torch.Tensor:
-            tokens = tensor.reshape(batch, -1, width)  # z arrives as (..., heads, d_head): concatenate heads
-            if tokens_per_clip is None or tokens_per_clip >= tokens.shape[1]:
-                return tokens
-            pick = torch.randperm(tokens.shape[1], generator=generator)[:tokens_per_clip].to(tokens.device)
-            return tokens[:, pick]
-
-        def accumulate(kind: str):
-            def hook(tensor: torch.Tensor, point: HookPoint) -> None:
-                key = block_name(point.stage, point.block)
-                moments = accumulators.setdefault(key, {})
-                if kind not in moments:
-                    moments[kind] = StreamingMoments(point.width)
-                if priming:
-                    moments[kind].set_shift(take(tensor, point.width))
-                else:
-                    moments[kind].update(take(tensor, point.width))
-
-            return hook
-
         embed = forward if forward is not None else (lambda x, longer: audio_embeddings(model, x, longer))
-
-        def run(number: int, x: torch.Tensor, longer: torch.Tensor | None) -> None:
-            nonlocal batch
-            batch = len(x)
-            generator.manual_seed(seed * 1_000_003 + number)
-            with autocast():
-                embed(x, longer)
-
-        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-        numbers = range(rank, -(-len(indices) // batch_size), world)
-        # This process's batches back to back: only the overall last batch can be short, and it comes last.
-        mine = np.concatenate([indices[n * batch_size : (n + 1) * batch_size] for n in numbers] or [indices[:0]])
-        stats_hooks = [("*.attn.hook_z", accumulate("z")), ("*.hook_mlp_out", accumulate("mlp"))]
-        if rank != 0:
-            with hooks.hooks(stats_hooks):  # the shifts come from batch 0, as in one process
-                priming = True
-                run(0, *model_inputs(input_features, indices[:batch_size], device, is_longer))
-                priming = False
-        with hooks.hooks([*stats_hooks, *extra_hooks]):
-            steps = batches(input_features, mine, batch_size, device, is_longer, desc="PCA statistics")
-            for number, (_, x, longer) in zip(numbers, steps, strict=True):
-                run(number, x, longer)
-        if distributed:
-            for key in sorted(accumulators):
-                for kind in sorted(accumulators[key]):
-                    accumulators[key][kind].all_reduce()
-
-        blocks, w_out, heads = {}, {}, {}
-        for s, b, layer in hooks.blocks():
-            key = block_name(s, b)
-            if key not in accumulators:  # a forward from a cached stage input skips the earlier stages
-                continue
-            z_mean, z_cov = accumulators[key]["z"].mean_cov()
-            count = accumulators[key]["z"].count
-            w = layer.attention.output.dense.weight.detach().double().cpu()
-            bias = layer.attention.output.dense.bias.detach().double().cpu()
-            mlp_mean, mlp_cov = accumulators[key]["mlp"].mean_cov()
-            blocks[key] = {
-                "z": Moments(z_mean, z_cov, count),
-                "attn": Moments(w @ z_mean + bias, w @ z_cov @ w.T, count),
-                "mlp": Moments(mlp_mean, mlp_cov, accumulators[key]["mlp"].count),
-            }
-            w_out[key] = w
-            heads[key] = layer.attention.self.num_attention_heads
+        moment_pass = _MomentPass(embed, tokens_per_clip, seed, autocast)
+        moment_pass.collect(
+            hooks, input_features, indices, batch_size, device, is_longer, extra_hooks, distributed
+        )
+        blocks, w_out, heads = _block_moments(hooks, moment_pass.accumulators)
         meta = {
             "clips": int(len(indices)),
             "tokens_per_clip": tokens_per_clip,

@@ -223,6 +223,24 @@ def load_clap(
     return ClapBundle(model_obj, processor, model_id, device, resolve_amp(amp, device), revision, commit, source)
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """Which CLAP a command runs, and where: hub id, local folder, `tiny`, or LAION's `.pt` (`text_config`: the
+    RoBERTa-base folder it needs offline), at a hub `revision`, on `device` with `amp` autocast on CUDA."""
+
+    model: str | Path = DEFAULT_MODEL
+    revision: str | None = None
+    text_config: str | Path | None = None
+    device: str = "auto"
+    amp: str = "auto"
+
+    def load(self, class_names: tuple[str, ...] = (), cache_dir: str | Path | None = None) -> ClapBundle:
+        """The bundle; `class_names` train the offline random model's tokenizer (`tiny-random`), `cache_dir`
+        holds converted LAION checkpoints."""
+        return load_clap(self.model, device=self.device, amp=self.amp, class_names=class_names,
+                         revision=self.revision, text_config=self.text_config, cache_dir=cache_dir)
+
+
 def _resolve_laion(model, text_config, cache_dir, revision) -> tuple[str | Path, dict | None]:
     """A LAION checkpoint becomes the folder of its cached conversion; any other model passes unchanged."""
     from audio_residual.clap.laion import converted_laion, is_laion_checkpoint

@@ -103,6 +103,10 @@ class StagePrefix:
                                        "rows_done": filled, "dtype": str(dtype).split(".")[1]})
         return store, dtype
 
+    def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, None]:
+        """Cached stage inputs of the given rows on the model's device, as `Workspace.batch` (no fusion flags)."""
+        return model_inputs(self.hidden, rows, self.device, None)
+
     def batches(self, rows, batch_size: int, shuffle_generator=None, desc: str | None = None) -> Iterator[Batch]:
         """(rows, cached stage inputs (float32), None) batches on the model's device, as `Workspace.batches`."""
         return batches(self.hidden, rows, batch_size, self.device, None, shuffle_generator, desc)

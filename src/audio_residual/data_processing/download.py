@@ -52,6 +52,106 @@ def _read_meta(path: Path) -> dict | None:
     return meta if isinstance(meta, dict) else None
 
 
+def _resume_point(url: str, part: Path, meta_path: Path) -> tuple[dict | None, int]:
+    """The recorded metadata and the offset to resume from: 0 unless the partial file is known as `url`'s."""
+    meta = _read_meta(meta_path)
+    offset = part.stat().st_size if part.exists() else 0
+    if offset and (meta is None or meta.get("url") != url):  # of unknown origin: never append to it
+        offset = 0
+    return meta, offset
+
+
+def _open(url: str, offset: int, meta: dict | None, timeout: float) -> http.client.HTTPResponse | None:
+    """The server's response, asking for the rest from `offset` only if the file is unchanged (`If-Range`).
+
+    None when the server refuses the range (416): the partial file is unusable and the caller starts over.
+    """
+    headers = {}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+        if meta.get("validator"):
+            headers["If-Range"] = meta["validator"]
+    try:
+        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and offset:  # the partial file is unusable, start over
+            return None
+        raise DownloadError(f"download of {url} failed: HTTP {err.code} {err.reason}") from err
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise DownloadError(f"cannot download {url}: {reason}") from err
+
+
+def _body_range(response, url: str, offset: int, meta: dict | None) -> tuple[int, int | None] | None:
+    """Where the body starts in the file and the file's total length (None if unknown), from the headers.
+
+    A 206 must carry `Content-Range` starting at `offset` with the recorded total, else it is another
+    range or another file than the one we hold and the answer is None (restart); a 200 is the whole file.
+    """
+    total = None
+    length = response.headers.get("Content-Length")
+    if response.status == 206:
+        match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range") or "")
+        start = int(match.group(1)) if match else -1
+        total = int(match.group(3)) if match and match.group(3) != "*" else None
+        if start != offset or (offset and meta.get("total") not in (None, total)):
+            if not offset:
+                raise DownloadError(f"{url}: the server answered a plain request with a partial body")
+            return None
+    else:
+        offset = 0
+        total = int(length) if length is not None else None
+    if total is None and length is not None:
+        total = offset + int(length)
+    return offset, total
+
+
+def _stream(response, url: str, part: Path, offset: int, total: int | None, desc: str) -> int:
+    """Append the body to `part` (written afresh when `offset` is 0); the size of `part` after.
+
+    A connection lost mid-body raises `DownloadError` and leaves `part` in place, so a rerun resumes.
+    """
+    size = offset
+    with (
+        part.open("ab" if offset else "wb") as out,
+        tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=desc) as progress,
+    ):
+        while True:
+            try:
+                chunk = response.read(_CHUNK_BYTES)
+            except (http.client.HTTPException, OSError) as err:  # a cut chunked body, a reset, a timeout
+                of_total = f" of {total}" if total is not None else ""
+                raise DownloadError(
+                    f"download of {url} stopped at {size}{of_total} bytes; rerun to resume from {part} "
+                    f"(connection lost: {type(err).__name__})"
+                ) from err
+            if not chunk:
+                break
+            out.write(chunk)
+            size += len(chunk)
+            progress.update(len(chunk))
+    return size
+
+
+def _check_whole(
+    url: str, part: Path, meta_path: Path, size: int, total: int | None, sha256: str | None
+) -> None:
+    """Refuse a body short of, or beyond, its declared length, or with the wrong sha256.
+
+    A short body keeps `part` for a resume; a long one or a wrong digest cannot be resumed and is deleted.
+    """
+    if total is not None and size < total:
+        raise DownloadError(f"download of {url} stopped at {size} of {total} bytes; rerun to resume from {part}")
+    if total is not None and size > total:
+        _discard(part, meta_path)
+        raise DownloadError(f"download of {url} gave {size} bytes, more than the {total} declared; rerun")
+    if sha256 is not None and (seen := sha256_of(part)) != sha256:
+        _discard(part, meta_path)
+        raise DownloadError(
+            f"download of {url} has sha256 {seen}, expected {sha256}; the partial file was deleted, rerun"
+        )
+
+
 def download_file(url: str, dest: Path | str, timeout: float = 60.0, sha256: str | None = None) -> Path:
     """Download `url` to `dest` via `dest.part`, resuming a previous partial download when it is safe.
 
@@ -65,75 +165,23 @@ def download_file(url: str, dest: Path | str, timeout: float = 60.0, sha256: str
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
     meta_path = part.with_name(part.name + ".json")
-    meta = _read_meta(meta_path)
-    offset = part.stat().st_size if part.exists() else 0
-    if offset and (meta is None or meta.get("url") != url):  # of unknown origin: never append to it
-        offset = 0
-    headers = {}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-        if meta.get("validator"):
-            headers["If-Range"] = meta["validator"]
-    try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
-    except urllib.error.HTTPError as err:
-        if err.code == 416 and offset:  # the partial file is unusable, start over
-            _discard(part, meta_path)
-            return download_file(url, dest, timeout, sha256)
-        raise DownloadError(f"download of {url} failed: HTTP {err.code} {err.reason}") from err
-    except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
-        raise DownloadError(f"cannot download {url}: {reason}") from err
+    meta, offset = _resume_point(url, part, meta_path)
+    response = _open(url, offset, meta, timeout)
+    if response is None:  # the server refused the range: the partial file is unusable, start over
+        _discard(part, meta_path)
+        return download_file(url, dest, timeout, sha256)
     with response:
-        total = None
-        length = response.headers.get("Content-Length")
-        if response.status == 206:
-            match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range") or "")
-            start = int(match.group(1)) if match else -1
-            total = int(match.group(3)) if match and match.group(3) != "*" else None
-            if start != offset or (offset and meta.get("total") not in (None, total)):
-                if not offset:
-                    raise DownloadError(f"{url}: the server answered a plain request with a partial body")
-                _discard(part, meta_path)  # another range or another file than the one we hold
-                return download_file(url, dest, timeout, sha256)
-        else:
-            offset = 0
-            total = int(length) if length is not None else None
-        if total is None and length is not None:
-            total = offset + int(length)
+        body = _body_range(response, url, offset, meta)
+        if body is None:
+            _discard(part, meta_path)  # another range or another file than the one we hold
+            return download_file(url, dest, timeout, sha256)
+        offset, total = body
         if not offset:
             dest.parent.mkdir(parents=True, exist_ok=True)
             validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
             meta_path.write_text(json.dumps({"url": url, "validator": validator, "total": total}))
-        size = offset
-        with (
-            part.open("ab" if offset else "wb") as out,
-            tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=dest.name) as progress,
-        ):
-            while True:
-                try:
-                    chunk = response.read(_CHUNK_BYTES)
-                except (http.client.HTTPException, OSError) as err:  # a cut chunked body, a reset, a timeout
-                    of_total = f" of {total}" if total is not None else ""
-                    raise DownloadError(
-                        f"download of {url} stopped at {size}{of_total} bytes; rerun to resume from {part} "
-                        f"(connection lost: {type(err).__name__})"
-                    ) from err
-                if not chunk:
-                    break
-                out.write(chunk)
-                size += len(chunk)
-                progress.update(len(chunk))
-    if total is not None and size < total:
-        raise DownloadError(f"download of {url} stopped at {size} of {total} bytes; rerun to resume from {part}")
-    if total is not None and size > total:
-        _discard(part, meta_path)
-        raise DownloadError(f"download of {url} gave {size} bytes, more than the {total} declared; rerun")
-    if sha256 is not None and (seen := sha256_of(part)) != sha256:
-        _discard(part, meta_path)
-        raise DownloadError(
-            f"download of {url} has sha256 {seen}, expected {sha256}; the partial file was deleted, rerun"
-        )
+        size = _stream(response, url, part, offset, total, dest.name)
+    _check_whole(url, part, meta_path, size, total, sha256)
     os.replace(part, dest)
     _discard(meta_path)
     return dest

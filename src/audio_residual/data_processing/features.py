@@ -1,13 +1,13 @@
 """Disk cache of CLAP log-mel input features, reproducible, resumable and memory-mapped.
 
-Layout (`layout.CacheLayout`): `CACHE/features/<recipe>/config.json` records the preprocessing
-configuration hashed in <recipe>, and `CACHE/features/<recipe>/<table name>-<table key>/` holds one table's
+Layout (`layout.CacheLayout`): `CACHE/features/<config hash>/config.json` records the preprocessing
+configuration, and `CACHE/features/<config hash>/<table name>-<table key>/` holds one table's
 rows: `input_features.npy` (float32, row i = clip i of the table) and `index.json`, which maps each
 filename to its row, file identity, status and `is_longer`. A row counts as cached only when the index
 says so and the file identity still matches; the index is rewritten atomically every `checkpoint_every`
 clips, so an interrupted run resumes where it stopped.
 
-File identity (`check`): "content" (default) hashes every file's bytes (BLAKE2b), so a file overwritten
+File identity (`AudioConfig.cache_check`): "content" (default) hashes every file's bytes (BLAKE2b), so a file overwritten
 in place is recomputed even when it keeps its size and mtime; it re-reads the audio on every open (about
 1 s per GB from the page cache, far below one forward pass). "mtime" trusts size + modification time: no
 re-read, but an overwrite that preserves both (`cp -p`, `touch -r`, some sync tools) reuses stale features.
@@ -35,11 +35,10 @@ from tqdm.auto import tqdm
 from audio_residual.data_processing.audio import (
     MODEL_SAMPLE_RATE,
     BadAudioError,
-    check_bad_file_policy,
     load_audio_checked,
 )
+from audio_residual.data_processing.audio_config import AudioConfig
 from audio_residual.data_processing.datasets import ClipTable
-from audio_residual.data_processing.recipes import LAION_TRAINING, check_recipe
 from audio_residual.io import atomic_path, digest, locked, preallocate, update_json
 from audio_residual.layout import CacheLayout, FeatureStoreLayout
 
@@ -48,7 +47,6 @@ from audio_residual.layout import CacheLayout, FeatureStoreLayout
 # resampling them; silence is judged after the mono mix and the int16 round trip.
 CACHE_FORMAT_VERSION = 3
 TRUNCATION_MODES = ("rand_trunc", "fusion")
-CHECK_MODES = ("content", "mtime")
 # Keys of `FeatureExtractor.to_dict()` that name the processor but do not change the features.
 _VOLATILE_EXTRACTOR_KEYS = frozenset({"processor_class", "auto_map"})
 
@@ -63,7 +61,7 @@ class CachedFeatures:
     skipped: list[tuple[str, str]]  # (filename, reason)
     identities: tuple[str, ...]  # per row: the audio file's identity (content hash or size:mtime)
     config_hash: str  # the preprocessing configuration the rows were computed with
-    recipe: dict = field(default_factory=dict)  # how they were made: `FeatureCache.recipe`
+    preprocessing: dict = field(default_factory=dict)  # how they were made: `FeatureCache.preprocessing`
     warnings: list[tuple[str, str]] = field(default_factory=list)  # (filename, reason): used, but suspect
 
     def digest(self, rows=None) -> str:
@@ -136,33 +134,25 @@ class FeatureCache:
         self,
         cache: str | Path | CacheLayout,
         feature_extractor,
+        audio: AudioConfig = AudioConfig(),
         *,
         target_sr: int = MODEL_SAMPLE_RATE,
-        int16_roundtrip: bool = True,
-        min_seconds: float = 1.0,
         truncation: str | None = None,
         padding: str | None = None,
         checkpoint_every: int = 25,
-        check: str = "content",
-        recipe: str = LAION_TRAINING,
     ) -> None:
         if target_sr != feature_extractor.sampling_rate:
             raise ValueError(
                 f"target_sr={target_sr} differs from the extractor's sampling_rate={feature_extractor.sampling_rate}"
             )
         self.feature_extractor = feature_extractor
+        self.audio = audio
         self.target_sr = target_sr
-        self.int16_roundtrip = int16_roundtrip
-        self.min_seconds = min_seconds
         self.truncation = truncation if truncation is not None else feature_extractor.truncation
         self.padding = padding if padding is not None else feature_extractor.padding
         if self.truncation not in TRUNCATION_MODES:
             raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {self.truncation!r}")
         self.checkpoint_every = max(1, checkpoint_every)
-        if check not in CHECK_MODES:
-            raise ValueError(f"cache check must be one of {CHECK_MODES}, got {check!r}")
-        self.check = check
-        self.audio_recipe = check_recipe(recipe)
         extractor_config = {
             key: value
             for key, value in feature_extractor.to_dict().items()
@@ -172,27 +162,27 @@ class FeatureCache:
             "format_version": CACHE_FORMAT_VERSION,
             "extractor": extractor_config,
             "target_sr": target_sr,
-            "int16_roundtrip": int16_roundtrip,
-            "min_seconds": min_seconds,
+            "int16_roundtrip": audio.int16_roundtrip,
+            "min_seconds": audio.min_seconds,
             "truncation": self.truncation,
             "padding": self.padding,
-            "recipe": self.audio_recipe,
+            "recipe": audio.recipe,
         }
         config_json = json.dumps(self.config, sort_keys=True, default=_json_default)
         self.config_hash = hashlib.sha256(config_json.encode()).hexdigest()[:16]
         self.layout = CacheLayout.of(cache)
-        self.config_dir = self.layout.feature_recipe(self.config_hash)
+        self.config_dir = self.layout.feature_config(self.config_hash)
 
     @property
-    def recipe(self) -> dict:
+    def preprocessing(self) -> dict:
         """The preprocessing steps that decide the features, for provenance records."""
         return {
             "sample_rate": self.target_sr,
-            "int16_roundtrip": self.int16_roundtrip,
+            "int16_roundtrip": self.audio.int16_roundtrip,
             "truncation": self.truncation,
             "padding": self.padding,
-            "min_seconds": self.min_seconds,
-            "recipe": self.audio_recipe,
+            "min_seconds": self.audio.min_seconds,
+            "recipe": self.audio.recipe,
         }
 
     def store(self, table: ClipTable) -> FeatureStoreLayout:
@@ -201,27 +191,27 @@ class FeatureCache:
         key = hashlib.sha256(identity.encode()).hexdigest()[:16]
         return self.layout.feature_store(self.config_hash, table.name, key)
 
-    def compute(self, table: ClipTable, on_bad_file: str = "error", workers: int = 1) -> CachedFeatures:
+    def compute(self, table: ClipTable) -> CachedFeatures:
         """Features for every clip of `table`, computing only rows missing from or stale in the cache.
 
-        `workers` > 1 decodes, resamples and extracts in that many processes; rows are written in the same
-        order with the same per-file seeds, so the cache is byte-identical to a one-process run.
+        `audio.workers` > 1 decodes, resamples and extracts in that many processes; rows are written in the
+        same order with the same per-file seeds, so the cache is byte-identical to a one-process run. A bad
+        file stops the run or is skipped, as `audio.on_bad_file` says.
         """
-        if workers < 1:
-            raise ValueError(f"workers must be ≥ 1, got {workers}")
-        check_bad_file_policy(on_bad_file)
+        on_bad_file, workers = self.audio.on_bad_file, self.audio.workers
         if len(table) == 0:
             raise ValueError(f"table {table.name!r} has no clips")
         store = self.store(table)
         store.root.mkdir(parents=True, exist_ok=True)
-        config_path = self.layout.feature_recipe_file(self.config_hash)
+        config_path = self.layout.feature_config_file(self.config_hash)
         if not config_path.exists():
             _write_json_atomic(config_path, self.config)
         features_path, index_path = store.features, store.index
 
         entries = self._read_index(index_path, features_path, len(table))
-        identities = [_file_identity(path, self.check) for path in tqdm(
-            table.paths(), desc="checking audio files", unit="file", leave=False, disable=self.check == "mtime"
+        identities = [_file_identity(path, self.audio.cache_check) for path in tqdm(
+            table.paths(), desc="checking audio files", unit="file", leave=False,
+            disable=self.audio.cache_check == "mtime"
         )]
         todo = [
             row
@@ -268,7 +258,7 @@ class FeatureCache:
             skipped=skipped,
             identities=tuple(entries[name]["identity"] or "" for name in table.filenames),
             config_hash=self.config_hash,
-            recipe=self.recipe,
+            preprocessing=self.preprocessing,
             warnings=[
                 (name, reason) for name in table.filenames for reason in entries[name].get("warnings", [])
             ],
@@ -278,8 +268,8 @@ class FeatureCache:
         """Features, is_longer, None and warnings of one file, or (None, False, reason, []) when it cannot be used."""
         try:
             audio, warnings = load_audio_checked(
-                audio_dir / filename, target_sr=self.target_sr, int16_roundtrip=self.int16_roundtrip,
-                min_seconds=self.min_seconds, recipe=self.audio_recipe, **self._crop(filename),
+                audio_dir / filename, target_sr=self.target_sr, int16_roundtrip=self.audio.int16_roundtrip,
+                min_seconds=self.audio.min_seconds, recipe=self.audio.recipe, **self._crop(filename),
             )
         except BadAudioError as err:
             return None, False, err.reason, []

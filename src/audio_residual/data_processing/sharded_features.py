@@ -23,17 +23,17 @@ class ShardedFeatureCache(FeatureCache):
     their share and then read the finished cache.
     """
 
-    def compute(self, table: ClipTable, on_bad_file: str = "error", workers: int = 1) -> CachedFeatures:
+    def compute(self, table: ClipTable) -> CachedFeatures:
         if dist.get_rank() != 0:
             while (filenames := _broadcast(None)) is not None:
-                _gather(self._share(table.audio_dir, filenames, workers))
+                _gather(self._share(table.audio_dir, filenames, self.audio.workers))
             failure = _broadcast(None)
             if failure is not None:
                 raise RuntimeError(f"rank 0 stopped the feature pass: {failure}")
-            return super().compute(table, on_bad_file, workers)  # reads what rank 0 wrote
+            return super().compute(table)  # reads what rank 0 wrote
         failure = None
         try:
-            return super().compute(table, on_bad_file, workers)
+            return super().compute(table)
         except Exception as err:
             failure = str(err)
             raise

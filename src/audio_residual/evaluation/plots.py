@@ -110,6 +110,39 @@ def accuracy_vs_parameters(results: pd.DataFrame, metric: str = "accuracy") -> F
     return fig
 
 
+def metrics_vs_parameters(results: pd.DataFrame, metrics: dict[str, str | None], title: str = "") -> Figure:
+    """Several metrics against trainable parameters (log x), one panel each (e.g. R@1 of both retrieval
+    directions): trained methods as points, methods that train nothing as dashed lines; `metrics` maps each
+    metric to the column of its random baseline (a dotted line), or None."""
+    colors = _method_colors(results["method"])
+    fig = Figure(figsize=(3.4 * len(metrics) + 1.5, 3.6), layout="constrained")
+    axes = fig.subplots(1, len(metrics), sharey=True, squeeze=False)[0]
+    summary = results.groupby("method", sort=False).mean(numeric_only=True).reset_index()
+    for ax, (metric, random) in zip(axes, metrics.items(), strict=True):
+        for row in summary.itertuples():
+            value, params = getattr(row, metric), row.trainable_params
+            if params > 0:
+                ax.plot(params, value, "o", color=colors[row.method], label=row.method)
+                ax.annotate(row.method, (params, value), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            else:
+                ax.axhline(value, linestyle="--", color=colors[row.method], label=f"{row.method} (0 params)")
+        if random is not None:
+            ax.axhline(summary[random].iloc[0], linestyle=":", color="grey", label="random ranking")
+        if (summary["trainable_params"] > 0).any():
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set(title=metric, xlabel="trainable parameters")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("test value")
+    handles = {}
+    for ax in axes:
+        handles.update(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
+    fig.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize="small")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
 def few_shot_curves(results: pd.DataFrame, metric: str = "accuracy") -> Figure:
     """Accuracy against k (log2 x), one line per method with ± std bars; full-data results as dotted lines."""
     summary = _by_regime(results, metric)

@@ -18,7 +18,6 @@ import pandas as pd
 
 from audio_residual.evaluation import plots
 from audio_residual.evaluation.store import (
-    BASELINE_METHOD,
     ResultsStore,
     markdown_table,
     per_class_deltas,
@@ -34,7 +33,6 @@ def write_report(
     store: ResultsStore,
     out: str | Path | RunLayout,
     class_names: Sequence[str] | None = None,
-    baseline: str = BASELINE_METHOD,
     title: str = "Audio-ResiDual results",
     intro: Sequence[str] = (),
     sections: Sequence[str] = (),
@@ -42,18 +40,22 @@ def write_report(
 ) -> str:
     """Write summary.csv, table.md, the comparison figures and report.md; return the markdown table.
 
-    `intro` lines go under the title (what data and model); the few-shot section (when the store holds
-    k-shot rows), the transfer section (`transfer`: rows of `experiments.transfer.transfer_table`) and then
-    `sections` (markdown) follow the comparison. Per-class and confusion figures are drawn for methods
-    whose rows were stored with arrays.
+    The store's task decides the columns, the headline metric and the baseline. `intro` lines go under the
+    title (what data and model); the few-shot section (when the store holds k-shot rows), the transfer section
+    (`transfer`: rows of `experiments.transfer.transfer_table`) and then `sections` (markdown) follow the
+    comparison. Per-class and confusion figures are drawn for methods whose rows were stored with them.
     """
-    layout = RunLayout.of(out)
-    summary = summary_table(store, baseline=baseline)
+    layout, task = RunLayout.of(out), store.task
+    baseline, headline = task.baseline, task.headline
+    summary = summary_table(store, baseline=baseline, task=task)
     write_csv(layout.summary, summary)
-    table = markdown_table(summary, baseline=baseline, n_classes=None if class_names is None else len(class_names))
+    n_classes = None if class_names is None else len(class_names)
+    table = markdown_table(summary, baseline=baseline, n_classes=n_classes, task=task)
     write_text(layout.table, table)
-    figures = [save_figure(plots.fold_accuracy(store.frame), layout.figures / "fold_accuracy.png")]
-    with_arrays = [m for m in store.methods() if store.has_arrays(m)]
+    figures = []
+    if store.frame["fold"].nunique() > 1:
+        figures.append(save_figure(plots.fold_accuracy(store.frame, headline), layout.figures / f"fold_{headline}.png"))
+    with_arrays = [m for m in store.methods() if store.has_arrays(m, "confusion")]
     for method in with_arrays:
         matrix = summed_confusion(store, method)
         title_ = f"{method}: confusion summed over folds"
@@ -64,19 +66,24 @@ def write_report(
             figures.append(save_figure(plots.class_deltas(deltas, method, baseline), layout.figures / f"class_deltas_{method}.png"))
     every = store.all_regimes
     if not every.empty:
-        figures.append(save_figure(plots.accuracy_vs_parameters(every), layout.figures / "accuracy_vs_parameters.png"))
+        figure = plots.accuracy_vs_parameters(every, headline)
+        figures.append(save_figure(figure, layout.figures / f"{headline}_vs_parameters.png"))
+    if task.figure_metrics and not store.frame.empty:
+        figure = plots.metrics_vs_parameters(store.frame, task.figure_metrics)
+        figures.append(save_figure(figure, layout.figures / f"{'_'.join(task.figure_metrics)}_vs_parameters.png"))
     protocol_sections = []
     if every["shots"].notna().any():
-        few = few_shot_summary(every)
+        few = few_shot_summary(every, headline)
         write_csv(layout.few_shot_summary, few)
-        figures.append(save_figure(plots.few_shot_curves(every), layout.figures / "few_shot_curves.png"))
-        protocol_sections += few_shot_section(few)
+        figures.append(save_figure(plots.few_shot_curves(every, headline), layout.figures / "few_shot_curves.png"))
+        protocol_sections += few_shot_section(few, headline)
     if transfer is not None and not transfer.empty:
         for method in dict.fromkeys(transfer["method"]):
             heatmap = plots.transfer_heatmap(transfer_matrix(transfer, method), title=f"{method}: zero-shot accuracy on the target")
             figures.append(save_figure(heatmap, layout.figures / f"transfer_{method}.png"))
         protocol_sections += transfer_section(transfer)
-    lines = [f"# {title}", "", *intro, "", "## Comparison on the test folds", "", table, *protocol_sections, *sections]
+    where = "the test folds" if store.frame["fold"].nunique() > 1 else "the test split"
+    lines = [f"# {title}", "", *intro, "", f"## Comparison on {where}", "", table, *protocol_sections, *sections]
     lines += ["## Figures", ""]
     lines += [f"- ![{p.stem}]({p.relative_to(layout.root).as_posix()})" for p in figures] + [""]
     write_text(layout.report, "\n".join(lines))

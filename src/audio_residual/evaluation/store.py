@@ -26,8 +26,10 @@ from audio_residual.tasks import CLASSIFICATION, Task
 
 
 def result_columns(task: Task) -> tuple[str, ...]:
-    """The store's columns for a task: the row's identity, the task's metrics, cost and protocol."""
-    return ("method", "fold", "key", *task.metrics, "trainable_params", "seconds", "shots", "seed")
+    """The store's columns for a task: the row's identity, the task's metrics, cost, protocol, and how the
+    method chose (its kept epoch, validation score and chosen options, where it chooses)."""
+    return ("method", "fold", "key", *task.metrics, "trainable_params", "seconds", "shots", "seed", "best_epoch",
+            "val_score", "chosen")
 
 
 RESULT_COLUMNS = result_columns(CLASSIFICATION)
@@ -143,10 +145,12 @@ class ResultsStore:
         self.add(row, arrays)
         return row
 
-    def has_arrays(self, method: str) -> bool:
-        """Whether every fold of this session's method rows was added with its confusion and per-class arrays."""
+    def has_arrays(self, method: str, name: str | None = None) -> bool:
+        """Whether every fold of this session's method rows was added with its arrays (holding `name`, if given)."""
         folds = self.frame.loc[self.frame["method"] == method, "fold"]
-        return len(folds) > 0 and all(self._array_path(method, f).is_file() for f in folds)
+        if not (len(folds) > 0 and all(self._array_path(method, f).is_file() for f in folds)):
+            return False
+        return name is None or all(name in self.arrays(method, f) for f in folds)
 
     def _array_path(self, method: str, fold: int) -> Path:
         """The arrays of the full-data row (k-shot rows keep theirs too, but no figure reads them)."""
@@ -253,7 +257,8 @@ def markdown_table(
         p = "—" if row["method"] == baseline else f"{_format_p(row['ttest_p'])} / {_format_p(row['wilcoxon_p'])}"
         if isinstance(row["note"], str) and row["note"] and row["method"] != baseline:
             p += f" ({row['note']})"
-        cells = [f"{row[task.headline + '_mean']:.4f} ± {row[task.headline + '_std']:.4f}"]
+        std = row[task.headline + "_std"]
+        cells = [f"{row[task.headline + '_mean']:.4f}" + ("" if pd.isna(std) else f" ± {std:.4f}")]
         cells += [f"{row[m + '_mean']:.4f}" if task.informative(m, n_classes) else "—" for _, m in task.report_columns]
         lines.append(f"| {row['method']} | {' | '.join(cells)} | {_format_params(row['trainable_params'])} | {p} |")
     return "\n".join(lines) + "\n"

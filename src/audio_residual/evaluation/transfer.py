@@ -1,44 +1,61 @@
-"""Zero-shot transfer's data side: dataset B on A's model (`target_workspace`) and the transfer table's shape.
+"""Zero-shot retention: does an encoder adapted on dataset A still classify dataset B's classes zero-shot?
 
-Scoring adapted encoders on B (`transfer_table`) sits above the methods, in `experiments.transfer`.
+A linear probe is tied to A's classes; methods that keep CLAP's text side (`Method.transferable`: ResiDual, the
+contrastive adapter, LoRA, the retrieval methods) can be scored on any label set. The adapted encoder is applied
+to B's audio and compared against B's class prompts, next to the plain model on the same clips. Every usable
+clip of B is scored: nothing of B was used to adapt the encoder, so all of it is unseen (pairs with A = B are
+left out for that reason). B is opened on A's model and audio configuration (`Workspace.on`).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from audio_residual.data_processing import ClipTable, FeatureCache
-from audio_residual.workspace import DEFAULT_CACHE, Workspace
+from audio_residual.tasks import CLASSIFICATION
+from audio_residual.tasks.classification import topk_accuracy
+from audio_residual.workspace import Workspace
 
 TRANSFER_COLUMNS = ("source", "method", "target", "encoders", "accuracy", "accuracy_std", "zeroshot", "retention")
 PLAIN_ROW = "plain zero-shot"
+Adapted = tuple[Any, Any]  # (a registered method, one of its fitted models)
 
 
-def target_workspace(
-    source: Workspace,
-    table: ClipTable,
-    cache_dir: str | Path = DEFAULT_CACHE,
-    on_bad_file: str = "error",
-    int16_roundtrip: bool = True,
-    min_seconds: float = 1.0,
-    check: str = "content",
-    workers: int = 1,
-) -> Workspace:
-    """Dataset B on the model of `source`: adapted encoders were fitted to that model, so B must use it too.
+def transfer_accuracy(target: Workspace, adapted: Adapted | None = None) -> float:
+    """Zero-shot accuracy on every usable clip of `target`: of the plain model, or of (method, fitted model)."""
+    rows = target.valid_indices()
+    if adapted is None:
+        logits = CLASSIFICATION.scores(target, target.embeddings(rows), rows)
+    else:
+        method, model = adapted
+        logits = method.transfer_scores(model, target, rows)
+    return topk_accuracy(logits, target.table.labels[rows], 1)
 
-    B's audio is prepared like A's (`min_seconds`, the cache `check`, `workers`); its skipped files are in
-    the returned workspace's `features.skipped`. (The offline tiny model learns its tokenizer from class
-    names: load it with A's and B's names.)
+
+def transfer_table(targets: Mapping[str, Workspace], encoders: Mapping[tuple[str, str], Sequence[Adapted]]
+                   ) -> pd.DataFrame:
+    """One row per (source A, method, target B ≠ A): B's accuracy with A's adapted encoder(s) and without.
+
+    `encoders[(A, method label)]` holds (method, fitted model) pairs, e.g. one per fold of A: `accuracy` is
+    their mean and `accuracy_std` their sample standard deviation (0 for one). `zeroshot` is the plain model on
+    the same clips, and `retention` = accuracy − zeroshot (negative: CLAP's ability was lost).
     """
-    bundle = source.bundle
-    cache = FeatureCache(cache_dir, bundle.feature_extractor, int16_roundtrip=int16_roundtrip,
-                         min_seconds=min_seconds, check=check)
-    features = cache.compute(table, on_bad_file=on_bad_file, workers=workers)
-    if not features.valid.any():
-        raise ValueError(f"transfer dataset {table.name!r}: every one of its {len(table)} clips was skipped as a bad file")
-    return Workspace(table, bundle, features, source.templates)
+    plain = {name: transfer_accuracy(ws) for name, ws in targets.items()}
+    records = []
+    for (source, label), group in encoders.items():
+        for name, ws in targets.items():
+            if name == source:
+                continue
+            scores = np.array([transfer_accuracy(ws, adapted) for adapted in group])
+            records.append({
+                "source": source, "method": label, "target": name, "encoders": len(scores),
+                "accuracy": float(scores.mean()), "accuracy_std": float(scores.std(ddof=1)) if len(scores) > 1 else 0.0,
+                "zeroshot": plain[name], "retention": float(scores.mean()) - plain[name],
+            })
+    return pd.DataFrame.from_records(records, columns=TRANSFER_COLUMNS)
 
 
 def transfer_matrix(table: pd.DataFrame, method: str, value: str = "accuracy") -> pd.DataFrame:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from audio_residual.evaluation.metrics import topk_accuracy
+from audio_residual.tasks.classification import topk_accuracy
 from audio_residual.workspace import Workspace
 
 
-def zero_shot_by_fold(ws: Workspace, batch_size: int = 32) -> pd.DataFrame:
+def zero_shot_by_fold(ws: Workspace) -> pd.DataFrame:
     """One row per fold: fold, n, accuracy, top5 (each clip is embedded once, whatever the fold count)."""
     rows = ws.valid_indices()
-    logits = ws.classifier.logits(ws.embed(rows, batch_size=batch_size, desc="zero-shot"))
+    logits = ws.classifier.logits(ws.embed(rows, desc="zero-shot"))
     labels, folds = ws.table.labels[rows], ws.table.folds[rows]
     records = []
     for fold in ws.table.fold_ids:

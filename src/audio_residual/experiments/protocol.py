@@ -1,7 +1,7 @@
 """Which training clips a method may see: the whole training folds, or k per class (a k-shot draw).
 
     for protocol in [FULL_DATA, *few_shot_protocols([1, 2, 4, 8, 16], seeds=3)]:
-        run_baselines(ws, out, protocols=[protocol])   # same code, other splits
+        Study(ws, out, config).methods([protocol])   # same code, other splits
 
 Every protocol tests on the official test folds, so full-data and k-shot rows of one method are scored
 on the same clips. A k-shot draw takes `shots` training clips per class from the training folds and
@@ -19,6 +19,7 @@ import pandas as pd
 
 from audio_residual.data_processing import Split
 from audio_residual.data_processing.folds import few_shot_splits
+from audio_residual.layout import RunLayout
 from audio_residual.workspace import Workspace
 
 
@@ -44,18 +45,16 @@ class Protocol:
         return "full data" if self.full_data else f"{self.shots}-shot, seed {self.seed}"
 
     def splits(self, ws: Workspace, val_fraction: float = 0.0, seed: int = 0) -> list[Split]:
-        """Official splits (validation: `val_fraction` of the training folds) or this draw's k-shot splits."""
+        """Official splits (`Workspace.splits`) or this draw's k-shot splits."""
         if self.full_data:
             return ws.splits(val_fraction, seed)
+        if ws.captioned:
+            raise ValueError(f"{ws.table.name} is captioned audio: a k-shot draw needs classes")
         return few_shot_splits(ws.table, self.shots, self.seed, valid=ws.features.valid)
 
-    def split(self, ws: Workspace, fold: int, val_fraction: float = 0.0, seed: int = 0) -> Split:
-        if self.full_data:
-            return ws.split(fold, val_fraction, seed)
-        for split in self.splits(ws):
-            if split.fold == fold:
-                return split
-        raise ValueError(f"no fold {fold} in {ws.table.name!r}: folds are {list(ws.table.fold_ids)}")
+    def layout(self, out: RunLayout) -> RunLayout:
+        """Where this protocol's runs live: the study's folder, or the draw's own (`RunLayout.few_shot`)."""
+        return out if self.full_data else out.few_shot(self.shots, self.seed)
 
     def procedure(self) -> dict:
         """What keys a result besides the method: nothing for full data (keys of earlier runs stay valid)."""

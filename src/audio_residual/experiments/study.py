@@ -1,12 +1,17 @@
-"""The whole study on one dataset and model: analysis → sweep (nested choice) → ResiDual → baselines →
-k-shot protocols → zero-shot transfer → report.
+"""The one study runner, for every task: analysis → sweep → every method on every split and protocol → transfer →
+saliency → report, each a step a notebook can call on its own.
 
-    ws = Workspace.open("esc50", model="laion/clap-htsat-unfused")
-    config = StudyConfig(grid=DEFAULT_GRID, base={"val_fraction": 0.1}, shots=(1, 2, 4, 8, 16), seeds=3)
-    outcome = run_study(ws, "runs/esc50", config, transfer={"us8k": target_workspace(ws, us8k_table)})
+    ws = Workspace.open("esc50", ModelSource("laion/clap-htsat-unfused"))
+    study = Study(ws, "runs/esc50", StudyConfig(shots=(1, 2, 4, 8, 16), seeds=3))
+    study.sweep()                      # ResiDual's grid points (W&B agents when online)
+    store = study.methods()            # every registered method of the task, nested choices included
+    study.transfer({"us8k": ws.on("data/UrbanSound8K")})
+    study.report()
+    # or all of it: run_study(ws, "runs/esc50", config, transfer=...)
 
-Each step resumes from what the output folder already holds under the same key (see `RunLayout`), so a
-killed run continues where it stopped and a rerun with other options computes only what changed.
+Every method, ResiDual included, runs through the task's registry (`methods`), keyed by everything that produced
+its rows (`Workspace.key`), into the locked results store of the task, and is reported by the one report writer:
+a killed run continues where it stopped, and a rerun with other options computes only what changed.
 """
 
 from __future__ import annotations
@@ -20,32 +25,21 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from tqdm.auto import tqdm
 
-from audio_residual.analysis.run import AnalysisResult, run_analysis
-from audio_residual.analysis.saliency_run import run_saliency
 from audio_residual.data_processing.synthetic import GENERATOR_JSON
 from audio_residual.evaluation.report import write_report
 from audio_residual.evaluation.store import ResultsStore
-from audio_residual.experiments.baselines import run_baselines, saved_encoders
+from audio_residual.evaluation.transfer import transfer_table
 from audio_residual.experiments.config import StudyConfig
 from audio_residual.experiments.protocol import FULL_DATA, Protocol
-from audio_residual.experiments.residual import (
-    chosen_configs,
-    fold_lambdas,
-    method_name,
-    train_chosen_per_fold,
-)
-from audio_residual.experiments.sweep import (
-    DEFAULT_PRESET,
-    choose_per_fold,
-    mean_ranking,
-    presets,
-    run_sweep,
-)
-from audio_residual.experiments.transfer import transfer_table
-from audio_residual.io import update_csv
+from audio_residual.experiments.sweep import finished_sweep, mean_ranking, run_sweep
+from audio_residual.io import update_csv, write_json
 from audio_residual.layout import RunLayout
-from audio_residual.methods import REGISTRY
+from audio_residual.methods import Context, Method
+from audio_residual.methods.base import release_memory
+from audio_residual.tasks import get_task
+from audio_residual.training.tracking import RunTracker
 from audio_residual.workspace import Workspace
 
 
@@ -53,128 +47,233 @@ from audio_residual.workspace import Workspace
 class StudyOutcome:
     """What a study produced, beside the files under its output folder."""
 
-    analysis: AnalysisResult
-    analysis_fold: int
-    sweep: pd.DataFrame  # one row per grid point (fold included)
-    chosen: dict[int, dict]  # test fold → options chosen on that fold's own validation split (default preset)
     store: ResultsStore  # this run's rows (full data in `frame`, k-shot rows too in `all_regimes`)
     table: str  # the comparison, markdown
-    timings: dict[str, float] = field(default_factory=dict)
+    sweep: pd.DataFrame | None = None  # one row per grid point (fold included)
+    analysis: Any = None  # the analysis fold's `AnalysisResult` (labelled data)
     transfer: pd.DataFrame | None = None  # zero-shot retention on other datasets (`transfer_table`)
     saliency: pd.DataFrame | None = None  # faithfulness of the saliency maps (`config.saliency_clips` > 0)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
-def run_study(
-    ws: Workspace,
-    out: str | Path,
-    config: StudyConfig,
-    use_wandb: str | bool = False,
-    analysis_options: dict | None = None,
-    peer_options: Mapping[str, Mapping[str, Any]] | None = None,
-    transfer: Mapping[str, Workspace] | None = None,
-    name: str | None = None,
-) -> StudyOutcome:
-    """Every step of the study; writes results.csv, report.md and figures under `out`.
+class Study:
+    """One study's steps on one dataset and model; `config.task` decides the methods, columns and metrics."""
 
-    `config.methods` are the baselines (fine-tuning joins with `config.finetune_epochs > 0`); ResiDual always
-    runs, one method per preset of the grid plus the coarse twin. With `config.shots`, every method runs again
-    on each k-shot draw (`config.seeds` draws per k), ResiDual with its configuration chosen per fold on the
-    draw's own validation clips from `config.few_shot()`. `transfer` maps dataset names to workspaces on this model
-    (`evaluation.transfer.target_workspace`): each fold's adapted encoders are scored zero-shot on all of
-    their clips, next to the plain model, into `transfer.csv`; `name` names this dataset there.
-    """
-    layout = RunLayout.of(out)
-    timings = {}
-    started = time.perf_counter()
-    analysis = run_analysis(ws, fold=config.analysis_fold, out_dir=layout.analysis, **(analysis_options or {}))
-    shutil.copyfile(analysis.paths["heads"], layout.heads)
-    timings["analysis"] = time.perf_counter() - started
+    def __init__(self, ws: Workspace, out: str | Path | RunLayout, config: StudyConfig, wandb: str = "disabled",
+                 name: str | None = None):
+        self.ws, self.layout, self.config, self.wandb = ws, RunLayout.of(out), config, wandb
+        self.task = get_task(config.task)
+        if ws.captioned != self.task.captioned:
+            kind = "captioned audio" if self.task.captioned else "a labelled dataset"
+            raise ValueError(f"the {self.task.name} task reads {kind}; {ws.table.name} is not one")
+        self.name = name or ws.table.name
+        self.store = ResultsStore(self.layout.results_for(self.task.name), self.task)
+        self.fitted: dict[tuple[str, int], tuple[Method, Any]] = {}  # (label, fold) → this session's full-data fit
+        self.sweep_frame: pd.DataFrame | None = None
+        self.analysis_result = None
+        self.transfer_frame: pd.DataFrame | None = None
+        self.saliency_frame: pd.DataFrame | None = None
+        self.examples: list[dict] = []
+        self.timings: dict[str, float] = {}
 
-    started = time.perf_counter()
-    sweep = run_sweep(ws, layout, config, use_wandb=use_wandb)
-    timings["sweep"] = time.perf_counter() - started
+    # --- steps -----------------------------------------------------------------------------------------------
+    def analyze(self, **options):
+        """Unit spectra, attention-pattern PCA and head ablation of the analysis fold (labelled data)."""
+        from audio_residual.analysis.run import run_analysis
 
-    started = time.perf_counter()
-    few_shot = config.protocols()
-    store = run_baselines(
-        ws, layout, methods=config.methods, val_fraction=config.val_fraction,
-        finetune_epochs=config.finetune_epochs, peer_options=peer_options, protocols=[FULL_DATA, *few_shot],
-    )
-    chosen = train_chosen_per_fold(ws, sweep, config, layout, store)  # nested: fold k chooses without k
-    timings["comparison"] = time.perf_counter() - started
+        self.analysis_result = run_analysis(self.ws, fold=self.config.analysis_fold, out_dir=self.layout.analysis,
+                                            **options)
+        shutil.copyfile(self.analysis_result.paths["heads"], self.layout.heads)
+        return self.analysis_result
 
-    if few_shot:
+    def sweep(self, protocol: Protocol = FULL_DATA) -> pd.DataFrame | None:
+        """Train every ResiDual grid point on every fold of `protocol` (W&B agents when online), so the ResiDual
+        methods' nested choice reads them instead of training them; None when no method has a grid."""
+        if not any("grid" in self.config.method(name).defaults for name in self.config.methods):
+            return None
+        config = self.config if protocol.full_data else self.config.few_shot()
+        wandb = self.wandb if protocol.full_data else "disabled"
+        frame = run_sweep(self.ws, protocol.layout(self.layout), config, use_wandb=wandb, protocol=protocol,
+                          task=self.task)
+        if protocol.full_data:
+            self.sweep_frame = frame
+        return frame
+
+    def finished_sweep(self) -> pd.DataFrame:
+        """The sweep an earlier step (notebook 2, `audio-residual sweep`) finished into this folder; it is never
+        trained by surprise: a missing point stops with the cell and the command to run."""
+        self.sweep_frame = finished_sweep(self.ws, self.layout, self.config)
+        return self.sweep_frame
+
+    def methods(self, protocols: Sequence[Protocol] | None = None, force: bool = False,
+                folds: Sequence[int] | None = None) -> ResultsStore:
+        """Every method of `config.methods` on every split (of `folds`, default all) of every protocol (default:
+        full data and the k-shot draws), skipping rows the store holds under the same key unless `force`."""
+        protocols = [FULL_DATA, *self.config.protocols()] if protocols is None else list(protocols)
+        for name in self.config.methods:  # bad options stop the run before anything trains
+            self.config.method(name).check(self.config.method_options(name), self.ws)
+        todo = [(protocol, split, name) for protocol in protocols
+                for split in protocol.splits(self.ws, self.config.val_fraction, self.config.seed)
+                if folds is None or split.fold in folds
+                for name in self.config.methods if self._runs_on(name, split.fold)
+                and (force or not self._stored(name, split.fold, protocol))]
+        tracker = RunTracker(self.wandb, config={"study": _jsonable(self.config)}, wandb_dir=self.layout.root,
+                             job_type=f"{self.task.name}-methods") if todo else None
+        for protocol, split, name in tqdm(todo, desc=f"{self.task.name} methods", disable=not todo):
+            self._run(name, split, protocol, tracker)
+        if tracker is not None:
+            tracker.finish()
+        return self.store
+
+    def transfer(self, targets: Mapping[str, Workspace]) -> pd.DataFrame:
+        """Zero-shot retention of this study's adapted encoders (full data, every fold) on each target dataset,
+        opened on this model and audio configuration (`Workspace.on`) → `transfer.csv`."""
+        encoders = {}
+        for name in self.config.methods:
+            method, options = self.config.method(name), self.config.method_options(name)
+            label = method.label(options)
+            rows = self.store.frame[self.store.frame["method"] == label]
+            if method.transferable and len(rows):
+                encoders[(self.name, label)] = [(method, self._model(name, int(fold))) for fold in sorted(rows["fold"])]
+        self.transfer_frame = transfer_table(targets, encoders)
+        update_csv(self.layout.transfer, self.transfer_frame, ("source", "method", "target"))  # others' rows kept
+        return self.transfer_frame
+
+    def saliency(self) -> pd.DataFrame:
+        """Saliency maps of `config.saliency_clips` test clips of the analysis fold, and their faithfulness."""
+        from audio_residual.analysis.saliency_run import run_saliency
+
+        result = run_saliency(self.ws, self.config.analysis_fold, self.layout / "saliency",
+                              clips=self.config.saliency_clips, analysis=self.analysis_result)
+        self.saliency_frame = result.faithfulness
+        return self.saliency_frame
+
+    def report(self, sections: Sequence[str] = ()) -> str:
+        """report.md (and summary.csv, table.md, figures) of this session's rows, with the study's sections."""
+        self._examples()
+        return write_report(self.store, self.layout, None if self.ws.captioned else self.ws.table.class_names,
+                            title=_title(self.ws), intro=describe(self.ws), transfer=self.transfer_frame,
+                            sections=[*self.sections(), *sections])
+
+    def run(self, transfer: Mapping[str, Workspace] | None = None, analysis_options: dict | None = None
+            ) -> StudyOutcome:
+        """Every step the data allows, timed; the report last."""
+        for name in self.config.methods:  # bad options stop the run before the analysis or the sweep trains
+            self.config.method(name).check(self.config.method_options(name), self.ws)
+        steps = [("sweep", lambda: [self.sweep(p) for p in [FULL_DATA, *self.config.protocols()]]),
+                 ("methods", self.methods)]
+        if not self.ws.captioned:
+            steps.insert(0, ("analysis", lambda: self.analyze(**(analysis_options or {}))))
+        if transfer:
+            steps.append(("transfer", lambda: self.transfer(transfer)))
+        if self.config.saliency_clips and not self.ws.captioned:
+            steps.append(("saliency", self.saliency))
+        for step, run in steps:
+            started = time.perf_counter()
+            run()
+            self.timings[step] = time.perf_counter() - started
+        table = self.report()
+        return StudyOutcome(self.store, table, self.sweep_frame, self.analysis_result, self.transfer_frame,
+                            self.saliency_frame, self.timings)
+
+    # --- one method on one split -----------------------------------------------------------------------------
+    def key(self, name: str, protocol: Protocol) -> str:
+        """What `name`'s rows depend on besides the data: its procedure, the split, the protocol."""
+        method, options = self.config.method(name), self.config.method_options(name)
+        split = {"val_fraction": self.config.val_fraction, "seed": self.config.seed}
+        return self.ws.key({**method.procedure(options), "split": split, **protocol.procedure()})
+
+    def _runs_on(self, name: str, fold: int) -> bool:
+        """Whether `name` has anything to run on `fold` (ResiDual: only the folds its grid names)."""
+        return self.config.method(name).runs_on(self.config.method_options(name), fold)
+
+    def _stored(self, name: str, fold: int, protocol: Protocol) -> bool:
+        method = self.config.method(name)
+        label, key = method.label(self.config.method_options(name)), self.key(name, protocol)
+        stored = self.store.reuse(label, fold, key, protocol.shots, protocol.seed)
+        if stored and method.transferable and method.saves and protocol.full_data:
+            stored = self.layout.adapter(label, key, fold).is_file()  # transfer reloads it
+        return stored
+
+    def _context(self, name: str, split, protocol: Protocol, tracker=None) -> Context:
+        return Context(self.ws, split, self.task, self.config.seed, self.config.method_options(name),
+                       protocol.layout(self.layout), tracker, protocol.shots)
+
+    def _run(self, name: str, split, protocol: Protocol, tracker) -> None:
+        method, ctx = self.config.method(name), self._context(name, split, protocol, tracker)
+        label, key = method.label(ctx.options), self.key(name, protocol)
         started = time.perf_counter()
-        few_shot_residual(ws, layout, config, store, few_shot)
-        timings["few-shot"] = time.perf_counter() - started
+        model = method.fit(ctx)
+        scores, params = method.scores(model, ctx, split.test), method.trainable_params(model)
+        seconds = time.perf_counter() - started
+        if protocol.full_data and method.transferable:
+            self.fitted[(label, split.fold)] = (method, model)
+            if method.saves:
+                method.save(model, self.layout.adapter(label, key, split.fold))
+        details = method.details(model)
+        seconds = details.pop("seconds", seconds)  # a method that read back runs trained earlier says their cost
+        self.store.add_evaluation(label, split.fold, key, scores, self.task.targets(self.ws, split.test), params,
+                                  seconds, **details, **protocol.columns())
+        if not (protocol.full_data and method.transferable):
+            del model
+            release_memory(self.ws)
 
-    table = None
-    if transfer:
-        started = time.perf_counter()
-        table = run_transfer(ws, layout, sweep, config, store, transfer, name or ws.table.name)
-        timings["transfer"] = time.perf_counter() - started
+    def _model(self, name: str, fold: int):
+        """`name`'s full-data fit on `fold`: this session's, else saved by an earlier run, else fitted again."""
+        method = self.config.method(name)
+        label = method.label(self.config.method_options(name))
+        if (label, fold) not in self.fitted:
+            path = self.layout.adapter(label, self.key(name, FULL_DATA), fold)
+            if method.saves and path.is_file():
+                self.fitted[(label, fold)] = (method, method.load(path, self.ws))
+            else:
+                split = self.ws.split(fold, self.config.val_fraction, self.config.seed)
+                self.fitted[(label, fold)] = (method, method.fit(self._context(name, split, FULL_DATA)))
+        return self.fitted[(label, fold)][1]
 
-    saliency = None
-    if config.saliency_clips:
-        started = time.perf_counter()
-        saliency = run_saliency(
-            ws, config.analysis_fold, layout / "saliency", clips=config.saliency_clips, analysis=analysis
-        ).faithfulness
-        timings["saliency"] = time.perf_counter() - started
+    # --- the report's study sections -------------------------------------------------------------------------
+    def _examples(self) -> None:
+        """Per-query examples of the task (retrieval): of the baseline, and of the trained method with the best
+        validation score among those fitted this session (a reused row's model is not refitted for this)."""
+        if not (self.config.examples and self.task.has_examples):
+            return
+        frame = self.store.frame
+        fitted = {label for label, _ in self.fitted}
+        trained = frame[(frame["trainable_params"] > 0) & frame["method"].isin(fitted)]
+        wanted = [self.task.baseline, *trained.sort_values("val_score", ascending=False, kind="stable")["method"][:1]]
+        self.examples = []
+        for name in self.config.methods:
+            method = self.config.method(name)
+            label = method.label(self.config.method_options(name))
+            folds = sorted(frame.loc[frame["method"] == label, "fold"])
+            if label not in wanted or not folds:
+                continue
+            model = self._model(name, int(folds[0]))
+            split = self.ws.split(int(folds[0]), self.config.val_fraction, self.config.seed)
+            scores = method.scores(model, self._context(name, split, FULL_DATA), split.test)
+            self.examples += [{"method": label, **example}
+                              for example in self.task.examples(self.ws, scores, split.test, self.config.examples)]
+        if self.examples:
+            write_json(self.layout.examples, self.examples)
 
-    outcome = StudyOutcome(analysis, config.analysis_fold, sweep, chosen, store, "", timings, table, saliency)
-    outcome.table = write_report(
-        store, layout, ws.table.class_names, title=_title(ws), intro=describe(ws), sections=_sections(outcome),
-        transfer=table,
-    )
-    return outcome
-
-
-def few_shot_residual(
-    ws: Workspace, out: str | Path | RunLayout, config: StudyConfig, store: ResultsStore, protocols: Sequence[Protocol]
-) -> None:
-    """ResiDual on each k-shot draw, into `store`: the draw's own sweep over `config.few_shot()`'s grid (in the
-    draw's layout) and each fold's configuration chosen on that draw's validation clips (nested)."""
-    layout = RunLayout.of(out)
-    small = config.few_shot()
-    for protocol in protocols:
-        draw = layout.few_shot(protocol.shots, protocol.seed)
-        draw_sweep = run_sweep(ws, draw, small, use_wandb=False, protocol=protocol)
-        train_chosen_per_fold(ws, draw_sweep, small, draw, store, protocol=protocol)
-
-
-def run_transfer(
-    ws: Workspace,
-    out: str | Path | RunLayout,
-    sweep: pd.DataFrame,
-    config: StudyConfig,
-    store: ResultsStore,
-    targets: Mapping[str, Workspace],
-    source: str,
-) -> pd.DataFrame:
-    """Zero-shot retention of this study's adapted encoders on each target dataset → `transfer.csv`."""
-    table = transfer_table(targets, adapted_encoders(ws, sweep, config, out, store, source))
-    update_csv(RunLayout.of(out).transfer, table, ("source", "method", "target"))  # other writers' rows kept
-    return table
+    def sections(self) -> list[str]:
+        """Nested choices, the sweep, heads when analysed, examples, saliency when run, time when measured."""
+        heads = None if self.analysis_result is None else self.analysis_result.spectra
+        if heads is None and self.layout.analysis.heads.is_file():  # notebook 1's analysis of the same folder
+            heads = pd.read_csv(self.layout.analysis.heads)
+        return study_sections(self.store.frame, self.sweep_frame, heads, self.config.analysis_fold, self.timings,
+                              self.saliency_frame, self.task, self.examples)
 
 
-def adapted_encoders(
-    ws: Workspace, sweep: pd.DataFrame, config: StudyConfig, out: str | Path | RunLayout, store: ResultsStore,
-    source: str,
-) -> dict[tuple[str, str], list]:
-    """(source, method) → the encoder adapted on each full-data fold: every ResiDual method of the study
-    (λ as trained, selected epoch) and every transferable registered method (the contrastive adapter's map),
-    those of them `store` holds rows of: the methods that keep CLAP's text side."""
-    trained = store.methods()  # this session's full-data methods
-    encoders = {
-        (source, method_name(configs.values())): fold_lambdas(ws, configs, out)
-        for configs in chosen_configs(sweep, config).values()
-        if method_name(configs.values()) in trained
-    }
-    for name, method in REGISTRY.items():
-        if method.transferable and name in trained:
-            encoders[(source, name)] = saved_encoders(store, out, name)
-    return encoders
+def run_study(ws: Workspace, out: str | Path, config: StudyConfig, use_wandb: str = "disabled",
+              analysis_options: dict | None = None, transfer: Mapping[str, Workspace] | None = None,
+              name: str | None = None) -> StudyOutcome:
+    """Every step of the study (`Study.run`); writes the results table, report.md and figures under `out`."""
+    return Study(ws, out, config, use_wandb, name).run(transfer, analysis_options)
+
+
+def _jsonable(config: StudyConfig) -> dict:
+    return json.loads(json.dumps(config.__dict__, default=str))
 
 
 def dataset_labels(sources: Sequence[str | Path]) -> list[str]:
@@ -188,12 +287,13 @@ def dataset_labels(sources: Sequence[str | Path]) -> list[str]:
         depth += 1
 
 
+def _data_root(ws: Workspace) -> Path:
+    table = ws.table
+    return table.audio_dir if ws.captioned or table.name == "csv" else table.audio_dir.parent
+
+
 def _generated(ws: Workspace) -> bool:
     return (_data_root(ws) / GENERATOR_JSON).is_file()
-
-
-def _data_root(ws: Workspace) -> Path:
-    return ws.table.audio_dir if ws.table.name == "csv" else ws.table.audio_dir.parent
 
 
 def _title(ws: Workspace) -> str:
@@ -205,65 +305,57 @@ def describe(ws: Workspace) -> list[str]:
     """What was actually used: the data's layout and origin (generated or recorded), and the model."""
     table, generated = ws.table, _generated(ws)
     tiny, tiny_pretrained = ws.bundle.model_id == "tiny-random", ws.bundle.model_id == "tiny"
-    layouts = {"esc50": "ESC-50 layout", "urbansound8k": "UrbanSound8K layout", "csv": "clips listed in a CSV"}
-    origin = "generated by `make_synthetic_esc50`" if generated else "audio recordings"
+    layouts = {"esc50": "ESC-50 layout", "urbansound8k": "UrbanSound8K layout", "csv": "clips listed in a CSV",
+               "clotho": "Clotho layout", "audiocaps": "AudioCaps layout", "captions": "captions.csv"}
+    origin = "generated" if generated else "audio recordings"
     model = "the tiny random-initialised CLAP (offline test model)" if tiny else f"`{ws.bundle.model_id}`"
     if tiny_pretrained:
         model = "the tiny CLAP pretrained on generated captioned audio (`--model tiny`, shipped offline)"
+    shape = (f"{len(table)} clips in splits {table.counts()}" if ws.captioned else
+             f"{len(table)} clips, {len(table.class_names)} classes, {len(table.fold_ids)} folds")
     caveats = [
         "The model is random-initialised: its figures say the pipeline works, not how CLAP behaves." if tiny else "",
         "The model is a toy CLAP trained for minutes on generated sounds, not LAION's." if tiny_pretrained else "",
         "The data is generated (tones, noise bands, clicks, chirps), not recorded sound." if generated else "",
     ]
     return [
-        f"Data: {layouts.get(table.name, table.name)} at `{_data_root(ws)}`, {origin}: {len(table)} clips, "
-        f"{len(table.class_names)} classes, {len(table.fold_ids)} folds; model: {model}.",
+        f"Data: {layouts.get(table.name, table.name)} at `{_data_root(ws)}`, {origin}: {shape}; model: {model}.",
         " ".join(c for c in caveats if c),
     ]
 
 
-def _sections(outcome: StudyOutcome) -> list[str]:
-    return study_sections(
-        outcome.chosen, outcome.sweep, outcome.analysis.spectra, outcome.analysis_fold, outcome.timings,
-        outcome.saliency,
-    )
+def study_sections(frame: pd.DataFrame, sweep: pd.DataFrame | None, heads: pd.DataFrame | None, analysis_fold: int,
+                   timings: Mapping[str, float], saliency: pd.DataFrame | None = None, task=None,
+                   examples: Sequence[dict] = ()) -> list[str]:
+    """The report's study sections (`Study.report` and notebook 3 write the same report)."""
+    task = task or get_task("classification")
+    lines = [*choices_section(frame)]
+    if sweep is not None and not sweep.empty:
+        lines += ["", f"## Sweep (mean over folds, ranked by validation {task.selection_metric}; for reading only, "
+                  "not used to choose)", "", "```", mean_ranking(sweep, task.selection_metric).head(6).to_string(index=False),
+                  "```"]  # fmt: skip
+    if heads is not None:
+        lines += heads_section(heads, analysis_fold)
+    if examples:
+        lines += ["", "## Per-query examples (top-5 texts; ✓ = the clip's own)", "", task.examples_markdown(list(examples))]
+    if saliency is not None:
+        lines += saliency_section(saliency, analysis_fold)
+    if timings:
+        lines += ["", "## Time (s)", "", ", ".join(f"{k} {v:.1f}" for k, v in timings.items())]
+    return [*lines, ""]
 
 
-def study_sections(
-    chosen: Mapping[int, dict],
-    sweep: pd.DataFrame,
-    heads: pd.DataFrame | None,
-    analysis_fold: int,
-    timings: Mapping[str, float],
-    saliency: pd.DataFrame | None = None,
-) -> list[str]:
-    """The report's study sections (nested choices, sweep, heads when analysed, saliency when run, time when
-    measured): `run_study` and notebook 3, which assembles the same study cell by cell, write the same report."""
-    return [
-        "",
-        "ResiDual configuration of each fold, chosen by that fold's validation split (clips of the other folds;"
-        " the test fold takes no part):",
-        "",
-        *[f"- fold {fold}: `{json.dumps(options)}`" for fold, options in chosen.items()],
-        *[
-            f"- fold {fold} ({preset} preset): `{json.dumps(options)}`"
-            for preset in presets(sweep)
-            if preset != DEFAULT_PRESET
-            for fold, options in choose_per_fold(sweep, preset).items()
-        ],
-        "",
-        "## Sweep (mean over folds, ranked by validation accuracy; for reading only, not used to choose)",
-        "",
-        "```",
-        mean_ranking(sweep).head(6).to_string(index=False),
-        "```",
-        *([] if heads is None else heads_section(heads, analysis_fold)),
-        "",
-        "Per-fold metrics in `results.csv`; λ per fold under `runs/`.",
-        *([] if saliency is None else saliency_section(saliency, analysis_fold)),
-        *(["", "## Time (s)", "", ", ".join(f"{k} {v:.1f}" for k, v in timings.items())] if timings else []),
-        "",
-    ]
+def choices_section(frame: pd.DataFrame) -> list[str]:
+    """What each choosing method chose on each fold, by that fold's own validation split."""
+    if "chosen" not in frame or frame["chosen"].isna().all():
+        return []
+    lines = ["", "## Choices made on validation", "",
+             "Each fold's configuration, chosen by that fold's validation split (clips of the training folds; the test "
+             "fold takes no part):", ""]
+    chosen = frame.dropna(subset=["chosen"])
+    chosen = chosen.iloc[chosen["method"].map(list(dict.fromkeys(chosen["method"])).index).argsort(kind="stable")]
+    lines += [f"- {row.method}, fold {int(row.fold)}: `{row.chosen}`" for row in chosen.itertuples(index=False)]
+    return lines
 
 
 def heads_section(heads: pd.DataFrame, fold: int) -> list[str]:

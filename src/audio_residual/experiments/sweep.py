@@ -17,12 +17,12 @@ swept) and named procedures (`TrainConfig.preset`, e.g. "paper"). A preset's own
 Each preset gets its own nested choice per fold and its own results rows ("residual", "residual-paper").
 
 A k-shot protocol (`audio_residual.experiments.protocol`) runs the same grid on its draw's splits; its table lives in
-the draw's own layout (`RunLayout.few_shot`) and its key names the draw.
+the draw's own layout (`RunLayout.few_shot`) and its key names the draw. The grid and its presets are
+`training.grid`'s; what a sweep trains, ResiDual's `fit` reads back (`methods.residual`) instead of training it.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,81 +32,30 @@ import pandas as pd
 from audio_residual.experiments.protocol import FULL_DATA, Protocol
 from audio_residual.io import update_csv
 from audio_residual.layout import RunLayout
+from audio_residual.tasks import Task
+from audio_residual.training.grid import (
+    DEFAULT_PRESET,
+    PRESET_KEY,
+    grid_points,
+    normalise_point,
+    point_config,
+    point_options,
+    with_folds,
+)
 from audio_residual.training.tracking import RunTracker, resolve_mode
-from audio_residual.training.trainer import PRESETS, TrainConfig, train_residual_fold
+from audio_residual.training.trainer import default_task, train_residual_fold
 from audio_residual.workspace import Workspace
 
 if TYPE_CHECKING:
     from audio_residual.experiments.config import StudyConfig
 
-RESULT_COLUMNS = (
-    "best_epoch",
-    "start_train_accuracy",
-    "train_accuracy",
-    "val_accuracy",
-    "test_accuracy",
-    "test_top5",
-    "trainable_params",
-    "seconds",
-)
-PRESET_KEY = "preset"
-DEFAULT_PRESET = "default"  # the identity-init in-network unit, every grid option swept
-DEFAULT_GRID: dict[str, list] = {
-    "preset": [DEFAULT_PRESET, "paper"],
-    "lr": [0.01, 0.1],
-    "epochs": [10, 30],
-    "stages": [[0], [3], [0, 1, 2, 3]],
-    "granularity": ["layer", "head"],
-    "fold": [1, 2, 3, 4, 5],
-}  # default: 2 × 2 × 3 × 2 × 5 folds = 120 runs; paper (stages × granularity × folds): 30 runs
 
-
-def _swept(grid: dict[str, list], preset: str) -> list[str]:
-    """The grid keys a preset's points vary: all but `preset` and the fields the preset fixes."""
-    fixed = set(PRESETS.get(preset, {}))
-    return [k for k in grid if k != PRESET_KEY and k not in fixed]
-
-
-def check_presets(grid: dict[str, list]) -> None:
-    unknown = [p for p in grid.get(PRESET_KEY, []) if p != DEFAULT_PRESET and p not in PRESETS]
-    if unknown:
-        raise ValueError(f"unknown preset {unknown[0]!r} in the grid; known: {[DEFAULT_PRESET, *sorted(PRESETS)]}")
-
-
-def grid_points(grid: dict[str, list]) -> list[dict]:
-    """Cartesian product of the grid, in a stable order; per preset, over the keys it does not fix."""
-    check_presets(grid)
-    points = []
-    for preset in grid.get(PRESET_KEY, [None]):
-        keys = list(grid) if preset is None else _swept(grid, preset)
-        head = {} if preset is None else {PRESET_KEY: preset}
-        points += [head | dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
-    return points
-
-
-def normalise_point(point: dict) -> dict:
-    """A point as `grid_points` writes it: a preset's fixed fields dropped (W&B's grid still sets them)."""
-    preset = point.get(PRESET_KEY)
-    return point if preset is None else {k: v for k, v in point.items() if k not in PRESETS.get(preset, {})}
-
-
-def point_config(point: dict, base: dict) -> TrainConfig:
-    """The configuration of a grid point (or a chosen option set): `base`, then the point's options;
-    under a named preset, the preset's fields win over `base`."""
-    preset = point.get(PRESET_KEY, DEFAULT_PRESET)
-    options = {k: v for k, v in point.items() if k not in ("fold", PRESET_KEY)}
-    if preset == DEFAULT_PRESET:
-        return TrainConfig.from_dict({**base, **options})
-    fixed = PRESETS[preset] if preset in PRESETS else {}
-    return TrainConfig.preset(preset, **{k: v for k, v in {**base, **options}.items() if k not in fixed})
-
-
-def wandb_sweep_config(grid: dict[str, list], name: str = "audio-residual") -> dict:
-    """The same grid as a W&B sweep; W&B maximises validation accuracy (never test)."""
+def wandb_sweep_config(grid: dict[str, list], name: str = "audio-residual", metric: str = "accuracy") -> dict:
+    """The same grid as a W&B sweep; W&B maximises the validation selection metric (never a test figure)."""
     return {
         "name": name,
         "method": "grid",
-        "metric": {"name": "val_accuracy", "goal": "maximize"},
+        "metric": {"name": f"val_{metric}", "goal": "maximize"},
         "parameters": {key: {"values": values} for key, values in grid.items()},
     }
 
@@ -151,7 +100,7 @@ class SweepTable:
 
 def _table(ws: Workspace, layout: RunLayout, config: StudyConfig, protocol: Protocol) -> SweepTable:
     """The sweep table of these data, model, base options and protocol."""
-    return SweepTable(layout.sweep, ws.key({"sweep_base": config.base, **protocol.procedure()}))
+    return SweepTable(layout.sweep, ws.key({"sweep_base": config.base, "seed": config.seed, **protocol.procedure()}))
 
 
 class SweepNotRun(FileNotFoundError):
@@ -164,7 +113,7 @@ def finished_sweep(
     """The rows of a sweep that `run_sweep` finished (notebook 2, `audio-residual sweep`); reads, never trains."""
     layout = RunLayout.of(out)
     table = _table(ws, layout, config, protocol)
-    points = grid_points(with_all_folds(config.grid, ws))  # the points `run_sweep` trains
+    points = grid_points(with_folds(config.grid, [s.fold for s in ws.splits()]))  # the points `run_sweep` trains
     missing = [point for point in points if not table.done(point)]
     if missing:
         raise SweepNotRun(
@@ -177,29 +126,27 @@ def finished_sweep(
 def train_point(
     ws: Workspace,
     point: dict,
-    base: dict,
+    config: StudyConfig,
     out: RunLayout,
     tracker: RunTracker | None = None,
     protocol: Protocol = FULL_DATA,
+    task: Task | None = None,
 ) -> dict:
-    """Train one grid point on its fold; returns the row (validation and test accuracy, params, time)."""
-    config = point_config(point, base)
-    fold = int(point.get("fold", 1))
-    split = protocol.split(ws, fold, config.val_fraction, config.seed)
-    result = train_residual_fold(
-        ws, split, config, out=out, logger=tracker
-    )
+    """Train one grid point on its fold, on the study's split; returns the row (validation and test figures,
+    params, time). The split is the one every method of the study uses (`config.val_fraction`, `config.seed`)."""
+    task = task or default_task(ws)
+    train_config = point_config(point, config.base)
+    folds = {s.fold: s for s in protocol.splits(ws, config.val_fraction, config.seed)}
+    fold = int(point.get("fold", next(iter(folds))))
+    if fold not in folds:
+        raise ValueError(f"no fold {fold} in {ws.table.name!r}: folds are {sorted(folds)}")
+    result = train_residual_fold(ws, folds[fold], train_config, out=out, logger=tracker, task=task)
     row = result.row()
     if tracker is not None:
-        tracker.log({"val_accuracy": row["val_accuracy"], "test_accuracy": row["test_accuracy"]})
+        metric = task.selection_metric
+        tracker.log({f"val_{metric}": row[f"val_{metric}"], f"test_{task.headline}": row[f"test_{task.headline}"]})
         tracker.summary(row)
     return row
-
-
-def with_all_folds(grid: dict[str, list], ws: Workspace) -> dict[str, list]:
-    """A grid without a `fold` key runs on every fold of the dataset (not on fold 1 alone, which would then
-    be compared with baselines run on every fold)."""
-    return grid if "fold" in grid else {**grid, "fold": list(ws.table.fold_ids)}
 
 
 def run_sweep(
@@ -209,6 +156,7 @@ def run_sweep(
     use_wandb: str | bool = "auto",  # a `tracking.MODES` word (True/False: online/disabled)
     project: str = "audio-residual",
     protocol: Protocol = FULL_DATA,
+    task: Task | None = None,
 ) -> pd.DataFrame:
     """Run every point of `config.grid` (W&B agent when online, else a local loop) on `protocol`'s splits,
     each under `config.base`.
@@ -217,19 +165,20 @@ def run_sweep(
     (`wandb sync` later).
     """
     layout = RunLayout.of(out)
-    grid, base = with_all_folds(config.grid, ws), config.base
+    task = task or default_task(ws)
+    grid = with_folds(config.grid, [s.fold for s in ws.splits()])
     table = _table(ws, layout, config, protocol)
     mode = resolve_mode(use_wandb)
     if mode == "online":
         import wandb
 
-        sweep_id = wandb.sweep(wandb_sweep_config(grid), project=project)
+        sweep_id = wandb.sweep(wandb_sweep_config(grid, metric=task.selection_metric), project=project)
 
         def agent_step() -> None:
             tracker = RunTracker("online", project=project, wandb_dir=layout.root)
             point = normalise_point({k: tracker.run.config[k] for k in grid})
             if not table.done(point):
-                table.add(point, train_point(ws, point, base, layout, tracker, protocol))
+                table.add(point, train_point(ws, point, config, layout, tracker, protocol, task))
             tracker.finish()
 
         wandb.agent(sweep_id, function=agent_step, project=project)
@@ -240,19 +189,21 @@ def run_sweep(
             if table.done(point):
                 continue
             tracker = RunTracker("offline", project=project, config=point, wandb_dir=layout.root) if mode == "offline" else None
-            table.add(point, train_point(ws, point, base, layout, tracker, protocol))
+            table.add(point, train_point(ws, point, config, layout, tracker, protocol, task))
             if tracker is not None:
                 tracker.finish()
     return table.frame
 
 
 def _options(frame: pd.DataFrame) -> list[str]:
-    return [c for c in frame.columns if c not in ("point", "key", "fold", PRESET_KEY, *RESULT_COLUMNS)]
+    """The grid options of the sweep's rows (the keys of their points, fold and preset aside)."""
+    keys = dict.fromkeys(k for point in frame["point"] for k in point_options(json.loads(point)))
+    return [k for k in keys if k in frame.columns]
 
 
-def point_options(point: str) -> dict:
+def row_options(point: str) -> dict:
     """A row's grid options, decoded from its JSON `point` (without its fold and preset)."""
-    return {k: v for k, v in json.loads(point).items() if k not in ("fold", PRESET_KEY)}
+    return point_options(json.loads(point))
 
 
 def presets(frame: pd.DataFrame) -> list[str]:
@@ -262,12 +213,13 @@ def presets(frame: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(frame.get(PRESET_KEY, pd.Series(DEFAULT_PRESET, index=frame.index)).fillna(DEFAULT_PRESET)))
 
 
-def choose_per_fold(frame: pd.DataFrame, preset: str = DEFAULT_PRESET) -> dict[int, dict]:
-    """For each fold, the grid options (of `preset`'s points) with the best validation accuracy on that
-    fold's own split; the options come without the preset (`point_config` takes it separately).
+def choose_per_fold(frame: pd.DataFrame, preset: str = DEFAULT_PRESET, metric: str = "accuracy") -> dict[int, dict]:
+    """For each fold, the grid options (of `preset`'s points) with the best validation `metric` on that fold's own
+    split; the options come without the preset (`point_config` takes it separately). What ResiDual's `fit` does
+    per fold (`methods.residual`), read off the sweep table, for display.
 
     Fold k's validation clips come from the other folds, so nothing of fold k takes part in choosing the
-    configuration reported on it; test accuracy plays no part at all. Ties keep the earlier grid point.
+    configuration reported on it; test figures play no part at all. Ties keep the earlier grid point.
     """
     if frame.empty:
         raise ValueError("the sweep has no finished grid points to choose from")
@@ -277,32 +229,25 @@ def choose_per_fold(frame: pd.DataFrame, preset: str = DEFAULT_PRESET) -> dict[i
             raise ValueError(f"the sweep has no finished points of preset {preset!r}")
     elif preset != DEFAULT_PRESET:
         raise ValueError(f"the sweep has no preset column, so no points of preset {preset!r}")
+    column = f"val_{metric}"
     chosen = {}
     for fold, rows in frame.groupby("fold", sort=True):
-        if len(rows) > 1 and rows["val_accuracy"].isna().all():
+        if len(rows) > 1 and rows[column].isna().all():
             raise ValueError(
-                f"fold {fold}: {len(rows)} configurations but no validation accuracy to choose between them;"
+                f"fold {fold}: {len(rows)} configurations but no validation {metric} to choose between them;"
                 " give the sweep a validation fraction > 0 (one that leaves validation clips in every class)"
             )
-        best = rows.sort_values("val_accuracy", ascending=False, kind="stable", na_position="last").iloc[0]
-        chosen[int(fold)] = point_options(best["point"])
+        best = rows.sort_values(column, ascending=False, kind="stable", na_position="last").iloc[0]
+        chosen[int(fold)] = row_options(best["point"])
     return chosen
 
 
-def mean_ranking(frame: pd.DataFrame) -> pd.DataFrame:
-    """Option sets ranked by validation accuracy averaged over folds: a summary to read, never to choose by."""
+def mean_ranking(frame: pd.DataFrame, metric: str = "accuracy") -> pd.DataFrame:
+    """Option sets ranked by validation `metric` averaged over folds: a summary to read, never to choose by."""
     options = ([PRESET_KEY] if PRESET_KEY in frame else []) + _options(frame)
-    grouped = frame.groupby(options, dropna=False).agg(
-        val_accuracy=("val_accuracy", "mean"), test_accuracy=("test_accuracy", "mean"), folds=("fold", "nunique")
-    )
-    return grouped.sort_values("val_accuracy", ascending=False, kind="stable").reset_index()
-
-
-FEW_SHOT_SWEPT = ("fold", PRESET_KEY, "lr")
-
-
-def few_shot_grid(grid: dict[str, list]) -> dict[str, list]:
-    """The grid each k-shot draw sweeps, restricted for cost: folds, presets and learning rates as given
-    (the learning rate is what a few clips per class are most sensitive to), every other option at its
-    first listed value. With the default grid: 2 + 1 points per fold instead of 24 + 6."""
-    return {k: list(v) if k in FEW_SHOT_SWEPT else list(v[:1]) for k, v in grid.items()}
+    val, test = f"val_{metric}", f"test_{metric}"
+    if not options:  # a grid of one point per fold
+        frame, options = frame.assign(point_options="{}"), ["point_options"]
+    grouped = frame.groupby(options, dropna=False).agg(**{val: (val, "mean"), test: (test, "mean"),
+                                                          "folds": ("fold", "nunique")})
+    return grouped.sort_values(val, ascending=False, kind="stable").reset_index()

@@ -1,9 +1,8 @@
-"""Every method behind one interface (`methods.base.Method`), in its task's registry (`REGISTRIES[task]`;
-`REGISTRY` is classification's).
+"""Every method behind one interface (`methods.base.Method`), in its tasks' registries (`REGISTRIES[task]`).
 
-A new method is one module here and one line below (the registry keeps this order: tables list the
-methods in it); the study, `--methods`, k-shot runs, transfer and the report then include it. ResiDual
-is trained by the sweep and its nested choice (`experiments.residual`).
+A new method is one module here (its algorithm, its options and `@register`) and one line below (the registry
+keeps this order: tables list the methods in it); the study, `--methods`, k-shot runs, transfer and the report
+then include it.
 """
 
 # isort: off
@@ -14,10 +13,18 @@ from audio_residual.methods import tip_adapter  # noqa: F401
 from audio_residual.methods import coop  # noqa: F401
 from audio_residual.methods import lora  # noqa: F401
 from audio_residual.methods import finetune  # noqa: F401
-from audio_residual.methods import retrieval  # noqa: F401 — the retrieval task's methods (REGISTRIES["retrieval"])
+from audio_residual.methods import residual  # noqa: F401
+from audio_residual.methods import projection  # noqa: F401
+from audio_residual.methods import tap  # noqa: F401
 # isort: on
-from audio_residual.methods.base import REGISTRIES, REGISTRY, Context, Method, get, register
+from audio_residual.methods.base import (
+    REGISTRIES,
+    Context,
+    Method,
+    default_methods,
+    get,
+    register,
+    registry,
+)
 
-DEFAULT_METHODS = tuple(name for name, method in REGISTRY.items() if method.by_default)
-
-__all__ = ["DEFAULT_METHODS", "REGISTRIES", "REGISTRY", "Context", "Method", "get", "register"]
+__all__ = ["REGISTRIES", "Context", "Method", "default_methods", "get", "register", "registry"]

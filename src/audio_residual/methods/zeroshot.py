@@ -1,4 +1,4 @@
-"""Zero-shot CLAP: cosine of the audio embedding and each class prompt's, nothing trained."""
+"""Zero-shot CLAP: cosine of the audio embedding and each text's (class prompt or caption), nothing trained."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ from audio_residual.methods.base import Method, register
 @register
 class ZeroShot(Method):
     name = "zeroshot"
-    by_default = True
+    tasks = ("classification", "retrieval")
+    by_default = ("classification", "retrieval")
 
     def fit(self, ctx):
-        return ctx.ws.classifier
+        return None
+
+    def embed(self, model, ws, rows):
+        return ws.embeddings(rows)
 
     def trainable_params(self, model) -> int:
         return 0

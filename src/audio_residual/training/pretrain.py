@@ -30,7 +30,8 @@ from audio_residual.clap.tiny import (
     tiny_clap_config,
 )
 from audio_residual.data_processing.captions import CaptionTable
-from audio_residual.evaluation.retrieval import retrieval_metrics
+from audio_residual.tasks.loss import symmetric_infonce
+from audio_residual.tasks.retrieval import retrieval_metrics
 
 CONFIGS = ("tiny", "htsat-tiny", "htsat-base")
 FREEZE = ("none", "text", "audio")
@@ -39,8 +40,8 @@ TEXT_MAX_LENGTH = 64  # captions are truncated to this many tokens (tiny text to
 
 
 @dataclass(frozen=True)
-class PretrainRecipe:
-    """The optimisation recipe; every field is recorded in the output's provenance."""
+class PretrainConfig:
+    """The training options; every field is recorded in the output's provenance."""
 
     epochs: int = 10
     batch_size: int = 32
@@ -113,27 +114,24 @@ def trainable_parameters(model: ClapModel, freeze: str) -> dict[str, torch.nn.Pa
     return params
 
 
-def symmetric_contrastive_loss(
+def contrastive_loss(
     audio_emb: torch.Tensor,
     text_emb: torch.Tensor,
     logit_scale_a: torch.Tensor,
     logit_scale_t: torch.Tensor,
     owner: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """CLIP's loss: mean of audio→text and text→audio cross-entropy over normalised in-batch pairs.
+    """CLIP's loss (`tasks.loss.symmetric_infonce`) over normalised in-batch pairs, with CLAP's two
+    temperatures: `logit_scale_a` scores audio→text, `logit_scale_t` text→audio (both log-scales).
 
-    CLAP keeps one temperature per direction (`logit_scale_a`, `logit_scale_t`, both log-scales).
-    With several captions per clip (`owner[q]`: the clip of caption q), each caption queries the clips and
-    each clip's target is spread evenly over its captions; with one caption per clip this is CLIP's loss.
-    (transformers' `ClapModel(return_loss=True)` scores text→audio twice; this scores each direction once.)
+    With several captions per clip (`owner[q]`: the clip of caption q), each caption's one positive is its
+    clip and each clip's target is spread evenly over its captions; with one caption per clip this is CLIP's
+    loss. (transformers' `ClapModel(return_loss=True)` scores text→audio twice; this scores each direction once.)
     """
     audio, text = F.normalize(audio_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)
-    owner = torch.arange(len(audio), device=audio.device) if owner is None else owner.to(audio.device)
-    logits_a = logit_scale_a.exp() * audio @ text.T  # rows: clips
-    logits_t = logit_scale_t.exp() * text @ audio.T  # rows: captions
-    positives = (owner[None, :] == torch.arange(len(audio), device=audio.device)[:, None]).float()
-    audio_loss = -(positives / positives.sum(1, keepdim=True) * F.log_softmax(logits_a, dim=1)).sum(1).mean()
-    return (audio_loss + F.cross_entropy(logits_t, owner)) / 2
+    clips = torch.arange(len(audio), device=audio.device)
+    owner = clips if owner is None else owner.to(audio.device)
+    return symmetric_infonce(logit_scale_a.exp() * audio @ text.T, clips, owner, logit_scale_t.exp() * text @ audio.T)
 
 
 @torch.no_grad()
@@ -144,14 +142,14 @@ def clamp_logit_scale(model: ClapModel, maximum: float = MAX_LOGIT_SCALE) -> Non
 
 
 def optimizer_and_schedule(
-    model: ClapModel, params: dict[str, torch.nn.Parameter], recipe: PretrainRecipe, total_steps: int
+    model: ClapModel, params: dict[str, torch.nn.Parameter], config: PretrainConfig, total_steps: int
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW with weight decay on matrices only, and linear warm-up then cosine decay to 0 over `total_steps`."""
     decay = [p for name, p in params.items() if p.ndim >= 2 and "embeddings" not in name]
     rest = [p for name, p in params.items() if not (p.ndim >= 2 and "embeddings" not in name)]
-    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.lr, betas=recipe.betas)
-    warmup = int(round(recipe.warmup * total_steps))
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas)
+    warmup = int(round(config.warmup * total_steps))
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -235,7 +233,7 @@ def inputs_loss(model: ClapModel, inputs: dict[str, torch.Tensor], autocast=cont
         audio = model.audio_projection(pooled)
         text_out = model.text_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         text = model.text_projection(text_out.pooler_output)
-    return symmetric_contrastive_loss(audio, text, model.logit_scale_a, model.logit_scale_t, inputs["owner"])
+    return contrastive_loss(audio, text, model.logit_scale_a, model.logit_scale_t, inputs["owner"])
 
 
 def batch_loss(model: ClapModel, data: CaptionedFeatures, batch, device: torch.device, autocast) -> torch.Tensor:
@@ -284,5 +282,5 @@ def validation_retrieval(model: ClapModel, data: CaptionedFeatures, device, batc
     return retrieval_metrics(audio, text, owner)
 
 
-def recipe_dict(recipe: PretrainRecipe) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(recipe).items()}
+def config_dict(config: PretrainConfig) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}

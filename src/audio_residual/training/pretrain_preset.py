@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from audio_residual.training.pretrain import PretrainRecipe
+from audio_residual.data_processing.audio_config import AudioConfig
+from audio_residual.training.pretrain import PretrainConfig
 
 PRESETS = {
     "tiny": {
@@ -20,7 +21,7 @@ PRESETS = {
         "captions_per_clip": 5,
         "seconds": 2.0,
         "split_fractions": (0.9, 0.05, 0.05),
-        "recipe": PretrainRecipe(epochs=24, batch_size=16, lr=2e-3, weight_decay=0.01, warmup=0.05, all_captions=True),
+        "config": PretrainConfig(epochs=24, batch_size=16, lr=2e-3, weight_decay=0.01, warmup=0.05, all_captions=True),
     }
 }
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "clap" / "pretrained_tiny"
@@ -35,7 +36,7 @@ def run_preset(name: str, out: str | Path, seed: int = 0, device: str = "cpu") -
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}: choose from {sorted(PRESETS)}")
     preset, out = PRESETS[name], Path(out)
-    recipe = PretrainRecipe(**{**preset["recipe"].__dict__, "seed": seed})
+    config = PretrainConfig(**{**preset["config"].__dict__, "seed": seed})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -44,10 +45,10 @@ def run_preset(name: str, out: str | Path, seed: int = 0, device: str = "cpu") -
             seconds=preset["seconds"], seed=seed, split_fractions=preset["split_fractions"],
         )  # fmt: skip
         extra = {"preset": name, "command": f"audio-residual pretrain --preset {name} --seed {seed} --out {out}",
-                 "generated_data": {k: v for k, v in preset.items() if k != "recipe"} | {"seed": seed}}  # fmt: skip
-        run = PretrainRun(out, cache_dir=out / "cache", device=device, wandb="disabled", feature_workers=2,
+                 "generated_data": {k: v for k, v in preset.items() if k != "config"} | {"seed": seed}}  # fmt: skip
+        run = PretrainRun(out, cache_dir=out / "cache", audio=AudioConfig(workers=2), device=device, wandb="disabled",
                           extra_provenance=extra)
-        return pretrain(load_captions(data), PretrainSource("tiny"), recipe, run)
+        return pretrain(load_captions(data), PretrainSource("tiny"), config, run)
     finally:
         torch.set_num_threads(threads)
 

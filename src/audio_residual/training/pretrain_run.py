@@ -1,7 +1,7 @@
 """`audio-residual pretrain`: captioned audio in, a `save_pretrained` CLAP folder with its provenance out.
 
 OUT/model/          the kept epoch (best validation mean R@1, epoch 0 included): weights (safetensors),
-                    config, processor + tokenizer, and `pretraining.json` (data, recipe, epochs, figures)
+                    config, processor + tokenizer, and `pretraining.json` (data, training options, epochs, figures)
 OUT/history.csv     one row per epoch (0 = the starting point): loss, lr, retrieval, zero-shot accuracy
 OUT/checkpoint.safetensors   the latest epoch's state (the one training loop's): a killed run resumes from it
 OUT/epoch0.json     the starting point's validation figures
@@ -11,6 +11,8 @@ OUT/skipped.csv     clips left out (missing AudioCaps videos, unreadable audio),
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -19,19 +21,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 import transformers
 from safetensors import safe_open
 
-from audio_residual.clap.loading import ClapBundle, align_truncation, load_clap, resolve_amp, resolve_device
-from audio_residual.data_processing import FeatureCache
+from audio_residual.clap.loading import ClapBundle, ModelSource, align_truncation, resolve_amp, resolve_device
+from audio_residual.clap.zeroshot import ZeroShotClassifier
+from audio_residual.data_processing.audio_config import AudioConfig
 from audio_residual.data_processing.captions import CaptionTable
 from audio_residual.io import digest, write_csv, write_json
+from audio_residual.tasks.classification import topk_accuracy
 from audio_residual.training import pretrain as P
 from audio_residual.training.loop import Steps, train
 from audio_residual.training.tracking import RunTracker
+from audio_residual.workspace import Workspace, write_skipped
 
 PROVENANCE_FILE = "pretraining.json"
 HISTORY_FILE = "history.csv"
@@ -41,33 +45,47 @@ EPOCH0_FILE = "epoch0.json"  # the starting point's validation figures (a resume
 
 @dataclass
 class PretrainSource:
-    """Where the starting weights come from: a named size from scratch, or a model (`--model`)."""
+    """Where the starting weights come from: a named size from scratch, or a model (`--model`: hub id, folder,
+    `tiny`, LAION's `.pt` with its `--text-config`, at a `--revision`)."""
 
     config: str | None = "tiny"
-    model: str | None = None
+    model: ModelSource | None = None
     tokenizer: str | None = None  # a tokenizer folder for htsat sizes (no RoBERTa tokenizer offline)
+    bundle: ClapBundle | None = None  # or a loaded model, copied (fine-tuning a study's own model)
 
     def describe(self) -> dict:
-        return {"config": self.config, "model": self.model, "tokenizer": self.tokenizer}
+        model = None
+        if self.bundle is not None:
+            model = self.bundle.provenance
+        elif self.model is not None:
+            model = {"model": str(self.model.model), "revision": self.model.revision,
+                     "text_config": None if self.model.text_config is None else str(self.model.text_config)}
+        return {"config": self.config, "model": model, "tokenizer": self.tokenizer}
 
 
 @dataclass
 class PretrainRun:
+    """Where and how a pretraining run runs: output folder, feature cache and its `audio` configuration,
+    device, W&B, and a labelled set scored zero-shot every epoch (`eval_classification`)."""
+
     out: Path
     cache_dir: Path = Path("cache")
+    audio: AudioConfig = AudioConfig()
     device: str = "auto"
     amp: str = "auto"
-    wandb: str = "disabled"
+    wandb: str = "auto"
     eval_classification: str | None = None
-    on_bad_file: str = "error"
-    feature_workers: int = 1  # processes extracting features (the cache is the same either way)
     extra_provenance: dict = field(default_factory=dict)
 
 
-def start_model(source: PretrainSource, table: CaptionTable, seed: int):
-    """(model, processor, description) of the starting point."""
+def start_model(source: PretrainSource, table: CaptionTable, seed: int, cache_dir: Path):
+    """(model, processor) of the starting point, on the CPU."""
+    if source.bundle is not None:
+        model = copy.deepcopy(source.bundle.model).cpu().requires_grad_(True)
+        return model, source.bundle.processor
     if source.model is not None:
-        bundle = load_clap(source.model, device="cpu", amp=None)
+        bundle = dataclasses.replace(source.model, device="cpu", amp="none").load(
+            cache_dir=Path(cache_dir) / "models")
         return bundle.model, bundle.processor
     if source.config == "tiny":
         from audio_residual.data_processing.synthetic_captions import CAPTION_WORDS
@@ -84,37 +102,21 @@ def start_model(source: PretrainSource, table: CaptionTable, seed: int):
     return P.new_clap(source.config, tokenizer, seed)
 
 
-def _write_skipped(out: Path, table: CaptionTable, features) -> None:
-    rows = [{"split": s, "clip": c, "reason": r} for s, c, r in table.missing]
-    rows += [{"split": table.splits[table.filenames.index(f)], "clip": f, "reason": r} for f, r in features.skipped]
-    path = out / "skipped.csv"
-    if rows:
-        write_csv(path, pd.DataFrame(rows, columns=["split", "clip", "reason"]))
-        print(f"{len(rows)} clip(s) skipped (listed in {path})")
-    else:
-        path.unlink(missing_ok=True)
-
-
-def classification_eval(spec: str | None, processor, cache_dir: Path, device: torch.device):
-    """A function model → zero-shot accuracy on the labelled set `spec` (None: no such evaluation)."""
+def classification_eval(spec: str | None, ws: Workspace):
+    """A function model → zero-shot accuracy on the labelled set `spec` (None: no such evaluation), its clips
+    prepared like the training data (`ws.on`)."""
     if spec is None:
         return None
-    from audio_residual.clap.zeroshot import ZeroShotClassifier
-    from audio_residual.evaluation.metrics import topk_accuracy
-    from audio_residual.workspace import resolve_dataset
-
-    table = resolve_dataset(spec)
-    features = FeatureCache(cache_dir, processor.feature_extractor).compute(table, on_bad_file="skip")
-    rows = np.flatnonzero(features.valid)
+    target = ws.on(spec)
+    rows = target.valid_indices()
 
     def accuracy(model) -> float:
         was_training = model.training
         model.eval()
-        bundle = ClapBundle(model, processor, "pretraining", device)
-        classifier = ZeroShotClassifier(bundle, table.class_names)
-        logits = classifier.logits(classifier.embed(features.input_features, rows, features.is_longer, desc=None))
+        classifier = ZeroShotClassifier(target.bundle, target.table.class_names, target.templates)  # current weights
+        logits = classifier.logits(target.embed(rows))
         model.train(was_training)
-        return topk_accuracy(logits, table.labels[rows], 1)
+        return topk_accuracy(logits, target.table.labels[rows], 1)
 
     return accuracy
 
@@ -142,13 +144,13 @@ def _save_model(model, processor, folder: Path, provenance: dict) -> None:
 class _Evaluation:
     """A model's validation figures: retrieval both directions (+ zero-shot accuracy with a labelled set)."""
 
-    def __init__(self, data, device, recipe, amp, classify) -> None:
-        self.data, self.device, self.recipe, self.classify = data, device, recipe, classify
+    def __init__(self, data, device, config, amp, classify) -> None:
+        self.data, self.device, self.config, self.classify = data, device, config, classify
         self.autocast = (lambda: torch.autocast("cuda", dtype=amp)) if amp is not None else contextlib.nullcontext
         self.started = time.perf_counter()
 
     def __call__(self, model) -> dict:
-        metrics = P.validation_retrieval(model, self.data, self.device, self.recipe.eval_batch_size, self.autocast)
+        metrics = P.validation_retrieval(model, self.data, self.device, self.config.eval_batch_size, self.autocast)
         keep = {k: v for k, v in metrics.items() if not k.startswith(("n_", "t2a_random", "a2t_random"))}
         keep["random_t2a_r1"] = metrics["t2a_random_r1"]
         if self.classify is not None:
@@ -159,18 +161,20 @@ class _Evaluation:
         return time.perf_counter() - self.started
 
 
-def steps_per_epoch(data, recipe) -> int:
-    n_batches = len(data.train_rows) // recipe.batch_size + (len(data.train_rows) % recipe.batch_size > 1)
-    return max(1, -(-n_batches // recipe.accumulate))
+def steps_per_epoch(data, config) -> int:
+    n_batches = len(data.train_rows) // config.batch_size + (len(data.train_rows) % config.batch_size > 1)
+    return max(1, -(-n_batches // config.accumulate))
 
 
-def _provenance(table, features, source, recipe, history, best_epoch, seconds, extra) -> dict:
+def _provenance(ws, source, config, history, best_epoch, seconds, extra) -> dict:
     best = next(r for r in history if r["epoch"] == best_epoch)
+    table, features = ws.table, ws.features
     return {
         "data": {"name": table.name, "clips": table.counts(), "missing": len(table.missing),
                  "skipped": len(features.skipped), "features": features.digest(),
-                 "captions": digest([table.captions, table.splits])},
-        "start": source.describe(), "recipe": P.recipe_dict(recipe), "selected_by": "validation mean_r1",
+                 "captions": digest([table.captions, table.splits]), "audio": ws.audio.describe(),
+                 "preprocessing": features.preprocessing},
+        "start": source.describe(), "training": P.config_dict(config), "selected_by": "validation mean_r1",
         "best_epoch": best_epoch, "validation": {k: v for k, v in best.items() if k not in ("epoch", "lr")},
         "epochs": history, "seconds": round(seconds, 1), "transformers": transformers.__version__, **extra,
     }  # fmt: skip
@@ -193,7 +197,7 @@ class _ClampedSchedule:
         self.schedule.load_state_dict(state)
 
 
-def _steps(model, data, optimizer, schedule, recipe, evaluate, seen: list, first=None) -> Steps:
+def _steps(model, data, optimizer, schedule, config, evaluate, seen: list, first=None) -> Steps:
     """Pretraining's side of the one training loop: groups of `accumulate` micro-batches and their mean loss
     (the gradients of accumulation), retrieval on validation as the selection metric. The loop keeps all the
     model holds — weights and BatchNorm statistics — at the selected epoch; `seen` gets each validation's figures.
@@ -201,8 +205,8 @@ def _steps(model, data, optimizer, schedule, recipe, evaluate, seen: list, first
     device = next(model.parameters()).device
 
     def batches(generator):
-        micro = P.epoch_batches(data, recipe.batch_size, generator, recipe.all_captions)
-        return [micro[i : i + recipe.accumulate] for i in range(0, len(micro), recipe.accumulate)]
+        micro = P.epoch_batches(data, config.batch_size, generator, config.all_captions)
+        return [micro[i : i + config.accumulate] for i in range(0, len(micro), config.accumulate)]
 
     def loss(group):
         return sum(P.batch_loss(model, data, batch, device, evaluate.autocast) for batch in group) / len(group)
@@ -234,38 +238,36 @@ def _epoch_zero(path: Path, key: str) -> dict:
     return saved
 
 
-def pretrain(table: CaptionTable, source: PretrainSource, recipe: P.PretrainRecipe, run: PretrainRun) -> Path:
+def pretrain(table: CaptionTable, source: PretrainSource, config: P.PretrainConfig, run: PretrainRun) -> Path:
     """Train contrastively through the one training loop, keep the best validation epoch (epoch 0 included);
     returns OUT/model (a `--model` folder)."""
     out = Path(run.out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(run.device)
     amp = resolve_amp(run.amp, device)
-    model, processor = start_model(source, table, recipe.seed)
+    model, processor = start_model(source, table, config.seed, run.cache_dir)
     align_truncation(model, processor, "pretraining")
-    features = FeatureCache(run.cache_dir, processor.feature_extractor).compute(
-        table, on_bad_file=run.on_bad_file, workers=run.feature_workers
-    )
-    _write_skipped(out, table, features)
-    data = P.CaptionedFeatures.build(table, features, processor.tokenizer, features.valid)
     model.to(device)
-    params = P.trainable_parameters(model, recipe.freeze)
-    optimizer, schedule = P.optimizer_and_schedule(model, params, recipe, recipe.epochs * steps_per_epoch(data, recipe))
-    evaluate = _Evaluation(data, device, recipe, amp, classification_eval(run.eval_classification, processor,
-                                                                         run.cache_dir, device))  # fmt: skip
-    key = digest([source.describe(), P.recipe_dict(recipe), features.digest(), table.captions, table.splits,
+    ws = Workspace.of(table, ClapBundle(model, processor, "pretraining", device), run.audio, run.cache_dir)
+    write_skipped(ws, out)
+    features = ws.features
+    data = P.CaptionedFeatures.build(table, features, processor.tokenizer, features.valid)
+    params = P.trainable_parameters(model, config.freeze)
+    optimizer, schedule = P.optimizer_and_schedule(model, params, config, config.epochs * steps_per_epoch(data, config))
+    evaluate = _Evaluation(data, device, config, amp, classification_eval(run.eval_classification, ws))
+    key = digest([source.describe(), P.config_dict(config), features.digest(), table.captions, table.splits,
                   run.eval_classification])  # fmt: skip
-    tracker = RunTracker(run.wandb, config={"recipe": P.recipe_dict(recipe), "start": source.describe()},
+    tracker = RunTracker(run.wandb, config={"training": P.config_dict(config), "start": source.describe()},
                          wandb_dir=out, job_type="pretrain")  # fmt: skip
     seen: list[dict] = []
     first = None if _resumable(out / CHECKPOINT_FILE, key) else lambda m: write_json(out / EPOCH0_FILE, {"key": key, **m})
-    steps = _steps(model, data, optimizer, schedule, recipe, evaluate, seen, first)
-    result = train(steps, recipe.epochs, seed=recipe.seed, checkpoint=out / CHECKPOINT_FILE, key=key, logger=tracker,
+    steps = _steps(model, data, optimizer, schedule, config, evaluate, seen, first)
+    result = train(steps, config.epochs, seed=config.seed, checkpoint=out / CHECKPOINT_FILE, key=key, logger=tracker,
                    desc="pretrain", metric="mean_r1")  # fmt: skip
     history = [{"epoch": 0, "train_loss": float("nan"), "lr": 0.0, **_epoch_zero(out / EPOCH0_FILE, key)},
                *result.history]  # fmt: skip
     seconds = result.earlier_seconds + evaluate.seconds()
-    provenance = _provenance(table, features, source, recipe, history, result.best_epoch, seconds, run.extra_provenance)
+    provenance = _provenance(ws, source, config, history, result.best_epoch, seconds, run.extra_provenance)
     _save_model(model, processor, out / "model", provenance)  # the loop left the model at the kept epoch
     write_csv(out / HISTORY_FILE, pd.DataFrame(history))
     tracker.summary({"best_epoch": result.best_epoch, **provenance["validation"]})

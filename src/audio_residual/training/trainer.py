@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -21,15 +20,15 @@ import torch
 from audio_residual.analysis.stats import ResidualStatistics
 from audio_residual.clap.stage_cache import StagePrefix, first_stage
 from audio_residual.data_processing import Split
-from audio_residual.evaluation.metrics import topk_accuracy
 from audio_residual.io import digest, write_csv, write_json
 from audio_residual.layout import RunLayout
 from audio_residual.residual.units import ResiDual, ResidualConfig
-from audio_residual.tasks import CLASSIFICATION
+from audio_residual.tasks import CLASSIFICATION, RETRIEVAL, Task
+from audio_residual.tasks.base import first_rows
+from audio_residual.training.encoder import OPTIMIZERS, encoder_steps, make_optimizer, optimizer_mode
 from audio_residual.training.loop import LoopResult, Steps, train
 from audio_residual.workspace import Workspace
 
-OPTIMIZERS = ("adam", "adamw", "schedulefree")
 SCHEDULES = ("constant", "cosine")
 # The paper's procedure (Basile et al.; Flegyas/ResiDual configs): unit variant and training recipe.
 PRESETS: dict[str, dict] = {
@@ -124,21 +123,36 @@ class TrainConfig:
 
 @dataclass
 class FoldResult:
+    """One configuration trained on one fold: the kept epoch, the selection metric of the task at the start
+    (λ = 1, i.e. zero-shot) and at the kept epoch on training clips (at most `TRAIN_SCORE_CLIPS`) and on
+    validation, the test metrics (read once, at the end), cost, and the kept λ."""
+
     fold: int
+    metric: str  # the task's selection metric, e.g. accuracy or mean_r1
     best_epoch: int
-    start_train_accuracy: float  # λ = 1, i.e. zero-shot, on the training clips
-    train_accuracy: float
-    val_accuracy: float
-    test_accuracy: float
-    test_top5: float
+    start_train_score: float
+    train_score: float
+    val_score: float
+    test: dict[str, float]
     trainable_params: int
     seconds: float
-    test_logits: np.ndarray = field(repr=False)
-    test_labels: np.ndarray = field(repr=False)
     history: list[dict] = field(repr=False, default_factory=list)
+    residual: ResiDual | None = field(repr=False, default=None)
 
     def row(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("test_logits", "test_labels", "history")}
+        """The sweep table's row: `val_<metric>`, `test_<metric>` for every test metric, ..."""
+        m = self.metric
+        return {"fold": self.fold, "best_epoch": self.best_epoch, f"start_train_{m}": self.start_train_score,
+                f"train_{m}": self.train_score, f"val_{m}": self.val_score,
+                **{f"test_{k}": v for k, v in self.test.items()}, "trainable_params": self.trainable_params,
+                "seconds": self.seconds}
+
+    @classmethod
+    def from_row(cls, row: dict, metric: str, residual: ResiDual | None = None) -> FoldResult:
+        test = {k.removeprefix("test_"): v for k, v in row.items() if k.startswith("test_")}
+        return cls(int(row["fold"]), metric, int(row["best_epoch"]), row[f"start_train_{metric}"],
+                   row[f"train_{metric}"], row[f"val_{metric}"], test, int(row["trainable_params"]),
+                   float(row["seconds"]), residual=residual)
 
 
 def run_key(ws: Workspace, config: TrainConfig) -> str:
@@ -186,73 +200,42 @@ def fold_statistics(
 
 
 @torch.no_grad()
-def residual_logits(
-    ws: Workspace, residual: ResiDual | None, indices: np.ndarray, batch_size: int = 32, prefix: StagePrefix | None = None
+def residual_embeddings(
+    ws: Workspace, residual: ResiDual | None, rows: np.ndarray, prefix: StagePrefix | None = None
 ) -> torch.Tensor:
-    """Zero-shot logits of the given clips with ResiDual attached (None: the plain model); from the cached
-    stage input when there is a prefix, else from the log-mels."""
-    source = ws if prefix is None else prefix
+    """Unit audio embeddings (CPU) of the given clips with ResiDual attached (None: the plain model); from the
+    cached stage input when there is a prefix, else from the log-mels."""
+    if prefix is None:
+        return ws.embed(rows, adapter=residual)
     out = []
-    for _, x, longer in source.batches(indices, batch_size):
+    for _, x, longer in prefix.batches(rows, ws.batch_size):
         with ws.bundle.autocast(), residual.attached(ws.bundle.model) if residual is not None else contextlib.nullcontext():
-            emb = source.forward(x, longer)
-        out.append(ws.classifier.logits(emb).float().cpu())
-    return torch.cat(out) if out else torch.empty(0, len(ws.table.class_names))
+            out.append(prefix.forward(x, longer).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, ws.bundle.model.config.projection_dim)
 
 
 def _optimizer(config: TrainConfig, params, total_steps: int):
-    if config.optimizer == "schedulefree":
-        import schedulefree
-
-        return schedulefree.AdamWScheduleFree(params, lr=config.lr, weight_decay=config.weight_decay), None
-    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    optimizer = cls(params, lr=config.lr, weight_decay=config.weight_decay)
-    if config.schedule == "cosine":
+    optimizer = make_optimizer(config.optimizer, params, config.lr, config.weight_decay)
+    if config.schedule == "cosine" and config.optimizer != "schedulefree":
         return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
     return optimizer, None
 
 
-def _set_mode(optimizer, training: bool) -> None:
-    """Schedule-free AdamW evaluates at averaged weights: it must be told when training stops."""
-    if hasattr(optimizer, "train") and hasattr(optimizer, "eval"):
-        optimizer.train() if training else optimizer.eval()
-
-
-def _steps(ws: Workspace, split: Split, config: TrainConfig, residual: ResiDual, prefix: StagePrefix | None) -> Steps:
-    """ResiDual's side of the training loop: cross-entropy of the class logits with λ attached."""
-    source = ws if prefix is None else prefix  # the cached stage inputs when there is a prefix, else the log-mels
-    labels = torch.as_tensor(np.array(ws.table.labels))
-    steps_per_epoch = math.ceil(len(split.train) / config.batch_size)
+def _steps(ws: Workspace, task: Task, split: Split, config: TrainConfig, residual: ResiDual,
+           prefix: StagePrefix | None) -> Steps:
+    """ResiDual's side of the training loop: the task's loss of the audio embeddings with λ attached (from the
+    cached stage input when there is a prefix), the task's selection metric on validation."""
+    source = ws if prefix is None else prefix
+    steps_per_epoch = max(1, len(task.batches(ws, split.train, config.batch_size)(torch.Generator().manual_seed(0))))
     optimizer, scheduler = _optimizer(config, list(residual.lambdas.values()), steps_per_epoch * config.epochs)
-    correct = [0]
 
-    def loss(batch) -> torch.Tensor:
-        rows, x, longer = batch
-        y = labels[rows].to(ws.bundle.device)
-        with ws.bundle.autocast(), residual.attached(ws.bundle.model):
-            emb = source.forward(x, longer)
-        logits = ws.classifier.logits(emb)
-        correct[0] += int((logits.argmax(1) == y).sum())
-        return CLASSIFICATION.loss(logits, y)
+    def forward(x, longer) -> torch.Tensor:
+        with residual.attached(ws.bundle.model):
+            return source.forward(x, longer)
 
-    def record() -> dict:
-        accuracy, correct[0] = correct[0] / len(split.train), 0
-        return {"train_accuracy": accuracy}
-
-    def validate() -> float:
-        logits = residual_logits(ws, residual, split.val, config.batch_size, prefix)
-        return topk_accuracy(logits, ws.table.labels[split.val])
-
-    return Steps(
-        params=dict(residual.lambdas.items()),
-        batches=lambda generator: source.batches(split.train, config.batch_size, generator),
-        loss=loss,
-        validate=validate if len(split.val) else None,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        mode=lambda training: _set_mode(optimizer, training),
-        record=record,
-    )
+    return encoder_steps(ws, task, split, forward, lambda rows: residual_embeddings(ws, residual, rows, prefix),
+                         dict(residual.lambdas.items()), optimizer, config.batch_size, source=source,
+                         scheduler=scheduler, mode=optimizer_mode(optimizer))
 
 
 def train_residual_fold(
@@ -261,8 +244,10 @@ def train_residual_fold(
     config: TrainConfig,
     out: str | Path | RunLayout | None = None,
     logger=None,
+    task: Task | None = None,
 ) -> FoldResult:
-    """Fit statistics on the fold's training clips, train λ, pick the epoch on validation, test once.
+    """Fit statistics on the fold's training clips, train λ for `task` (by default the data's: classification
+    of a labelled dataset, retrieval of captioned audio), pick the epoch on validation, test once.
 
     With an output folder `out`, statistics are cached under it, a checkpoint is written after every epoch
     and an interrupted run resumes from it (`seconds` then sums the wall time of every session of the run);
@@ -271,6 +256,7 @@ def train_residual_fold(
     every forward starts there.
     """
     started = time.perf_counter()
+    task = task or default_task(ws)
     layout = None if out is None else RunLayout.of(out)
     key = run_key(ws, config)
     files = None if layout is None else layout.fold(key, split.fold)
@@ -278,38 +264,44 @@ def train_residual_fold(
     prefix = StagePrefix(ws, stage, config.batch_size) if stage >= 1 else None
     stats = fold_statistics(ws, split, layout, config, prefix)
     residual = ResiDual.from_statistics(stats, config.residual_config()).to(ws.bundle.device)
-    start_logits = residual_logits(ws, None, split.train, config.batch_size, prefix)
-    start_train_accuracy = topk_accuracy(start_logits, ws.table.labels[split.train])
-    steps = _steps(ws, split, config, residual, prefix)
+    sample = first_rows(split.train)
+    start_train = task.score(ws, residual_embeddings(ws, None, sample, prefix), sample)
+    steps = _steps(ws, task, split, config, residual, prefix)
     loop = train(steps, config.epochs, config.seed, config.patience, None if files is None else files.checkpoint, key,
-                 logger, f"fold{split.fold}", metric=CLASSIFICATION.selection_metric)
+                 logger, f"fold{split.fold}", metric=task.selection_metric)
     if logger is not None:
         logger.log_lambdas(residual, prefix=f"fold{split.fold}")
     seconds = loop.earlier_seconds + time.perf_counter() - started
-    result = _finish(ws, split, config, residual, prefix, loop, start_train_accuracy, seconds)
+    result = _finish(ws, task, split, residual, prefix, loop, start_train, seconds)
     if files is not None:
-        residual.save(files.lambdas, metadata={"fold": split.fold, "config": asdict(config), "provenance": ws.provenance()})
+        residual.save(files.lambdas, metadata={"fold": split.fold, "config": asdict(config), "provenance": ws.provenance(),
+                                               "task": task.name})
         write_csv(files.history, pd.DataFrame(loop.history))
         write_json(files.result, result.row())
     return result
 
 
-def _finish(ws, split, config, residual, prefix, loop: LoopResult, start_train_accuracy: float, seconds: float) -> FoldResult:
-    """The kept λ evaluated on the training clips and then, once, on the test fold."""
-    train_logits = residual_logits(ws, residual, split.train, config.batch_size, prefix)
-    test_logits = residual_logits(ws, residual, split.test, config.batch_size, prefix)
-    test_labels = ws.table.labels[split.test]
+def _finish(ws, task, split, residual, prefix, loop: LoopResult, start_train: float, seconds: float) -> FoldResult:
+    """The kept λ scored on (at most `TRAIN_SCORE_CLIPS`) training clips and then, once, on the test fold."""
+    sample = first_rows(split.train)
+    train_score = task.score(ws, residual_embeddings(ws, residual, sample, prefix), sample)
+    test_scores = task.scores(ws, residual_embeddings(ws, residual, split.test, prefix), split.test)
+    test, _ = task.evaluate(test_scores, task.targets(ws, split.test))
     return FoldResult(
         fold=split.fold,
+        metric=task.selection_metric,
         best_epoch=loop.best_epoch,
-        start_train_accuracy=start_train_accuracy,
-        train_accuracy=topk_accuracy(train_logits, ws.table.labels[split.train]),
-        val_accuracy=float("nan") if loop.best_score is None else loop.best_score,
-        test_accuracy=topk_accuracy(test_logits, test_labels),
-        test_top5=topk_accuracy(test_logits, test_labels, 5),
+        start_train_score=start_train,
+        train_score=train_score,
+        val_score=float("nan") if loop.best_score is None else loop.best_score,
+        test=test,
         trainable_params=residual.num_parameters(),
         seconds=seconds,
-        test_logits=test_logits.numpy(),
-        test_labels=test_labels,
         history=loop.history,
+        residual=residual,
     )
+
+
+def default_task(ws: Workspace) -> Task:
+    """The task a dataset's data answers by default: retrieval of captioned audio, else classification."""
+    return RETRIEVAL if ws.captioned else CLASSIFICATION

@@ -1,4 +1,5 @@
-"""Text-aware attention pooling (TAP; Xin, Yang, Zou, ICASSP 2023, arXiv 2303.05681) over frozen frame tokens.
+"""Text-aware attention pooling (TAP; Xin, Yang, Zou, ICASSP 2023, arXiv 2303.05681) over frozen frame tokens
+(retrieval).
 
 CLAP pools HTSAT's final tokens by their mean, whatever the caption. TAP lets the caption choose: a
 scaled dot-product attention whose query comes from the caption embedding and whose keys and values come
@@ -23,7 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from audio_residual.evaluation.retrieval import Scorer
+from audio_residual.methods.base import Method, register, row_lookup, train_scored
+from audio_residual.tasks import CLASSIFICATION, RETRIEVAL
+from audio_residual.tasks.loss import symmetric_infonce
+from audio_residual.tasks.retrieval import Scorer
+from audio_residual.training.loop import LoopResult
 
 
 @dataclass(frozen=True)
@@ -151,3 +156,56 @@ class TextAwarePooling(nn.Module):
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+@dataclass
+class TapFitted:
+    tap: TextAwarePooling
+    result: LoopResult | None = None
+
+
+@register
+class Tap(Method):
+    name = "tap"
+    tasks = ("retrieval",)
+    by_default = ("retrieval",)
+    transferable = True
+    defaults = {"epochs": 5, "lr": 1e-3, "weight_decay": 0.0, "batch_size": 32, "patience": None, "attn_dim": 64}
+
+    def fit(self, ctx) -> TapFitted:
+        ws, split = ctx.ws, ctx.split
+        tokens = row_lookup(split.train, ws.frame_tokens(split.train))
+        val_tokens = ws.frame_tokens(split.val)
+        train_text = ws.text(RETRIEVAL.texts(ws, split.train))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(ctx.seed)
+            tap = TextAwarePooling(val_tokens.shape[-1], attn_dim=ctx.options["attn_dim"],
+                                   logit_scale=float(ws.bundle.model.logit_scale_a.exp()))
+
+        def loss(batch):
+            index = torch.arange(len(batch.rows))
+            return symmetric_infonce(tap(tokens(batch.rows), train_text[torch.as_tensor(batch.targets)]), index, index)
+
+        def val_scores(rows):  # the validation clips, their tokens computed once
+            return tap.scorer(val_tokens, ws.text(RETRIEVAL.texts(ws, rows)))
+
+        result = train_scored(ctx, dict(tap.named_parameters()), loss, val_scores, "retrieval/tap")
+        return TapFitted(tap, result)
+
+    def scores(self, model: TapFitted, ctx, rows):
+        return model.tap.scorer(ctx.ws.frame_tokens(rows), ctx.ws.text(RETRIEVAL.texts(ctx.ws, rows)))
+
+    @torch.no_grad()
+    def transfer_scores(self, model: TapFitted, target, rows):
+        """Every clip pooled per class prompt: cosines averaged over the templates, times CLAP's logit scale."""
+        prompts = CLASSIFICATION.texts(target, rows)
+        n = len(target.table.class_names)
+        cosines = model.tap.scorer(target.frame_tokens(rows), target.text(prompts))(slice(0, len(rows)),
+                                                                                     slice(0, len(prompts)))
+        return target.classifier.logit_scale * cosines.reshape(len(rows), -1, n).mean(1)
+
+    def trainable_params(self, model: TapFitted) -> int:
+        return model.tap.num_parameters
+
+    def details(self, model: TapFitted) -> dict:
+        return {"best_epoch": model.result.best_epoch, "val_score": model.result.best_score}

@@ -1,0 +1,39 @@
+"""`audio-residual` command line: the notebooks' steps, headless (`python -m audio_residual` too, for torchrun).
+
+Every command takes its shared options from one vocabulary (`cli.options`); the study commands are in
+`cli.study`, the rest in `cli.tools`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from audio_residual.cli import options, study, tools
+
+INTERRUPTED_EXIT = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="audio-residual", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    study.add_parsers(sub)
+    tools.add_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; bad input and environment failures (OSError) are one line on stderr and exit 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        for option in ("out", "cache"):
+            if getattr(args, option, None) is not None:
+                options.check_writable(getattr(args, option), f"--{option}")
+        args.func(args)
+    except KeyboardInterrupt:
+        print(f"audio-residual {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    except (OSError, ValueError) as error:
+        print(f"audio-residual {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
