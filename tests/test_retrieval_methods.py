@@ -185,7 +185,12 @@ def test_every_epoch_reaches_the_logger(ws, split):
 
 def test_finetune_is_pretrain_from_the_checkpoint_on_the_training_split(ws, split, zero_shot, tmp_path):
     method, ctx, tuned = fit(ws, split, "finetune", layout=RunLayout(tmp_path / "ft"), epochs=1, lr=1e-4, batch_size=4)
-    assert (tmp_path / "ft" / "finetune" / "model" / "config.json").is_file()  # a --model folder with its provenance
+    assert (tuned.folder / "config.json").is_file()  # a --model folder with its provenance, in the study's folder
+    assert (tmp_path / "ft" / "finetune") in tuned.folder.parents
+    method.save(tuned, tmp_path / "pointer.safetensors")  # transfer reloads it from there, no second copy
+    again = method.load(tmp_path / "pointer.safetensors", ws)
+    assert (again.best_epoch, again.trainable_params) == (tuned.best_epoch, tuned.trainable_params)
+    torch.testing.assert_close(method.embed(again, ws, split.test), method.embed(tuned, ws, split.test))
     audio_tower = sum(p.numel() for n, p in ws.bundle.model.named_parameters() if n.startswith("audio_"))
     assert method.trainable_params(tuned) == audio_tower + 2  # audio tower + projection + both temperatures
     assert method.details(tuned)["best_epoch"] in (0, 1)

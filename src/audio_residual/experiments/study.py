@@ -197,7 +197,7 @@ class Study:
 
     def _context(self, name: str, split, protocol: Protocol, tracker=None) -> Context:
         return Context(self.ws, split, self.task, self.config.seed, self.config.method_options(name),
-                       protocol.layout(self.layout), tracker, protocol.shots)
+                       protocol.layout(self.layout), tracker, protocol.shots, self.key(name, protocol))
 
     def _run(self, name: str, split, protocol: Protocol, tracker) -> None:
         method, ctx = self.config.method(name), self._context(name, split, protocol, tracker)
