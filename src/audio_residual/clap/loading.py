@@ -327,7 +327,10 @@ def _resolve_laion(model, text_config, cache_dir, revision) -> tuple[str | Path,
     if not is_laion_checkpoint(model):
         if text_config is not None:
             raise ValueError(f"text_config applies to LAION .pt checkpoints, not to {str(model)!r}")
-        return model, conversion_record(model)
+        record = conversion_record(model)  # a converted folder named directly is still that checkpoint
+        if record is not None and revision is not None:
+            raise ValueError(f"revision {revision!r} applies to hub models, not to {str(model)!r}")
+        return model, record
     return converted_laion(model, text_config=text_config, cache_dir=cache_dir, revision=revision)
 
 
