@@ -214,7 +214,38 @@ def test_cli_pretrains_a_laion_checkpoint_offline(tmp_path, captions, laion_pt_f
     provenance = json.loads((out / "model" / R.PROVENANCE_FILE).read_text())
     assert provenance["start"]["model"] == {"model": str(checkpoint), "revision": None, "text_config": str(text_config)}
     assert provenance["training"]["epochs"] == 1 and [e["epoch"] for e in provenance["epochs"]] == [0, 1]
-    assert load_clap(out / "model", device="cpu").model.config.projection_dim == 32  # a --model folder now
+    reloaded = load_clap(out / "model", device="cpu")
+    assert reloaded.model.config.projection_dim == 32  # a --model folder now
+    assert provenance["data"]["text_length"]["max_tokens"] == 77  # trained on captions cut as LAION cuts them
+    assert reloaded.text_length.max_tokens == 77  # and it keeps LAION's limit (saved with its tokenizer)
+    capsys.readouterr()
+
+
+def test_captions_are_tokenized_by_the_models_rule(long_caption_data):
+    """Pretraining's captions are cut where the model reads (`ClapBundle.text_length`), not at a fixed 64
+    tokens: the tiny tower's 78, the 600-word caption keeping its first 78 tokens (</s> last)."""
+    from types import SimpleNamespace
+
+    bundle = load_clap("tiny", device="cpu")
+    table = load_captions(long_caption_data)
+    data = P.CaptionedFeatures.build(table, SimpleNamespace(input_features=None, is_longer=None), bundle.tokenizer,
+                                     bundle.text_length)
+    texts, _ = table.caption_pairs()
+    longest = max(range(len(texts)), key=lambda i: len(texts[i]))
+    full = bundle.tokenizer(texts[longest], truncation=False)["input_ids"]
+    assert len(full) > 600 and data.input_ids.shape[1] == 78
+    assert data.input_ids[longest].tolist() == full[:77] + [bundle.tokenizer.eos_token_id]
+
+
+def test_cli_pretrains_on_a_600_word_caption(tmp_path, long_caption_data, capsys, single_thread):
+    """A caption longer than the text tower reads (the tiny one: 78 tokens) used to crash (pretraining cut
+    captions at a fixed 64 tokens, retrieval's text side not at all); it is truncated by the model's rule."""
+    out = tmp_path / "o"
+    assert main(["pretrain", "--data", str(long_caption_data), "--out", str(out), "--model", "tiny", "--epochs", "1",
+                 "--batch-size", "4", "--device", "cpu", "--cache", str(tmp_path / "c"), "--wandb", "disabled"]) == 0
+    provenance = json.loads((out / "model" / R.PROVENANCE_FILE).read_text())
+    assert provenance["data"]["text_length"]["max_tokens"] == 78
+    assert [e["epoch"] for e in provenance["epochs"]] == [0, 1]
     capsys.readouterr()
 
 

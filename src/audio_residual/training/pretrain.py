@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from transformers import ClapConfig, ClapModel, ClapProcessor, ClapTextConfig, PreTrainedTokenizerBase
 
 from audio_residual.clap.encode import audio_embeddings
+from audio_residual.clap.loading import TextLength, tokenize
 from audio_residual.clap.tiny import (
     htsat_base_config,
     htsat_tiny_config,
@@ -36,7 +37,6 @@ from audio_residual.tasks.retrieval import retrieval_metrics
 CONFIGS = ("tiny", "htsat-tiny", "htsat-base")
 FREEZE = ("none", "text", "audio")
 MAX_LOGIT_SCALE = 100.0  # CLIP clamps exp(logit scale) at 100
-TEXT_MAX_LENGTH = 64  # captions are truncated to this many tokens (tiny text tower: 80 positions)
 
 
 @dataclass(frozen=True)
@@ -173,10 +173,13 @@ class CaptionedFeatures:
     validation_rows: np.ndarray
 
     @classmethod
-    def build(cls, table: CaptionTable, features, tokenizer, valid: np.ndarray | None = None) -> CaptionedFeatures:
+    def build(cls, table: CaptionTable, features, tokenizer, length: TextLength,
+              valid: np.ndarray | None = None) -> CaptionedFeatures:
+        """Captions truncated by the model's rule (`ClapBundle.text_length`: as the checkpoint was trained,
+        77 tokens for LAION's; a model from scratch, what its position embeddings hold)."""
         valid = np.ones(len(table), bool) if valid is None else np.asarray(valid, bool)
         texts, owner = table.caption_pairs()
-        tokens = tokenizer(texts, padding=True, truncation=True, max_length=TEXT_MAX_LENGTH, return_tensors="pt")
+        tokens = tokenize(tokenizer, texts, length)
         rows = {s: table.rows(s)[valid[table.rows(s)]] for s in ("train", "validation")}
         if len(rows["train"]) < 2:
             raise ValueError(f"{table.name}: pretraining needs at least 2 training clips, found {len(rows['train'])}")

@@ -173,7 +173,7 @@ def _provenance(ws, source, config, history, best_epoch, seconds, extra) -> dict
         "data": {"name": table.name, "clips": table.counts(), "missing": len(table.missing),
                  "skipped": len(features.skipped), "features": features.digest(),
                  "captions": digest([table.captions, table.splits]), "audio": ws.audio.describe(),
-                 "preprocessing": features.preprocessing},
+                 "preprocessing": features.preprocessing, "text_length": ws.bundle.text_length.describe()},
         "start": source.describe(), "training": P.config_dict(config), "selected_by": "validation mean_r1",
         "best_epoch": best_epoch, "validation": {k: v for k, v in best.items() if k not in ("epoch", "lr")},
         "epochs": history, "seconds": round(seconds, 1), "transformers": transformers.__version__, **extra,
@@ -251,7 +251,7 @@ def pretrain(table: CaptionTable, source: PretrainSource, config: P.PretrainConf
     ws = Workspace.of(table, ClapBundle(model, processor, "pretraining", device), run.audio, run.cache_dir)
     write_skipped(ws, out)
     features = ws.features
-    data = P.CaptionedFeatures.build(table, features, processor.tokenizer, features.valid)
+    data = P.CaptionedFeatures.build(table, features, processor.tokenizer, ws.bundle.text_length, features.valid)
     params = P.trainable_parameters(model, config.freeze)
     optimizer, schedule = P.optimizer_and_schedule(model, params, config, config.epochs * steps_per_epoch(data, config))
     evaluate = _Evaluation(data, device, config, amp, classification_eval(run.eval_classification, ws))
