@@ -1,0 +1,258 @@
+"""Data-parallel pretraining on CPU processes (gloo): the gathered loss and its gradients are the one-process
+ones, `torchrun -m audio_residual pretrain` on 2 processes trains the weights and validation figures of one
+process with the whole batch (with and without accumulation), and a rank that dies or hangs ends the job with
+a one-line message instead of a hang."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+
+from audio_residual.analysis.distributed_stats import loopback_address
+from audio_residual.training import pretrain as P
+from audio_residual.training.distributed import Ranks
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+# ------------------------------------------------------------------------------ the gathered loss, 2 processes
+def _toy_batch():
+    """7 clips and 11 captions (clip 2 has three, clips 0, 4 and 6 two): uneven shares, several positives."""
+    generator = torch.Generator().manual_seed(0)
+    owner = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4, 5, 6])
+    return (torch.randn(7, 12, generator=generator), torch.randn(11, 10, generator=generator), owner,
+            torch.randn(12, 6, generator=generator), torch.randn(10, 6, generator=generator))  # fmt: skip
+
+
+def _toy_loss(audio_in, text_in, owner, w_audio, w_text, scales):
+    return P.contrastive_loss(audio_in @ w_audio, text_in @ w_text, scales[0], scales[1], owner)
+
+
+def _gathered_rank(rank: int, world: int, address: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=address, rank=rank, world_size=world)
+    try:
+        audio_in, text_in, owner, w_audio, w_text = _toy_batch()
+        params = [w_audio.requires_grad_(True), w_text.requires_grad_(True),
+                  torch.tensor([math.log(10.0), math.log(3.0)], requires_grad=True)]  # fmt: skip
+        ranks = Ranks.current()
+        clips = ranks.bounds(len(audio_in))
+        captions = np.searchsorted(owner.numpy(), clips).tolist()
+        mine, mine_text = ranks.share(len(audio_in)), slice(captions[rank], captions[rank + 1])
+        audio = ranks.gather(audio_in[mine] @ params[0], np.diff(clips).tolist(), grad=True)
+        text = ranks.gather(text_in[mine_text] @ params[1], np.diff(captions).tolist(), grad=True)
+        loss = P.contrastive_loss(audio, text, params[2][0], params[2][1], owner)
+        loss.backward()
+        ranks.average_gradients(params)
+        if rank == 0:
+            torch.save({"loss": loss.detach(), "grads": [p.grad for p in params]}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gathered_loss_and_gradients_equal_one_process_on_the_whole_batch(tmp_path):
+    """Each rank embeds its share (4 and 3 clips, 6 and 5 captions); the gathered loss and the rank-averaged
+    gradients of both encoders and both temperatures are those of one process on the concatenated batch."""
+    out = tmp_path / "rank0.pt"
+    torch.multiprocessing.spawn(_gathered_rank, args=(2, loopback_address(), str(out)), nprocs=2)
+    shared = torch.load(out, weights_only=True)
+    audio_in, text_in, owner, w_audio, w_text = _toy_batch()
+    params = [w_audio.requires_grad_(True), w_text.requires_grad_(True),
+              torch.tensor([math.log(10.0), math.log(3.0)], requires_grad=True)]  # fmt: skip
+    loss = _toy_loss(audio_in, text_in, owner, params[0], params[1], params[2])
+    loss.backward()
+    assert abs(float(shared["loss"]) - loss.item()) <= 1e-5
+    for got, expected in zip(shared["grads"], (p.grad for p in params), strict=True):
+        assert float(expected.abs().max()) > 1e-3  # every gradient is there to compare
+        assert float((got - expected).abs().max()) <= 1e-5
+
+
+# ------------------------------------------------------------------------ accumulation: GradCache, 1 process
+@pytest.fixture(scope="module")
+def captions(tmp_path_factory):
+    from audio_residual.data_processing.captions import load_captions
+    from audio_residual.data_processing.synthetic_captions import make_synthetic_captions
+
+    root = make_synthetic_captions(tmp_path_factory.mktemp("ddp") / "caps", n_clips=16, seconds=1.0, seed=4,
+                                   split_fractions=(0.75, 0.2, 0.05))  # fmt: skip
+    return load_captions(root)
+
+
+def _step_gradients(model, data, batch, accumulate: int) -> tuple[float, dict[str, torch.Tensor], dict]:
+    model.zero_grad(set_to_none=True)
+    loss = P.ContrastiveStep(model, data, "cpu", contextlib.nullcontext, accumulate, Ranks())(batch)
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return float(loss), grads, {name: b.clone() for name, b in model.named_buffers()}
+
+
+@pytest.mark.parametrize("all_captions", [False, True])
+def test_accumulation_gives_the_whole_batch_gradients(captions, all_captions, single_thread):
+    """GradCache: 3 micro-batches embedded in turn give the loss, every gradient and the input BatchNorm's running
+    statistics of one pass over the whole batch of 10 clips — in float64 to 1e-10 (the two are the same sum), in
+    float32 to its rounding (the gradient of a conv bias sums thousands of terms: up to 2e-5 apart at |g| ≈ 4)."""
+    from audio_residual.data_processing.features import CachedFeatures
+
+    table = captions
+    rng = np.random.default_rng(0)
+    features = CachedFeatures(rng.standard_normal((len(table), 1, 100, 64)).astype(np.float32) * 3 - 20,
+                              np.zeros(len(table), bool), np.ones(len(table), bool), [], tuple(table.filenames), "x")
+    model, processor = P.new_clap("tiny", P.caption_tokenizer([c for cs in table.captions for c in cs]), seed=0)
+    data = P.CaptionedFeatures.build(table, features, processor.tokenizer)
+    batch = P.epoch_batches(data, 10, torch.Generator().manual_seed(1), all_captions)[0]
+    norm = "audio_model.audio_encoder.batch_norm."
+    for dtype, tolerance in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+        model.to(dtype).train()
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        loss, grads, buffers = _step_gradients(model, data, batch, accumulate=1)
+        model.load_state_dict(state)
+        loss3, grads3, buffers3 = _step_gradients(model, data, batch, accumulate=3)
+        model.load_state_dict(state)
+        assert abs(loss - loss3) <= tolerance
+        assert grads.keys() == grads3.keys() and len(grads) > 50
+        assert max(float(g.abs().max()) for g in grads.values()) > 1.0  # gradients of a size that shows any gap
+        for name, grad in grads.items():
+            assert float((grad - grads3[name]).abs().max()) <= tolerance, (dtype, name)
+        for name in (norm + "running_mean", norm + "running_var"):
+            assert float((buffers[name] - state[name]).abs().max()) > 1e-3  # the step did update them
+            assert float((buffers[name] - buffers3[name]).abs().max()) <= tolerance, name
+        assert int(buffers3[norm + "num_batches_tracked"]) == int(state[norm + "num_batches_tracked"]) + 1
+
+
+# ------------------------------------------------------------------------------ torchrun pretrain, 2 processes
+def _env(threads: int = 1) -> dict:
+    path = os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
+            "WANDB_MODE": "disabled"}  # fmt: skip
+
+
+def _pretrain_args(data: Path, out: Path, cache: Path, batch: int, accumulate: int = 1) -> list[str]:
+    return ["pretrain", "--data", str(data), "--out", str(out), "--cache", str(cache), "--epochs", "1",
+            "--batch-size", str(batch), "--accumulate", str(accumulate), "--lr", "1e-4", "--warmup", "0",
+            "--device", "cpu", "--wandb", "disabled", "--seed", "2"]  # fmt: skip
+
+
+def _torchrun(args: list[str], nproc: int, timeout: float = 600) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "audio_residual", *args]  # fmt: skip
+    return subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _trained(out: Path) -> dict[str, torch.Tensor]:
+    """The weights at the end of the last epoch (OUT/model keeps the best epoch, which may be the start)."""
+    with safe_open(str(out / "checkpoint.safetensors"), framework="pt") as handle:
+        return {k[len("params."):]: handle.get_tensor(k) for k in handle.keys() if k.startswith("params.")}
+
+
+def _differences(run: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float((run[k].double() - reference[k].double()).abs().max()) for k in reference}
+
+
+KEY_BIAS = "attention.self.key.bias"  # softmax ignores it: its true gradient is 0, its computed one rounding noise
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_the_one_process_weights(captions, tmp_path):
+    """One epoch on 12 training clips (2 steps of 8 and 4 clips) at the default --lr 1e-4: 2 gloo processes with
+    4 (then 2) clips each, or with 2 + 2 in two accumulated micro-batches, end at the weights (≤ 1e-5, fp32) and
+    with the validation figures of one process with the whole batch of 8; rank 0 alone wrote the run's files.
+
+    Attention key biases are left out of the weight comparison: softmax is invariant to them, so their gradient is
+    float rounding noise, which Adam's normalisation turns into steps of ±lr however the batch is cut (one
+    process run twice with different thread counts parts them as much); they change no embedding, as the equal
+    validation figures show."""
+    from audio_residual.cli import main
+    from audio_residual.training.pretrain_run import PretrainSource, start_model
+
+    data, cache = captions.audio_dir, tmp_path / "cache"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(_pretrain_args(data, tmp_path / "one", cache, batch=8)) == 0
+    two = _torchrun(_pretrain_args(data, tmp_path / "two", cache, batch=8), nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    accumulated = _torchrun(_pretrain_args(data, tmp_path / "acc", cache, batch=4, accumulate=2), nproc=2)
+    assert accumulated.returncode == 0, accumulated.stderr[-3000:]
+    assert two.stdout.count("pretrained CLAP →") == 1  # rank 0 alone reports (and writes)
+    one = _trained(tmp_path / "one")
+    start = start_model(PretrainSource("tiny"), captions, 2, cache)[0].state_dict()
+    moved = _differences(one, start)
+    assert np.median(list(moved.values())) > 1e-4  # two Adam steps moved the weights ten times the tolerance
+    history = pd.read_csv(tmp_path / "one" / "history.csv")
+    for run in ("two", "acc"):
+        other = _trained(tmp_path / run)
+        assert other.keys() == one.keys()
+        differences = _differences(other, one)
+        worst = max((d, k) for k, d in differences.items() if not k.endswith(KEY_BIAS))
+        assert worst[0] <= 1e-5, (run, worst)
+        figures = pd.read_csv(tmp_path / run / "history.csv")
+        metrics = [c for c in history.columns if c.startswith(("t2a_", "a2t_", "mean_"))]
+        pd.testing.assert_frame_equal(figures[metrics], history[metrics], atol=1e-6, rtol=0)
+        np.testing.assert_allclose(figures["train_loss"][1:], history["train_loss"][1:], atol=1e-5)
+        provenance = json.loads((tmp_path / run / "model" / "pretraining.json").read_text())
+        assert provenance["ranks"] == 2
+
+
+# ------------------------------------------------------------------------------------ a rank dies or hangs
+def _cli_rank(rank: int, world: int, port: int, argv: list[str], results: str, fault: str) -> None:
+    """`audio-residual ARGV` as rank `rank` of a torchrun-like group; rank 1 dies (`exit`) or stops answering
+    (`hang`) in its second training step. The exit code and stderr go to RESULTS/rank<r>.json."""
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})  # fmt: skip
+    torch.set_num_threads(1)
+    from audio_residual.cli import main
+
+    if rank == 1:
+        real, calls = P.ContrastiveStep.__call__, []
+
+        def faulty(self, batch):
+            calls.append(1)
+            if len(calls) == 2:
+                if fault == "exit":
+                    os._exit(7)
+                time.sleep(120)
+            return real(self, batch)
+
+        P.ContrastiveStep.__call__ = faulty
+    err = io.StringIO()
+    started = time.perf_counter()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(argv)
+    Path(results, f"rank{rank}.json").write_text(json.dumps({"code": code, "stderr": err.getvalue(),
+                                                             "seconds": time.perf_counter() - started}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["exit", "hang"])
+def test_a_lost_rank_ends_the_job_with_one_line(captions, tmp_path, fault):
+    """Rank 1 dies (or hangs) in its second step: rank 0 stops at once (or after --dist-timeout 20 s) with a
+    one-line error naming the lost processes and how to resume, exit 2 — no hang."""
+    argv = [*_pretrain_args(captions.audio_dir, tmp_path / "out", tmp_path / "cache", batch=4), "--dist-timeout", "20"]
+    port = int(loopback_address().rsplit(":", 1)[1])
+    context = torch.multiprocessing.start_processes(_cli_rank, args=(2, port, argv, str(tmp_path), fault), nprocs=2,
+                                                    join=False, start_method="spawn")  # fmt: skip
+    rank0 = tmp_path / "rank0.json"
+    deadline = time.monotonic() + 300
+    while not rank0.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for process in context.processes:
+        if process.is_alive():
+            process.kill()  # the hanging rank 1 (torchrun's agent would stop it)
+        process.join()
+    result = json.loads(rank0.read_text())
+    assert result["code"] == 2
+    lines = [line for line in result["stderr"].splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in result["stderr"]
+    assert "rank 0 of 2 lost the other processes" in lines[0] and "Rerun the same command" in lines[0]
+    if fault == "hang":
+        assert result["seconds"] < 200  # bounded by the timeout, not by rank 1's sleep
