@@ -227,3 +227,57 @@ def test_cli_bad_pretrain_input_is_one_line(tmp_path, capsys, captions):
     assert "--data" in capsys.readouterr().err
     assert main(["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
     assert "cannot recognise captioned audio" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("option", "value"), [("--lr", "inf"), ("--weight-decay", "nan"), ("--weight-decay", "inf")])
+def test_cli_refuses_a_non_finite_learning_rate_or_weight_decay(cli, captions, tmp_path, option, value):
+    """One line naming the option, before any training (it used to train into a TrainingDiverged traceback that
+    blamed the learning rate even for a NaN weight decay)."""
+    run = cli("pretrain", "--data", captions.audio_dir, "--out", tmp_path / "o", option, value, "--epochs", "1",
+              "--device", "cpu", "--cache", tmp_path / "c", "--wandb", "disabled")
+    assert run.code == 2 and len(run.errors.splitlines()) == 1
+    assert f"{option} must be a finite number" in run.errors and value in run.errors
+    assert "learning rate" not in run.errors
+    assert not (tmp_path / "o" / R.CHECKPOINT_FILE).exists()
+
+
+@pytest.mark.slow
+def test_a_second_run_into_the_same_out_at_once_is_refused(captions, tmp_path):
+    """Two `pretrain` processes with different options into one --out at once: the second stops with one line
+    naming the folder and the first run's process, and leaves the first run's files alone; the model folder holds
+    the first run's weights and says so (it used to die with "epoch0.json is missing or from another run", the
+    folder keeping one run's weights with no word of the other)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    out = tmp_path / "out"
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}  # fmt: skip
+
+    def command(lr: str, epochs: str) -> list[str]:
+        return [sys.executable, "-m", "audio_residual", "pretrain", "--data", str(captions.audio_dir), "--out",
+                str(out), "--cache", str(tmp_path / "cache"), "--device", "cpu", "--wandb", "disabled",
+                "--batch-size", "4", "--lr", lr, "--epochs", epochs]  # fmt: skip
+
+    first = subprocess.Popen(command("1e-3", "30"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        started, deadline = out / R.EPOCH0_FILE, time.monotonic() + 300  # the first run is training
+        while not started.is_file() and time.monotonic() < deadline:
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.2)
+        second = subprocess.run(command("2e-3", "1"), env=env, capture_output=True, text=True, timeout=300)
+        overlapped = first.poll() is None
+    finally:
+        first_err = first.communicate(timeout=600)[1]
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
+    errors = [line for line in second.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "in use by another pretrain run" in errors[0] and f"pid {first.pid}" in errors[0]
+    assert str(out) in errors[0] and overlapped  # refused while the first run was still training
+    assert first.returncode == 0, first_err[-2000:]
+    provenance = json.loads((out / "model" / R.PROVENANCE_FILE).read_text())
+    assert provenance["training"]["lr"] == 1e-3 and provenance["training"]["epochs"] == 30
+    assert pd.read_csv(out / R.HISTORY_FILE)["epoch"].tolist() == list(range(31))
