@@ -399,21 +399,21 @@ class ContrastiveStep:
             with exchange:
                 loss.backward()
             return loss.detach()
-        states = []
-        with torch.no_grad():
+        states, cached = [], []
+        with torch.no_grad():  # GradCache: the embeddings first, without a graph
             for inputs in parts:
                 states.append(_rng_state(self.device))
-                inputs["embedded"] = self._embed([inputs])
-        audio = torch.cat([inputs["embedded"][0] for inputs in parts]).requires_grad_(True)
-        text = torch.cat([inputs["embedded"][1] for inputs in parts]).requires_grad_(True)
+                cached.append(self._embed([inputs]))
+        audio = torch.cat([a for a, _ in cached]).requires_grad_(True)
+        text = torch.cat([t for _, t in cached]).requires_grad_(True)
         loss = self._loss(audio, text, owner, clip_sizes, caption_sizes)
         with exchange:
-            loss.backward()
+            loss.backward()  # the temperatures' gradients, and the loss's gradient at every embedding
         a = t = 0
-        for inputs, state in zip(parts, states, strict=True):
-            n_a, n_t = (len(e) for e in inputs.pop("embedded"))
+        for inputs, state, (part_audio, part_text) in zip(parts, states, cached, strict=True):
             with _replay(state, self.device):
-                again = self._embed([inputs])
+                again = self._embed([inputs])  # one micro-batch's graph at a time
+            n_a, n_t = len(part_audio), len(part_text)
             torch.autograd.backward(again, (audio.grad[a : a + n_a], text.grad[t : t + n_t]))
             a, t = a + n_a, t + n_t
         return loss.detach()
