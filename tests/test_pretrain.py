@@ -263,10 +263,14 @@ def test_a_second_run_into_the_same_out_at_once_is_refused(captions, tmp_path):
                 str(out), "--cache", str(tmp_path / "cache"), "--device", "cpu", "--wandb", "disabled",
                 "--batch-size", "4", "--lr", lr, "--epochs", epochs]  # fmt: skip
 
-    first = subprocess.Popen(command("1e-3", "30"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(command("1e-3", "40"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        started, deadline = out / R.EPOCH0_FILE, time.monotonic() + 300  # the first run is training
-        while not started.is_file() and time.monotonic() < deadline:
+        def started() -> bool:  # the first run holds OUT (or, without a lock, has begun training)
+            lock = out / ".pretrain.lock"
+            return (lock.is_file() and f"pid {first.pid}" in lock.read_text()) or (out / R.EPOCH0_FILE).is_file()
+
+        deadline = time.monotonic() + 300
+        while not started() and time.monotonic() < deadline:
             assert first.poll() is None, first.stderr.read()
             time.sleep(0.2)
         second = subprocess.run(command("2e-3", "1"), env=env, capture_output=True, text=True, timeout=300)
@@ -279,5 +283,5 @@ def test_a_second_run_into_the_same_out_at_once_is_refused(captions, tmp_path):
     assert str(out) in errors[0] and overlapped  # refused while the first run was still training
     assert first.returncode == 0, first_err[-2000:]
     provenance = json.loads((out / "model" / R.PROVENANCE_FILE).read_text())
-    assert provenance["training"]["lr"] == 1e-3 and provenance["training"]["epochs"] == 30
-    assert pd.read_csv(out / R.HISTORY_FILE)["epoch"].tolist() == list(range(31))
+    assert provenance["training"]["lr"] == 1e-3 and provenance["training"]["epochs"] == 40
+    assert pd.read_csv(out / R.HISTORY_FILE)["epoch"].tolist() == list(range(41))
