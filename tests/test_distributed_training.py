@@ -63,6 +63,7 @@ def _gathered_rank(rank: int, world: int, address: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two fresh interpreters importing the package
 def test_gathered_loss_and_gradients_equal_one_process_on_the_whole_batch(tmp_path):
     """Each rank embeds its share (4 and 3 clips, 6 and 5 captions); the gathered loss and the rank-averaged
     gradients of both encoders and both temperatures are those of one process on the concatenated batch."""
@@ -156,6 +157,13 @@ def _trained(out: Path) -> dict[str, torch.Tensor]:
         return {k[len("params."):]: handle.get_tensor(k) for k in handle.keys() if k.startswith("params.")}
 
 
+def _trained_start(captions, cache: Path) -> dict[str, torch.Tensor]:
+    """The weights `pretrain --seed 2` starts from (the tiny configuration, its tokenizer trained on the captions)."""
+    from audio_residual.training.pretrain_run import PretrainSource, start_model
+
+    return start_model(PretrainSource("tiny"), captions, 2, cache)[0].state_dict()
+
+
 def _differences(run: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float((run[k].double() - reference[k].double()).abs().max()) for k in reference}
 
@@ -173,7 +181,6 @@ def test_torchrun_two_processes_train_the_one_process_weights(captions, tmp_path
     float rounding noise, which Adam's normalisation turns into steps of up to ±lr that differ with any change of
     summation order (here about 2e-4 apart); they change no embedding, as the equal validation figures show."""
     from audio_residual.cli import main
-    from audio_residual.training.pretrain_run import PretrainSource, start_model
 
     data, cache = captions.audio_dir, tmp_path / "cache"
     with contextlib.redirect_stdout(io.StringIO()):
@@ -184,8 +191,7 @@ def test_torchrun_two_processes_train_the_one_process_weights(captions, tmp_path
     assert accumulated.returncode == 0, accumulated.stderr[-3000:]
     assert two.stdout.count("pretrained CLAP →") == 1  # rank 0 alone reports (and writes)
     one = _trained(tmp_path / "one")
-    start = start_model(PretrainSource("tiny"), captions, 2, cache)[0].state_dict()
-    moved = _differences(one, start)
+    moved = _differences(one, _trained_start(captions, cache))
     assert np.median(list(moved.values())) > 1e-4  # two Adam steps moved the weights ten times the tolerance
     history = pd.read_csv(tmp_path / "one" / "history.csv")
     for run in ("two", "acc"):
@@ -200,6 +206,30 @@ def test_torchrun_two_processes_train_the_one_process_weights(captions, tmp_path
         np.testing.assert_allclose(figures["train_loss"][1:], history["train_loss"][1:], atol=1e-5)
         provenance = json.loads((tmp_path / run / "model" / "pretraining.json").read_text())
         assert provenance["ranks"] == 2
+
+
+FLOAT64_CLI = ("import sys, torch; torch.set_default_dtype(torch.float64); from audio_residual.cli import main; "
+               "raise SystemExit(main())")  # the command line with every model built in float64
+
+
+@pytest.mark.slow
+def test_in_float64_two_processes_train_exactly_the_one_process_weights(captions, tmp_path):
+    """The same epoch at lr 1e-3 with every model in float64: the 2-process weights equal the 1-process ones to
+    1e-10, attention key biases included — what is left of the float32 gaps above is rounding, not the algorithm."""
+    data, cache = captions.audio_dir, tmp_path / "cache"
+    args = [a if a != "1e-4" else "1e-3" for a in _pretrain_args(data, tmp_path / "one", cache, batch=8)]
+    one = subprocess.run([sys.executable, "-c", FLOAT64_CLI, *args], env=_env(), capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    args = [a if a != str(tmp_path / "one") else str(tmp_path / "two") for a in args]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "--no-python", sys.executable, "-c", FLOAT64_CLI, *args], env=_env(), capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    reference, other = _trained(tmp_path / "one"), _trained(tmp_path / "two")
+    assert reference["logit_scale_a"].dtype == torch.float64
+    assert max(_differences(other, reference).values()) <= 1e-10
+    assert np.median(list(_differences(reference, _trained_start(captions, cache)).values())) > 1e-3
 
 
 # ------------------------------------------------------------------------------------ a rank dies or hangs

@@ -133,9 +133,11 @@ class Ranks:
         params = [p for p in params if p.requires_grad]
         if not params:
             return
-        device = params[0].device
-        flags = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+        device, dtype = params[0].device, torch.float32
+        for p in params:  # summed in float32, or float64 for a model trained in float64
+            dtype = torch.promote_types(dtype, p.dtype)
+        flags = torch.tensor([p.grad is not None for p in params], dtype=dtype, device=device)
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype) for p in params]
                          + [flags])  # fmt: skip
         with collective("the gradient all-reduce", self.rank, self.world):
             dist.all_reduce(flat)
@@ -154,17 +156,22 @@ class Ranks:
         return tensor
 
     def broadcast_tensors(self, tensors: Iterable[torch.Tensor], what: str = "the start") -> None:
-        """Rank 0's values of `tensors` (parameters, buffers) on every rank, in place: the replicas start alike."""
+        """Rank 0's values of `tensors` (parameters, buffers) on every rank, in place: the replicas start alike.
+        One broadcast per dtype, of the tensors of that dtype flattened."""
         if not self.distributed:
             return
-        tensors = [t for t in tensors if t.numel()]
+        groups: dict[torch.dtype, list[torch.Tensor]] = {}
+        for t in tensors:
+            if t.numel():
+                groups.setdefault(t.dtype, []).append(t)
         with torch.no_grad(), collective(what, self.rank, self.world):
-            flat = torch.cat([t.detach().reshape(-1).double() for t in tensors])
-            dist.broadcast(flat, src=0)
-            offset = 0
-            for t in tensors:
-                t.copy_(flat[offset : offset + t.numel()].view_as(t))
-                offset += t.numel()
+            for group in groups.values():
+                flat = torch.cat([t.detach().reshape(-1) for t in group]).to(self.device())
+                dist.broadcast(flat, src=0)
+                offset = 0
+                for t in group:
+                    t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                    offset += t.numel()
 
     def broadcast_json(self, value, what: str):
         """Rank 0's JSON-able `value` on every rank (validation figures, a refusal): sent as UTF-8 bytes, no pickle."""
