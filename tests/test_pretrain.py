@@ -285,3 +285,11 @@ def test_a_second_run_into_the_same_out_at_once_is_refused(captions, tmp_path):
     provenance = json.loads((out / "model" / R.PROVENANCE_FILE).read_text())
     assert provenance["training"]["lr"] == 1e-3 and provenance["training"]["epochs"] == 40
     assert pd.read_csv(out / R.HISTORY_FILE)["epoch"].tolist() == list(range(41))
+
+
+def test_preset_refuses_to_run_under_torchrun(cli, tmp_path, monkeypatch):
+    """`--preset` generates its data and trains in one process: several torchrun processes would all write it."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    run = cli("pretrain", "--preset", "tiny", "--out", tmp_path / "o", "--cache", tmp_path / "c")
+    assert run.code == 2 and "--preset runs in one process" in run.errors
+    assert not (tmp_path / "o" / "data").exists()
