@@ -259,24 +259,34 @@ def test_a_second_run_into_the_same_out_at_once_is_refused(captions, tmp_path):
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}  # fmt: skip
 
     def command(lr: str, epochs: str) -> list[str]:
-        return [sys.executable, "-m", "audio_residual", "pretrain", "--data", str(captions.audio_dir), "--out",
-                str(out), "--cache", str(tmp_path / "cache"), "--device", "cpu", "--wandb", "disabled",
-                "--batch-size", "4", "--lr", lr, "--epochs", epochs]  # fmt: skip
+        return ["pretrain", "--data", str(captions.audio_dir), "--out", str(out), "--cache", str(tmp_path / "cache"),
+                "--device", "cpu", "--wandb", "disabled", "--batch-size", "4", "--lr", lr, "--epochs", epochs]
 
-    first = subprocess.Popen(command("1e-3", "40"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # The second process imports the package first and starts its command the moment it is told to: while the first
+    # run holds OUT (or, without a lock, has begun training), however long imports take on a busy machine.
+    go = tmp_path / "go"
+    waiting = ("import pathlib, sys, time; from audio_residual.cli import main; go = pathlib.Path(sys.argv[1])\n"
+               "while not go.exists(): time.sleep(0.02)\nraise SystemExit(main(sys.argv[2:]))")
+    second = subprocess.Popen([sys.executable, "-c", waiting, str(go), *command("2e-3", "1")], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    first = subprocess.Popen([sys.executable, "-m", "audio_residual", *command("1e-3", "40")], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
-        def started() -> bool:  # the first run holds OUT (or, without a lock, has begun training)
+        def started() -> bool:
             lock = out / ".pretrain.lock"
             return (lock.is_file() and f"pid {first.pid}" in lock.read_text()) or (out / R.EPOCH0_FILE).is_file()
 
         deadline = time.monotonic() + 300
         while not started() and time.monotonic() < deadline:
             assert first.poll() is None, first.stderr.read()
-            time.sleep(0.2)
-        second = subprocess.run(command("2e-3", "1"), env=env, capture_output=True, text=True, timeout=300)
+            time.sleep(0.02)
+        go.touch()
+        second_err = second.communicate(timeout=300)[1]
         overlapped = first.poll() is None
     finally:
+        second.kill()
         first_err = first.communicate(timeout=600)[1]
+    second = subprocess.CompletedProcess(second.args, second.returncode, "", second_err)
     assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
     errors = [line for line in second.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "in use by another pretrain run" in errors[0] and f"pid {first.pid}" in errors[0]
