@@ -258,3 +258,79 @@ def test_cli_bad_pretrain_input_is_one_line(tmp_path, capsys, captions):
     assert "--data" in capsys.readouterr().err
     assert main(["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
     assert "cannot recognise captioned audio" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("option", "value"), [("--lr", "inf"), ("--weight-decay", "nan"), ("--weight-decay", "inf")])
+def test_cli_refuses_a_non_finite_learning_rate_or_weight_decay(cli, captions, tmp_path, option, value):
+    """One line naming the option, before any training (it used to train into a TrainingDiverged traceback that
+    blamed the learning rate even for a NaN weight decay)."""
+    run = cli("pretrain", "--data", captions.audio_dir, "--out", tmp_path / "o", option, value, "--epochs", "1",
+              "--device", "cpu", "--cache", tmp_path / "c", "--wandb", "disabled")
+    assert run.code == 2 and len(run.errors.splitlines()) == 1
+    assert f"{option} must be a finite number" in run.errors and value in run.errors
+    assert "learning rate" not in run.errors
+    assert not (tmp_path / "o" / R.CHECKPOINT_FILE).exists()
+
+
+@pytest.mark.slow
+def test_a_second_run_into_the_same_out_at_once_is_refused(captions, tmp_path):
+    """Two `pretrain` processes with different options into one --out at once: the second stops with one line
+    naming the folder and the first run's process, and leaves the first run's files alone; the model folder holds
+    the first run's weights and says so (it used to die with "epoch0.json is missing or from another run", the
+    folder keeping one run's weights with no word of the other)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    out = tmp_path / "out"
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}  # fmt: skip
+
+    def command(lr: str, epochs: str) -> list[str]:
+        return ["pretrain", "--data", str(captions.audio_dir), "--out", str(out), "--cache", str(tmp_path / "cache"),
+                "--device", "cpu", "--wandb", "disabled", "--batch-size", "4", "--lr", lr, "--epochs", epochs]
+
+    # The second process imports the package first and starts its command the moment it is told to: while the first
+    # run holds OUT (or, without a lock, has begun training), however long imports take on a busy machine.
+    go = tmp_path / "go"
+    waiting = ("import pathlib, sys, time; from audio_residual.cli import main; go = pathlib.Path(sys.argv[1])\n"
+               "while not go.exists(): time.sleep(0.02)\nraise SystemExit(main(sys.argv[2:]))")
+    second = subprocess.Popen([sys.executable, "-c", waiting, str(go), *command("2e-3", "1")], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    first = subprocess.Popen([sys.executable, "-m", "audio_residual", *command("1e-3", "40")], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        def started() -> bool:
+            lock = out / ".pretrain.lock"
+            return (lock.is_file() and f"pid {first.pid}" in lock.read_text()) or (out / R.EPOCH0_FILE).is_file()
+
+        deadline = time.monotonic() + 300
+        while not started() and time.monotonic() < deadline:
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.02)
+        go.touch()
+        second_err = second.communicate(timeout=300)[1]
+        overlapped = first.poll() is None
+    finally:
+        second.kill()
+        first_err = first.communicate(timeout=600)[1]
+    second = subprocess.CompletedProcess(second.args, second.returncode, "", second_err)
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
+    errors = [line for line in second.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "in use by another pretrain run" in errors[0] and f"pid {first.pid}" in errors[0]
+    assert str(out) in errors[0] and overlapped  # refused while the first run was still training
+    assert first.returncode == 0, first_err[-2000:]
+    provenance = json.loads((out / "model" / R.PROVENANCE_FILE).read_text())
+    assert provenance["training"]["lr"] == 1e-3 and provenance["training"]["epochs"] == 40
+    assert pd.read_csv(out / R.HISTORY_FILE)["epoch"].tolist() == list(range(41))
+
+
+def test_preset_refuses_to_run_under_torchrun(cli, tmp_path, monkeypatch):
+    """`--preset` generates its data and trains in one process: several torchrun processes would all write it."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    run = cli("pretrain", "--preset", "tiny", "--out", tmp_path / "o", "--cache", tmp_path / "c")
+    assert run.code == 2 and "--preset runs in one process" in run.errors
+    assert not (tmp_path / "o" / "data").exists()

@@ -4,6 +4,7 @@ processes), `saliency`, `pretrain`, `generate-data` and `demo`, on the shared op
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from audio_residual.cli import options as opt
@@ -77,11 +78,18 @@ def cmd_saliency(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
+    """Pretraining; under torchrun, data-parallel over its processes (NCCL on GPUs, gloo on CPUs)."""
+    from datetime import timedelta
+
+    from audio_residual.clap.loading import resolve_device
     from audio_residual.data_processing.sources import load_table
+    from audio_residual.training.distributed import Ranks, process_group
     from audio_residual.training.pretrain import PretrainConfig
     from audio_residual.training.pretrain_run import PretrainRun, PretrainSource, pretrain
 
     if args.preset is not None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("--preset runs in one process: launch it without torchrun")
         from audio_residual.training.pretrain_preset import run_preset
 
         path = run_preset(args.preset, args.out, seed=args.seed, device=args.device)
@@ -102,8 +110,10 @@ def cmd_pretrain(args) -> None:
     run = PretrainRun(args.out, cache_dir=args.cache, audio=opt.audio_config(args), device=args.device, amp=args.amp,
                       wandb=args.wandb, eval_classification=args.eval_classification,
                       extra_provenance={"data_source": str(args.data)})  # fmt: skip
-    path = pretrain(table, source, config, run)
-    print(f"pretrained CLAP → {path} (use it as --model {path})")
+    with process_group(resolve_device(args.device).type == "cuda", timedelta(seconds=args.dist_timeout)):
+        path = pretrain(table, source, config, run)
+        if Ranks.current().main:
+            print(f"pretrained CLAP → {path} (use it as --model {path})")
 
 
 def cmd_generate(args) -> None:
@@ -207,10 +217,14 @@ def _pretrain_parser(sub) -> None:
     p.add_argument("--all-captions", action="store_true",
                    help="every caption of a clip in its step (multi-positive loss), not one drawn per step")
     p.add_argument("--epochs", type=opt.POSITIVE_INT, default=10)
-    p.add_argument("--accumulate", type=opt.POSITIVE_INT, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--accumulate", type=opt.POSITIVE_INT, default=1,
+                   help="micro-batches of --batch-size clips per step: the loss is over all of them, each embedded "
+                        "in turn (memory of one micro-batch)")
     p.add_argument("--lr", type=opt.POSITIVE, default=1e-4)
     p.add_argument("--weight-decay", type=opt.NON_NEGATIVE, default=0.2)
     p.add_argument("--warmup", type=opt.FRACTION, default=0.05, help="share of the steps warming up linearly")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-classification", default=None, metavar="DATA", help="labelled set scored zero-shot every epoch")
+    p.add_argument("--dist-timeout", type=opt.POSITIVE, default=1800.0, metavar="SECONDS",
+                   help="under torchrun: a process that waits this long for the others stops the job")
     p.set_defaults(func=cmd_pretrain)
