@@ -22,9 +22,9 @@ ROOT=$PWD
 OUT=${OUT:?set OUT to the folder the results go to}
 PYTHON=${PYTHON:-python3}
 PHASES=${GPU_CHECK_PHASES:-setup tests notebooks bench experiment}
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+WORK=$(mktemp -d -t gpu_check.XXXXXX)
 LOGS=$WORK/logs
-SITE=${GPU_CHECK_SITE:-${TMPDIR:-/tmp}/audio_residual_site}  # kept while the machine stays warm: a rerun reuses it
+SITE=${GPU_CHECK_SITE:-$(dirname "$WORK")/audio_residual_site}  # kept while the machine stays warm: a rerun reuses it
 mkdir -p "$OUT" "$LOGS"
 export ROOT PYTHON LOGS SITE WORK PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}:$SITE" PYTHONUNBUFFERED=1 \
   HF_HUB_OFFLINE=1 WANDB_MODE=disabled MPLBACKEND=Agg TOKENIZERS_PARALLELISM=false
@@ -90,7 +90,10 @@ for wheel in wheels:
         print(f"present: {name} {metadata.version(name)}")
     except metadata.PackageNotFoundError:
         missing.append(wheel)
-if missing:
+if missing and sys.version_info[:2] != (3, 12):
+    print(f"not installing {len(missing)} missing: the wheels are for CPython 3.12 (the GPU image), this is "
+          f"{sys.version.split()[0]}")
+elif missing:
     print(f"installing {len(missing)}: {' '.join(w.name.split('-')[0] for w in missing)}", flush=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile",
                     "--no-cache-dir", "--disable-pip-version-check", "--target", str(site), *map(str, missing)],
