@@ -104,6 +104,7 @@ def test_accumulation_gives_the_whole_batch_gradients(captions, all_captions, si
     """GradCache: 3 micro-batches embedded in turn give the loss, every gradient and the input BatchNorm's running
     statistics of one pass over the whole batch of 10 clips — in float64 to 1e-10 (the two are the same sum), in
     float32 to its rounding (the gradient of a conv bias sums thousands of terms: up to 2e-5 apart at |g| ≈ 4)."""
+    from audio_residual.clap.loading import TextLength
     from audio_residual.data_processing.features import CachedFeatures
 
     table = captions
@@ -111,7 +112,7 @@ def test_accumulation_gives_the_whole_batch_gradients(captions, all_captions, si
     features = CachedFeatures(rng.standard_normal((len(table), 1, 100, 64)).astype(np.float32) * 3 - 20,
                               np.zeros(len(table), bool), np.ones(len(table), bool), [], tuple(table.filenames), "x")
     model, processor = P.new_clap("tiny", P.caption_tokenizer([c for cs in table.captions for c in cs]), seed=0)
-    data = P.CaptionedFeatures.build(table, features, processor.tokenizer)
+    data = P.CaptionedFeatures.build(table, features, processor.tokenizer, TextLength(77, "test"))
     batch = P.epoch_batches(data, 10, torch.Generator().manual_seed(1), all_captions)[0]
     norm = "audio_model.audio_encoder.batch_norm."
     for dtype, tolerance in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
