@@ -64,7 +64,8 @@ def cmd_saliency(args) -> None:
     methods = args.methods or METHODS
     config = SaliencyConfig(clips=args.clips, methods=methods, baseline=args.baseline, steps=args.steps,
                             ig_tolerance=args.ig_tolerance, max_steps=args.max_steps, min_change=args.min_change,
-                            listen=tuple(m for m in methods if m in args.listen), batch_size=args.batch_size)
+                            listen=tuple(m for m in methods if m in args.listen), batch_size=args.batch_size,
+                            seed=args.seed)
     adapter = metadata = None
     if args.lambdas is not None:
         from audio_residual.residual.units import ResiDual
@@ -188,6 +189,8 @@ def _saliency_parser(sub) -> None:
     opt.common(p)
     p.add_argument("--fold", type=int, default=1, help="test fold whose clips are explained")
     p.add_argument("--clips", type=opt.POSITIVE_INT, default=4, help="test clips to explain (seeded choice)")
+    p.add_argument("--seed", type=opt.NON_NEGATIVE_INT, default=0,
+                   help="which clips, the random deletion orders, SmoothGrad's noise, the randomised model")
     p.add_argument("--lambdas", type=Path, default=None, help="ResiDual λ file (safetensors): explain the adapted model")
     p.add_argument("--methods", type=_methods_of_saliency, default=None, help="comma-separated; default: all")
     p.add_argument("--analysis", type=Path, default=None,
