@@ -621,7 +621,7 @@ def saliency_ig_passes() -> float:
     Full-size random HTSAT-tiny; IG runs its path points IG_BATCH per pass (memory bounded by the batch).
     The unit is one forward+backward of the zero-shot score on the single clip, measured in the same run.
     """
-    from audio_residual.analysis.saliency import TextScore, attribute
+    from audio_residual.analysis.saliency import AttributionOptions, TextScore, attribute
 
     model = _model()
     texts = F.normalize(torch.randn(CLASSES, model.config.projection_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
@@ -630,7 +630,8 @@ def saliency_ig_passes() -> float:
     target = torch.tensor([0])
 
     def integrated_gradients() -> None:
-        attribute(scorer, x, target, ("integrated_gradients",), steps=IG_STEPS, batch_size=IG_BATCH)
+        attribute(scorer, x, target, ("integrated_gradients",),
+                  options=AttributionOptions(steps=IG_STEPS, batch_size=IG_BATCH))
 
     def one_pass() -> None:
         inputs = x.clone().requires_grad_(True)

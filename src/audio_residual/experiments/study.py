@@ -141,10 +141,10 @@ class Study:
 
     def saliency(self) -> pd.DataFrame:
         """Saliency maps of `config.saliency_clips` test clips of the analysis fold, and their faithfulness."""
-        from audio_residual.analysis.saliency_run import run_saliency
+        from audio_residual.analysis.saliency_run import SaliencyConfig, run_saliency
 
         result = run_saliency(self.ws, self.config.analysis_fold, self.layout / "saliency",
-                              clips=self.config.saliency_clips, analysis=self.analysis_result)
+                              SaliencyConfig(clips=self.config.saliency_clips), analysis=self.analysis_result)
         self.saliency_frame = result.faithfulness
         return self.saliency_frame
 
