@@ -307,8 +307,8 @@ def test_skip_and_warning_lists_follow_the_files(capsys, tmp_path, data_copy):
     warned = pd.read_csv(out / "warnings.csv")
     assert warned["filename"].tolist() == [loud.name] and warned["reason"][0].startswith("clipped: ")
     assert pd.read_csv(out / "zeroshot.csv")["n"].sum() == 14  # the clipped clip is used, the bad one is not
-    shutil.copyfile(_fold_files(data_copy, 1)[2], victim)  # both files fixed
-    sf.write(loud, tone(1.5, 16000), 16000, subtype="PCM_16")
+    sf.write(victim, tone(1.5, 16000, amplitude=0.3), 16000, subtype="PCM_16")  # both files fixed, each its own
+    sf.write(loud, tone(1.5, 16000), 16000, subtype="PCM_16")  # audio (a copy of a clip is listed as a duplicate)
     assert run(capsys, *args)[0] == 0
     assert not (out / "skipped.csv").exists() and not (out / "warnings.csv").exists()
 
