@@ -177,7 +177,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--classes", type=opt.POSITIVE_INT, default=5)
     p.add_argument("--clips-per-class", type=opt.POSITIVE_INT, default=10)
     p.add_argument("--seconds", type=opt.POSITIVE, default=5.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=opt.SEED, default=0)
     group = p.add_argument_group("captioned audio (--captions)")
     group.add_argument("--captions", action="store_true",
                        help="captioned clips (captions composed from each clip's attributes) instead of classes")
@@ -187,7 +187,7 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("demo", help="offline end-to-end run on generated data with the tiny model")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=opt.SEED, default=0)
     p.set_defaults(func=cmd_demo)
 
 
@@ -245,7 +245,7 @@ def _pretrain_parser(sub) -> None:
     p.add_argument("--lr", type=opt.POSITIVE, default=1e-4)
     p.add_argument("--weight-decay", type=opt.NON_NEGATIVE, default=0.2)
     p.add_argument("--warmup", type=opt.FRACTION, default=0.05, help="share of the steps warming up linearly")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=opt.SEED, default=0)
     p.add_argument("--eval-classification", default=None, metavar="DATA", help="labelled set scored zero-shot every epoch")
     p.add_argument("--dist-timeout", type=opt.POSITIVE, default=1800.0, metavar="SECONDS",
                    help="under torchrun: a process that waits this long for the others stops the job")
