@@ -48,6 +48,16 @@ def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
     assert "nowhere" in capsys.readouterr().err
 
 
+def test_single_process_commands_refuse_torchrun(small_data, tmp_path, capsys, monkeypatch):
+    """Under torchrun a study command would run once per process into one OUT: refused before it reads data."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "out"
+    assert main(["zeroshot", "--data", str(small_data), "--model", "tiny-random", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "torchrun" in err and "WORLD_SIZE=2" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def test_python_dash_m_shows_every_command(capsys, monkeypatch):
     """`python -m audio_residual` is the command line (what `torchrun -m audio_residual` launches): runpy runs
     the package's __main__ as `-m` does, in this interpreter."""
