@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo test test-slow bench gpu-rehearsal clean
 
 $(STAMP): pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py
+
+# benchmarks/gpu_check.sh rehearsed without CUDA (docs/gpu.md): CUDA parts skipped, the rest on toy sizes
+gpu-rehearsal: $(STAMP)
+	OUT=runs/gpu-rehearsal PYTHON=$(BIN)/python bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs cache

@@ -11,7 +11,8 @@ residual_step_overhead ≤ 1.25, cached_loading_share ≤ 0.05, demo_seconds ≤
 pretrain_step_overhead ≤ 1.2, pretrain_loading_share ≤ 0.05,
 prefix_cache_speedup_stage3 ≥ 3, analysis_pass_overhead ≤ 1.30, feature_workers_speedup ≥ 1.8 (2 cores),
 distributed_stats_equal ≤ 1e-10, saliency_ig_passes ≤ 70 (IG at 64 steps on one clip, in forward+backward
-passes of that clip); the retrieval figures' targets are in retrieval_bench.py. prefix_cache_speedup (stages 2–3) has no target: weigh it against the
+passes of that clip), ddp_step_overhead ≤ 1.3 (2 gloo processes, one core each; ddp_step_cpu_overhead, its CPU-time
+twin, has no target), accumulate_memory_ratio ≤ 0.5; the retrieval figures' targets are in retrieval_bench.py. prefix_cache_speedup (stages 2–3) has no target: weigh it against the
 storage printed beside it. scale_seconds (the study at ESC-50 scale, `--scale-clips`, default 2000) is
 printed without a target on a CPU.
 """
@@ -19,6 +20,8 @@ printed without a target on a CPU.
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import os
 import resource
 import statistics
@@ -310,6 +313,114 @@ def pretrain_loading_share() -> float:
     return statistics.median(r[0] for r in runs) / statistics.median(r[1] for r in runs)
 
 
+DDP_BATCH = 16  # the global batch of the data-parallel figure: 8 clips per process
+DDP_STEPS = 11  # timed steps of each kind (median), after one warm-up step of each
+MEMORY_BATCH = 32  # the contrastive batch of the accumulation memory figure
+
+
+def _ddp_rank(rank: int, world: int, address: str, folder: str, out: str) -> None:
+    """Rank `rank` of the overhead figure: alternately a 2-process step on the global batch and (rank 0 alone,
+    rank 1 waiting) a 1-process step on half of it, the same code, model and optimizer; rank 0 writes the times."""
+    import torch.distributed as dist
+
+    from audio_residual.training.distributed import Ranks
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=address, rank=rank, world_size=world)
+    try:
+        P, model, data, optimizer, schedule = _pretrain_setup(DDP_BATCH, Path(folder))
+        batch = P.epoch_batches(data, DDP_BATCH, torch.Generator().manual_seed(0))[0]
+        half = P.epoch_batches(data, DDP_BATCH // world, torch.Generator().manual_seed(0))[0]
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+
+        def step(ranks: Ranks, contrastive) -> tuple[float, float]:
+            started, cpu = time.perf_counter(), time.thread_time()
+            optimizer.zero_grad(set_to_none=True)
+            P.ContrastiveStep(model, data, "cpu", contextlib.nullcontext, 1, ranks)(contrastive)
+            ranks.average_gradients(params)
+            optimizer.step()
+            schedule.step()
+            return time.perf_counter() - started, time.thread_time() - cpu
+
+        times = {"two": [], "one": []}
+        for _ in range(DDP_STEPS + 1):
+            dist.barrier()
+            times["two"].append(step(Ranks.current(), batch))
+            dist.barrier()
+            if rank == 0:
+                times["one"].append(step(Ranks(), half))
+            dist.barrier()
+        if rank == 0:
+            Path(out).write_text(json.dumps({k: v[1:] for k, v in times.items()}))
+    finally:
+        dist.destroy_process_group()
+
+
+@functools.cache
+def _ddp_times() -> dict[str, list[list[float]]]:
+    """(wall, CPU) seconds of rank 0's steps: "two" (2 processes, 16 clips), "one" (1 process, 8 clips)."""
+    from audio_residual.analysis.distributed_stats import loopback_address
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "times.json"
+        torch.multiprocessing.spawn(_ddp_rank, args=(2, loopback_address(), tmp, str(out)), nprocs=2)
+        return json.loads(out.read_text())
+
+
+def ddp_step_overhead() -> float:
+    """Data-parallel pretraining step of 2 gloo CPU processes (one thread each) on a global batch of 16 (8 each:
+    embed, gather with gradients, symmetric loss over 16, backward, gradient all-reduce, AdamW) / the same step of
+    one process on 8 clips, in wall time: the price of the communication when each process has a core to itself
+    (on a loaded machine it also counts the waits for the process the scheduler left behind)."""
+    times = _ddp_times()
+    return statistics.median(t[0] for t in times["two"]) / statistics.median(t[0] for t in times["one"])
+
+
+def ddp_step_cpu_overhead() -> float:
+    """`ddp_step_overhead` in the CPU time of rank 0's main thread: the work the data-parallel step adds (its own
+    loss over 16, the copies around the collectives), not the waits on the other process, whatever the load."""
+    times = _ddp_times()
+    return statistics.median(t[1] for t in times["two"]) / statistics.median(t[1] for t in times["one"])
+
+
+def _memory_child(accumulate: str) -> None:
+    """Peak memory (kB) one pretraining step adds, in micro-batches of MEMORY_BATCH / accumulate clips: the peak RSS
+    (VmHWM, reset just before the step) over the RSS before it, large tensors mapped and unmapped one by one."""
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        from audio_residual.training.distributed import Ranks
+
+        P, model, data, optimizer, schedule = _pretrain_setup(MEMORY_BATCH, Path(tmp))
+        batch = P.epoch_batches(data, MEMORY_BATCH, torch.Generator().manual_seed(0))[0]
+        step = P.ContrastiveStep(model, data, "cpu", contextlib.nullcontext, int(accumulate), Ranks())
+
+        def status(field: str) -> int:
+            line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field))
+            return int(line.split()[1])
+
+        for _ in range(2):  # the second step starts as every later one: optimizer state allocated
+            optimizer.zero_grad(set_to_none=True)
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            before = status("VmRSS:")
+            step(batch)
+            optimizer.step()
+        print(status("VmHWM:") - before)
+
+
+def accumulate_memory_ratio() -> float:
+    """Peak memory added by a pretraining step (tiny model, contrastive batch of 32 clips) at --accumulate 4 / at
+    --accumulate 1, each in a fresh subprocess (glibc's mmap threshold fixed at 64 KiB so freed tensors leave RSS)."""
+    peaks = []
+    for accumulate in (4, 1):
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": os.pathsep.join(
+            [str(SRC), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+        out = subprocess.run([sys.executable, __file__, "_memory_child", str(accumulate)], check=True,
+                             capture_output=True, text=True, env=env)  # fmt: skip
+        peaks.append(int(out.stdout.split()[-1]))
+    print(f"  (peak added: {peaks[0]} kB at --accumulate 4, {peaks[1]} kB at 1)", file=sys.stderr)
+    return peaks[0] / peaks[1]
+
+
 def demo_seconds() -> float:
     """Wall time (s) of `run_demo` into a temporary folder, in a fresh subprocess so imports count.
 
@@ -510,7 +621,7 @@ def saliency_ig_passes() -> float:
     Full-size random HTSAT-tiny; IG runs its path points IG_BATCH per pass (memory bounded by the batch).
     The unit is one forward+backward of the zero-shot score on the single clip, measured in the same run.
     """
-    from audio_residual.analysis.saliency import TextScore, attribute
+    from audio_residual.analysis.saliency import AttributionOptions, TextScore, attribute
 
     model = _model()
     texts = F.normalize(torch.randn(CLASSES, model.config.projection_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
@@ -519,7 +630,8 @@ def saliency_ig_passes() -> float:
     target = torch.tensor([0])
 
     def integrated_gradients() -> None:
-        attribute(scorer, x, target, ("integrated_gradients",), steps=IG_STEPS, batch_size=IG_BATCH)
+        attribute(scorer, x, target, ("integrated_gradients",),
+                  options=AttributionOptions(steps=IG_STEPS, batch_size=IG_BATCH))
 
     def one_pass() -> None:
         inputs = x.clone().requires_grad_(True)
@@ -544,6 +656,9 @@ BENCHMARKS: dict[str, Callable[[], float]] = {
     "distributed_stats_equal": distributed_stats_equal,
     "scale_seconds": scale_seconds,
     "saliency_ig_passes": saliency_ig_passes,
+    "ddp_step_overhead": ddp_step_overhead,
+    "ddp_step_cpu_overhead": ddp_step_cpu_overhead,
+    "accumulate_memory_ratio": accumulate_memory_ratio,
 }
 BENCHMARKS.update(RETRIEVAL_BENCHMARKS)  # retrieval_memory_ratio, tap_pair_time_ratio, residual_contrastive_step_ratio
 
@@ -552,6 +667,9 @@ def main(argv: list[str]) -> int:
     global SCALE_CLIPS
     if argv[:1] == ["_rss_child"]:
         _rss_child(argv[1])
+        return 0
+    if argv[:1] == ["_memory_child"]:
+        _memory_child(argv[1])
         return 0
     if "--scale-clips" in argv:
         at = argv.index("--scale-clips")

@@ -139,3 +139,23 @@ def laion_pt_for_captions(tmp_path_factory):
     path = root / "630k-audioset-best.pt"
     torch.save(laion_checkpoint(Geometry(), model, seed=3), path)
     return path, text_config
+
+
+LONG_CAPTION = " ".join(["a loud slow high tone that starts early and a quiet noise that starts late"] * 40)  # 600 words
+
+
+@pytest.fixture(scope="session")
+def long_caption_data(tmp_path_factory):
+    """Generated captioned audio (12 clips, 2 captions each) in which one clip of each split has a 600-word
+    caption: longer than any text tower reads (the tiny one: 78 tokens; LAION's tokenizer: 77)."""
+    import pandas as pd
+
+    from audio_residual.data_processing.synthetic_captions import make_synthetic_captions
+
+    root = make_synthetic_captions(tmp_path_factory.mktemp("long") / "gen", n_clips=12, captions_per_clip=2,
+                                   seconds=1.0, seed=1, split_fractions=(0.5, 0.25, 0.25))
+    captions = pd.read_csv(root / "captions.csv", keep_default_na=False)
+    for split in ("train", "validation", "test"):
+        captions.loc[captions.index[captions["split"] == split][0], "caption"] = LONG_CAPTION
+    captions.to_csv(root / "captions.csv", index=False)
+    return root

@@ -104,6 +104,46 @@ def test_bad_study_options_are_refused_before_any_work(capsys, tmp_path, command
     assert code == 2 and expected in last_line(err), err  # not "nowhere not found": refused before the data
 
 
+def _commands_with_a_seed() -> list[str]:
+    """Every subcommand whose parser has --seed (found in the parser, so a new command cannot be missed)."""
+    import argparse
+
+    from audio_residual.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    return sorted(name for name, parser in commands.items() if "--seed" in parser._option_string_actions)
+
+
+def test_every_seed_option_is_found():
+    assert {"experiment", "retrieval", "sweep", "train-residual", "pretrain", "generate-data", "demo"} <= set(
+        _commands_with_a_seed())
+
+
+@pytest.mark.parametrize("command", _commands_with_a_seed())
+@pytest.mark.parametrize("seed", ["99999999999999999999", "4294967296", "-1"])
+def test_a_seed_out_of_range_is_refused_naming_the_option_and_its_range(capsys, tmp_path, command, seed):
+    """Was "Overflow when unpacking long long" (a traceback, mid-run) for a seed beyond 64 bits."""
+    code, err = run(capsys, command, "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"),
+                    *(["--fold", "1"] if command == "analyze" else []), f"--seed={seed}")
+    assert code == 2
+    assert last_line(err).endswith(f"argument --seed: {seed} is out of range: must be at least 0 and at most "
+                                   "4294967295"), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_largest_seed_runs(capsys, tmp_path):
+    """The top of --seed's range reaches the seeded steps (initialisation, the loop's epoch shuffles)."""
+    from audio_residual.data_processing.synthetic_captions import make_synthetic_captions
+
+    data = make_synthetic_captions(tmp_path / "caps", n_clips=6, captions_per_clip=1, seconds=1.0,
+                                   split_fractions=(0.5, 0.25, 0.25))
+    code, err = run(capsys, "pretrain", "--data", str(data), "--out", str(tmp_path / "out"), "--epochs", "1",
+                    "--batch-size", "2", "--device", "cpu", "--cache", str(tmp_path / "cache"), "--wandb", "disabled",
+                    "--seed", "4294967295")
+    assert code == 0, err
+    assert (tmp_path / "out" / "model").is_dir()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_is_refused(capsys, tmp_path):
     code, err = run(capsys, *zeroshot_args(Path("unused"), tmp_path, "--device", "cuda"))
@@ -307,8 +347,8 @@ def test_skip_and_warning_lists_follow_the_files(capsys, tmp_path, data_copy):
     warned = pd.read_csv(out / "warnings.csv")
     assert warned["filename"].tolist() == [loud.name] and warned["reason"][0].startswith("clipped: ")
     assert pd.read_csv(out / "zeroshot.csv")["n"].sum() == 14  # the clipped clip is used, the bad one is not
-    shutil.copyfile(_fold_files(data_copy, 1)[2], victim)  # both files fixed
-    sf.write(loud, tone(1.5, 16000), 16000, subtype="PCM_16")
+    sf.write(victim, tone(1.5, 16000, amplitude=0.3), 16000, subtype="PCM_16")  # both files fixed, each its own
+    sf.write(loud, tone(1.5, 16000), 16000, subtype="PCM_16")  # audio (a copy of a clip is listed as a duplicate)
     assert run(capsys, *args)[0] == 0
     assert not (out / "skipped.csv").exists() and not (out / "warnings.csv").exists()
 

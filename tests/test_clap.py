@@ -163,3 +163,143 @@ def test_a_tokenizer_larger_than_the_text_vocabulary_is_refused(tiny_bundle):
 
     with pytest.raises(ValueError, match="tokenizer has 513 tokens but the text config's vocab_size is 512"):
         check_tokenizer(tiny_bundle.model, Wide(), "m")
+
+
+# --- text length: text is truncated the way the model was trained, never a crash on long text ------------
+
+LONG = " ".join(["a dog barks loudly near the sea waves in the rain"] * 55)  # 605 words
+
+
+def _embed_ids(bundle, ids: list[int]) -> torch.Tensor:
+    """The unit text embedding of exactly these token ids (no tokenizer, no padding)."""
+    ids_t = torch.tensor([ids])
+    with torch.no_grad():
+        pooled = bundle.model.text_model(input_ids=ids_t, attention_mask=torch.ones_like(ids_t)).pooler_output
+        return F.normalize(bundle.model.text_projection(pooled), dim=-1)
+
+
+def _first_tokens(tokenizer, text: str, n: int) -> list[int]:
+    """The first n tokens of `text` as a tokenizer truncating at n keeps them: <s>, n − 2 words' tokens, </s>."""
+    ids = tokenizer(text, truncation=False)["input_ids"]
+    return ids[: n - 1] + [tokenizer.eos_token_id]
+
+
+def test_long_text_is_cut_where_the_text_tower_stops(tiny_bundle):
+    """The tiny tower has 80 positions from padding_idx + 1 = 2 on: 78 tokens. A 600-word caption used to
+    crash the batch (index out of range); now it embeds as its first 78 tokens, beside a short one."""
+    rule = tiny_bundle.text_length
+    assert rule.max_tokens == 78 and "78 tokens" in rule.rule
+    assert tiny_bundle.provenance["text_length"] == {"max_tokens": 78, "rule": rule.rule}
+    assert len(tiny_bundle.tokenizer(LONG, truncation=False)["input_ids"]) > 600
+    both = text_embeddings(tiny_bundle, [LONG, "This is a sound of dog."])
+    torch.testing.assert_close(both[:1], _embed_ids(tiny_bundle, _first_tokens(tiny_bundle.tokenizer, LONG, 78)),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both[1:], text_embeddings(tiny_bundle, ["This is a sound of dog."]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def laion_hub_cache(tmp_path, monkeypatch):
+    """A hub cache holding the tiny CLAP under LAION's hub id `laion/clap-htsat-unfused` (offline)."""
+    import huggingface_hub.constants
+
+    from audio_residual.clap.tiny import build_tiny_clap
+
+    repo = tmp_path / "models--laion--clap-htsat-unfused"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("c" * 40)
+    model, processor = build_tiny_clap(("dog", "rain"))
+    model.save_pretrained(repo / "snapshots" / ("c" * 40))
+    processor.save_pretrained(repo / "snapshots" / ("c" * 40))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return repo / "snapshots" / ("c" * 40)
+
+
+def test_laions_hub_clap_reads_77_tokens_whatever_its_tower_could(laion_hub_cache, tmp_path):
+    """Recognised by its hub id, a LAION CLAP reads 77 tokens as LAION's tokenizer gave it in training: a
+    caption of exactly 78 tokens (which the tower could place) embeds as its first 77, as LAION embeds it."""
+    bundle = load_clap("laion/clap-htsat-unfused", device="cpu")
+    assert bundle.text_length.max_tokens == 77 and "laion/clap-htsat-unfused" in bundle.text_length.rule
+    assert bundle.provenance["text_length"]["max_tokens"] == 77 and bundle.tokenizer.model_max_length == 77
+    ids = _first_tokens(bundle.tokenizer, LONG, 78)
+    text = bundle.tokenizer.decode(ids, skip_special_tokens=True)
+    assert len(bundle.tokenizer(text)["input_ids"]) == 78  # fits the tower: only the rule cuts it
+    laion_tokens = bundle.tokenizer(text, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+    with torch.no_grad():  # laion_clap's own tokenization: pad to 77, truncate at 77
+        pooled = bundle.model.text_model(**{k: laion_tokens[k] for k in ("input_ids", "attention_mask")}).pooler_output
+        laion = F.normalize(bundle.model.text_projection(pooled), dim=-1)
+    ours = text_embeddings(bundle, [text, LONG])
+    torch.testing.assert_close(ours[:1], laion, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours[1:], _embed_ids(bundle, _first_tokens(bundle.tokenizer, LONG, 77)),
+                               atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ours[:1], _embed_ids(bundle, ids), atol=1e-4)  # the 78th token would matter
+    # Its hub-cache folder is recognised too; a copy of the same files elsewhere reads what the tower holds.
+    assert load_clap(laion_hub_cache, device="cpu").text_length.max_tokens == 77
+    plain = shutil.copytree(laion_hub_cache, tmp_path / "copy")
+    assert load_clap(plain, device="cpu").text_length.max_tokens == 78
+
+
+@pytest.mark.parametrize("model_id, laion", [
+    ("laion/clap-htsat-unfused", True), ("laion/clap-htsat-fused", True), ("laion/larger_clap_general", True),
+    ("laion/larger_clap_music_and_speech", True), ("/hub/models--laion--clap-htsat-fused/snapshots/abc", True),
+    ("someone/clap-htsat-unfused", False), ("tiny", False), ("laion/other-model", False),
+])
+def test_the_text_length_rule_recognises_laions_clap_by_id(tiny_bundle, model_id, laion):
+    from audio_residual.clap.loading import text_length
+
+    rule = text_length(model_id, tiny_bundle.tokenizer, tiny_bundle.model.text_model)
+    assert rule.max_tokens == (77 if laion else 78)
+    # A LAION conversion record makes any name LAION's.
+    assert text_length("x", tiny_bundle.tokenizer, tiny_bundle.model.text_model, {"sha256": "0"}).max_tokens == 77
+
+
+def test_a_tokenizers_own_limit_holds_below_the_tower(tiny_bundle):
+    from audio_residual.clap.loading import text_length
+
+    class Limited:
+        model_max_length = 20
+
+    rule = text_length("m", Limited(), tiny_bundle.model.text_model)
+    assert rule.max_tokens == 20 and rule.rule == "the tokenizer's limit (20)"
+
+
+def test_text_encoders_truncate_by_their_own_limit(tiny_bundle):
+    """`--text-model` encoders: a plain RoBERTa of 40 positions with a tokenizer that sets no limit used to
+    crash on a long caption; it reads 38 tokens now. CLAP's own text tower follows the bundle's rule."""
+    from transformers import RobertaConfig, RobertaModel
+
+    from audio_residual.clap.text_encoders import TextEncoder, clap_text_encoder
+    from audio_residual.clap.tiny import offline_tokenizer
+
+    tokenizer = offline_tokenizer([LONG])
+    torch.manual_seed(0)
+    model = RobertaModel(RobertaConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                                       num_attention_heads=2, intermediate_size=32, max_position_embeddings=40,
+                                       pad_token_id=1)).eval()
+    encoder = TextEncoder("small-roberta", model, tokenizer, "pooled")
+    assert encoder.length.max_tokens == 38
+    long, short = encoder.embed([LONG, "a dog"])
+    ids = torch.tensor([_first_tokens(tokenizer, LONG, 38)])
+    with torch.no_grad():
+        expected = F.normalize(model(input_ids=ids).last_hidden_state.mean(1), dim=-1)[0]
+    torch.testing.assert_close(long, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(clap_text_encoder(tiny_bundle).embed([LONG, "rain"]),
+                               text_embeddings(tiny_bundle, [LONG, "rain"]), atol=1e-5, rtol=1e-5)
+
+
+def test_coop_prompts_are_truncated_like_zero_shot_prompts(tiny_bundle):
+    """A class name longer than the text tower used to crash CoOp's forward; from the template's words the
+    learner still equals the zero-shot classifier's (truncated) prompts, and an explicit n_ctx fits too."""
+    from audio_residual.methods.coop import PromptLearner
+
+    names = ["dog", LONG]
+    learner = PromptLearner(tiny_bundle, names)
+    with torch.no_grad():
+        ours = learner(tiny_bundle.model)
+    torch.testing.assert_close(ours, text_embeddings(tiny_bundle, class_prompts(names, "This is a sound of {label}.")),
+                               atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert PromptLearner(tiny_bundle, names, n_ctx=8)(tiny_bundle.model).shape == (2, 32)
+    assert learner.suffix.shape[1] + 1 + learner.n_ctx == 78
+    with pytest.raises(ValueError, match="n_ctx=77 leaves no room for a label"):
+        PromptLearner(tiny_bundle, names, n_ctx=77)

@@ -147,6 +147,40 @@ def test_audiocaps_layout_skips_and_lists_missing_clips(tmp_path):
         load_audiocaps(tmp_path)
 
 
+def test_audiocaps_reads_audioset_style_file_names(tmp_path):
+    """AudioCaps mirrors often keep AudioSet's names: `Y<id>_<start>_<end>.wav` (and `<id>_<start>_<end>.wav`),
+    the start matched as a number; two clips of one video are told apart by their start."""
+    names = {"Y-xY_zz12345_30.000_40.000.wav", "abcdefghijk_0.000_10.000.wav", "Ytwo_10.000_20.000.wav",
+             "Ytwo_50.000_60.000.wav", "Yplain.wav"}
+    for i, name in enumerate(sorted(names)):
+        tone(tmp_path / "audio" / "sub" / name, hz=300.0 + 100 * i)
+    header = "audiocap_id,youtube_id,start_time,caption\n"
+    (tmp_path / "train.csv").write_text(header + "1,-xY_zz12345,30,first\n2,abcdefghijk,0,second\n"
+                                        "3,two,50,late part\n4,two,10,early part\n5,plain,0,plain name\n")
+    (tmp_path / "test.csv").write_text(header + "6,-xY_zz12345,90,another segment\n")
+    table = load_audiocaps(tmp_path)
+    assert table.filenames == ("sub/Y-xY_zz12345_30.000_40.000.wav", "sub/abcdefghijk_0.000_10.000.wav",
+                               "sub/Ytwo_50.000_60.000.wav", "sub/Ytwo_10.000_20.000.wav", "sub/Yplain.wav")
+    assert table.captions[2:4] == (("late part",), ("early part",))
+    assert table.missing == (("test", "-xY_zz12345_90", "no audio file"),)  # no file for that start
+
+
+def test_a_semicolon_separated_captions_csv_is_named(tmp_path, capsys):
+    """A `;`-separated captions.csv: one line naming the file and the separator, exit 2 (it was pandas'
+    "Error tokenizing data" when a caption held a comma, a list of missing columns otherwise)."""
+    for i in range(2):
+        tone(tmp_path / "audio" / f"{i}.wav", hz=300.0 + 100 * i)
+    csv = tmp_path / "captions.csv"
+    for rows in ("audio/0.wav;a dog barks, loudly;train\naudio/1.wav;rain;test\n",
+                 "audio/0.wav;a dog barks;train\naudio/1.wav;rain;test\n"):
+        csv.write_text("filename;caption;split\n" + rows)
+        assert main(["retrieval", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--model", "tiny",
+                     "--cache", str(tmp_path / "cache"), "--wandb", "disabled"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert str(csv) in err and "separated by ';'" in err, err
+
+
 def test_hf_saved_dataset_with_caption_lists(tmp_path):
     from datasets import Audio, Dataset, DatasetDict
 

@@ -174,8 +174,8 @@ def test_zeroshot_prints_and_writes_provenance(fused_dir, mixed_data, tmp_path, 
     assert main(argv) == 0
     (printed,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("provenance: ")]
     provenance = json.loads((out / "provenance.json").read_text())
-    assert set(provenance) == {"model", "revision", "commit", "transformers", "enable_fusion", "sample_rate",
-                               "int16_roundtrip", "truncation", "padding", "min_seconds", "recipe", "audio",
+    assert set(provenance) == {"model", "revision", "commit", "transformers", "enable_fusion", "text_length",
+                               "sample_rate", "int16_roundtrip", "truncation", "padding", "min_seconds", "recipe", "audio",
                                "templates", "dataset"}
     assert provenance["audio"] == {"recipe": "laion-training", "int16_roundtrip": True, "min_seconds": 1.0,
                                    "cache_check": "content", "workers": 1, "on_bad_file": "error"}

@@ -87,6 +87,32 @@ def test_converted_model_matches_laions_forward(roberta, tmp_path, single_thread
     assert bundle.model.logit_scale_t.item() == pytest.approx(checkpoint["state_dict"]["module.logit_scale_t"].item())
 
 
+def test_captions_are_truncated_at_77_tokens_as_laion_tokenizes_them(roberta, tmp_path, single_thread):
+    """LAION's tokenizer pads and truncates every text at 77 tokens (`laion_clap`'s `tokenizer`): a caption of
+    78 tokens (the small tower could place it) and one of 600 words (it could not: that crashed) embed as
+    LAION embeds their first 77 tokens. The converted folder, named directly, is still LAION's."""
+    from audio_residual.clap.zeroshot import text_embeddings
+
+    text_model, text_dir = roberta
+    checkpoint = laion_checkpoint(Geometry(), text_model, seed=7)
+    bundle = load_clap(_save(tmp_path, checkpoint), device="cpu", text_config=text_dir, cache_dir=tmp_path / "c")
+    assert bundle.text_length.max_tokens == 77 and "LAION" in bundle.provenance["text_length"]["rule"]
+    tokenizer = bundle.tokenizer
+    long = " ".join(["crying baby dog rain sea waves"] * 100)
+    ids = tokenizer(long, truncation=False)["input_ids"]
+    just_over = tokenizer.decode(ids[:77] + [tokenizer.eos_token_id], skip_special_tokens=True)
+    assert len(tokenizer(just_over)["input_ids"]) == 78 <= text_model.config.max_position_embeddings - 2
+    laion_tokens = tokenizer([just_over, long, "dog"], padding="max_length", truncation=True, max_length=77,
+                             return_tensors="pt")
+    with torch.no_grad():
+        theirs = laion_text_embedding(checkpoint, text_model, laion_tokens)
+    torch.testing.assert_close(text_embeddings(bundle, [just_over, long, "dog"]), theirs, atol=1e-5, rtol=0)
+    (folder,) = (tmp_path / "c").iterdir()
+    direct = load_clap(folder, device="cpu")
+    assert direct.text_length.max_tokens == 77 and direct.provenance["laion_checkpoint"]["sha256"] == \
+        laion.file_sha256(tmp_path / "630k-audioset-best.pt")
+
+
 def test_a_swapped_query_and_key_would_be_caught(roberta, tmp_path, single_thread):
     """The forward comparison is sensitive to the qkv split order (what a wrong mapping would break)."""
     text_model, text_dir = roberta

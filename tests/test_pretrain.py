@@ -214,7 +214,38 @@ def test_cli_pretrains_a_laion_checkpoint_offline(tmp_path, captions, laion_pt_f
     provenance = json.loads((out / "model" / R.PROVENANCE_FILE).read_text())
     assert provenance["start"]["model"] == {"model": str(checkpoint), "revision": None, "text_config": str(text_config)}
     assert provenance["training"]["epochs"] == 1 and [e["epoch"] for e in provenance["epochs"]] == [0, 1]
-    assert load_clap(out / "model", device="cpu").model.config.projection_dim == 32  # a --model folder now
+    reloaded = load_clap(out / "model", device="cpu")
+    assert reloaded.model.config.projection_dim == 32  # a --model folder now
+    assert provenance["data"]["text_length"]["max_tokens"] == 77  # trained on captions cut as LAION cuts them
+    assert reloaded.text_length.max_tokens == 77  # and it keeps LAION's limit (saved with its tokenizer)
+    capsys.readouterr()
+
+
+def test_captions_are_tokenized_by_the_models_rule(long_caption_data):
+    """Pretraining's captions are cut where the model reads (`ClapBundle.text_length`), not at a fixed 64
+    tokens: the tiny tower's 78, the 600-word caption keeping its first 78 tokens (</s> last)."""
+    from types import SimpleNamespace
+
+    bundle = load_clap("tiny", device="cpu")
+    table = load_captions(long_caption_data)
+    data = P.CaptionedFeatures.build(table, SimpleNamespace(input_features=None, is_longer=None), bundle.tokenizer,
+                                     bundle.text_length)
+    texts, _ = table.caption_pairs()
+    longest = max(range(len(texts)), key=lambda i: len(texts[i]))
+    full = bundle.tokenizer(texts[longest], truncation=False)["input_ids"]
+    assert len(full) > 600 and data.input_ids.shape[1] == 78
+    assert data.input_ids[longest].tolist() == full[:77] + [bundle.tokenizer.eos_token_id]
+
+
+def test_cli_pretrains_on_a_600_word_caption(tmp_path, long_caption_data, capsys, single_thread):
+    """A caption longer than the text tower reads (the tiny one: 78 tokens) used to crash (pretraining cut
+    captions at a fixed 64 tokens, retrieval's text side not at all); it is truncated by the model's rule."""
+    out = tmp_path / "o"
+    assert main(["pretrain", "--data", str(long_caption_data), "--out", str(out), "--model", "tiny", "--epochs", "1",
+                 "--batch-size", "4", "--device", "cpu", "--cache", str(tmp_path / "c"), "--wandb", "disabled"]) == 0
+    provenance = json.loads((out / "model" / R.PROVENANCE_FILE).read_text())
+    assert provenance["data"]["text_length"]["max_tokens"] == 78
+    assert [e["epoch"] for e in provenance["epochs"]] == [0, 1]
     capsys.readouterr()
 
 
@@ -227,3 +258,79 @@ def test_cli_bad_pretrain_input_is_one_line(tmp_path, capsys, captions):
     assert "--data" in capsys.readouterr().err
     assert main(["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
     assert "cannot recognise captioned audio" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("option", "value"), [("--lr", "inf"), ("--weight-decay", "nan"), ("--weight-decay", "inf")])
+def test_cli_refuses_a_non_finite_learning_rate_or_weight_decay(cli, captions, tmp_path, option, value):
+    """One line naming the option, before any training (it used to train into a TrainingDiverged traceback that
+    blamed the learning rate even for a NaN weight decay)."""
+    run = cli("pretrain", "--data", captions.audio_dir, "--out", tmp_path / "o", option, value, "--epochs", "1",
+              "--device", "cpu", "--cache", tmp_path / "c", "--wandb", "disabled")
+    assert run.code == 2 and len(run.errors.splitlines()) == 1
+    assert f"{option} must be a finite number" in run.errors and value in run.errors
+    assert "learning rate" not in run.errors
+    assert not (tmp_path / "o" / R.CHECKPOINT_FILE).exists()
+
+
+@pytest.mark.slow
+def test_a_second_run_into_the_same_out_at_once_is_refused(captions, tmp_path):
+    """Two `pretrain` processes with different options into one --out at once: the second stops with one line
+    naming the folder and the first run's process, and leaves the first run's files alone; the model folder holds
+    the first run's weights and says so (it used to die with "epoch0.json is missing or from another run", the
+    folder keeping one run's weights with no word of the other)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    out = tmp_path / "out"
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}  # fmt: skip
+
+    def command(lr: str, epochs: str) -> list[str]:
+        return ["pretrain", "--data", str(captions.audio_dir), "--out", str(out), "--cache", str(tmp_path / "cache"),
+                "--device", "cpu", "--wandb", "disabled", "--batch-size", "4", "--lr", lr, "--epochs", epochs]
+
+    # The second process imports the package first and starts its command the moment it is told to: while the first
+    # run holds OUT (or, without a lock, has begun training), however long imports take on a busy machine.
+    go = tmp_path / "go"
+    waiting = ("import pathlib, sys, time; from audio_residual.cli import main; go = pathlib.Path(sys.argv[1])\n"
+               "while not go.exists(): time.sleep(0.02)\nraise SystemExit(main(sys.argv[2:]))")
+    second = subprocess.Popen([sys.executable, "-c", waiting, str(go), *command("2e-3", "1")], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    first = subprocess.Popen([sys.executable, "-m", "audio_residual", *command("1e-3", "40")], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        def started() -> bool:
+            lock = out / ".pretrain.lock"
+            return (lock.is_file() and f"pid {first.pid}" in lock.read_text()) or (out / R.EPOCH0_FILE).is_file()
+
+        deadline = time.monotonic() + 300
+        while not started() and time.monotonic() < deadline:
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.02)
+        go.touch()
+        second_err = second.communicate(timeout=300)[1]
+        overlapped = first.poll() is None
+    finally:
+        second.kill()
+        first_err = first.communicate(timeout=600)[1]
+    second = subprocess.CompletedProcess(second.args, second.returncode, "", second_err)
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
+    errors = [line for line in second.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "in use by another pretrain run" in errors[0] and f"pid {first.pid}" in errors[0]
+    assert str(out) in errors[0] and overlapped  # refused while the first run was still training
+    assert first.returncode == 0, first_err[-2000:]
+    provenance = json.loads((out / "model" / R.PROVENANCE_FILE).read_text())
+    assert provenance["training"]["lr"] == 1e-3 and provenance["training"]["epochs"] == 40
+    assert pd.read_csv(out / R.HISTORY_FILE)["epoch"].tolist() == list(range(41))
+
+
+def test_preset_refuses_to_run_under_torchrun(cli, tmp_path, monkeypatch):
+    """`--preset` generates its data and trains in one process: several torchrun processes would all write it."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    run = cli("pretrain", "--preset", "tiny", "--out", tmp_path / "o", "--cache", tmp_path / "c")
+    assert run.code == 2 and "--preset runs in one process" in run.errors
+    assert not (tmp_path / "o" / "data").exists()

@@ -34,7 +34,8 @@ def test_hub_model_records_revision_and_resolved_commit(hub_cache):
     latest = load_clap("fake/clap", device="cpu")
     pinned = load_clap("fake/clap", device="cpu", revision="v1")
     assert latest.provenance == {"model": "fake/clap", "revision": None, "commit": COMMITS["main"],
-                                 "transformers": transformers.__version__, "enable_fusion": False}
+                                 "transformers": transformers.__version__, "enable_fusion": False,
+                                 "text_length": {"max_tokens": 78, "rule": latest.text_length.rule}}
     assert pinned.provenance["revision"] == "v1" and pinned.provenance["commit"] == COMMITS["v1"]
     differs = any(
         not (a == b).all() for a, b in zip(latest.model.parameters(), pinned.model.parameters(), strict=True)

@@ -108,6 +108,22 @@ def test_lora_and_identity_projection_start_at_zero_shot(ws, split, zero_shot):
         torch.testing.assert_close(full_scores(method, model, ctx, split.test), zero_shot[0], atol=1e-5, rtol=1e-5)
 
 
+def test_tap_starts_exactly_at_mean_pooling_of_the_frame_tokens(ws, split):
+    """TAP as the study builds it (real initialisation, nothing zeroed, epoch 0 kept): every (clip, caption)
+    pair's pooled vector is the mean of the clip's frame tokens through CLAP's projection, so its scores are
+    the cosines of those means with the captions."""
+    method, ctx, model = fit(ws, split, "tap", epochs=0)
+    assert model.tap.key.weight.abs().sum() > 0  # random keys: uniform attention comes from the start itself
+    tokens = ws.frame_tokens(split.test)
+    texts = ws.text(RETRIEVAL.texts(ws, split.test))
+    mean = tokens.mean(1)
+    with torch.no_grad():
+        pooled = model.tap.pooled(tokens, texts)
+    torch.testing.assert_close(pooled, mean[:, None].expand_as(pooled), atol=1e-5, rtol=1e-5)
+    expected = torch.nn.functional.normalize(mean, dim=-1) @ texts.T
+    torch.testing.assert_close(full_scores(method, model, ctx, split.test), expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["residual", "projection", "lora"])
 def test_training_steps_that_change_no_parameter_leave_zero_shot_scores(ws, split, zero_shot, loops, name):
     """Two epochs of real steps (train mode, forward, backward) that cannot move a parameter (lr 0; ResiDual's
@@ -185,7 +201,12 @@ def test_every_epoch_reaches_the_logger(ws, split):
 
 def test_finetune_is_pretrain_from_the_checkpoint_on_the_training_split(ws, split, zero_shot, tmp_path):
     method, ctx, tuned = fit(ws, split, "finetune", layout=RunLayout(tmp_path / "ft"), epochs=1, lr=1e-4, batch_size=4)
-    assert (tmp_path / "ft" / "finetune" / "model" / "config.json").is_file()  # a --model folder with its provenance
+    assert (tuned.folder / "config.json").is_file()  # a --model folder with its provenance, in the study's folder
+    assert (tmp_path / "ft" / "finetune") in tuned.folder.parents
+    method.save(tuned, tmp_path / "pointer.safetensors")  # transfer reloads it from there, no second copy
+    again = method.load(tmp_path / "pointer.safetensors", ws)
+    assert (again.best_epoch, again.trainable_params) == (tuned.best_epoch, tuned.trainable_params)
+    torch.testing.assert_close(method.embed(again, ws, split.test), method.embed(tuned, ws, split.test))
     audio_tower = sum(p.numel() for n, p in ws.bundle.model.named_parameters() if n.startswith("audio_"))
     assert method.trainable_params(tuned) == audio_tower + 2  # audio tower + projection + both temperatures
     assert method.details(tuned)["best_epoch"] in (0, 1)

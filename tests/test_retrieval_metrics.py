@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from audio_residual.tasks.retrieval import (
     RETRIEVAL,
+    RetrievalRanks,
     metrics_from_ranks,
     random_recall,
     retrieval_metrics,
@@ -81,7 +82,8 @@ def test_ties_rank_the_lower_index_first():
 
 def laion_reference(audio, text, n_captions=5):
     """LAION's evaluate_clotho_audiocaps loops on the whole matrix (captions grouped by clip), with the
-    sort of Mei et al. in the audio→text mAP@10 that LAION's docstring describes."""
+    sort of Mei et al. in the audio→text mAP@10 that LAION's docstring describes (`a2t_map10`), and without
+    it, as LAION's code computes it (`a2t_map10_laion`: the positions in caption order)."""
     n = audio.shape[0]
     logits_per_audio = audio @ text.T
     logits_per_text = logits_per_audio.T
@@ -95,17 +97,20 @@ def laion_reference(audio, text, n_captions=5):
     for k in (1, 5, 10):
         out[f"t2a_r{k}"] = np.mean(t2a < k)
     out["t2a_map10"] = np.mean(np.where(t2a < 10, 1 / (t2a + 1), 0.0))
-    best, aps = [], []
+    best, aps, laion_aps = [], [], []
     for d in range(n):
         ranking = torch.argsort(logits_per_audio[d], descending=True)
         truth = torch.arange(d * n_captions, d * n_captions + n_captions)
-        all_pred = torch.where(torch.stack([ranking] * n_captions) == truth.view(-1, 1))[1]
+        all_pred = torch.where(torch.stack([ranking] * n_captions) == truth.view(-1, 1))[1]  # caption order
         best.append(int(all_pred.min()))
-        kept = np.sort(all_pred[all_pred < 10].numpy())
+        in_order = all_pred[all_pred < 10].numpy()
+        kept = np.sort(in_order)
         aps.append(np.sum(np.arange(1, len(kept) + 1) / (kept + 1)) / n_captions)
+        laion_aps.append(np.sum(np.arange(1, len(in_order) + 1) / (in_order + 1)) / n_captions)
     for k in (1, 5, 10):
         out[f"a2t_r{k}"] = np.mean(np.array(best) < k)
     out["a2t_map10"] = np.mean(aps)
+    out["a2t_map10_laion"] = np.mean(laion_aps)
     return out
 
 
@@ -121,15 +126,39 @@ def test_embeddings_match_laions_whole_matrix_evaluation_at_any_block(block):
     for key, value in ref.items():
         assert ours[key] == pytest.approx(value, abs=1e-12), key
     assert 0 < ours["t2a_r1"] < 1 and 0 < ours["a2t_map10"] < 1  # the data is neither trivial nor hopeless
+    assert ours["a2t_map10_laion"] > ours["a2t_map10"]  # the captions here do not come in rank order
 
 
-def test_laions_unsorted_map_would_differ_here():
+def test_laions_unsorted_map_differs_and_exceeds_ours_here():
     """Clip 0's captions rank 1 then 0: sorted AP@10 = (1/1 + 2/2)/2 = 1; LAION's code, which pairs the
-    ranks in caption order with 1, 2, ..., would give (1/2 + 2/1)/2 = 1.25 for that clip."""
+    ranks in caption order with 1, 2, ..., gives (1/2 + 2/1)/2 = 1.25 for that clip (above 1)."""
     scores = torch.tensor([[0.8, 0.9, 0.0], [0.1, 0.0, 0.9]])
     ranks = retrieval_ranks(matrix_scorer(scores), 2, np.array([0, 0, 1]))
     np.testing.assert_array_equal(ranks.a2t, [1, 0, 0])
-    assert metrics_from_ranks(ranks)["a2t_map10"] == pytest.approx((1.0 + 1.0) / 2)
+    m = metrics_from_ranks(ranks)
+    assert m["a2t_map10"] == pytest.approx((1.0 + 1.0) / 2)
+    assert m["a2t_map10_laion"] == pytest.approx((1.25 + 1.0) / 2)
+
+
+def test_both_maps_by_hand_with_the_cutoff_at_ten():
+    """Clip 0's three captions rank 12, 4, 1 (in caption order), clip 1's two rank 0, 2. Ours sorts the
+    ranks under 10: clip 0 (1/2 + 2/5)/3 = 0.3. LAION's code keeps caption order: (1/5 + 2/2)/3 = 0.4.
+    Clip 1 comes in rank order: (1/1 + 2/3)/2 for both. The captions' order within a clip matters only
+    to LAION's value."""
+    caption_clip = np.array([0, 0, 0, 1, 1])
+    ranks = RetrievalRanks(t2a=np.zeros(5, np.int64), a2t=np.array([12, 4, 1, 0, 2]), caption_clip=caption_clip,
+                           n_audio=2)
+    m = metrics_from_ranks(ranks)
+    clip1 = (1 + 2 / 3) / 2
+    assert m["a2t_map10"] == pytest.approx((0.3 + clip1) / 2)
+    assert m["a2t_map10_laion"] == pytest.approx((0.4 + clip1) / 2)
+    reordered = RetrievalRanks(t2a=ranks.t2a, a2t=np.array([1, 4, 12, 0, 2]), caption_clip=caption_clip, n_audio=2)
+    again = metrics_from_ranks(reordered)
+    assert again["a2t_map10"] == m["a2t_map10"] and again["a2t_map10_laion"] == pytest.approx(m["a2t_map10"])
+    # Captions of one clip need not be adjacent: their order among the clip's own captions is what counts.
+    interleaved = RetrievalRanks(t2a=np.zeros(5, np.int64), a2t=np.array([12, 0, 4, 2, 1]),
+                                 caption_clip=np.array([0, 1, 0, 1, 0]), n_audio=2)
+    assert metrics_from_ranks(interleaved)["a2t_map10_laion"] == pytest.approx(m["a2t_map10_laion"])
 
 
 def test_scorer_is_only_asked_for_bounded_blocks():
@@ -153,6 +182,8 @@ def test_one_wide_row_holds_both_directions_and_top_captions():
     assert set(RETRIEVAL.metrics) == set(row) and RETRIEVAL.headline == "mean_r1"
     assert all(row[k] == m[k] for k in row)
     assert row["t2a_random_r1"] == pytest.approx(1 / 3) and row["a2t_map10"] == m["a2t_map10"]
+    assert "a2t_map10_laion" in row and dict(RETRIEVAL.report_columns)["A→T mAP@10 (LAION's code)"] == \
+        "a2t_map10_laion"
     indices, values = top_captions(matrix_scorer(S), [1, 2], n_text=5, k=2)
     np.testing.assert_array_equal(indices, [[3, 1], [4, 3]])
     np.testing.assert_allclose(values, [[0.7, 0.6], [0.9, 0.4]])

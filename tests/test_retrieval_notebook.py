@@ -24,6 +24,10 @@ def test_committed_notebook_is_clean():
     assert notebook.metadata["kernelspec"]["name"] == "python3"
     assert not [c for c in notebook.cells if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
     assert "SMOKE" in "".join(c.source for c in notebook.cells)
+    markdown = "".join(c.source for c in notebook.cells if c.cell_type == "markdown")
+    # It explains both audio→text mAP@10 and which published figure each matches, and the text length rule.
+    assert "`a2t_map10`" in markdown and "`a2t_map10_laion`" in markdown and "LAION's published" in markdown
+    assert "77 tokens" in markdown and "mean pooling" in markdown
 
 
 def _shown(notebook, tag: str) -> tuple[str, int]:
@@ -57,6 +61,7 @@ def test_notebook_4_runs_in_smoke_mode(tmp_path, monkeypatch):
     assert table[["mean_r1", "t2a_r1", "a2t_r1", "t2a_random_r1"]].notna().all().all()
     results, _ = _shown(notebook, "results")
     assert all(f"| {method} |" in results for method in methods) and "random R@1" in results
+    assert "A→T mAP@10 (LAION's code)" in results
     assert _shown(notebook, "figure")[1] == 1
     examples = _shown(notebook, "examples")[0]
     assert "**zeroshot**" in examples and ("✓" in examples or "·" in examples)

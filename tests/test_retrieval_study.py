@@ -50,6 +50,7 @@ def test_study_writes_wide_keyed_rows_figures_examples_transfer_and_resumes(gene
     for column in ("mean_r1", *DIRECTIONS, "trainable_params", "seconds", "key"):
         assert table[column].notna().all(), column
     np.testing.assert_allclose(table["mean_r1"], (table["t2a_r1"] + table["a2t_r1"]) / 2)
+    assert (table["a2t_map10_laion"] >= table["a2t_map10"]).all()  # LAION's code's value beside ours, never below
     assert (table["t2a_random_r1"] == 1 / 3).all()  # the 3 test clips only
     assert table["key"].nunique() == 4
     assert table.loc[table["method"] == "zeroshot", "trainable_params"].eq(0).all()
@@ -63,6 +64,7 @@ def test_study_writes_wide_keyed_rows_figures_examples_transfer_and_resumes(gene
         assert (out / name).is_file(), name
     report = (out / "report.md").read_text()
     assert "## Zero-shot retention" in report and "random R@1" in report and "✓" in report
+    assert "A→T mAP@10 (LAION's code)" in report
     assert all(f"| {method} |" in report for method in table["method"])
     # Without transfer, stored rows of the same key are reused: nothing trains again.
     seconds = table["seconds"].copy()
@@ -140,11 +142,26 @@ def test_a_method_registered_outside_the_package_joins_the_study(generated, tmp_
     assert "| toy_centred |" in report and "| zeroshot |" in report
 
 
-def test_a_laion_checkpoint_runs_the_study_offline(generated, tmp_path, laion_pt_for_captions, capsys):
-    """`--model FILE.pt --text-config DIR`: converted offline into --cache, studied like any model; --recipe too."""
+def test_a_600_word_caption_runs_through_the_study(long_caption_data, tmp_path, capsys):
+    """A caption longer than the text tower reads (it used to crash the batch) is truncated wherever text is
+    tokenized: the frozen text side, the projection's encoder, TAP, and fine-tuning through pretraining."""
+    out = tmp_path / "out"
+    assert main(["retrieval", "--data", str(long_caption_data), "--out", str(out), "--cache", str(tmp_path / "c"),
+                 *FAST, "--methods", "zeroshot,projection,tap,finetune"]) == 0
+    table = read_rows(out)
+    assert list(table["method"]) == ["zeroshot", "projection", "tap", "finetune"]
+    assert table["mean_r1"].between(0, 1).all()
+    rule = json.loads((out / "provenance.json").read_text())["text_length"]
+    assert rule["max_tokens"] == 78 and "position embeddings" in rule["rule"]
+    capsys.readouterr()
+
+
+def test_a_laion_checkpoint_runs_the_study_offline(long_caption_data, tmp_path, laion_pt_for_captions, capsys):
+    """`--model FILE.pt --text-config DIR`: converted offline into --cache, studied like any model; --recipe too;
+    its captions cut at 77 tokens as LAION's tokenizer cuts them (one is 600 words long)."""
     checkpoint, text_config = laion_pt_for_captions
     out, cache = tmp_path / "out", tmp_path / "cache"
-    assert main(["retrieval", "--data", str(generated), "--out", str(out), "--cache", str(cache), "--model",
+    assert main(["retrieval", "--data", str(long_caption_data), "--out", str(out), "--cache", str(cache), "--model",
                  str(checkpoint), "--text-config", str(text_config), "--epochs", "1", "--batch-size", "4",
                  "--wandb", "disabled", "--methods", "zeroshot,projection", "--recipe", "laion-filelist"]) == 0
     table = read_rows(out)
@@ -152,6 +169,7 @@ def test_a_laion_checkpoint_runs_the_study_offline(generated, tmp_path, laion_pt
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["recipe"] == "laion-filelist" and provenance["audio"]["recipe"] == "laion-filelist"
     assert provenance["model"] == checkpoint.name and provenance["laion_checkpoint"]["file"] == checkpoint.name
+    assert provenance["text_length"]["max_tokens"] == 77
     assert len(list((cache / "models").iterdir())) == 1  # converted once, into the cache
     capsys.readouterr()
 
@@ -204,6 +222,36 @@ def test_study_runs_on_official_layouts(layout, tmp_path, capsys):
         assert "1 listed but missing" in printed
         skipped = pd.read_csv(out / "skipped.csv")
         assert skipped.to_dict("records") == [{"filename": "gone_0", "reason": "no audio file", "split": "train"}]
+
+
+def test_zeroshot_alone_lists_missing_and_bad_clips_and_reads_audioset_names(tmp_path, capsys):
+    """`--methods zeroshot`: OUT/skipped.csv names the clip the AudioCaps layout lacks and the unreadable file;
+    clips saved under AudioSet's names (`Y<id>_30.000_40.000.wav`, `<id>_0.000_10.000.wav`) are found."""
+    root = tmp_path / "audiocaps"
+    header = "audiocap_id,youtube_id,start_time,caption\n"
+    files = {"a_b": "Ya_b_30.000_40.000.wav", "c": "c_0.000_10.000.wav", "d": "Yd.wav", "e": "Ye.wav",
+             "f": "Yf.wav", "g": "Yg_0.000_10.000.wav", "h": "Yh.wav"}
+    starts = {"a_b": 30}
+    parts = {"train": ["a_b", "c", "d", "gone"], "val": ["e", "f"], "test": ["g", "h", "k"]}
+    hz = iter(range(200, 5000, 150))
+    for part, ids in parts.items():
+        lines = [f"{i},{yt},{starts.get(yt, 0)},a tone called {yt}\n" for i, yt in enumerate(ids)]
+        (root / f"{part}.csv").parent.mkdir(parents=True, exist_ok=True)
+        (root / f"{part}.csv").write_text(header + "".join(lines))
+        for yt in ids:
+            if yt in files:
+                tone(root / "audio" / files[yt], hz=float(next(hz)))
+    (root / "audio" / "Yk.wav").write_bytes(b"RIFF not really a wave file")  # unreadable audio
+    out = tmp_path / "out"
+    assert main(["retrieval", "--data", str(root), "--out", str(out), "--cache", str(tmp_path / "c"), *FAST,
+                 "--methods", "zeroshot", "--on-bad-file", "skip"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 listed but missing, 1 skipped as bad audio" in printed
+    skipped = pd.read_csv(out / "skipped.csv").sort_values("filename").to_dict("records")
+    assert [(r["filename"], r["split"]) for r in skipped] == [("Yk.wav", "test"), ("gone_0", "train")]
+    assert skipped[1]["reason"] == "no audio file" and isinstance(skipped[0]["reason"], str)
+    table = read_rows(out)
+    assert list(table["method"]) == ["zeroshot"] and (table["t2a_random_r1"] == 1 / 2).all()  # g and h, not k
 
 
 def test_bad_input_is_one_line(generated, tmp_path, capsys):

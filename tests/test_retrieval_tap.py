@@ -19,12 +19,16 @@ def data(n=5, m=7, length=6, dim=8, seed=0):
     return torch.randn(n, length, dim, generator=g), torch.randn(m, dim, generator=g)
 
 
-def test_uniform_attention_with_identity_maps_is_mean_pooling():
-    tokens, text = data()
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_untrained_start_is_mean_pooling(seed):
+    """From the real initialisation (random keys, nothing zeroed here): attention is uniform whatever the
+    caption and token, so every pair's pooled vector is the clip's mean token and its score mean pooling's."""
+    tokens, text = data(seed=seed)
+    torch.manual_seed(seed)
     tap = TextAwarePooling(8, attn_dim=4)
-    with torch.no_grad():
-        tap.key.weight.zero_()
-        tap.key.bias.zero_()  # every key equal: attention uniform whatever the caption
+    assert tap.key.weight.abs().sum() > 0  # the keys are random: uniform attention comes from the query map
+    weights = tap.attention(tap.prepare_audio(tokens), tap.prepare_text(text))
+    torch.testing.assert_close(weights, torch.full_like(weights, 1 / tokens.shape[1]), atol=1e-6, rtol=0)
     pooled = tap.pooled(tokens, text)
     torch.testing.assert_close(pooled, tokens.mean(1)[:, None].expand(-1, 7, -1), atol=1e-5, rtol=1e-5)
     expected = F.normalize(tokens.mean(1), dim=-1) @ F.normalize(text, dim=-1).T

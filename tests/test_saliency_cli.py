@@ -1,10 +1,16 @@
-"""End to end: `audio-residual saliency` on generated data writes maps, faithfulness.csv, figures, wavs and the
-before/after comparison of a ResiDual-adapted model; bad input is one line and exit 2. The mel inversion's
-round trip is measured here too."""
+"""End to end: `audio-residual saliency` on generated data writes maps, faithfulness.csv, clips.csv, figures,
+wavs and the before/after comparison of a ResiDual-adapted model; a killed run resumes per clip; bad input
+(λ files included) is one line and exit 2. The mel inversion's round trip is measured here too."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -39,7 +45,7 @@ def explained(tmp_path_factory):
     with torch.no_grad():
         for lam in residual.lambdas.values():
             lam.copy_(1 + torch.linspace(-0.9, 2.0, lam.numel()))
-    lambdas = residual.save(root / "lambdas.safetensors")
+    lambdas = residual.save(root / "lambdas.safetensors", metadata={"fold": 1, "provenance": ws.provenance()})
     analysis = AnalysisLayout(root / "analysis")  # what `analyze --fold 1` writes, made cheaply
     stats.save(analysis.stats(1))
     units = [f"layers.{s}.blocks.{b}.attn.head.{h}" for block in stats.blocks
@@ -61,12 +67,27 @@ def test_outputs_describe_every_method_and_clip(explained):
     table = pd.read_csv(out / "faithfulness.csv")
     assert list(table["method"]) == METHODS.split(",")
     for column in ("deletion_auc", "deletion_auc_random", "deletion_auc_randomised", "insertion_auc",
-                   "beats_random", "differs_from_randomised", "rank_corr_randomised"):
+                   "beats_random", "differs_from_randomised", "rank_corr_randomised", "clips_normalised",
+                   "mean_score", "mean_baseline_score", "p_deletion_vs_random"):
         assert table[column].notna().all(), column
+    assert (table["baseline"] == "neutral").all()
     summary = json.loads((out / "summary.json").read_text())
     rows = summary["rows"]
     assert len(rows) == 2 and set(rows) <= set(ws.split(1).test.tolist())
     assert summary["steps"] == 8 and summary["provenance"]["model"] == "tiny-random"
+    clips = pd.read_csv(out / "clips.csv")
+    assert clips["row"].tolist() == rows
+    np.testing.assert_allclose(clips["score"], summary["scores"], atol=1e-4)
+    np.testing.assert_allclose(clips["baseline_score"], summary["baseline_scores"], atol=1e-4)
+    np.testing.assert_allclose(table["mean_score"], np.mean(summary["scores"]), atol=1e-4)
+    np.testing.assert_allclose(table["mean_baseline_score"], np.mean(summary["baseline_scores"]), atol=1e-4)
+    baseline = summary["baseline"]
+    assert baseline["kind"] == "neutral" and len(baseline["spectrum_db"][0]) == 64
+    assert set(baseline["reading"]["class_probabilities"]) == set(ws.table.class_names)
+    assert set(summary["baselines"]) == {"neutral", "train_mean", "blur", "median", "floor"}
+    assert summary["ig"]["rule"].startswith("|Σ IG − (s(x) − s(b))| ≤ ig_tolerance") and summary["ig"]["on_cap"]
+    flagged = clips.loc[~clips["explainable"], "row"].tolist()
+    assert summary["flagged_rows"] == flagged and (clips["change"] >= 1.0).tolist() == clips["explainable"].tolist()
     with np.load(out / "maps.npz", allow_pickle=False) as maps:
         assert maps["integrated_gradients"].shape == (2, 1001, 64)
         assert maps["randomised_gradient"].shape == (2, 1001, 64)
@@ -110,10 +131,14 @@ def test_head_attribution_on_the_ablation_clips(explained):
     assert correlation["spearman"].between(-1, 1).all()
 
 
+def _base(root: Path, out: str) -> list[str]:
+    return ["saliency", "--data", str(root / "data"), "--model", "tiny-random", "--out", str(root / out),
+            "--cache", str(root / "cache"), "--device", "cpu"]
+
+
 def test_bad_input_is_one_line(explained, capsys):
     root, _, _ = explained
-    base = ["saliency", "--data", str(root / "data"), "--model", "tiny-random", "--out", str(root / "bad"),
-            "--cache", str(root / "cache"), "--device", "cpu"]
+    base = _base(root, "bad")
     assert main([*base, "--lambdas", str(root / "missing.safetensors")]) == 2
     assert "--lambdas file not found" in capsys.readouterr().err
     assert main([*base, "--fold", "9"]) == 2
@@ -123,6 +148,134 @@ def test_bad_input_is_one_line(explained, capsys):
     with pytest.raises(SystemExit):
         main([*base, "--methods", "occlusion"])
     assert "unknown saliency method" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--baseline", "zeros"])
+    assert "invalid choice: 'zeros'" in capsys.readouterr().err
+
+
+def _broken_lambdas(root: Path) -> dict[str, Path]:
+    """λ files that are not what they claim: each must fail in one line naming the file."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    good = root / "lambdas.safetensors"
+    with safe_open(str(good), framework="pt") as handle:
+        header = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    folder = root / "broken"
+    folder.mkdir(exist_ok=True)
+    files = {name: folder / f"{name}.safetensors" for name in
+             ("random", "empty", "text", "wrong_keys", "too_long", "all_nan")}
+    files["random"].write_bytes(np.random.default_rng(0).bytes(4096))
+    files["empty"].write_bytes(b"")
+    files["text"].write_text("lambda = 1.0\n" * 50)
+    save_file({"weight": torch.ones(3)}, str(files["wrong_keys"]))
+    group = next(name for name in tensors if name.startswith("lambda."))
+    longer = dict(tensors)
+    longer[group] = torch.cat([tensors[group], torch.ones(1)])
+    save_file(longer, str(files["too_long"]), metadata=header)
+    nan = {name: torch.full_like(t, float("nan")) if name.startswith("lambda.") else t for name, t in tensors.items()}
+    save_file(nan, str(files["all_nan"]), metadata=header)
+    return files
+
+
+def test_a_broken_lambda_file_is_one_line_naming_it_before_any_work(explained, capsys, tmp_path):
+    root, _, _ = explained
+    for name, path in _broken_lambdas(root).items():
+        out, cache = tmp_path / name / "out", tmp_path / name / "cache"
+        argv = [*_base(root, "unused"), "--lambdas", str(path)]
+        argv[argv.index("--out") + 1], argv[argv.index("--cache") + 1] = str(out), str(cache)
+        assert main(argv) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(path) in err and "Traceback" not in err, (name, err)
+        assert not [p for p in (out, cache) for p in p.rglob("*")], name  # failed before features or outputs
+    assert "NaN or infinite" in main_err(root, _broken_lambdas(root)["all_nan"], capsys)
+
+
+def main_err(root: Path, lambdas: Path, capsys, *extra: str) -> str:
+    code = main([*_base(root, "checked"), "--clips", "1", "--steps", "4", "--methods", "gradient", "--listen",
+                 "none", "--baseline", "median", "--lambdas", str(lambdas), *extra])
+    captured = capsys.readouterr()
+    return f"{code}\n{captured.err}"
+
+
+def _resaved(root: Path, name: str, metadata: dict) -> Path:
+    from audio_residual.residual.units import ResiDual
+
+    return ResiDual.load(root / "lambdas.safetensors").save(root / f"{name}.safetensors", metadata=metadata)
+
+
+def test_lambdas_of_another_model_or_fold_are_refused(explained, capsys):
+    """λ record the model, dataset and fold they were trained on: another model's λ live in other head
+    spaces, another fold's λ were trained on this fold's test clips. Both are refused before any work."""
+    root, _, ws = explained
+    provenance = ws.provenance()
+    other_model = _resaved(root, "other_model", {"fold": 1, "provenance": {**provenance, "model": "tiny"}})
+    err = main_err(root, other_model, capsys)
+    assert err.startswith("2\n") and "trained on model 'tiny'" in err and str(other_model) in err
+    other_fold = _resaved(root, "other_fold", {"fold": 2, "provenance": provenance})
+    err = main_err(root, other_fold, capsys)
+    assert err.startswith("2\n") and "trained on fold 2" in err and "fold 1's test clips" in err
+    assert main_err(root, other_fold, capsys, "--fold", "2").startswith("0\n")  # its own fold is fine
+
+
+def test_lambdas_that_cannot_be_checked_run_with_a_warning(explained, capsys):
+    root, _, _ = explained
+    unrecorded = _resaved(root, "unrecorded", {})
+    with pytest.warns(UserWarning, match="records no model, dataset or fold"):
+        assert main_err(root, unrecorded, capsys).startswith("0\n")
+    other_data = _resaved(root, "other_data", {"fold": 3, "provenance": {"model": "tiny-random", "dataset": "urbansound"}})
+    with pytest.warns(UserWarning, match="trained on 'urbansound'"):
+        assert main_err(root, other_data, capsys).startswith("0\n")
+
+
+def test_a_short_clip_is_said_to_be_repeat_padded(explained):
+    from audio_residual.analysis.saliency_report import padding_of
+
+    _, _, ws = explained
+    padding = padding_of(ws, int(ws.split(1).test[0]))
+    assert padding.seconds == pytest.approx(2.0, abs=0.01)
+    assert "2.0 s clip repeat-padded to 10 s" in padding.note
+    np.testing.assert_allclose(padding.copies_at, [2.0, 4.0, 6.0, 8.0], atol=0.01)
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_per_clip_and_ends_as_an_uninterrupted_one(explained, tmp_path, capsys):
+    """kill -9 after the first clip is stored: the rerun reads the stored clips back untouched, computes the
+    others, and its maps and table equal those of a run that was never interrupted."""
+    import audio_residual
+
+    root, _, _ = explained
+    argv = [*_base(root, "unused"), "--clips", "3", "--steps", "8", "--max-steps", "16", "--methods",
+            "gradient,integrated_gradients", "--listen", "none", "--baseline", "median"]
+    out = tmp_path / "killed"
+    argv[argv.index("--out") + 1] = str(out)
+    src = str(Path(audio_residual.__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg",
+           "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen([sys.executable, "-m", "audio_residual", *argv], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list((out / "clips").glob("clip*.npz")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    stored = {path.name: path.stat().st_mtime_ns for path in (out / "clips").glob("clip*.npz")}
+    assert 1 <= len(stored) < 3 and not (out / "summary.json").exists()
+
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(f"clip{row}.npz" for row in summary["resumed_rows"]) == sorted(stored)
+    assert {name: (out / "clips" / name).stat().st_mtime_ns for name in stored} == stored  # read, not redone
+    fresh = tmp_path / "fresh"
+    argv[argv.index("--out") + 1] = str(fresh)
+    assert main(argv) == 0
+    capsys.readouterr()
+    with np.load(out / "maps.npz") as resumed, np.load(fresh / "maps.npz") as uninterrupted:
+        for name in ("gradient", "integrated_gradients", "score", "baseline_score", "randomised_gradient"):
+            np.testing.assert_allclose(resumed[name], uninterrupted[name], rtol=1e-6, atol=1e-9, err_msg=name)
+    pd.testing.assert_frame_equal(pd.read_csv(out / "faithfulness.csv"), pd.read_csv(fresh / "faithfulness.csv"))
 
 
 def test_mel_inversion_round_trip(tiny_bundle):

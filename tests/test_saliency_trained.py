@@ -13,18 +13,21 @@ import torch
 from scipy.ndimage import binary_dilation
 
 from audio_residual.analysis.faithfulness import (
+    FaithfulnessOptions,
     evaluate_faithfulness,
     faithfulness_table,
     map_rank_correlation,
     top_share_inside,
 )
 from audio_residual.analysis.saliency import (
-    IG_ABS_TOLERANCE,
+    AttributionOptions,
     TextScore,
     attribute,
+    class_probabilities,
     randomised_scorer,
     saliency_maps,
 )
+from audio_residual.analysis.saliency_baselines import Baseline, entropy, mean_spectrum, neutral_spectrum
 from audio_residual.analysis.saliency_change import mel_centres
 from audio_residual.clap import loading
 from audio_residual.clap.zeroshot import text_embeddings
@@ -80,11 +83,20 @@ def trained():
 
 
 @pytest.fixture(scope="module")
-def maps(trained, single_thread):
+def neutral(trained, single_thread):
+    """The default baseline: the clips' mean spectrum, moved until the model reads it as no class."""
+    _, scorer, x, *_ = trained
+    mean, std = mean_spectrum(x, np.arange(len(x)))
+    return Baseline("neutral", neutral_spectrum(scorer.all_scores, mean, std, x.shape[2]))
+
+
+@pytest.fixture(scope="module")
+def maps(trained, neutral, single_thread):
     _, scorer, x, targets, _ = trained
     rows = np.arange(len(x))
-    own = saliency_maps(scorer, x, rows, targets, METHODS, steps=64, batch_size=8)
-    random = saliency_maps(randomised_scorer(scorer), x, rows, targets, METHODS, steps=64, batch_size=8)
+    options = AttributionOptions(neutral, steps=64, batch_size=8)
+    own = saliency_maps(scorer, x, rows, targets, METHODS, options=options)
+    random = saliency_maps(randomised_scorer(scorer), x, rows, targets, METHODS, options=options)
     return own, random
 
 
@@ -95,16 +107,32 @@ def test_the_model_knows_these_clips(trained):
     assert float((scores.argmax(1).numpy() == targets).mean()) >= 0.5
 
 
-def test_integrated_gradients_is_complete_within_one_percent(trained, single_thread):
-    """IG from 64 steps, doubled per clip while Σ attributions misses s(x) − s(b) by over 1 %: every clip ends
-    within 1 %. The steps each clip needed are printed (the tiny CLAP's score can jump along the path)."""
+def test_the_default_baseline_is_read_as_no_class_where_the_mean_spectrum_is_read_as_one(trained, neutral):
+    """A baseline the model reads as class c leaves clips of c nothing to explain. The clips' mean spectrum is
+    read as one class here (measured: p 0.85, entropy 0.33); the neutral baseline, that spectrum moved about
+    10 dB rms, is read as none (measured: p ≤ 0.28 for each of the 4 classes, normalised entropy 0.995)."""
+    _, scorer, x, targets, _ = trained
+    clips = torch.from_numpy(x)
+    mean = mean_spectrum(x, np.arange(len(x)))[0]
+    plain = class_probabilities(scorer, Baseline("train_mean", mean)(clips))
+    chosen = class_probabilities(scorer, neutral(clips))
+    print("mean spectrum:", plain.mean(0).round(3), "neutral:", chosen.mean(0).round(3), "entropy:", entropy(chosen).round(3))
+    assert plain.mean(0).max() > 0.6 and entropy(plain).mean() < 0.6
+    assert chosen.max() < 0.5 and entropy(chosen).min() > 0.9
+    assert np.sqrt(np.mean((neutral.spectrum - mean) ** 2)) < 15  # dB: near the data's spectrum, not arbitrary
+
+
+def test_integrated_gradients_is_complete_within_one_percent(trained, neutral, single_thread):
+    """IG from 64 steps, doubled per clip while Σ attributions misses s(x) − s(b) by over 1 % of it: every
+    clip ends within 1 %. The steps each clip needed are printed (the score can jump along the path)."""
     _, scorer, x, targets, _ = trained
     rows = [targets.tolist().index(c) for c in range(len(EVENTS))]  # one clip per class
+    options = AttributionOptions(neutral, steps=64, ig_tolerance=0.01, max_steps=1024, batch_size=16)
     result = attribute(scorer, torch.from_numpy(x[rows]), torch.from_numpy(targets[rows]), ("integrated_gradients",),
-                       steps=64, ig_tolerance=0.01, max_steps=1024, batch_size=16)
+                       options=options)
     change = result.scores - result.baseline_scores
     print("IG steps per clip:", result.ig_steps.tolist(), "relative gaps:", (result.ig_delta / change).tolist())
-    assert (result.ig_delta.abs() <= 0.01 * change.abs() + IG_ABS_TOLERANCE).all()
+    assert (result.ig_delta.abs() <= 0.01 * change.abs()).all() and result.ig_converged.all()
 
 
 def test_most_top_decile_ig_saliency_lies_in_the_event_region(trained, maps):
@@ -121,16 +149,21 @@ def test_most_top_decile_ig_saliency_lies_in_the_event_region(trained, maps):
     assert shares["integrated_gradients"].mean() > 1.5 * widened.mean()  # well above chance on average
 
 
-def test_gradient_and_ig_beat_random_and_the_randomised_model(trained, maps, single_thread):
+def test_ig_beats_random_and_the_randomised_model(trained, neutral, maps, single_thread):
+    """On normalised curves from the neutral baseline, IG's order beats a random one and the randomised
+    model's map on both curves. The plain gradient is printed, not asserted: ∂s/∂x says which way a cell
+    would push the score if it got louder, not what moving it from b to x (up or down) does; with the
+    clip's floor as baseline every cell moved up, so the two agreed, but from a neutral level they need not
+    (docs/saliency.md gives the measured figures)."""
     _, scorer, x, targets, _ = trained
     own, random = maps
     to_judge = {**{m: own[m] for m in METHODS}, **{f"randomised:{m}": random[m] for m in METHODS}}
-    aucs, _ = evaluate_faithfulness(scorer, x, np.arange(len(x)), targets, to_judge, METHODS, batch_size=32)
+    curves = evaluate_faithfulness(scorer, x, np.arange(len(x)), targets, to_judge, METHODS,
+                                   options=FaithfulnessOptions(neutral, batch_size=32))
     similarity = {m: map_rank_correlation(own[m], random[m]) for m in METHODS}
-    table = faithfulness_table(aucs, METHODS, similarity).set_index("method")
+    table = faithfulness_table(curves, METHODS, similarity).set_index("method")
     print(table.T.to_string())  # the faithfulness table of the tiny model (pytest -s shows it)
-    for method in METHODS:
-        row = table.loc[method]
-        assert row["deletion_auc"] < row["deletion_auc_random"] and row["insertion_auc"] > row["insertion_auc_random"]
-        assert row["beats_random"], method
-        assert row["differs_from_randomised"], method
+    assert table["clips_normalised"].min() >= len(x) - 1  # s(x) − s(b) ≥ 1 logit nearly everywhere
+    row = table.loc["integrated_gradients"]
+    assert row["deletion_nauc"] < row["deletion_nauc_random"] and row["insertion_nauc"] > row["insertion_nauc_random"]
+    assert row["beats_random"] and row["differs_from_randomised"]

@@ -53,24 +53,59 @@ def check_folds_usable(table: ClipTable, features: CachedFeatures) -> None:
             )
 
 
-def duplicate_audio(table: CaptionTable, features: CachedFeatures) -> tuple[tuple[str, str], ...]:
-    """Pairs of files with identical content (the cache's content hash) within one split; the same audio in
-    two splits is a ValueError naming both files: test clips would be trained on."""
+def audio_identities(table: ClipTable | CaptionTable, features: CachedFeatures, check: str) -> list[str]:
+    """Per row, what makes two rows the same audio in the leak check ("" for a skipped clip).
+
+    With `cache_check` "content" it is the cache's content hash: the same bytes under any two names (an alias
+    such as `audio/./x.wav`, a symlink, a hard link, a copy). With "mtime" the cache never reads the bytes, and
+    size + mtime is no identity (clips of one length unpacked from one archive share both), so it is the file
+    itself (device and inode): aliases, symlinks and hard links are seen, a copy under another name is not.
+    """
+    if check == "content":
+        return [identity if valid else "" for identity, valid in zip(features.identities, features.valid, strict=True)]
+    identities = []
+    for path, valid in zip(table.paths(), features.valid, strict=True):
+        try:
+            info = path.stat() if valid else None
+        except OSError:  # gone since its features were read: it cannot be compared, and is not a leak by itself
+            info = None
+        identities.append(f"file:{info.st_dev}:{info.st_ino}" if info is not None else "")
+    return identities
+
+
+def _group_name(table: ClipTable | CaptionTable, row: int) -> str:
+    """The split of a captioned clip, the fold of a labelled one (every fold is the test fold once)."""
+    return table.splits[row] if isinstance(table, CaptionTable) else f"fold {table.folds[row]}"
+
+
+def _same_audio(table: ClipTable | CaptionTable, a: int, b: int) -> str:
+    """How rows `a` and `b` are the same audio, for the message: one file under two names, or two copies."""
+    with contextlib.suppress(OSError):
+        if table.paths()[a].samefile(table.paths()[b]):
+            return "one file under two names"
+    return "identical content"
+
+
+def duplicate_audio(table: ClipTable | CaptionTable, features: CachedFeatures, check: str = "content",
+                    refuse: bool = True) -> tuple[tuple[str, str], ...]:
+    """Pairs of usable clips that are the same audio (`audio_identities`) within one split or fold. The same
+    audio in two splits (two folds of labelled data) is a ValueError naming both files and where they are, when
+    `refuse`: test clips would be trained on, or an epoch chosen on a training clip; else the pair is counted."""
     first: dict[str, int] = {}
-    within = []
-    for row in np.flatnonzero(features.valid):
-        identity = features.identities[row]
-        if not identity:
-            continue
-        other = first.setdefault(identity, int(row))
+    pairs = []
+    for row, identity in enumerate(audio_identities(table, features, check)):
+        other = first.setdefault(identity, row) if identity else row
         if other == row:
             continue
         a, b = table.filenames[other], table.filenames[row]
-        if table.splits[other] != table.splits[row]:
-            raise ValueError(f"{table.name}: {a!r} ({table.splits[other]}) and {b!r} ({table.splits[row]}) are the "
-                             "same audio: a clip in two splits leaks between training and test; remove one")
-        within.append((a, b))
-    return tuple(within)
+        where_a, where_b = _group_name(table, other), _group_name(table, row)
+        if refuse and where_a != where_b:
+            kind = "split" if isinstance(table, CaptionTable) else "fold"
+            raise ValueError(f"{table.name}: {a!r} ({where_a}) and {b!r} ({where_b}) are the same audio "
+                             f"({_same_audio(table, other, row)}): a clip in two {kind}s leaks between training and "
+                             "test; remove one")
+        pairs.append((a, b))
+    return tuple(pairs)
 
 
 def tokenizer_words(table: ClipTable | CaptionTable) -> tuple[str, ...]:
@@ -89,7 +124,7 @@ class Workspace:
     cache_dir: Path = DEFAULT_CACHE
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
     batch_size: int = 32  # of every embedding pass
-    duplicates: tuple[tuple[str, str], ...] = ()  # captioned audio: same audio under two names in one split
+    duplicates: tuple[tuple[str, str], ...] = ()  # the same audio under two names in one split or fold
     _classifier: ZeroShotClassifier | None = field(default=None, repr=False)
     _embeddings: tuple[np.ndarray, torch.Tensor] | None = field(default=None, repr=False)
     _texts: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict, repr=False)
@@ -122,22 +157,23 @@ class Workspace:
 
     @classmethod
     def of(cls, table, bundle: ClapBundle, audio: AudioConfig = AudioConfig(), cache_dir: str | Path = DEFAULT_CACHE,
-           templates: Sequence[str] = DEFAULT_TEMPLATES) -> Workspace:
-        """`table` on a loaded `bundle`: its features computed (or read from the cache) the `audio` way."""
+           templates: Sequence[str] = DEFAULT_TEMPLATES, split: bool = True) -> Workspace:
+        """`table` on a loaded `bundle`: its features computed (or read from the cache) the `audio` way.
+
+        The same audio in two splits or folds is refused (`duplicate_audio`) unless `split` is False: a dataset
+        only scored as a whole (a transfer target) has nothing to leak between."""
         features = FeatureCache(cache_dir, bundle.feature_extractor, audio).compute(table)
         if not features.valid.any():
             raise ValueError(f"dataset {table.name!r}: every one of its {len(table)} clips was skipped as a bad file")
-        duplicates = ()
-        if isinstance(table, CaptionTable):
-            duplicates = duplicate_audio(table, features)
-        else:
+        duplicates = duplicate_audio(table, features, audio.cache_check, refuse=split)
+        if not isinstance(table, CaptionTable):
             check_folds_usable(table, features)
         return cls(table, bundle, features, audio, Path(cache_dir), tuple(templates), duplicates=duplicates)
 
     def on(self, data) -> Workspace:
         """Another dataset (a `--data` value or a table) on this model, audio configuration, cache and templates:
         transfer targets and retention sets are scored by the encoder adapted here, so they must match it."""
-        workspace = Workspace.of(load_table(data), self.bundle, self.audio, self.cache_dir, self.templates)
+        workspace = Workspace.of(load_table(data), self.bundle, self.audio, self.cache_dir, self.templates, split=False)
         workspace.batch_size = self.batch_size
         return workspace
 
@@ -295,7 +331,8 @@ class Workspace:
 
 def write_skipped(ws: Workspace, out: str | Path, name: str | None = None) -> None:
     """OUT/skipped.csv (clips left out: bad audio, and clips the metadata names but the folder lacks) and
-    OUT/warnings.csv (files used but suspect: clipping, DC only), each counted on the console; for another
+    OUT/warnings.csv (files used but suspect: clipping, DC only, the same audio as another clip of their split or
+    fold), each counted on the console; for another
     dataset of the run (a transfer target), OUT/skipped-<name>.csv and OUT/warnings-<name>.csv.
 
     Each is removed when empty, so a list from an earlier run never outlives the files it named.
@@ -313,10 +350,15 @@ def write_skipped(ws: Workspace, out: str | Path, name: str | None = None) -> No
                 getattr(table, "missing", ())]
     warnings = [{"filename": name, "reason": reason, "split": split_of.get(name, "")}
                 for name, reason in ws.features.warnings]
+    warnings += [{"filename": b, "reason": f"the same audio as {a}", "split": split_of.get(b, "")}
+                 for a, b in ws.duplicates]
+    if ws.duplicates:
+        print(f"{table.name}: {len(ws.duplicates)} duplicate audio file(s) within a "
+              f"{'split' if ws.captioned else 'fold'} (the same audio under two names), each used as listed")
     suffix = "" if name is None else "-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
     paths = [path.with_name(f"{path.stem}{suffix}{path.suffix}") for path in (layout.skipped, layout.warnings)]
     lists = [(paths[0], skipped, "skipped {n} clip(s) (bad audio, or listed but missing)"),
-             (paths[1], warnings, "{n} clip(s) used despite a warning (clipping, DC only)")]
+             (paths[1], warnings, "{n} clip(s) used despite a warning (clipping, DC only, duplicate audio)")]
     for path, entries, message in lists:
         if entries:
             write_csv(path, pd.DataFrame(entries, columns=["filename", "reason", "split"]))

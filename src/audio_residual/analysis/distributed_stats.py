@@ -12,9 +12,12 @@ world_size-th batch of the fold's training clips and the float64 sums are all-re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
+from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,42 @@ import torch.distributed as dist
 
 from audio_residual.data_processing.sharded_features import ShardedFeatureCache
 from audio_residual.layout import CacheLayout
+
+
+def local_rank() -> int:
+    """This process's GPU on its machine under torchrun (0 alone)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+@contextlib.contextmanager
+def process_group(cuda: bool, timeout: timedelta | None = None) -> Iterator[None]:
+    """torchrun's process group for the duration (NCCL on CUDA, gloo on CPU), or a group of this one process when
+    run alone; a group that already exists (processes a test or benchmark spawned) is used as it is and left alone.
+
+    `timeout` bounds every collective: a rank that waits that long for the others (one died, or hangs) fails
+    instead of blocking the job (torch's default is 30 minutes for gloo, 10 for NCCL).
+    """
+    if cuda:
+        torch.cuda.set_device(local_rank())
+    started = not dist.is_initialized()
+    backend = "nccl" if cuda else "gloo"
+    bounds = {} if timeout is None else {"timeout": timeout}
+    if started and "RANK" in os.environ:  # under torchrun: its rendezvous
+        dist.init_process_group(backend, **bounds)
+    elif started:  # alone: a group of one process
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **bounds)
+    try:
+        yield
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def loopback_address() -> str:
+    """A free TCP address on this machine for a group of processes spawned here (tests, benchmarks)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
 
 
 def _fit_rank(rank: int, world: int, init_method: str, model: str, class_names, features: str, indices, batch_size: int,
@@ -48,10 +87,7 @@ def fit_on_cpu_processes(model: str, class_names, features: Path, indices, batch
     """
     from audio_residual.analysis.stats import ResidualStatistics
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    args = (world, f"tcp://127.0.0.1:{port}", str(model), list(class_names), str(features), list(indices), batch_size, str(out))
+    args = (world, loopback_address(), str(model), list(class_names), str(features), list(indices), batch_size, str(out))
     torch.multiprocessing.spawn(_fit_rank, args=args, nprocs=world)
     return ResidualStatistics.load(out)
 
@@ -64,16 +100,9 @@ def sharded_statistics(data, fold: int, out: Path, model, audio, cache_dir: Path
     from audio_residual.workspace import Workspace, tokenizer_words
 
     cuda = torch.cuda.is_available() if model.device == "auto" else str(model.device).startswith("cuda")
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    started = not dist.is_initialized()
-    if started and "RANK" in os.environ:  # under torchrun: its rendezvous
-        dist.init_process_group("nccl" if cuda else "gloo")
-    elif started:  # alone: a group of one process
-        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
+    with process_group(cuda):
         table = load_table(data)
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
+        device = f"cuda:{local_rank()}" if cuda else "cpu"
         bundle = dataclasses.replace(model, device=device).load(tokenizer_words(table),
                                                                 CacheLayout.of(cache_dir).converted_models)
         ShardedFeatureCache(cache_dir, bundle.feature_extractor, audio).compute(table)  # every rank extracts a share
@@ -88,6 +117,3 @@ def sharded_statistics(data, fold: int, out: Path, model, audio, cache_dir: Path
         if dist.get_rank() == 0:
             return stats.save(Path(out) / f"stats_fold{fold}.safetensors")
         return None
-    finally:
-        if started:
-            dist.destroy_process_group()

@@ -107,11 +107,26 @@ PAIRS = (
 )
 
 
+ABLATION_MEANING = {"delta": "changed a prediction (accuracy change 0 for every head)",
+                    "logit_shift": "moved a logit (logit shift the same for every head)"}
+
+
+def _constant_note(merged: pd.DataFrame, column: str, versus: str) -> str:
+    """Why a Spearman ρ cannot be computed (a column with one value ranks nothing), or "" when it can."""
+    if merged[versus].nunique(dropna=True) <= 1:
+        return f"no single-head ablation {ABLATION_MEANING[versus]}: nothing to rank against"
+    if merged[column].nunique(dropna=True) <= 1:
+        return f"{column} is the same for every head: nothing to rank"
+    return ""
+
+
 def compare_with_ablation(attribution: pd.DataFrame, ablation: pd.DataFrame) -> pd.DataFrame:
     """Spearman ρ over heads between each attribution column and the ablation's `delta` / `logit_shift`.
 
     Mean ablation lowers the score by ≈ ∂s/∂z_h · (z_h − m_h): where the rankings agree, expect ρ < 0 for
     the signed columns against the accuracy change `delta` and ρ > 0 for the magnitudes against `logit_shift`.
+    When a column holds one value for every head (typically: no single-head ablation flips a prediction, so
+    `delta` is 0 throughout), there is no ranking: ρ and p are left empty and `note` says why.
     """
     merged = attribution.merge(ablation[["unit", "delta", "logit_shift"]], on="unit", how="inner")
     if merged.empty:
@@ -120,7 +135,8 @@ def compare_with_ablation(attribution: pd.DataFrame, ablation: pd.DataFrame) -> 
     for column, versus in PAIRS:
         if column not in merged:
             continue
-        result = stats.spearmanr(merged[column], merged[versus])
+        note = _constant_note(merged, column, versus)
+        rho, p = (np.nan, np.nan) if note else stats.spearmanr(merged[column], merged[versus])
         rows.append({"attribution": column, "ablation": versus, "heads": len(merged),
-                     "spearman": float(result.statistic), "p_value": float(result.pvalue)})
+                     "spearman": float(rho), "p_value": float(p), "note": note})
     return pd.DataFrame.from_records(rows)

@@ -51,8 +51,10 @@ class StreamingMoments:
             self.set_shift(rows)
         rows = rows.reshape(-1, rows.shape[-1]).float()
         centred = rows - self.shift.to(rows.device)
+        with torch.autocast(rows.device.type, enabled=False):  # the hooks fire inside a bf16/fp16 forward
+            outer = centred.T @ centred
         self.sum += centred.sum(0).double().cpu()
-        self.sum_outer += (centred.T @ centred).double().cpu()
+        self.sum_outer += outer.double().cpu()
         self.count += rows.shape[0]
 
     def all_reduce(self, group=None) -> None:

@@ -32,6 +32,7 @@ from audio_residual.io import write_json
 LAION_PREFIX = "laion:"
 LAION_HUB_REPO = "lukewys/laion_clap"
 ROBERTA_SOURCES = ("FacebookAI/roberta-base", "roberta-base")  # LAION loads 'roberta-base' (now redirected)
+LAION_TEXT_TOKENS = 77  # laion_clap's tokenizer: truncation=True, max_length=77 (what its CLAPs were trained on)
 CONVERSION_VERSION = 1  # bump when the converted folders change, so stale conversions are redone
 SOURCE_FILE = "laion_source.json"  # written beside the converted model: what it was made from
 
@@ -293,8 +294,23 @@ def convert_laion(
         )
     model = ClapModel(config).eval()
     model.load_state_dict(convert_state_dict(state, model), strict=True)
+    tokenizer.model_max_length = LAION_TEXT_TOKENS  # LAION's tokenizer truncates at 77 (`loading.text_length`)
     extractor = hub_feature_extractor(config.audio_config.enable_fusion)
     return model, ClapProcessor(feature_extractor=extractor, tokenizer=tokenizer), source
+
+
+def conversion_record(folder: str | Path) -> dict | None:
+    """The source record of a converted folder named directly (what `converted_laion` wrote), else None."""
+    path = Path(folder).expanduser() / SOURCE_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise LaionCheckpointError(f"{path}: unreadable conversion record ({err})") from err
+    if not isinstance(record, dict) or "sha256" not in record:
+        raise LaionCheckpointError(f"{path}: not a conversion record (no sha256)")
+    return record
 
 
 def default_cache_dir() -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +19,71 @@ import transformers
 from safetensors import SafetensorError, safe_open
 from transformers import ClapModel, ClapProcessor
 
+from audio_residual.clap.laion import LAION_TEXT_TOKENS
+
 DEFAULT_MODEL = "laion/clap-htsat-unfused"
 TINY_MODEL = "tiny"  # the tiny CLAP pretrained on generated captioned audio, shipped in the package
 TINY_RANDOM_MODEL = "tiny-random"  # the offline random-initialised model of `audio_residual.clap.tiny`
 TINY_PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained_tiny"
+# LAION's CLAPs on the hub, as an id (`laion/clap-htsat-unfused`) or a hub-cache folder (`models--laion--...`).
+LAION_HUB_CLAP = re.compile(r"(^|[/\\])(laion/|models--laion--)(clap-htsat-|larger_clap_)")
+VERY_LONG = 1_000_000  # a tokenizer's model_max_length at or above this means "no limit" (transformers: 1e30)
+
+
+@dataclass(frozen=True)
+class TextLength:
+    """How many tokens (specials included) a model's text side reads, and why: longer text is truncated."""
+
+    max_tokens: int
+    rule: str
+
+    def describe(self) -> dict:
+        return {"max_tokens": self.max_tokens, "rule": self.rule}
+
+
+def position_limit(text_model: torch.nn.Module) -> int | None:
+    """Tokens a text tower's absolute position embeddings can number; None without any (relative positions).
+
+    RoBERTa-style embeddings (they carry a `padding_idx`) number tokens from padding_idx + 1, so they hold
+    max_position_embeddings − padding_idx − 1 tokens (514 positions: 512 tokens); others one token per position.
+    """
+    for module in text_model.modules():
+        table = getattr(module, "position_embeddings", getattr(module, "position_embedding", None))
+        if isinstance(table, torch.nn.Embedding):
+            padding = getattr(module, "padding_idx", None)
+            return table.num_embeddings - (padding + 1 if isinstance(padding, int) else 0)
+    return None
+
+
+def text_length(model_id: str, tokenizer, text_model: torch.nn.Module, source: dict | None = None) -> TextLength:
+    """The one rule for the maximum text length of a loaded model: text is truncated the way it was trained.
+
+    LAION's CLAPs read 77 tokens, as `laion_clap`'s tokenizer truncated every caption in training (positions
+    past 77 were never trained; their hub tokenizers nevertheless say 512). They are recognised by
+    - the conversion record (`source`, `laion_source.json`) of a `.pt` converted by `clap/laion.py`, whether
+      loaded as the `.pt`, `laion:NAME` or the converted folder itself;
+    - the hub id of LAION's hub CLAPs, `laion/clap-htsat-*` and `laion/larger_clap_*` (also inside a path,
+      e.g. a hub-cache folder `models--laion--clap-htsat-unfused/...`).
+    Any other model reads its tokenizer's limit (`model_max_length`), capped by what its text tower's position
+    embeddings can number (`position_limit`). `load_clap` writes the result into the tokenizer's limit, so a
+    model fine-tuned from a LAION CLAP and saved with its processor keeps 77 through that rule.
+    """
+    limit = position_limit(text_model)
+    if source is not None or LAION_HUB_CLAP.search(str(model_id)):
+        what = "a converted LAION .pt" if source is not None else f"LAION's {model_id}"
+        tokens = LAION_TEXT_TOKENS if limit is None else min(LAION_TEXT_TOKENS, limit)
+        return TextLength(tokens, f"{what}: truncated at {tokens} tokens, as LAION's tokenizer did in training")
+    own = int(min(getattr(tokenizer, "model_max_length", None) or VERY_LONG, VERY_LONG))
+    said = f"the tokenizer's limit ({own})" if own < VERY_LONG else "the tokenizer sets no limit"
+    if limit is None or own <= limit:
+        return TextLength(own, said if limit is not None or own < VERY_LONG else f"{said} (relative positions)")
+    return TextLength(limit, f"{said}, capped at the {limit} tokens the text tower's position embeddings number")
+
+
+def tokenize(tokenizer, texts, length: TextLength):
+    """Padded, truncated token ids and mask (PyTorch tensors) of `texts` under `length`: never longer than
+    the model reads, whatever the text."""
+    return tokenizer(list(texts), padding=True, truncation=True, max_length=length.max_tokens, return_tensors="pt")
 
 
 @dataclass
@@ -36,6 +98,7 @@ class ClapBundle:
     revision: str | None = None  # the hub revision asked for (branch, tag or commit), if any
     commit: str | None = None  # the commit the hub files were loaded from; None for local folders
     source: dict | None = None  # a converted LAION `.pt`: its file name, SHA-256 and text tower (clap/laion.py)
+    text_rule: TextLength | None = None  # the text length rule decided at load (`text_length`); None: decide now
 
     @property
     def feature_extractor(self):
@@ -54,12 +117,24 @@ class ClapBundle:
             "commit": self.commit,
             "transformers": transformers.__version__,
             "enable_fusion": self.enable_fusion,
+            "text_length": self.text_length.describe(),
             **({"laion_checkpoint": self.source} if self.source is not None else {}),
         }
 
     @property
     def tokenizer(self):
         return self.processor.tokenizer
+
+    @property
+    def text_length(self) -> TextLength:
+        """How much of a text the model reads (`text_length`): longer captions and prompts are truncated."""
+        if self.text_rule is not None:
+            return self.text_rule
+        return text_length(self.model_id, self.tokenizer, self.model.text_model, self.source)
+
+    def tokenize(self, texts):
+        """Token ids and mask of `texts` on the model's device, truncated by `text_length`."""
+        return tokenize(self.tokenizer, texts, self.text_length).to(self.device)
 
     def autocast(self):
         """Autocast context for forward passes: bf16/fp16 on CUDA when asked for, a no-op elsewhere."""
@@ -220,7 +295,11 @@ def load_clap(
     align_truncation(model_obj, processor, model_id)
     check_tokenizer(model_obj, processor.tokenizer, model_id)
     model_obj.to(device).eval().requires_grad_(False)
-    return ClapBundle(model_obj, processor, model_id, device, resolve_amp(amp, device), revision, commit, source)
+    rule = text_length(model_id, processor.tokenizer, model_obj.text_model, source)
+    if rule.max_tokens < VERY_LONG:  # saved with the processor, a fine-tuned copy keeps the limit
+        processor.tokenizer.model_max_length = rule.max_tokens
+    return ClapBundle(model_obj, processor, model_id, device, resolve_amp(amp, device), revision, commit, source,
+                      rule)
 
 
 @dataclass(frozen=True)
@@ -243,12 +322,15 @@ class ModelSource:
 
 def _resolve_laion(model, text_config, cache_dir, revision) -> tuple[str | Path, dict | None]:
     """A LAION checkpoint becomes the folder of its cached conversion; any other model passes unchanged."""
-    from audio_residual.clap.laion import converted_laion, is_laion_checkpoint
+    from audio_residual.clap.laion import conversion_record, converted_laion, is_laion_checkpoint
 
     if not is_laion_checkpoint(model):
         if text_config is not None:
             raise ValueError(f"text_config applies to LAION .pt checkpoints, not to {str(model)!r}")
-        return model, None
+        record = conversion_record(model)  # a converted folder named directly is still that checkpoint
+        if record is not None and revision is not None:
+            raise ValueError(f"revision {revision!r} applies to hub models, not to {str(model)!r}")
+        return model, record
     return converted_laion(model, text_config=text_config, cache_dir=cache_dir, revision=revision)
 
 

@@ -22,6 +22,8 @@ from transformers import (
     CLIPTextModelWithProjection,
 )
 
+from audio_residual.clap.loading import TextLength, text_length, tokenize
+
 # Stand-alone text towers saved with their projection. A whole CLIP or CLAP checkpoint loads whole and
 # embeds by `get_text_features`: its projection width lives in the top-level config, which a tower
 # loaded on its own would not see (it would re-initialise the projection at the default width).
@@ -29,11 +31,16 @@ TEXT_TOWERS = {"clip_text_model": CLIPTextModelWithProjection, "clap_text_model"
 
 
 class TextEncoder:
-    """A frozen text model and its tokenizer: `embed(texts)` gives L2-normalised (n, dim) embeddings."""
+    """A frozen text model and its tokenizer: `embed(texts)` gives L2-normalised (n, dim) embeddings.
 
-    def __init__(self, name: str, model, tokenizer, kind: str, device: str | torch.device = "cpu"):
+    Texts are truncated by `length` (default: the one rule of `clap.loading.text_length` for this model:
+    its tokenizer's limit capped by its position embeddings, 77 tokens for LAION's CLAPs)."""
+
+    def __init__(self, name: str, model, tokenizer, kind: str, device: str | torch.device = "cpu",
+                 length: TextLength | None = None):
         self.name, self.kind, self.tokenizer, self.model = name, kind, tokenizer, model
         self.device = torch.device(device)
+        self.length = length or text_length(name, tokenizer, getattr(model, "text_model", model))
 
     def _forward(self, tokens) -> torch.Tensor:
         if self.kind == "clap":
@@ -52,9 +59,7 @@ class TextEncoder:
     def embed(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> torch.Tensor:
         out = []
         for start in tqdm(range(0, len(texts), batch_size), desc=f"embed text ({self.name})", disable=not progress):
-            tokens = self.tokenizer(
-                list(texts[start : start + batch_size]), padding=True, truncation=True, return_tensors="pt"
-            ).to(self.device)
+            tokens = tokenize(self.tokenizer, texts[start : start + batch_size], self.length).to(self.device)
             out.append(F.normalize(self._forward(tokens).float(), dim=-1).cpu())
         return torch.cat(out) if out else torch.zeros(0, self.dim)
 
@@ -65,7 +70,8 @@ class TextEncoder:
 
 def clap_text_encoder(bundle) -> TextEncoder:
     """CLAP's own text tower and projection (the default text side), sharing the bundle's model."""
-    return TextEncoder(f"{bundle.model_id} text tower", bundle.model, bundle.tokenizer, "clap", bundle.device)
+    return TextEncoder(f"{bundle.model_id} text tower", bundle.model, bundle.tokenizer, "clap", bundle.device,
+                       bundle.text_length)
 
 
 def _frozen(model, device) -> torch.nn.Module:

@@ -42,8 +42,9 @@ def class_prompts(class_names: Sequence[str], template: str) -> list[str]:
 
 @torch.no_grad()
 def text_embeddings(bundle: ClapBundle, texts: Sequence[str]) -> torch.Tensor:
-    """L2-normalised projected text embeddings, (len(texts), projection_dim), fp32."""
-    tokens = bundle.tokenizer(list(texts), padding=True, return_tensors="pt").to(bundle.device)
+    """L2-normalised projected text embeddings, (len(texts), projection_dim), fp32; each text truncated to
+    what the model reads (`ClapBundle.text_length`: 77 tokens for LAION's CLAPs, as they were trained)."""
+    tokens = bundle.tokenize(texts)
     with bundle.autocast():
         pooled = bundle.model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
         projected = bundle.model.text_projection(pooled.pooler_output)

@@ -27,9 +27,10 @@ AMP_MODES = ("auto", "bf16", "fp16", "none")
 def bounded(kind: type, low: float, high: float | None = None, low_open: bool = False, high_open: bool = False
             ) -> Callable:
     """An argparse type: a `kind` between `low` and `high` (open ends excluded), with a message stating the range."""
-    rule = f"{'greater than' if low_open else 'at least'} {low:g}"
+    shown = str if kind is int else "{:g}".format  # an integer bound in full: 4294967295, not 4.29497e+09
+    rule = f"{'greater than' if low_open else 'at least'} {shown(low)}"
     if high is not None:
-        rule += f" and {'less than' if high_open else 'at most'} {high:g}"
+        rule += f" and {'less than' if high_open else 'at most'} {shown(high)}"
 
     def parse(text: str):
         try:
@@ -51,6 +52,7 @@ NON_NEGATIVE = bounded(float, 0.0)
 POSITIVE = bounded(float, 0.0, low_open=True)
 EVR = bounded(float, 0.0, 1.0, low_open=True)  # explained-variance ratio in (0, 1]
 FRACTION = bounded(float, 0.0, 1.0, high_open=True)  # a share in [0, 1)
+SEED = bounded(int, 0, 2**32 - 1)  # what numpy's legacy RandomState and scikit-learn accept; torch takes more
 
 
 def int_list(text: str) -> list[int]:
@@ -196,7 +198,7 @@ def study(parser: argparse.ArgumentParser, task: str) -> None:
                         help="epochs of every method that trains in epochs (default: each method's own)")
     parser.add_argument("--val-fraction", type=FRACTION, default=0.1,
                         help="share of the training folds held out for validation (labelled data)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=SEED, default=0)
     parser.add_argument("--transfer", nargs="+", default=[], metavar="DATA",
                         help="labelled datasets (as --data) scored zero-shot with each fold's adapted encoders → "
                              "transfer.csv")

@@ -227,7 +227,7 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-fraction", type=opt.FRACTION, default=None, help="default 0.1")
     parser.add_argument("--patience", type=opt.POSITIVE_INT, default=None, help="stop after N epochs without gain")
     parser.add_argument("--tokens-per-clip", type=opt.POSITIVE_INT, default=None)
-    parser.add_argument("--seed", type=int, default=None, help="default 0")
+    parser.add_argument("--seed", type=opt.SEED, default=None, help="default 0")
     parser.add_argument("--folds", type=opt.int_list, default=None, help="e.g. 1,2 (default: all)")
     opt.wandb(parser)
     parser.add_argument("--force", action="store_true", help="recompute (method, fold) rows already stored")

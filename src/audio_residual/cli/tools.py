@@ -4,6 +4,7 @@ processes), `saliency`, `pretrain`, `generate-data` and `demo`, on the shared op
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from audio_residual.cli import options as opt
@@ -47,31 +48,43 @@ def _methods_of_saliency(text: str) -> tuple[str, ...]:
     return names
 
 
+def _listen_methods(text: str) -> tuple[str, ...]:
+    return () if text.strip().lower() == "none" else _methods_of_saliency(text)
+
+
 def cmd_saliency(args) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     from audio_residual.analysis.saliency import METHODS
-    from audio_residual.analysis.saliency_run import run_saliency
+    from audio_residual.analysis.saliency_lambdas import check_lambda_record, read_lambdas
+    from audio_residual.analysis.saliency_report import AdapterError
+    from audio_residual.analysis.saliency_run import SaliencyConfig, run_saliency
     from audio_residual.workspace import write_skipped
 
     methods = args.methods or METHODS
-    adapter = None
+    config = SaliencyConfig(clips=args.clips, methods=methods, baseline=args.baseline, steps=args.steps,
+                            ig_tolerance=args.ig_tolerance, max_steps=args.max_steps, min_change=args.min_change,
+                            listen=tuple(m for m in methods if m in args.listen), batch_size=args.batch_size,
+                            seed=args.seed)
+    adapter = metadata = None
     if args.lambdas is not None:
         from audio_residual.residual.units import ResiDual
 
-        if not args.lambdas.is_file():
-            raise FileNotFoundError(f"--lambdas file not found: {args.lambdas}")
-        adapter = ResiDual.load(args.lambdas)
+        adapter, metadata = read_lambdas(args.lambdas, ResiDual.load)  # before any work: a bad file fails now
     ws = opt.open_workspace(args)
     opt.check_folds(ws, [args.fold], "--fold")
+    if adapter is not None:
+        check_lambda_record(metadata, ws, args.fold, args.lambdas)
     write_skipped(ws, args.out)
-    result = run_saliency(
-        ws, args.fold, args.out, clips=args.clips, methods=methods, adapter=adapter, analysis=args.analysis,
-        steps=args.steps, ig_tolerance=args.ig_tolerance, max_steps=args.max_steps, baseline=args.baseline,
-        listen=[m for m in methods if m in args.listen], batch_size=args.batch_size,
-    )
-    print(result.faithfulness.to_string(index=False))
+    try:
+        result = run_saliency(ws, args.fold, args.out, config, adapter=adapter, analysis=args.analysis)
+    except AdapterError as error:
+        raise ValueError(f"--lambdas {args.lambdas}: {error}") from None
+    columns = ["method", "baseline", "clips", "clips_normalised", "deletion_nauc", "deletion_nauc_random",
+               "insertion_nauc", "insertion_nauc_random", "beats_random", "differs_from_randomised"]
+    table = result.faithfulness
+    print(table[[c for c in columns if c in table]].to_string(index=False))
     for name, path in result.paths.items():
         print(f"{name}: {path}")
 
@@ -101,11 +114,18 @@ class _GivenFlag(_Given):
 
 
 def cmd_pretrain(args) -> None:
+    """Pretraining; under torchrun, data-parallel over its processes (NCCL on GPUs, gloo on CPUs)."""
+    from datetime import timedelta
+
+    from audio_residual.clap.loading import resolve_device
     from audio_residual.data_processing.sources import load_table
+    from audio_residual.training.distributed import Ranks, process_group
     from audio_residual.training.pretrain import PretrainConfig
     from audio_residual.training.pretrain_run import PretrainRun, PretrainSource, pretrain
 
     if args.preset is not None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("--preset runs in one process: launch it without torchrun")
         from audio_residual.training.pretrain_preset import run_preset
 
         refused = [f"--{name.replace('_', '-')}" for name in dict.fromkeys(args.given) if name not in WITH_PRESET]
@@ -131,8 +151,10 @@ def cmd_pretrain(args) -> None:
     run = PretrainRun(args.out, cache_dir=args.cache, audio=opt.audio_config(args), device=args.device, amp=args.amp,
                       wandb=args.wandb, eval_classification=args.eval_classification,
                       extra_provenance={"data_source": str(args.data)})  # fmt: skip
-    path = pretrain(table, source, config, run)
-    print(f"pretrained CLAP → {path} (use it as --model {path})")
+    with process_group(resolve_device(args.device).type == "cuda", timedelta(seconds=args.dist_timeout)):
+        path = pretrain(table, source, config, run)
+        if Ranks.current().main:
+            print(f"pretrained CLAP → {path} (use it as --model {path})")
 
 
 def cmd_generate(args) -> None:
@@ -184,7 +206,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--classes", type=opt.POSITIVE_INT, default=5)
     p.add_argument("--clips-per-class", type=opt.POSITIVE_INT, default=10)
     p.add_argument("--seconds", type=opt.POSITIVE, default=5.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=opt.SEED, default=0)
     group = p.add_argument_group("captioned audio (--captions)")
     group.add_argument("--captions", action="store_true",
                        help="captioned clips (captions composed from each clip's attributes) instead of classes")
@@ -194,15 +216,20 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("demo", help="offline end-to-end run on generated data with the tiny model")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=opt.SEED, default=0)
     p.set_defaults(func=cmd_demo)
 
 
 def _saliency_parser(sub) -> None:
+    from audio_residual.analysis.faithfulness import MIN_CHANGE
+    from audio_residual.analysis.saliency_baselines import BASELINES, DEFAULT_BASELINE
+
     p = sub.add_parser("saliency", help="saliency maps of test clips, faithfulness.csv, figures and wavs → OUT/")
     opt.common(p)
     p.add_argument("--fold", type=int, default=1, help="test fold whose clips are explained")
     p.add_argument("--clips", type=opt.POSITIVE_INT, default=4, help="test clips to explain (seeded choice)")
+    p.add_argument("--seed", type=opt.NON_NEGATIVE_INT, default=0,
+                   help="which clips, the random deletion orders, SmoothGrad's noise, the randomised model")
     p.add_argument("--lambdas", type=Path, default=None, help="ResiDual λ file (safetensors): explain the adapted model")
     p.add_argument("--methods", type=_methods_of_saliency, default=None, help="comma-separated; default: all")
     p.add_argument("--analysis", type=Path, default=None,
@@ -210,12 +237,17 @@ def _saliency_parser(sub) -> None:
     p.add_argument("--steps", type=opt.POSITIVE_INT, default=64, help="Integrated Gradients steps (to start with)")
     p.add_argument("--ig-tolerance", type=opt.POSITIVE, default=0.01,
                    help="redo IG with 2×, 4×, … steps (up to --max-steps) for clips whose attributions miss "
-                        "s(x) − s(baseline) by more than this share")
+                        "s(x) − s(baseline) by more than this share of it (clips still missing at --max-steps are "
+                        "kept and listed in summary.json)")
     p.add_argument("--max-steps", type=opt.POSITIVE_INT, default=1024)
-    p.add_argument("--baseline", choices=["floor", "time_mean", "zeros"], default="floor",
-                   help="absent-sound reference for IG, gradient × input and deletion")
-    p.add_argument("--listen", type=_methods_of_saliency, default=("integrated_gradients",),
-                   help="methods whose most salient cells are inverted to wavs")
+    p.add_argument("--baseline", choices=BASELINES, default=DEFAULT_BASELINE,
+                   help="reference log-mel for IG, gradient × input and deletion (docs/saliency.md): neutral = the "
+                        "training mean spectrum moved until the model reads it as no class")
+    p.add_argument("--min-change", type=opt.POSITIVE, default=MIN_CHANGE,
+                   help="clips with s(x) − s(baseline) below this (logits) are flagged, not normalised or tested")
+    p.add_argument("--listen", type=_listen_methods, default=("integrated_gradients",),
+                   help="methods whose most salient cells are inverted to wavs, with the clip itself (none: no wavs; "
+                        "each inversion costs seconds)")
     p.set_defaults(func=cmd_saliency)
 
 
@@ -241,10 +273,14 @@ def _pretrain_parser(sub) -> None:
     p.add_argument("--all-captions", action="store_true",
                    help="every caption of a clip in its step (multi-positive loss), not one drawn per step")
     p.add_argument("--epochs", type=opt.POSITIVE_INT, default=10)
-    p.add_argument("--accumulate", type=opt.POSITIVE_INT, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--accumulate", type=opt.POSITIVE_INT, default=1,
+                   help="micro-batches of --batch-size clips per step: the loss is over all of them, each embedded "
+                        "in turn (memory of one micro-batch)")
     p.add_argument("--lr", type=opt.POSITIVE, default=1e-4)
     p.add_argument("--weight-decay", type=opt.NON_NEGATIVE, default=0.2)
     p.add_argument("--warmup", type=opt.FRACTION, default=0.05, help="share of the steps warming up linearly")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=opt.SEED, default=0)
     p.add_argument("--eval-classification", default=None, metavar="DATA", help="labelled set scored zero-shot every epoch")
+    p.add_argument("--dist-timeout", type=opt.POSITIVE, default=1800.0, metavar="SECONDS",
+                   help="under torchrun: a process that waits this long for the others stops the job")
     p.set_defaults(func=cmd_pretrain)

@@ -10,6 +10,7 @@ so the same files in the same order share cached features with a labelled `ClipT
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ CLOTHO_SPLITS = {"development": "train", "validation": "validation", "evaluation
 AUDIOCAPS_SPLITS = {"train": "train", "val": "validation", "test": "test"}
 AUDIOCAPS_COLUMNS = ["audiocap_id", "youtube_id", "start_time", "caption"]
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+# AudioSet's segment file names, common in AudioCaps mirrors: `Y<youtube id>_<start>_<end>` (seconds, e.g. 30.000).
+AUDIOSET_STEM = re.compile(r"(?P<id>.+)_(?P<start>\d+(?:\.\d+)?)_(?P<end>\d+(?:\.\d+)?)")
 
 
 @dataclass(frozen=True, eq=False)
@@ -174,21 +177,33 @@ def load_clotho(root: Path | str) -> CaptionTable:
     return CaptionTable("clotho", root, filenames, captions, splits)
 
 
-def _audio_index(audio_dir: Path) -> dict[str, str]:
-    """Stem → path relative to `audio_dir` of every audio file below it (first one wins)."""
-    index: dict[str, str] = {}
+def _audio_index(audio_dir: Path) -> dict[str | tuple[str, float], str]:
+    """Stem → path relative to `audio_dir` of every audio file below it (first one wins); an AudioSet-style
+    stem (`Y<id>_30.000_40.000`, `<id>_30.000_40.000`) is also indexed as (`Y<id>` or `<id>`, 30.0)."""
+    index: dict[str | tuple[str, float], str] = {}
     for path in sorted(audio_dir.rglob("*")):
         if path.suffix.lower() in AUDIO_SUFFIXES and path.is_file():
-            index.setdefault(path.stem, path.relative_to(audio_dir).as_posix())
+            relative = path.relative_to(audio_dir).as_posix()
+            index.setdefault(path.stem, relative)
+            if match := AUDIOSET_STEM.fullmatch(path.stem):
+                index.setdefault((match["id"], float(match["start"])), relative)
     return index
 
 
-def _audiocaps_file(index: dict[str, str], audiocap_id: str, youtube_id: str, start: str) -> str | None:
-    """The clip under the names AudioCaps downloaders use: `Y<id>`, `<id>_<start>`, `<id>`, `<audiocap_id>`."""
+def _audiocaps_file(index: dict, audiocap_id: str, youtube_id: str, start: str) -> str | None:
+    """The clip under the names AudioCaps downloaders use, the most specific first: AudioSet's
+    `Y<id>_<start>_<end>` or `<id>_<start>_<end>` (start matched as a number), `<id>_<start>`, `Y<id>`, `<id>`,
+    `<audiocap_id>`."""
     start_int = start.split(".")[0]
-    for stem in (f"Y{youtube_id}", f"{youtube_id}_{start}", f"{youtube_id}_{start_int}", youtube_id, audiocap_id):
-        if stem in index:
-            return index[stem]
+    try:
+        seconds = float(start)
+    except ValueError:
+        seconds = None
+    timed = [(f"Y{youtube_id}", seconds), (youtube_id, seconds)] if seconds is not None else []
+    for key in (*timed, f"{youtube_id}_{start}", f"{youtube_id}_{start_int}", f"Y{youtube_id}", youtube_id,
+                audiocap_id):  # fmt: skip
+        if key in index:
+            return index[key]
     return None
 
 

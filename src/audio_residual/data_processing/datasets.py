@@ -92,6 +92,9 @@ def _read_csv(csv_path: Path, required_columns: Sequence[str]) -> pd.DataFrame:
         raise DatasetError(f"metadata file not found: {csv_path}")
     try:
         frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except pd.errors.ParserError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DatasetError(_separator_hint(csv_path) or f"{csv_path}: not a readable CSV ({first})") from err
     except pd.errors.EmptyDataError as err:
         raise DatasetError(f"{csv_path}: the CSV is empty (no header, no rows)") from err
     except UnicodeDecodeError as err:
@@ -101,10 +104,22 @@ def _read_csv(csv_path: Path, required_columns: Sequence[str]) -> pd.DataFrame:
         ) from err
     missing = [column for column in required_columns if column not in frame.columns]
     if missing:
-        raise DatasetError(f"{csv_path}: missing column(s) {missing}; columns present: {list(frame.columns)}")
+        raise DatasetError(_separator_hint(csv_path)
+                           or f"{csv_path}: missing column(s) {missing}; columns present: {list(frame.columns)}")
     if frame.empty:
         raise DatasetError(f"{csv_path}: the CSV has a header but no rows")
     return frame
+
+
+def _separator_hint(csv_path: Path) -> str | None:
+    """A message naming the separator when the header is split by ';', tab or '|' rather than commas."""
+    with csv_path.open(encoding="utf-8", errors="replace") as handle:
+        header = handle.readline()
+    found = [sep for sep in (";", "\t", "|") if header.count(sep) > header.count(",")]
+    if not found:
+        return None
+    name = {"\t": "tabs"}.get(found[0], repr(found[0]))
+    return f"{csv_path}: columns are separated by {name}, not commas; save it comma-separated"
 
 
 def _int_column(frame: pd.DataFrame, column: str, csv_path: Path) -> np.ndarray:

@@ -1,5 +1,5 @@
-"""Evaluation: metrics, zero-shot by fold, the keyed results store, paired comparison, plots and the report.
+"""Evaluation: the keyed results store, the paired comparison with the baseline, zero-shot by fold, transfer
+(retention), plots and the one report writer. The metrics themselves belong to their task (`tasks/`).
 
-Import from the submodules (`evaluation.metrics`, `evaluation.store`, `evaluation.report`): tasks use the
-metrics and the store uses the tasks, so this package imports nothing eagerly, which would close a cycle.
+Import from the submodules (`evaluation.store`, `evaluation.report`, `evaluation.transfer`).
 """

@@ -141,10 +141,10 @@ class Study:
 
     def saliency(self) -> pd.DataFrame:
         """Saliency maps of `config.saliency_clips` test clips of the analysis fold, and their faithfulness."""
-        from audio_residual.analysis.saliency_run import run_saliency
+        from audio_residual.analysis.saliency_run import SaliencyConfig, run_saliency
 
         result = run_saliency(self.ws, self.config.analysis_fold, self.layout / "saliency",
-                              clips=self.config.saliency_clips, analysis=self.analysis_result)
+                              SaliencyConfig(clips=self.config.saliency_clips), analysis=self.analysis_result)
         self.saliency_frame = result.faithfulness
         return self.saliency_frame
 
@@ -197,7 +197,7 @@ class Study:
 
     def _context(self, name: str, split, protocol: Protocol, tracker=None) -> Context:
         return Context(self.ws, split, self.task, self.config.seed, self.config.method_options(name),
-                       protocol.layout(self.layout), tracker, protocol.shots)
+                       protocol.layout(self.layout), tracker, protocol.shots, self.key(name, protocol))
 
     def _run(self, name: str, split, protocol: Protocol, tracker) -> None:
         method, ctx = self.config.method(name), self._context(name, split, protocol, tracker)

@@ -47,6 +47,7 @@ class Context:
     layout: RunLayout | None = None
     logger: Any = None
     shots: int | None = None  # a k-shot draw's k (None: full data)
+    key: str = ""  # the key of the rows this fit produces: names what the method keeps on disk for them
 
     def embed(self, rows: np.ndarray) -> torch.Tensor:
         """Plain audio embeddings of the rows (every clip embedded once, reused by every fold and method)."""

@@ -34,6 +34,11 @@ from audio_residual.methods.base import (
 from audio_residual.training.loop import Steps, row_batches, train
 
 
+def _within(suffix: list[int], room: int) -> list[int]:
+    """A prompt's tokens after the context cut to `room`, its closing </s> kept (as the tokenizer truncates)."""
+    return suffix if len(suffix) <= room else suffix[: room - 1] + suffix[-1:]
+
+
 class PromptLearner(nn.Module):
     """Learnable context vectors plus the frozen token embeddings of the rest of every class prompt."""
 
@@ -52,7 +57,9 @@ class PromptLearner(nn.Module):
         tokenizer, embeddings = bundle.tokenizer, bundle.model.text_model.embeddings
         prefix = template.split("{label}")[0].rstrip()
         prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
-        prompts = tokenizer(class_prompts(class_names, template))["input_ids"]
+        length = bundle.text_length  # prompts are truncated as the zero-shot classifier's are
+        prompts = tokenizer(class_prompts(class_names, template), truncation=True,
+                            max_length=length.max_tokens)["input_ids"]
         for name, ids in zip(class_names, prompts, strict=True):
             if ids[1 : 1 + len(prefix_ids)] != prefix_ids:
                 raise ValueError(f"class {name!r}: the prompt does not start with the tokens of {prefix!r}")
@@ -60,7 +67,11 @@ class PromptLearner(nn.Module):
             raise ValueError(f"template {template!r} has no words before {{label}}: pass n_ctx")
         if n_ctx is not None and n_ctx < 1:
             raise ValueError(f"n_ctx must be at least 1, got {n_ctx}")
-        suffixes = [ids[1 + len(prefix_ids) :] for ids in prompts]  # label tokens, '.', </s>
+        room = length.max_tokens - 1 - (len(prefix_ids) if n_ctx is None else n_ctx)  # after <s> and the context
+        if room < 2:
+            raise ValueError(f"n_ctx={n_ctx} leaves no room for a label: {bundle.model_id} reads "
+                             f"{length.max_tokens} tokens ({length.rule})")
+        suffixes = [_within(ids[1 + len(prefix_ids) :], room) for ids in prompts]  # label tokens, '.', </s>
         width = max(len(s) for s in suffixes)
         pad = tokenizer.pad_token_id
         suffix_ids = torch.tensor([s + [pad] * (width - len(s)) for s in suffixes], device=bundle.device)

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from audio_residual.clap.batches import batches
@@ -23,6 +25,7 @@ from audio_residual.clap.encode import audio_embeddings
 from audio_residual.clap.loading import ClapBundle, load_clap
 from audio_residual.clap.zeroshot import text_embeddings
 from audio_residual.data_processing import Split
+from audio_residual.io import atomic_path
 from audio_residual.methods.base import Method, keyword_defaults, register
 from audio_residual.methods.lora import batchnorm_frozen_mode
 from audio_residual.tasks import CLASSIFICATION, RETRIEVAL
@@ -173,6 +176,7 @@ class TunedClap:
     trainable_params: int
     best_epoch: int
     val_score: float
+    folder: Path | None = None  # its `save_pretrained` folder
 
     def text(self, texts) -> torch.Tensor:
         return torch.cat([text_embeddings(self.bundle, texts[s : s + 256]).cpu() for s in range(0, len(texts), 256)])
@@ -191,7 +195,7 @@ def finetune_clap(ws: Workspace, out: Path, freeze: str = "text", epochs: int = 
     best = provenance["best_epoch"]
     params = sum(p.numel() for p in trainable_parameters(tuned.model, freeze).values())
     tuned.model.requires_grad_(False)
-    return TunedClap(tuned, params, best, provenance["epochs"][best]["mean_r1"])
+    return TunedClap(tuned, params, best, provenance["epochs"][best]["mean_r1"], folder)
 
 
 @register
@@ -205,7 +209,22 @@ class FineTuneClap(Method):
     defaults = keyword_defaults(finetune_clap, "seed")
 
     def fit(self, ctx):
-        return finetune_clap(ctx.ws, Path(ctx.layout.root) / "finetune", seed=ctx.seed, **ctx.options)
+        out = Path(ctx.layout.root) / "finetune" / (ctx.key or "run")  # one folder per key: reruns never clash
+        return finetune_clap(ctx.ws, out, seed=ctx.seed, **ctx.options)
+
+    def save(self, model: TunedClap, path: Path) -> None:
+        """A pointer to the tuned model's `save_pretrained` folder (written by `pretrain`), not a second copy."""
+        with atomic_path(path) as tmp:
+            save_file({}, str(tmp), metadata={"folder": str(model.folder), "trainable_params": str(model.trainable_params),
+                                             "best_epoch": str(model.best_epoch), "val_score": str(model.val_score)})
+
+    def load(self, path: Path, ws) -> TunedClap:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata()
+        tuned = load_clap(meta["folder"], device=ws.bundle.device)
+        tuned.model.requires_grad_(False)
+        return TunedClap(tuned, int(meta["trainable_params"]), int(meta["best_epoch"]), float(meta["val_score"]),
+                         Path(meta["folder"]))
 
     def embed(self, model: TunedClap, ws, rows):
         return ws.embed(rows, model=model.bundle.model)

@@ -8,8 +8,8 @@ projection), then an output map; the pooled vector is scored against the caption
 (clip, caption) pair has its own audio embedding, and retrieval must score pairs, not a dot product.
 
 As in TAP, the query and key inputs pass layer norms. The value path stays linear (W_V, W_O initialised
-to the identity): with uniform attention it is exactly the mean of the tokens, the text-agnostic pooling
-TAP replaces, and the untrained start is that baseline. Because pooling is linear in the values, a pair's
+to the identity) and the query map starts at zero, so attention starts uniform: the untrained start is
+exactly the mean of the tokens, the text-agnostic pooling TAP replaces. Because pooling is linear in the values, a pair's
 score needs only per-clip precomputations: u_i = W_O(W_V x_i + b_V) + b_O, the Gram matrix U Uᵀ and the
 keys. Then cos(Σ α_i u_i, t) = Σ α_i ⟨u_i, t̂⟩ / sqrt(αᵀ U Uᵀ α): O(L·(d_k + D) + L²) per pair in batched
 matrix products, never an (L, D) pooled tensor per pair.
@@ -78,6 +78,10 @@ class TextAwarePooling(nn.Module):
         for linear in (self.value, self.out):
             nn.init.eye_(linear.weight)
             nn.init.zeros_(linear.bias)
+        # A zero query map: every attention logit is 0 at the start, so attention is uniform and TAP starts
+        # exactly at mean pooling. The keys keep their random init, so the query map's gradient is not zero.
+        nn.init.zeros_(self.query.weight)
+        nn.init.zeros_(self.query.bias)
         self.log_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
 
     @property

@@ -216,7 +216,12 @@ class ResiDual(nn.Module):
 
         Head sites work on z_h, whose image under W_O,h is the unit: c, μ and the tail map through W_O,h,
         so every variant of the formula in the module docstring holds for the contribution W_O,h z_h.
+        Autocast is off inside: under a bf16/fp16 forward it would otherwise run the einsums in low precision.
         """
+        with torch.autocast(tensor.device.type, enabled=False):
+            return self._edit(tensor, site)
+
+    def _edit(self, tensor: torch.Tensor, site: _Site) -> torch.Tensor:
         buf = {role: getattr(self, name) for role, name in site.buffers.items()}
         config = self.config
         x = tensor.float()

@@ -13,8 +13,9 @@ captions per clip:
 - audio→text: every clip is a query over all captions; R@k is a hit when *any* of its captions ranks
   < k (rank = the best rank among them). mAP@10 is average precision at 10 over the clip's captions:
   the ranks under 10, sorted, contribute (j / (rank_j + 1)) for the j-th of them, summed and divided by
-  the clip's caption count (Mei et al.'s definition that LAION's docstring cites; LAION's code omits the
-  sort, which overstates the figure when a later caption outranks an earlier one: we sort).
+  the clip's caption count (Mei et al.'s definition that LAION's docstring cites: `a2t_map10`). LAION's
+  code omits the sort, which overstates the figure when a later caption outranks an earlier one (it can
+  exceed 1); its tables were computed so, and `a2t_map10_laion` reports that value beside ours.
 Ranks are 0-based here and count ties in favour of the lower index (a stable descending sort).
 
 The score matrix is never materialised: the text→audio pass streams blocks of caption columns
@@ -149,9 +150,27 @@ def _a2t_map10(ranks: RetrievalRanks) -> float:
     return float(np.mean(np.bincount(clip, weights=precision, minlength=ranks.n_audio) / counts))
 
 
+def _a2t_map10_laion(ranks: RetrievalRanks) -> float:
+    """LAION's code's audio→text mAP@10 (`evaluate_clotho_audiocaps`), reimplemented from its description:
+    a clip's caption ranks in their given order (no sort), those under 10 kept, the j-th of them
+    contributing j / (rank_j + 1), summed and divided by the clip's caption count. Without the sort a
+    caption that outranks an earlier one is paired with a larger j, so this is never below `_a2t_map10`
+    (equal when the captions already come in rank order) and can exceed 1."""
+    order = np.argsort(ranks.caption_clip, kind="stable")  # by clip, captions in their given order
+    clip, rank = ranks.caption_clip[order], ranks.a2t[order]
+    hit = rank < 10
+    counts = np.bincount(clip, minlength=ranks.n_audio)
+    hits_before = np.cumsum(hit) - hit  # hits among all earlier captions of the array
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    j = hits_before - hits_before[first[clip]] + 1  # 1-based position among the clip's captions under 10
+    precision = np.where(hit, j / (rank + 1), 0.0)
+    return float(np.mean(np.bincount(clip, weights=precision, minlength=ranks.n_audio) / counts))
+
+
 def metrics_from_ranks(ranks: RetrievalRanks, ks: Sequence[int] = KS) -> dict[str, float]:
-    """R@k, mAP@10, mean and median rank per direction (`t2a_r1`, `a2t_map10`, ...), the selection
-    metric `mean_r1`, each R@k's random baseline (`t2a_random_r1`, ...) and the query counts."""
+    """R@k, mAP@10, mean and median rank per direction (`t2a_r1`, `a2t_map10`, ...), LAION's code's
+    audio→text mAP@10 (`a2t_map10_laion`), the selection metric `mean_r1`, each R@k's random baseline
+    (`t2a_random_r1`, ...) and the query counts."""
     out: dict[str, float] = {"n_audio": ranks.n_audio, "n_text": len(ranks.t2a)}
     per_query = {"t2a": ranks.t2a, "a2t": ranks.best_a2t()}
     for key, r in per_query.items():
@@ -161,6 +180,7 @@ def metrics_from_ranks(ranks: RetrievalRanks, ks: Sequence[int] = KS) -> dict[st
         out[f"{key}_median_rank"] = float(np.floor(np.median(r)) + 1)
     out["t2a_map10"] = float(np.mean(np.where(ranks.t2a < 10, 1.0 / (ranks.t2a + 1), 0.0)))
     out["a2t_map10"] = _a2t_map10(ranks)
+    out["a2t_map10_laion"] = _a2t_map10_laion(ranks)
     for k in ks:
         for key, value in random_recall(ranks.n_audio, ranks.caption_clip, k).items():
             out[f"{key}_random_r{k}"] = value
@@ -201,12 +221,13 @@ class Retrieval(Task):
     metrics = (
         "mean_r1",
         *(f"{d}_{m}" for d in DIRECTIONS for m in DIRECTION_METRICS),
+        "a2t_map10_laion",
         *(f"{d}_random_r{k}" for d in DIRECTIONS for k in KS),
     )
     selection_metric = "mean_r1"
     report_columns = (("T→A R@1", "t2a_r1"), ("A→T R@1", "a2t_r1"), ("T→A R@10", "t2a_r10"),
                       ("A→T R@10", "a2t_r10"), ("T→A mAP@10", "t2a_map10"), ("A→T mAP@10", "a2t_map10"),
-                      ("random R@1 (T→A)", "t2a_random_r1"))  # fmt: skip
+                      ("A→T mAP@10 (LAION's code)", "a2t_map10_laion"), ("random R@1 (T→A)", "t2a_random_r1"))  # fmt: skip
     captioned = True
     has_examples = True
     figure_metrics = {"t2a_r1": "t2a_random_r1", "a2t_r1": "a2t_random_r1"}

@@ -1,4 +1,5 @@
-"""λ training for ResiDual, W&B tracking and sweeps."""
+"""Training: the one loop, ResiDual's λ training for any task, encoder training steps, ResiDual's grid, CLAP
+pretraining, checkpoints and W&B tracking."""
 
 from audio_residual.training.loop import TrainingDiverged
 from audio_residual.training.tracking import RunTracker, wandb_available

@@ -3,6 +3,13 @@
 ResiDual's λ and LoRA's adapters train this way on any task: the encoder embeds a batch (`forward`, under the
 bundle's autocast), the task scores the embeddings against its frozen text side (class prompts, captions) and
 takes its loss (`Task.loss`); the one training loop keeps the epoch of the best validation `Task.score`.
+
+Inside a process group of several ranks (torchrun), data-parallel: each rank embeds its share of every batch, the
+shares are gathered with their gradients and every rank takes the task's loss of the whole batch (the contrastive
+loss sees every rank's negatives); the loop averages the gradients. Validation: each rank embeds its share, rank 0
+scores the gathered embeddings. Exact for an encoder whose embedding of a clip does not depend on the rest of its
+batch (ResiDual's frozen, eval-mode CLAP); a tower trained in train mode (LoRA) normalises its log-mels with
+its own share's BatchNorm statistics.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import torch
 
 from audio_residual.data_processing import Split
 from audio_residual.tasks import Task
+from audio_residual.training.distributed import Ranks
 from audio_residual.training.loop import Steps
 from audio_residual.workspace import Workspace
 
@@ -63,15 +71,27 @@ def encoder_steps(
     source = ws if source is None else source
     text = task.text_side(ws, split.train).to(ws.bundle.device)
     scale = float(ws.bundle.model.logit_scale_a.exp())
+    ranks = Ranks.current()
 
     def loss(batch) -> torch.Tensor:
-        x, longer = source.batch(batch.rows)
-        with ws.bundle.autocast():
-            emb = forward(x, longer)
-        return task.loss(emb.float(), batch, text, scale)
+        edges = ranks.bounds(len(batch.rows))
+        mine = batch.rows[edges[ranks.rank] : edges[ranks.rank + 1]]
+        if len(mine):
+            x, longer = source.batch(mine)
+            with ws.bundle.autocast():
+                emb = forward(x, longer).float()
+        else:  # more ranks than the batch has clips
+            emb = text.new_zeros((0, text.shape[-1])).float().requires_grad_(True)
+        emb = ranks.gather(emb, np.diff(edges).tolist(), grad=True).to(ws.bundle.device)
+        return task.loss(emb, batch, text, scale)
 
     def validate() -> float:
-        return task.score(ws, embed_rows(split.val), split.val)
+        if not ranks.distributed:
+            return task.score(ws, embed_rows(split.val), split.val)
+        share = split.val[ranks.share(len(split.val))]
+        mine = embed_rows(share).float() if len(share) else text.new_zeros((0, text.shape[-1])).float().cpu()
+        emb = ranks.gather(mine, np.diff(ranks.bounds(len(split.val))).tolist()).cpu()
+        return task.score(ws, emb, split.val) if ranks.main else float("nan")  # the loop takes rank 0's
 
     return Steps(params=params, batches=task.batches(ws, split.train, batch_size), loss=loss,
-                 validate=validate if len(split.val) else None, optimizer=optimizer, **loop_options)
+                 validate=validate if len(split.val) else None, optimizer=optimizer, ranks=ranks, **loop_options)

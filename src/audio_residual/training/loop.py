@@ -7,11 +7,16 @@ a batch and its validation score. The loop owns everything the methods must not 
   (epoch 0) included, ties to the earlier epoch; without validation, the last epoch;
 * patience (epochs without a better validation score), seeded shuffling (a `torch.Generator` per epoch,
   so a resumed run reshuffles exactly as the uninterrupted one; no global seeding);
-* resume from a safetensors checkpoint, a tqdm progress bar and W&B logging through `RunTracker`.
+* resume from a safetensors checkpoint, a tqdm progress bar and W&B logging through `RunTracker`;
+* data parallelism (`Steps.ranks`, under torchrun): the ranks draw the same batches and their losses are the global
+  batch's (`training.distributed`); the loop averages the gradients over the ranks before every optimizer step,
+  selects on rank 0's validation score, and only rank 0 writes checkpoints, logs and shows progress. Every rank
+  resumes from the one checkpoint (the output folder is on storage every machine sees), then takes rank 0's weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -23,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from audio_residual.training.checkpoint import load_checkpoint, save_checkpoint
+from audio_residual.training.distributed import Ranks, collective
 
 
 class TrainingDiverged(RuntimeError):
@@ -51,13 +57,17 @@ class Steps:
 
     params: dict[str, torch.Tensor]  # what trains: kept at the selected epoch, saved in checkpoints
     batches: Callable[[torch.Generator], Iterable[Any]]  # one epoch's batches (`row_batches` by default)
-    loss: Callable[[Any], torch.Tensor]  # the loss of one batch, differentiable in `params`
+    loss: Callable[[Any], torch.Tensor] | None  # the loss of one batch, differentiable in `params`
     validate: Callable[[], float] | None  # the selection metric on validation; None: no validation split
     optimizer: torch.optim.Optimizer
     scheduler: Any = None  # stepped after every optimizer step
     scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling
     mode: Callable[[bool], None] | None = None  # switch train (True) / eval (False): dropout, schedule-free
     record: Callable[[], dict] | None = None  # extra per-epoch history entries, read after the epoch
+    # Instead of `loss`: puts a batch's gradients into .grad itself and returns its (detached) loss, for a loss
+    # that is not one graph (pretraining's accumulation re-embeds each micro-batch, as GradCache does).
+    backward: Callable[[Any], torch.Tensor] | None = None
+    ranks: Ranks = field(default_factory=Ranks)  # data-parallel ranks: the loss must be the global batch's
 
 
 @dataclass
@@ -82,12 +92,19 @@ def _restore(params: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) ->
         p.copy_(state[name].to(p.device))
 
 
-def _validate(steps: Steps) -> float | None:
+def _validate(steps: Steps, ranks: Ranks) -> float | None:
+    """The selection score; with several ranks, rank 0's (every rank then keeps the same epoch)."""
     if steps.validate is None:
         return None
     if steps.mode is not None:
         steps.mode(False)
-    return float(steps.validate())
+    return float(ranks.broadcast_json(float(steps.validate()), "validation"))
+
+
+def _exchange(steps: Steps, what: str):
+    """A block whose collectives (the backward of a gather) may fail for a lost peer: named, never a hang."""
+    ranks = steps.ranks
+    return collective(what, ranks.rank, ranks.world) if ranks.distributed else contextlib.nullcontext()
 
 
 def _resume(steps: Steps, checkpoint: Path | None, key: str) -> LoopResult | None:
@@ -114,27 +131,55 @@ def _save(steps: Steps, checkpoint: Path, key: str, result: LoopResult, seconds:
     save_checkpoint(checkpoint, states, info)
 
 
+def _finite(loss: torch.Tensor, where: str, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingDiverged(f"{where}, step {step}: loss is {loss.item()}; lower the learning rate")
+
+
 def _epoch(steps: Steps, generator: torch.Generator, where: str) -> list[float]:
     """One pass of optimizer steps; the batch losses."""
     if steps.mode is not None:
         steps.mode(True)
+    trained = [p for group in steps.optimizer.param_groups for p in group["params"]]
     losses = []
     for step, batch in enumerate(steps.batches(generator), 1):
-        loss = steps.loss(batch)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"{where}, step {step}: loss is {loss.item()}; lower the learning rate")
         steps.optimizer.zero_grad(set_to_none=True)
+        if steps.backward is not None:
+            loss = steps.backward(batch)
+            _finite(loss, where, step)
+        else:
+            loss = steps.loss(batch)
+            _finite(loss, where, step)
+            with _exchange(steps, "the backward pass"):
+                (loss if steps.scaler is None else steps.scaler.scale(loss)).backward()
+        steps.ranks.average_gradients(trained)
         if steps.scaler is not None:
-            steps.scaler.scale(loss).backward()
             steps.scaler.step(steps.optimizer)
             steps.scaler.update()
         else:
-            loss.backward()
             steps.optimizer.step()
         if steps.scheduler is not None:
             steps.scheduler.step()
         losses.append(float(loss.detach()))
     return losses
+
+
+def _start(steps: Steps, checkpoint: Path | None, key: str) -> LoopResult:
+    """The resumed state, or epoch 0's; with several ranks, every rank at rank 0's epoch and weights."""
+    ranks = steps.ranks
+    result = _resume(steps, checkpoint, key)
+    if ranks.distributed:
+        mine = None if result is None else len(result.history)
+        theirs = ranks.broadcast_json(mine, "the resume")
+        if mine != theirs:
+            raise OSError(f"rank {ranks.rank} finds {'no checkpoint' if mine is None else f'epoch {mine}'} in "
+                          f"{checkpoint}, rank 0 {'none' if theirs is None else f'epoch {theirs}'}: the output folder "
+                          "must be on storage that every machine of the job sees")  # fmt: skip
+        ranks.broadcast_tensors(steps.params.values())
+    if result is None:
+        start = _validate(steps, ranks)
+        result = LoopResult(0, start, start, [], _snapshot(steps.params))
+    return result
 
 
 def train(
@@ -156,23 +201,21 @@ def train(
     """
     started = time.perf_counter()
     checkpoint = None if checkpoint is None else Path(checkpoint)
-    result = _resume(steps, checkpoint, key)
-    if result is None:
-        start = _validate(steps)
-        result = LoopResult(0, start, start, [], _snapshot(steps.params))
+    ranks = steps.ranks
+    result = _start(steps, checkpoint, key)
     for epoch in tqdm(range(len(result.history) + 1, epochs + 1), desc=desc, leave=False,
-                      initial=len(result.history), total=epochs):
+                      initial=len(result.history), total=epochs, disable=not ranks.main):
         losses = _epoch(steps, epoch_generator(seed, epoch), f"{desc}, epoch {epoch}")
-        score = _validate(steps)
+        score = _validate(steps, ranks)
         record = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                   **(steps.record() if steps.record is not None else {}),
                   f"val_{metric}": float("nan") if score is None else score, "lr": steps.optimizer.param_groups[0]["lr"]}
         result.history.append(record)
         if score is None or score > result.best_score:
             result.best_epoch, result.best_score, result.best = epoch, score, _snapshot(steps.params)
-        if logger is not None:
+        if logger is not None and ranks.main:
             logger.log({f"{desc}/{k}": v for k, v in record.items()})
-        if checkpoint is not None:
+        if checkpoint is not None and ranks.main:
             _save(steps, checkpoint, key, result, result.earlier_seconds + time.perf_counter() - started)
         if patience is not None and score is not None and epoch - result.best_epoch >= patience:
             break

@@ -6,6 +6,10 @@ OUT/history.csv     one row per epoch (0 = the starting point): loss, lr, retrie
 OUT/checkpoint.safetensors   the latest epoch's state (the one training loop's): a killed run resumes from it
 OUT/epoch0.json     the starting point's validation figures
 OUT/skipped.csv     clips left out (missing AudioCaps videos, unreadable audio), when there are any
+OUT/.pretrain.lock  held while a run writes OUT: a second run into the same folder at once is refused
+
+Under torchrun every rank trains its share of each batch (`ContrastiveStep`); rank 0 alone writes these files and
+logs to W&B, and a rerun with any number of ranks resumes the checkpoint (the batches do not depend on it).
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -30,9 +36,11 @@ from audio_residual.clap.loading import ClapBundle, ModelSource, align_truncatio
 from audio_residual.clap.zeroshot import ZeroShotClassifier
 from audio_residual.data_processing.audio_config import AudioConfig
 from audio_residual.data_processing.captions import CaptionTable
+from audio_residual.data_processing.sharded_features import ShardedFeatureCache
 from audio_residual.io import digest, write_csv, write_json
 from audio_residual.tasks.classification import topk_accuracy
 from audio_residual.training import pretrain as P
+from audio_residual.training.distributed import Ranks
 from audio_residual.training.loop import Steps, train
 from audio_residual.training.tracking import RunTracker
 from audio_residual.workspace import Workspace, write_skipped
@@ -41,6 +49,7 @@ PROVENANCE_FILE = "pretraining.json"
 HISTORY_FILE = "history.csv"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 EPOCH0_FILE = "epoch0.json"  # the starting point's validation figures (a resumed run does not measure them again)
+LOCK_FILE = ".pretrain.lock"
 
 
 @dataclass
@@ -142,28 +151,35 @@ def _save_model(model, processor, folder: Path, provenance: dict) -> None:
 
 
 class _Evaluation:
-    """A model's validation figures: retrieval both directions (+ zero-shot accuracy with a labelled set)."""
+    """A model's validation figures: retrieval both directions (+ zero-shot accuracy with a labelled set).
 
-    def __init__(self, data, device, config, amp, classify) -> None:
-        self.data, self.device, self.config, self.classify = data, device, config, classify
+    With several ranks, every rank embeds its share; rank 0 computes the figures (and the zero-shot accuracy)
+    and sends them to the others."""
+
+    def __init__(self, data, device, config, amp, classify, ranks: Ranks) -> None:
+        self.data, self.device, self.config, self.classify, self.ranks = data, device, config, classify, ranks
         self.autocast = (lambda: torch.autocast("cuda", dtype=amp)) if amp is not None else contextlib.nullcontext
         self.started = time.perf_counter()
 
     def __call__(self, model) -> dict:
-        metrics = P.validation_retrieval(model, self.data, self.device, self.config.eval_batch_size, self.autocast)
-        keep = {k: v for k, v in metrics.items() if not k.startswith(("n_", "t2a_random", "a2t_random"))}
-        keep["random_t2a_r1"] = metrics["t2a_random_r1"]
-        if self.classify is not None:
-            keep["zero_shot_accuracy"] = self.classify(model)
-        return keep
+        metrics = P.validation_retrieval(model, self.data, self.device, self.config.eval_batch_size, self.autocast,
+                                         self.ranks)  # fmt: skip
+        keep = None
+        if self.ranks.main:
+            keep = {k: float(v) for k, v in metrics.items() if not k.startswith(("n_", "t2a_random", "a2t_random"))}
+            keep["random_t2a_r1"] = float(metrics["t2a_random_r1"])
+            if self.classify is not None:
+                keep["zero_shot_accuracy"] = float(self.classify(model))
+        return self.ranks.broadcast_json(keep, "validation")
 
     def seconds(self) -> float:
         return time.perf_counter() - self.started
 
 
 def steps_per_epoch(data, config) -> int:
-    n_batches = len(data.train_rows) // config.batch_size + (len(data.train_rows) % config.batch_size > 1)
-    return max(1, -(-n_batches // config.accumulate))
+    """Contrastive batches of batch_size × accumulate clips per epoch (a last one of a single clip is dropped)."""
+    size = config.batch_size * config.accumulate
+    return max(1, len(data.train_rows) // size + (len(data.train_rows) % size > 1))
 
 
 def _provenance(ws, source, config, history, best_epoch, seconds, extra) -> dict:
@@ -173,7 +189,7 @@ def _provenance(ws, source, config, history, best_epoch, seconds, extra) -> dict
         "data": {"name": table.name, "clips": table.counts(), "missing": len(table.missing),
                  "skipped": len(features.skipped), "features": features.digest(),
                  "captions": digest([table.captions, table.splits]), "audio": ws.audio.describe(),
-                 "preprocessing": features.preprocessing},
+                 "preprocessing": features.preprocessing, "text_length": ws.bundle.text_length.describe()},
         "start": source.describe(), "training": P.config_dict(config), "selected_by": "validation mean_r1",
         "best_epoch": best_epoch, "validation": {k: v for k, v in best.items() if k not in ("epoch", "lr")},
         "epochs": history, "seconds": round(seconds, 1), "transformers": transformers.__version__, **extra,
@@ -198,28 +214,58 @@ class _ClampedSchedule:
 
 
 def _steps(model, data, optimizer, schedule, config, evaluate, seen: list, first=None) -> Steps:
-    """Pretraining's side of the one training loop: groups of `accumulate` micro-batches and their mean loss
-    (the gradients of accumulation), retrieval on validation as the selection metric. The loop keeps all the
-    model holds — weights and BatchNorm statistics — at the selected epoch; `seen` gets each validation's figures.
-    """
+    """Pretraining's side of the one training loop: one contrastive batch of batch_size × accumulate clips per
+    optimizer step (`ContrastiveStep`: micro-batches, ranks), retrieval on validation as the selection metric. The
+    loop keeps all the model holds — weights and BatchNorm statistics — at the selected epoch; `seen` gets each
+    validation's figures."""
     device = next(model.parameters()).device
 
     def batches(generator):
-        micro = P.epoch_batches(data, config.batch_size, generator, config.all_captions)
-        return [micro[i : i + config.accumulate] for i in range(0, len(micro), config.accumulate)]
-
-    def loss(group):
-        return sum(P.batch_loss(model, data, batch, device, evaluate.autocast) for batch in group) / len(group)
+        return P.epoch_batches(data, config.batch_size * config.accumulate, generator, config.all_captions)
 
     def validate() -> float:
         seen.append(evaluate(model))
-        if len(seen) == 1 and first is not None:
+        if len(seen) == 1 and first is not None and evaluate.ranks.main:
             first(seen[0])
         return seen[-1]["mean_r1"]
 
-    return Steps(params=dict(model.state_dict(keep_vars=True)), batches=batches, loss=loss, validate=validate,
-                 optimizer=optimizer, scheduler=_ClampedSchedule(schedule, model), mode=model.train,
-                 record=lambda: dict(seen[-1]))  # fmt: skip
+    step = P.ContrastiveStep(model, data, device, evaluate.autocast, config.accumulate, evaluate.ranks)
+    return Steps(params=dict(model.state_dict(keep_vars=True)), batches=batches, loss=None, backward=step,
+                 validate=validate, optimizer=optimizer, scheduler=_ClampedSchedule(schedule, model), mode=model.train,
+                 record=lambda: dict(seen[-1]), ranks=evaluate.ranks)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _claim(out: Path, ranks: Ranks):
+    """OUT for this run alone while it runs: a second run into it at once would mix two runs' checkpoints and leave
+    one run's model with no word of the other, so it is refused (rank 0 holds the lock; a killed run's lock goes
+    with its process)."""
+    handle, refusal = None, None
+    if ranks.main:
+        handle = open(out / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 — held for the whole run
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            handle = None
+            refusal = (f"{out} is in use by another pretrain run ({holder}): wait for it to finish, or give this run "
+                       "another --out")  # fmt: skip
+        else:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
+    refusal = ranks.broadcast_json(refusal, "the output folder's lock")
+    if refusal is not None:
+        raise OSError(refusal)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
 
 
 def _resumable(checkpoint: Path, key: str) -> bool:
@@ -238,36 +284,70 @@ def _epoch_zero(path: Path, key: str) -> dict:
     return saved
 
 
-def pretrain(table: CaptionTable, source: PretrainSource, config: P.PretrainConfig, run: PretrainRun) -> Path:
-    """Train contrastively through the one training loop, keep the best validation epoch (epoch 0 included);
-    returns OUT/model (a `--model` folder)."""
-    out = Path(run.out)
-    out.mkdir(parents=True, exist_ok=True)
+def _workspace(table: CaptionTable, source: PretrainSource, config, run: PretrainRun, ranks: Ranks) -> Workspace:
+    """The starting model on this rank's device, and the table's features from the shared cache (under torchrun
+    every rank extracts a share of the missing clips and rank 0 writes them, as `audio-residual stats` does)."""
     device = resolve_device(run.device)
-    amp = resolve_amp(run.amp, device)
+    if ranks.distributed and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (LOCAL_RANK)
     model, processor = start_model(source, table, config.seed, run.cache_dir)
     align_truncation(model, processor, "pretraining")
     model.to(device)
-    ws = Workspace.of(table, ClapBundle(model, processor, "pretraining", device), run.audio, run.cache_dir)
-    write_skipped(ws, out)
-    features = ws.features
-    data = P.CaptionedFeatures.build(table, features, processor.tokenizer, features.valid)
+    bundle = ClapBundle(model, processor, "pretraining", device)
+    if ranks.distributed:
+        ShardedFeatureCache(run.cache_dir, bundle.feature_extractor, run.audio).compute(table)
+    return Workspace.of(table, bundle, run.audio, run.cache_dir)
+
+
+def _agree(ranks: Ranks, key: str, tokenizer) -> None:
+    """Every rank prepared the same run as rank 0: data, options, features and caption tokens."""
+    mine = digest([key, sorted(tokenizer.get_vocab().items())])
+    if ranks.broadcast_json(mine, "the run's key") != mine:
+        raise ValueError(f"rank {ranks.rank} prepared another run than rank 0 (data, options, features or tokenizer "
+                         "differ): every rank must run the same command on the same data")  # fmt: skip
+
+
+def pretrain(table: CaptionTable, source: PretrainSource, config: P.PretrainConfig, run: PretrainRun) -> Path:
+    """Train contrastively through the one training loop, keep the best validation epoch (epoch 0 included);
+    returns OUT/model (a `--model` folder). Inside a process group of several ranks (torchrun), data-parallel."""
+    out = Path(run.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ranks = Ranks.current()
+    with _claim(out, ranks):
+        result = _pretrain(table, source, config, run, ranks)
+    ranks.barrier("the end of training")  # every rank returns once rank 0 has written the model
+    return result
+
+
+def _pretrain(table: CaptionTable, source: PretrainSource, config: P.PretrainConfig, run: PretrainRun,
+              ranks: Ranks) -> Path:  # fmt: skip
+    out = Path(run.out)
+    ws = _workspace(table, source, config, run, ranks)
+    model, processor, device, features = ws.bundle.model, ws.bundle.processor, ws.bundle.device, ws.features
+    if ranks.main:
+        write_skipped(ws, out)
+    data = P.CaptionedFeatures.build(table, features, processor.tokenizer, ws.bundle.text_length, features.valid)
     params = P.trainable_parameters(model, config.freeze)
     optimizer, schedule = P.optimizer_and_schedule(model, params, config, config.epochs * steps_per_epoch(data, config))
-    evaluate = _Evaluation(data, device, config, amp, classification_eval(run.eval_classification, ws))
+    classify = classification_eval(run.eval_classification, ws) if ranks.main else None
+    evaluate = _Evaluation(data, device, config, resolve_amp(run.amp, device), classify, ranks)
     key = digest([source.describe(), P.config_dict(config), features.digest(), table.captions, table.splits,
                   run.eval_classification])  # fmt: skip
-    tracker = RunTracker(run.wandb, config={"training": P.config_dict(config), "start": source.describe()},
-                         wandb_dir=out, job_type="pretrain")  # fmt: skip
+    _agree(ranks, key, processor.tokenizer)
+    tracker = RunTracker(run.wandb if ranks.main else "disabled", job_type="pretrain", wandb_dir=out,
+                         config={"training": P.config_dict(config), "start": source.describe(), "ranks": ranks.world})
     seen: list[dict] = []
     first = None if _resumable(out / CHECKPOINT_FILE, key) else lambda m: write_json(out / EPOCH0_FILE, {"key": key, **m})
     steps = _steps(model, data, optimizer, schedule, config, evaluate, seen, first)
     result = train(steps, config.epochs, seed=config.seed, checkpoint=out / CHECKPOINT_FILE, key=key, logger=tracker,
                    desc="pretrain", metric="mean_r1")  # fmt: skip
+    if not ranks.main:
+        return out / "model"
     history = [{"epoch": 0, "train_loss": float("nan"), "lr": 0.0, **_epoch_zero(out / EPOCH0_FILE, key)},
                *result.history]  # fmt: skip
     seconds = result.earlier_seconds + evaluate.seconds()
-    provenance = _provenance(ws, source, config, history, result.best_epoch, seconds, run.extra_provenance)
+    extra = {**run.extra_provenance, "ranks": ranks.world}
+    provenance = _provenance(ws, source, config, history, result.best_epoch, seconds, extra)
     _save_model(model, processor, out / "model", provenance)  # the loop left the model at the kept epoch
     write_csv(out / HISTORY_FILE, pd.DataFrame(history))
     tracker.summary({"best_epoch": result.best_epoch, **provenance["validation"]})
