@@ -123,3 +123,52 @@ def test_too_many_classes_for_sample_rate(tmp_path):
     with pytest.raises(ValueError, match=r"too close to Nyquist at 8000 Hz"):
         make_synthetic_esc50(tmp_path / "s", n_classes=20, clips_per_class=1, sample_rate=8000)
     assert list(tmp_path.iterdir()) == []
+
+
+# --- generated captioned audio: the held-out split of the tiny CLAP ------------------------------------------
+def _matches(attributes, combination) -> bool:
+    return all(attributes.get(name) == value for name, value in combination.items())
+
+
+def test_seen_draws_never_hold_a_held_out_combination_and_held_out_draws_always_do():
+    from audio_residual.data_processing.synthetic_captions import HELD_OUT_COMBINATIONS, draw_clip_attributes
+
+    rng = np.random.default_rng(0)
+    seen = [draw_clip_attributes(rng, "seen") for _ in range(500)]
+    held = [draw_clip_attributes(rng, "held_out") for _ in range(300)]
+    assert not any(_matches(a, c) for a in seen for c in HELD_OUT_COMBINATIONS)
+    assert all(sum(_matches(a, c) for c in HELD_OUT_COMBINATIONS) == 1 for a in held)
+    for combination in HELD_OUT_COMBINATIONS:  # each drawn, and each of its attributes free otherwise
+        theirs = [a for a in held if _matches(a, combination)]
+        assert len(theirs) > 50 and {a["loudness"] for a in theirs} == {"quiet", "loud"}
+    with pytest.raises(ValueError, match="combinations must be one of"):
+        draw_clip_attributes(rng, "unseen")
+
+
+def test_held_out_captions_always_name_the_combination_in_held_out_shapes():
+    from audio_residual.data_processing.synthetic_captions import (
+        compose_caption,
+        draw_clip_attributes,
+        held_out_combination,
+    )
+
+    rng = np.random.default_rng(1)
+    starts = set()
+    for _ in range(200):
+        attributes = draw_clip_attributes(rng, "held_out")
+        caption = compose_caption(attributes, rng, held_out=True).lower().rstrip(".")
+        words = caption.replace(",", " ").split()
+        assert set(held_out_combination(attributes).values()) <= set(words), caption
+        starts.add(" ".join(words[:2]))
+    # the three held-out shapes: "the <noun> starts ...", "it is ...", "a|an <family> sound that is ..."
+    assert {"it is", "a hum", "the high"} <= starts and not starts & {"this is", "the sound"}
+
+
+def test_generated_caption_sets_record_their_combinations(tmp_path):
+    from audio_residual.data_processing.synthetic_captions import make_synthetic_captions
+
+    root = make_synthetic_captions(tmp_path / "held", n_clips=6, captions_per_clip=2, seconds=0.2, seed=0,
+                                   combinations="held_out")
+    assert json.loads((root / "meta" / "generator.json").read_text())["combinations"] == "held_out"
+    with pytest.raises(ValueError, match="combinations must be one of"):
+        make_synthetic_captions(tmp_path / "bad", n_clips=6, combinations="novel")

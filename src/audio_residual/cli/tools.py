@@ -89,6 +89,30 @@ def cmd_saliency(args) -> None:
         print(f"{name}: {path}")
 
 
+# What goes with `pretrain --preset`: every other option would change the run the preset names (data, start,
+# training, audio path, logging), so it is refused rather than applied or ignored: the preset's provenance and
+# documented figures describe its own run only, and the same options without --preset train with them.
+WITH_PRESET = ("preset", "out", "seed", "device")
+
+
+class _Given(argparse.Action):
+    """`store`, noting the option as given on the command line (`args.given`): a preset refuses the others."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given = (*namespace.given, self.dest)
+
+
+class _GivenFlag(_Given):
+    """`store_true`, noted likewise."""
+
+    def __init__(self, option_strings, dest, default=False, required=False, help=None):
+        super().__init__(option_strings, dest, nargs=0, const=True, default=default, required=required, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, self.const, option_string)
+
+
 def cmd_pretrain(args) -> None:
     """Pretraining; under torchrun, data-parallel over its processes (NCCL on GPUs, gloo on CPUs)."""
     from datetime import timedelta
@@ -103,6 +127,11 @@ def cmd_pretrain(args) -> None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError("--preset runs in one process: launch it without torchrun")
         from audio_residual.training.pretrain_preset import run_preset
+
+        refused = [f"--{name.replace('_', '-')}" for name in dict.fromkeys(args.given) if name not in WITH_PRESET]
+        if refused:
+            raise ValueError(f"--preset {args.preset} fixes its data and training options: drop {', '.join(refused)} "
+                             "(or drop --preset to train with them)")
 
         path = run_preset(args.preset, args.out, seed=args.seed, device=args.device)
         print(f"pretrained CLAP ({args.preset} preset) → {path}")
@@ -226,13 +255,18 @@ def _pretrain_parser(sub) -> None:
     from audio_residual.training.pretrain import CONFIGS, FREEZE
 
     p = sub.add_parser("pretrain", help="train a CLAP contrastively on captioned audio → OUT/model (a --model folder)")
+    for action in (None, "store"):  # every option notes itself as given (`_Given`), for --preset to check
+        p.register("action", action, _Given)
+    p.register("action", "store_true", _GivenFlag)
+    p.set_defaults(given=())
     opt.data(p, captions=True, required=False)
     opt.output(p)
     opt.model(p, default=None)
     opt.audio(p)
     opt.batch(p)
     opt.wandb(p)
-    p.add_argument("--preset", choices=["tiny"], default=None, help="tiny: the shipped tiny CLAP's run (generated data)")
+    p.add_argument("--preset", choices=["tiny"], default=None,
+                   help="tiny: the shipped tiny CLAP's run (generated data); only --out, --seed and --device go with it")
     p.add_argument("--config", choices=CONFIGS, default=None, help="train from scratch at this size (default tiny)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder for htsat sizes (none can be downloaded offline)")
     p.add_argument("--freeze", choices=FREEZE, default="none")

@@ -7,6 +7,12 @@ composed from those attribute words in different phrasings and with different su
 (paraphrases). The vocabulary is small and compositional on purpose: a text tower trained from scratch
 on it learns what each word means. `make_attribute_classes` writes a labelled (ESC-50-shaped) set whose
 classes are fixed attribute combinations named by their words (e.g. `low_tone`), for zero-shot tests.
+
+Held-out split: `HELD_OUT_COMBINATIONS` never occur with `combinations="seen"` (the tiny CLAP's pretraining
+data), while each of their parts does; `combinations="held_out"` draws only them, captioned in phrasings the
+pretraining captions never use (`HELD_OUT_PHRASINGS`) and always naming the held-out words. A model
+pretrained on "seen" data and scored on "held_out" data is tested on compositional generalisation: known
+words and sounds, in combinations and sentences it never met.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from audio_residual.data_processing.captions import CAPTIONS_CSV
 from audio_residual.data_processing.datasets import ESC50_CSV
 from audio_residual.data_processing.synthetic import GENERATOR_JSON, _replace_dir
 
-CAPTION_GENERATOR_VERSION = 2
+CAPTION_GENERATOR_VERSION = 3
 ATTRIBUTES_CSV = Path("meta") / "attributes.csv"
 FAMILIES = ("tone", "noise", "clicks", "chirp", "hum")
 ATTRIBUTE_VALUES = {
@@ -44,6 +50,16 @@ CAPTION_WORDS = (
     "a an the sound of this is that starts early late starting and it A An The This , . " + " ".join(v for values in ATTRIBUTE_VALUES.values() for v in values)
 )
 SAMPLE_RATE = 48_000
+# Held out of the tiny CLAP's pretraining: a family at one pitch. Its parts stay seen (the family at its other
+# pitch, the pitch in other families); tone and chirp stay whole (the saliency tests' sounds).
+HELD_OUT_COMBINATIONS = (
+    {"family": "hum", "pitch": "high"},
+    {"family": "clicks", "pitch": "low"},
+    {"family": "noise", "pitch": "high"},
+)
+COMBINATIONS = ("all", "seen", "held_out")
+PHRASINGS = ("pretraining", "held_out")
+HELD_OUT_PHRASINGS = 3  # sentence shapes only held-out captions use (`_held_out_phrase`)
 
 
 def draw_attributes(rng: np.random.Generator, fixed: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -58,6 +74,26 @@ def draw_attributes(rng: np.random.Generator, fixed: Mapping[str, str] | None = 
     for name in names:
         attributes[name] = fixed.get(name) or str(rng.choice(ATTRIBUTE_VALUES[name]))
     return attributes
+
+
+def held_out_combination(attributes: Mapping[str, str]) -> dict[str, str] | None:
+    """The held-out combination these attributes contain, or None."""
+    for combination in HELD_OUT_COMBINATIONS:
+        if all(attributes.get(name) == value for name, value in combination.items()):
+            return dict(combination)
+    return None
+
+
+def draw_clip_attributes(rng: np.random.Generator, combinations: str = "all") -> dict[str, str]:
+    """One clip's attributes: any combination, only seen ones (redrawn until seen) or one held-out one."""
+    if combinations not in COMBINATIONS:
+        raise ValueError(f"combinations must be one of {COMBINATIONS}, got {combinations!r}")
+    if combinations == "held_out":
+        return draw_attributes(rng, HELD_OUT_COMBINATIONS[int(rng.integers(len(HELD_OUT_COMBINATIONS)))])
+    while True:
+        attributes = draw_attributes(rng)
+        if combinations == "all" or held_out_combination(attributes) is None:
+            return attributes
 
 
 # Each family sounds in its own frequency region, one for "low" and one for "high" (Hz, log-uniform within):
@@ -119,26 +155,42 @@ def render(attributes: Mapping[str, str], seconds: float, rng: np.random.Generat
     return np.clip(clip, -1.0, 1.0)
 
 
-def _adjectives(attributes: Mapping[str, str], rng: np.random.Generator, keep: float) -> list[str]:
-    """Adjective words of the attributes (not family, not onset), each kept with probability `keep`."""
+def _adjectives(attributes: Mapping[str, str], rng: np.random.Generator, keep: float, always=()) -> list[str]:
+    """Adjective words of the attributes (not family, not onset), each kept with probability `keep` (those of
+    `always` always)."""
     order = ("loudness", "rate", "pitch", "direction", "band")
-    words = [attributes[name] for name in order if name in attributes]
-    kept = [word for word in words if rng.random() < keep]
-    return kept
+    return [attributes[name] for name in order if name in attributes and (name in always or rng.random() < keep)]
 
 
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def compose_caption(attributes: Mapping[str, str], rng: np.random.Generator) -> str:
-    """One caption: the family word always, a random subset of the other attributes, one of several phrasings."""
+def _held_out_phrase(attributes: Mapping[str, str], adjectives: list[str], onset: bool, style: int) -> str:
+    """The held-out captions' sentence shapes: words of the pretraining captions, in an order none of them has."""
+    family, noun = attributes["family"], " ".join([*adjectives, attributes["family"]])
+    if style == 0:
+        return f"the {noun} starts {attributes['onset']}"
+    if style == 1:
+        return f"it is {_article(noun)} {noun}" + (f" and it starts {attributes['onset']}" if onset else "")
+    text = f"{_article(family)} {family} sound that is {' and '.join(adjectives)}"
+    return text + (f", starting {attributes['onset']}" if onset else "")
+
+
+def compose_caption(attributes: Mapping[str, str], rng: np.random.Generator, held_out: bool = False) -> str:
+    """One caption: the family word always, a random subset of the other attributes, one of several phrasings.
+
+    `held_out`: one of the `HELD_OUT_PHRASINGS` (never a pretraining caption's shape), naming the words of the
+    held-out combination the attributes hold, if any, always."""
     family = attributes["family"]
-    adjectives = _adjectives(attributes, rng, keep=rng.choice([0.5, 0.8, 1.0]))
+    always = tuple(held_out_combination(attributes) or ()) if held_out else ()
+    adjectives = _adjectives(attributes, rng, keep=rng.choice([0.5, 0.8, 1.0]), always=always)
     onset = f"that starts {attributes['onset']}" if rng.random() < 0.5 else ""
     noun = " ".join([*adjectives, family])
-    style = int(rng.integers(0, 5))
-    if style == 0:
+    style = int(rng.integers(0, HELD_OUT_PHRASINGS if held_out else 5))
+    if held_out:
+        text = _held_out_phrase(attributes, adjectives, bool(onset), style)
+    elif style == 0:
         text = f"{_article(noun)} {noun} {onset}"
     elif style == 1:
         text = f"the sound of {_article(noun)} {noun} {onset}"
@@ -190,20 +242,32 @@ def make_synthetic_captions(
     seconds: float = 2.0,
     seed: int = 0,
     split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    combinations: str = "all",
+    phrasings: str | None = None,
 ) -> Path:
     """Write (or reuse) a folder of generated clips + `captions.csv` (filename,caption,split) + attributes.
 
     Byte-identical for identical arguments; splits are assigned in a seeded order (train/validation/test).
+    `combinations`: "all" attribute combinations, only "seen" ones (none of `HELD_OUT_COMBINATIONS`: the tiny
+    CLAP's pretraining data) or only "held_out" ones. `phrasings`: the "pretraining" sentence shapes or the
+    "held_out" ones (whose captions of a held-out clip always name its held-out words); by default held-out
+    phrasings for held-out combinations, else the pretraining ones.
     """
     out_dir = Path(out_dir)
     if n_clips < 3 or captions_per_clip < 1 or seconds <= 0:
         raise ValueError("n_clips must be >= 3 (one per split), captions_per_clip >= 1 and seconds > 0")
     if len(split_fractions) != 3 or min(split_fractions) <= 0:
         raise ValueError(f"split_fractions must be three positive numbers, got {list(split_fractions)}")
+    if combinations not in COMBINATIONS:
+        raise ValueError(f"combinations must be one of {COMBINATIONS}, got {combinations!r}")
+    phrasings = phrasings or ("held_out" if combinations == "held_out" else "pretraining")
+    if phrasings not in PHRASINGS:
+        raise ValueError(f"phrasings must be one of {PHRASINGS}, got {phrasings!r}")
     params = {
         "kind": "captions", "format_version": CAPTION_GENERATOR_VERSION, "n_clips": n_clips,
         "captions_per_clip": captions_per_clip, "seconds": seconds, "seed": seed,
         "split_fractions": [float(f) for f in split_fractions], "sample_rate": SAMPLE_RATE,
+        "combinations": combinations, "phrasings": phrasings,
     }  # fmt: skip
     return _stage(out_dir, params, lambda root: _write_captions(root, params))
 
@@ -222,13 +286,13 @@ def _write_captions(root: Path, params: dict) -> None:
     rows, attribute_rows = [], []
     for clip in tqdm(range(params["n_clips"]), desc="synthesising captioned clips", unit="clip", leave=False):
         rng = np.random.default_rng([params["seed"], clip])
-        attributes = draw_attributes(rng)
+        attributes = draw_clip_attributes(rng, params["combinations"])
         audio = render(attributes, params["seconds"], rng, params["sample_rate"])
         filename = f"audio/{clip:06d}.wav"
         sf.write(root / filename, audio, params["sample_rate"], subtype="PCM_16", format="WAV")
         captions: list[str] = []
         for _ in range(params["captions_per_clip"] * 4):  # distinct paraphrases where the phrasings allow
-            text = compose_caption(attributes, rng)
+            text = compose_caption(attributes, rng, held_out=params["phrasings"] == "held_out")
             if text not in captions:
                 captions.append(text)
             if len(captions) == params["captions_per_clip"]:

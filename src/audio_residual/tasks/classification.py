@@ -106,10 +106,12 @@ class Classification(Task):
         return ws.classifier.logit_scale * audio.float().cpu() @ text.float().cpu().T
 
     def evaluate(self, scores, targets):
-        """Accuracy, top-5 and macro scores; the confusion matrix and per-class accuracy as arrays."""
+        """Accuracy, top-5 and macro scores; the confusion matrix, per-class accuracy and whether each clip was
+        classified right (in the rows' order: two methods compared clip by clip, as a paired test needs) as arrays."""
         scores = torch.as_tensor(scores)
         metrics = fold_metrics(scores, targets, scores.shape[1])
-        arrays = {"confusion": metrics.pop("confusion"), "per_class_accuracy": metrics.pop("per_class_accuracy")}
+        arrays = {"confusion": metrics.pop("confusion"), "per_class_accuracy": metrics.pop("per_class_accuracy"),
+                  "correct": scores.argmax(1).numpy() == np.asarray(targets)}
         return metrics, arrays
 
     def informative(self, metric: str, n_classes: int | None) -> bool:
