@@ -99,10 +99,12 @@ def readme_block(run: Path) -> str:
     few_shot = pd.read_csv(run / "few_shot.csv") if (run / "few_shot.csv").is_file() else None
     gains = pd.read_csv(run / "gains.csv") if (run / "gains.csv").is_file() else None
     written = datetime.fromtimestamp((run / "report.md").stat().st_mtime, tz=UTC).date()
+    files = [f"`{name}`" for name, frame in (("summary.csv", summary), ("few_shot.csv", few_shot),
+                                              ("gains.csv", gains)) if frame is not None]
+    sources = files[0] if len(files) == 1 else ", ".join(files[:-1]) + " and " + files[-1]
     return (demo_table(summary, few_shot, gains) + "\n\n"
-            f"*`audio-residual demo`, seed 0, run on {written.isoformat()}; written here by "
-            "`make docs-figures` from its `summary.csv`" + (", `few_shot.csv`" if few_shot is not None else "")
-            + (" and `gains.csv`" if gains is not None else "") + ".*")
+            f"*`audio-residual demo`, seed 0, run on {written.isoformat()}; written here by `make docs-figures` "
+            f"from its {sources}.*")
 
 
 def htsat_figure(path: Path) -> None:
