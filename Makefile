@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-slow bench gpu-rehearsal clean
+.PHONY: demo test test-slow bench gpu-rehearsal docs-figures clean
 
 $(STAMP): pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ bench: $(STAMP)
 # benchmarks/gpu_check.sh rehearsed without CUDA (docs/gpu.md): CUDA parts skipped, the rest on toy sizes
 gpu-rehearsal: $(STAMP)
 	OUT=runs/gpu-rehearsal PYTHON=$(BIN)/python bash benchmarks/gpu_check.sh
+
+# the README's demo table and the docs' figures, from the demo's output (run `make demo` first)
+docs-figures: $(STAMP)
+	$(BIN)/python docs/refresh_figures.py runs/demo
 
 clean:
 	rm -rf $(VENV) runs cache
