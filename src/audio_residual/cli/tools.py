@@ -199,7 +199,7 @@ def _saliency_parser(sub) -> None:
     opt.common(p)
     p.add_argument("--fold", type=int, default=1, help="test fold whose clips are explained")
     p.add_argument("--clips", type=opt.POSITIVE_INT, default=4, help="test clips to explain (seeded choice)")
-    p.add_argument("--seed", type=opt.NON_NEGATIVE_INT, default=0,
+    p.add_argument("--seed", type=opt.SEED, default=0,
                    help="which clips, the random deletion orders, SmoothGrad's noise, the randomised model")
     p.add_argument("--lambdas", type=Path, default=None, help="ResiDual λ file (safetensors): explain the adapted model")
     p.add_argument("--methods", type=_methods_of_saliency, default=None, help="comma-separated; default: all")
