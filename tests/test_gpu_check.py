@@ -68,32 +68,32 @@ def test_default_sweep_extrapolation_counts_every_grid_run(tmp_path):
     assert "default_sweep_seconds" not in partial.figures and "table1_seconds" in partial.figures
 
 
-@pytest.mark.slow
-@cpu_only
-def test_rehearsal_with_one_measure_brings_back_its_files(tmp_path):
-    out = tmp_path / "out"
-    done = _rehearse(out, "bench", "retrieval_scoring")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert _brought_back(out) == ["gpu_bench.json", "gpu_bench.png", "gpu_check_logs.tar.gz", "summary.txt"]
-    summary = (out / "summary.txt").read_text()
-    assert "CUDA absent: a rehearsal" in summary and "setup: ok" in summary and "bench: ok" in summary
-    saved = json.loads((out / "gpu_bench.json").read_text())
-    assert saved["measures"] == {"retrieval_scoring": saved["measures"]["retrieval_scoring"]}
-    assert saved["measures"]["retrieval_scoring"].startswith("done") and "tap_pairs_per_s" in saved["figures"]
-    with tarfile.open(out / "gpu_check_logs.tar.gz") as archive:
-        assert {"logs/setup.log", "logs/bench.log", "logs/summary.txt"} <= set(archive.getnames())
+def test_named_measures_run_alone_and_merge_into_one_json(tmp_path):
+    """`gpu_bench.py NAME` (what GPU_BENCH_MEASURES passes) runs that measure only; a second call merges into
+    OUT/gpu_bench.json (the full rehearsal below runs every measure through the script)."""
+    assert gpu_bench.main(["--out", str(tmp_path), "--small", "--device", "cpu", "retrieval_scoring"]) == 0
+    saved = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert list(saved["measures"]) == ["retrieval_scoring"] and saved["measures"]["retrieval_scoring"].startswith("done")
+    assert "tap_pairs_per_s" in saved["figures"] and (tmp_path / "gpu_bench.png").is_file()
+    assert gpu_bench.main(["--out", str(tmp_path), "--small", "--device", "cpu", "stats_pass"]) == 0
+    saved = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert set(saved["measures"]) == {"retrieval_scoring", "stats_pass"} and "tap_pairs_per_s" in saved["figures"]
+    with pytest.raises(SystemExit):
+        gpu_bench.main(["--out", str(tmp_path), "--small", "nope"])
 
 
 @pytest.mark.slow
 @cpu_only
 def test_full_rehearsal_runs_every_phase_to_the_end(tmp_path):
-    """Every phase, CUDA parts skipped with a line saying so, every CPU-capable measure done on toy sizes."""
+    """Every phase, CUDA parts skipped with a line saying so, every CPU-capable measure done on toy sizes (the
+    end-to-end experiment on 2 folds, one configuration's costs): the one rehearsal CI runs."""
     out = tmp_path / "out"
     done = _rehearse(out, "setup tests notebooks bench experiment")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert _brought_back(out) == ["cuda_tests.xml", "gpu_bench.json", "gpu_bench.png", "gpu_check_logs.tar.gz",
                                   "summary.txt"]
     summary = (out / "summary.txt").read_text()
+    assert "CUDA absent: a rehearsal" in summary
     for phase in ("setup", "tests", "notebooks", "bench", "experiment"):
         assert re.search(rf"^{phase}: ok in \d+s", summary, re.M), summary
     assert re.search(r"^tests: ok .*\d+ passed, \d+ skipped", summary, re.M)
@@ -104,6 +104,7 @@ def test_full_rehearsal_runs_every_phase_to_the_end(tmp_path):
                    "pretrain_step_tiny_ddp2_clips_per_s", "ig4_in_passes", "e2e_experiment_seconds", "table1_seconds"):
         assert figure in saved["figures"], figure
     with tarfile.open(out / "gpu_check_logs.tar.gz") as archive:
+        assert {"logs/setup.log", "logs/bench.log", "logs/summary.txt", "logs/progress.txt"} <= set(archive.getnames())
         notebooks = archive.extractfile("logs/notebooks.log").read().decode()
         bench = archive.extractfile("logs/bench.log").read().decode()
     assert "notebooks skipped: CUDA absent" in notebooks

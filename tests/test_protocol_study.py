@@ -170,7 +170,7 @@ def test_store_selects_one_key_per_method_and_protocol(tmp_path):
 def test_cli_experiment_flags(pair, tmp_path, capsys):
     ws, _, tmp = pair
     grid = tmp_path / "grid.json"
-    grid.write_text(json.dumps({"granularity": ["layer"], "lr": [0.3], "epochs": [1], "fold": [1, 2, 3, 4, 5]}))
+    grid.write_text(json.dumps({"granularity": ["layer"], "lr": [0.3], "epochs": [1], "fold": [1]}))
     common = ["experiment", "--data", str(tmp / "a"), "--model", "tiny-random", "--cache", str(tmp / "cache"),
               "--device", "cpu", "--grid", str(grid), "--wandb", "disabled", "--val-fraction", "0.2"]  # fmt: skip
     out = tmp_path / "out"
