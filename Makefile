@@ -18,13 +18,17 @@ $(STAMP): pyproject.toml requirements.txt
 demo: $(STAMP)
 	$(BIN)/audio-residual demo --out runs/demo
 
+# one pytest worker per core, each on one thread: toy-sized ops only hand off between threads, and two
+# multi-threaded workers (or a worker and a notebook kernel) oversubscribe the cores several times over
+ONE_THREAD := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks *.ipynb
-	$(BIN)/python -m pytest -q -m "not slow" --durations=15
+	$(ONE_THREAD) $(BIN)/python -m pytest -q -n auto -m "not slow" --durations=15
 
 # the end-to-end runs (demo, notebooks, a whole study twice); CI runs them after `make test`
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow --durations=10
+	$(ONE_THREAD) $(BIN)/python -m pytest -q -n auto -m slow --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py

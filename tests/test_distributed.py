@@ -23,6 +23,9 @@ CLASSES = ("dog", "rain", "sea_waves")
 
 
 def test_two_processes_give_the_single_process_moments(tiny_bundle, tmp_path):
+    """The merge is float64, but the activations are float32 forwards that round differently on another thread
+    count (the spawned processes keep torch's default, the test process may run on one): equal to float32's
+    resolution of the moments' scale (a lost or doubled batch moves them by orders of magnitude more)."""
     features = np.random.default_rng(0).standard_normal((7, 1, 1001, 64)).astype(np.float32)
     np.save(tmp_path / "x.npy", features)
     rows = np.array([6, 0, 2, 5, 1, 3])  # 3 batches of 2: rank 0 runs two, rank 1 one (after priming on batch 0)
@@ -32,8 +35,10 @@ def test_two_processes_give_the_single_process_moments(tiny_bundle, tmp_path):
     for block, parts in single.blocks.items():
         for kind, moments in parts.items():
             assert shared.blocks[block][kind].count == moments.count
-            assert float((shared.blocks[block][kind].mean - moments.mean).abs().max()) <= 1e-10
-            assert float((shared.blocks[block][kind].cov - moments.cov).abs().max()) <= 1e-10
+            for stat in ("mean", "cov"):
+                ours, theirs = getattr(shared.blocks[block][kind], stat), getattr(moments, stat)
+                scale = max(float(theirs.abs().max()), 1e-3)
+                assert float((ours - theirs).abs().max()) <= 1e-6 * scale, (block, kind, stat)
 
 
 def _features_rank(rank: int, world: int, init_method: str, root: str, cache_dir: str) -> None:
