@@ -16,12 +16,14 @@ INTERRUPTED_EXIT = 130  # the shell's code for a command stopped by Ctrl-C (128 
 DATA_PARALLEL = ("pretrain", "stats")  # the commands that split their work over torchrun's processes
 
 
-def check_world(command: str) -> None:
-    """Under torchrun every other command would run once per process into the same OUT: refuse it."""
+def check_world(args: argparse.Namespace) -> None:
+    """Under torchrun a command that does not split its work (`pretrain --preset` included) would run once per
+    process into the same OUT: refuse it."""
     world = os.environ.get("WORLD_SIZE", "1")
-    if command not in DATA_PARALLEL and world.isdigit() and int(world) > 1:
-        raise ValueError(f"runs in one process, not under torchrun (WORLD_SIZE={world}); "
-                         f"only {' and '.join(DATA_PARALLEL)} run data-parallel")
+    preset = getattr(args, "preset", None) is not None
+    if (args.command not in DATA_PARALLEL or preset) and world.isdigit() and int(world) > 1:
+        raise ValueError(f"{'--preset' if preset else 'this command'} runs in one process, not under torchrun "
+                         f"(WORLD_SIZE={world}); only pretrain (without --preset) and stats run data-parallel")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; bad input and environment failures (OSError) are one line on stderr and exit 2."""
     args = build_parser().parse_args(argv)
     try:
-        check_world(args.command)
+        check_world(args)
         for option in ("out", "cache"):
             if getattr(args, option, None) is not None:
                 options.check_writable(getattr(args, option), f"--{option}")

@@ -4,7 +4,6 @@ processes), `saliency`, `pretrain`, `generate-data` and `demo`, on the shared op
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from audio_residual.cli import options as opt
@@ -124,8 +123,6 @@ def cmd_pretrain(args) -> None:
     from audio_residual.training.pretrain_run import PretrainRun, PretrainSource, pretrain
 
     if args.preset is not None:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ValueError("--preset runs in one process: launch it without torchrun")
         from audio_residual.training.pretrain_preset import run_preset
 
         refused = [f"--{name.replace('_', '-')}" for name in dict.fromkeys(args.given) if name not in WITH_PRESET]
