@@ -139,24 +139,18 @@ def random_recall(n_audio: int, caption_clip, k: int) -> dict[str, float]:
     return {"t2a": min(k, n_audio) / n_audio, "a2t": float(np.mean(1.0 - miss))}
 
 
-def _a2t_map10(ranks: RetrievalRanks) -> float:
-    """Average precision at 10 per clip (sorted ranks of its captions, divided by its caption count)."""
-    order = np.lexsort((ranks.a2t, ranks.caption_clip))  # by clip, then by rank
-    clip, rank = ranks.caption_clip[order], ranks.a2t[order]
-    counts = np.bincount(clip, minlength=ranks.n_audio)
-    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    j = np.arange(len(order)) - first[clip] + 1  # 1-based position among the clip's captions
-    precision = np.where(rank < 10, j / (rank + 1), 0.0)
-    return float(np.mean(np.bincount(clip, weights=precision, minlength=ranks.n_audio) / counts))
+def _a2t_map10(ranks: RetrievalRanks, sort: bool = True) -> float:
+    """Average precision at 10 per clip: the j-th of a clip's caption ranks under 10 contributes
+    j / (rank_j + 1), summed and divided by the clip's caption count.
 
-
-def _a2t_map10_laion(ranks: RetrievalRanks) -> float:
-    """LAION's code's audio→text mAP@10 (`evaluate_clotho_audiocaps`), reimplemented from its description:
-    a clip's caption ranks in their given order (no sort), those under 10 kept, the j-th of them
-    contributing j / (rank_j + 1), summed and divided by the clip's caption count. Without the sort a
-    caption that outranks an earlier one is paired with a larger j, so this is never below `_a2t_map10`
-    (equal when the captions already come in rank order) and can exceed 1."""
-    order = np.argsort(ranks.caption_clip, kind="stable")  # by clip, captions in their given order
+    sort=True ranks a clip's captions first (the definition). sort=False keeps their given order, as LAION's
+    code does (`evaluate_clotho_audiocaps`, reimplemented from its description): a caption that outranks an
+    earlier one is then paired with a larger j, so that value is never below the sorted one (equal when the
+    captions already come in rank order) and can exceed 1."""
+    if sort:
+        order = np.lexsort((ranks.a2t, ranks.caption_clip))  # by clip, then by rank
+    else:
+        order = np.argsort(ranks.caption_clip, kind="stable")  # by clip, captions in their given order
     clip, rank = ranks.caption_clip[order], ranks.a2t[order]
     hit = rank < 10
     counts = np.bincount(clip, minlength=ranks.n_audio)
@@ -180,7 +174,7 @@ def metrics_from_ranks(ranks: RetrievalRanks, ks: Sequence[int] = KS) -> dict[st
         out[f"{key}_median_rank"] = float(np.floor(np.median(r)) + 1)
     out["t2a_map10"] = float(np.mean(np.where(ranks.t2a < 10, 1.0 / (ranks.t2a + 1), 0.0)))
     out["a2t_map10"] = _a2t_map10(ranks)
-    out["a2t_map10_laion"] = _a2t_map10_laion(ranks)
+    out["a2t_map10_laion"] = _a2t_map10(ranks, sort=False)
     for k in ks:
         for key, value in random_recall(ranks.n_audio, ranks.caption_clip, k).items():
             out[f"{key}_random_r{k}"] = value
