@@ -413,7 +413,7 @@ def test_tap_scores_on_the_gpu_match_the_cpu():
 def test_saliency_under_autocast(htsat_cuda, amp, record_property):
     """IG (64 steps) and gradients of the zero-shot score under autocast: finite maps that agree with fp32's, and
     IG's completeness gap small against s(x) − s(b). The bounds are PLACEHOLDERS to set from the GPU's figures."""
-    from audio_residual.analysis.saliency import TextScore, attribute
+    from audio_residual.analysis.saliency import AttributionOptions, TextScore, attribute
 
     texts = F.normalize(torch.randn(3, htsat_cuda.model.config.projection_dim,
                                     generator=torch.Generator().manual_seed(6)), dim=-1).cuda()
@@ -421,7 +421,8 @@ def test_saliency_under_autocast(htsat_cuda, amp, record_property):
     maps = {}
     for mode in (None, amp):
         scorer = TextScore(htsat_cuda.model, texts, 10.0, autocast=with_amp(htsat_cuda, mode).autocast)
-        result = attribute(scorer, x, target, ("gradient", "integrated_gradients"), steps=64, batch_size=16)
+        result = attribute(scorer, x, target, ("gradient", "integrated_gradients"),
+                           options=AttributionOptions(steps=64, batch_size=16))
         maps[mode] = result
         for value in result.maps.values():
             assert value.isfinite().all()
