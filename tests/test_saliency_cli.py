@@ -278,6 +278,23 @@ def test_a_killed_run_resumes_per_clip_and_ends_as_an_uninterrupted_one(explaine
     pd.testing.assert_frame_equal(pd.read_csv(out / "faithfulness.csv"), pd.read_csv(fresh / "faithfulness.csv"))
 
 
+def test_a_rerun_with_other_options_rewrites_the_wavs_of_its_new_maps(explained, tmp_path, capsys):
+    """A clip recomputed under new options (here another baseline) gets new wavs; they used to be kept from the
+    earlier run whenever the file existed, so the wav no longer matched the maps beside it."""
+    root, _, _ = explained
+    argv = [*_base(root, "unused"), "--clips", "1", "--steps", "4", "--methods", "integrated_gradients", "--listen",
+            "integrated_gradients", "--baseline", "median"]
+    out = tmp_path / "out"
+    argv[argv.index("--out") + 1] = str(out)
+    assert main(argv) == 0
+    (wav,) = (out / "wavs").glob("*_integrated_gradients_top*.wav")
+    before = sf.read(wav)[0]
+    argv[argv.index("median")] = "floor"
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert not np.allclose(sf.read(wav)[0], before)  # IG from the floor: another map, other top cells
+
+
 def test_mel_inversion_round_trip(tiny_bundle):
     """log-mel → audio (NNLS + Griffin-Lim, 32 iterations) → log-mel. Measured on this clip (2 s chirp over a
     −40 dB noise floor): median |error| 0.64 dB (mean 2.8, 90th percentile 8.8) on the cells within 40 dB of

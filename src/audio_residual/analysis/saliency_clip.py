@@ -88,15 +88,16 @@ def _write_record(path: Path, record: dict[str, np.ndarray]) -> None:
         np.savez_compressed(handle, **record)
 
 
-def _listen(job: ClipJob, row: int, maps: np.ndarray) -> None:
-    """The clip's log-mel and its top cells of each `listen` method as wavs (only those missing)."""
+def _listen(job: ClipJob, row: int, maps: np.ndarray, overwrite: bool) -> None:
+    """The clip's log-mel and its top cells of each `listen` method as wavs: all of them for maps just computed
+    (a file there is another run's), only those missing for a record read back (a run killed mid-listen)."""
     if not job.listen:
         return
     extractor = job.ws.bundle.feature_extractor
     log_mel = np.asarray(job.ws.features.input_features[row], dtype=np.float32)[0]
     fraction, n_iter = job.listen_options
     for name, method in zip(job.wav_names(row), [None, *job.listen], strict=True):
-        if job.wav(name).is_file():
+        if not overwrite and job.wav(name).is_file():
             continue
         kept = log_mel if method is None else keep_salient(log_mel, maps[job.methods.index(method)], fraction)
         write_wav(job.wav(name), mel_to_audio(kept, extractor, n_iter=n_iter), extractor.sampling_rate)
@@ -110,7 +111,7 @@ def explain_clip(job: ClipJob, row: int, target: int) -> tuple[dict[str, np.ndar
     if record is None:
         record = _compute(job, row, target)
         record["key"] = np.array(key)
-    _listen(job, row, record["maps"])
+    _listen(job, row, record["maps"], overwrite=not resumed)
     if not resumed:
         _write_record(job.record(row), record)  # last: a clip with a record has its wavs
     return record, resumed
