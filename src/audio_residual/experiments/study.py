@@ -75,6 +75,7 @@ class Study:
         self.saliency_frame: pd.DataFrame | None = None
         self.examples: list[dict] = []
         self.timings: dict[str, float] = {}
+        self._methods_checked = False
 
     # --- steps -----------------------------------------------------------------------------------------------
     def analyze(self, **options):
@@ -110,8 +111,7 @@ class Study:
         """Every method of `config.methods` on every split (of `folds`, default all) of every protocol (default:
         full data and the k-shot draws), skipping rows the store holds under the same key unless `force`."""
         protocols = [FULL_DATA, *self.config.protocols()] if protocols is None else list(protocols)
-        for name in self.config.methods:  # bad options stop the run before anything trains
-            self.config.method(name).check(self.config.method_options(name), self.ws)
+        self._check_methods()
         todo = [(protocol, split, name) for protocol in protocols
                 for split in protocol.splits(self.ws, self.config.val_fraction, self.config.seed)
                 if folds is None or split.fold in folds
@@ -124,6 +124,13 @@ class Study:
         if tracker is not None:
             tracker.finish()
         return self.store
+
+    def _check_methods(self) -> None:
+        """Bad method options stop the study before anything trains; checked once (a check may load a model)."""
+        if not self._methods_checked:
+            for name in self.config.methods:
+                self.config.method(name).check(self.config.method_options(name), self.ws)
+            self._methods_checked = True
 
     def transfer(self, targets: Mapping[str, Workspace]) -> pd.DataFrame:
         """Zero-shot retention of this study's adapted encoders (full data, every fold) on each target dataset,
@@ -158,8 +165,7 @@ class Study:
     def run(self, transfer: Mapping[str, Workspace] | None = None, analysis_options: dict | None = None
             ) -> StudyOutcome:
         """Every step the data allows, timed; the report last."""
-        for name in self.config.methods:  # bad options stop the run before the analysis or the sweep trains
-            self.config.method(name).check(self.config.method_options(name), self.ws)
+        self._check_methods()  # before the analysis or the sweep trains
         steps = [("sweep", lambda: [self.sweep(p) for p in [FULL_DATA, *self.config.protocols()]]),
                  ("methods", self.methods)]
         if not self.ws.captioned:
