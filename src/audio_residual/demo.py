@@ -32,6 +32,7 @@ from audio_residual.experiments.study import Study, dataset_labels
 from audio_residual.io import write_csv, write_text
 from audio_residual.layout import RunLayout
 from audio_residual.tasks import RETRIEVAL
+from audio_residual.tasks.retrieval import RetrievalRanks
 from audio_residual.workspace import Workspace
 
 DEMO_GRID = {
@@ -112,7 +113,7 @@ def run_retrieval_demo(out: Path, labelled: Workspace, seed: int = 0, n_clips: i
     outcome = study.run({"demo classes": ws.on(labelled.table)})
     summary = summary_table(outcome.store, task=study.task)
     (split,) = ws.splits()
-    gains = retrieval_gains(outcome.store, RETRIEVAL.targets(ws, split.test), seed=seed)
+    gains = retrieval_gains(outcome.store, RETRIEVAL.targets(ws, split.test), split.fold, seed=seed)
     return gains, "\n\n".join([
         "## Retrieval (generated captioned audio, tiny CLAP)",
         f"{n_clips} generated clips with 5 captions each, of every attribute combination (3 in 10 held out of the "
@@ -156,19 +157,18 @@ def classification_gains(store: ResultsStore, baseline: str = "zeroshot") -> pd.
 def _clip_hits(ranks: dict, caption_clip: np.ndarray, n_clips: int) -> tuple[np.ndarray, np.ndarray]:
     """Per test clip: how many of its captions find it first (text→audio), whether its best caption is first."""
     t2a = np.bincount(caption_clip, weights=ranks["t2a_ranks"] == 0, minlength=n_clips)
-    best = np.full(n_clips, np.iinfo(np.int64).max)
-    np.minimum.at(best, caption_clip, ranks["a2t_ranks"])
+    best = RetrievalRanks(ranks["t2a_ranks"], ranks["a2t_ranks"], caption_clip, n_clips).best_a2t()
     return t2a, (best == 0).astype(float)
 
 
-def retrieval_gains(store: ResultsStore, caption_clip, baseline: str = "zeroshot", seed: int = 0,
+def retrieval_gains(store: ResultsStore, caption_clip, fold: int, baseline: str = "zeroshot", seed: int = 0,
                     resamples: int = 2000) -> pd.DataFrame:
     """Per method: test mean R@1 (the mean of both directions' R@1) minus zero-shot's, and its noise: the
     standard error of that difference under a paired bootstrap over test clips (each resampled clip brings
-    its captions, scored by both methods; `scipy.stats.bootstrap`)."""
+    its captions, scored by both methods; `scipy.stats.bootstrap`). `caption_clip` is the test split's of `fold`."""
     caption_clip = np.asarray(caption_clip)
     n_clips, counts = int(caption_clip.max()) + 1, np.bincount(caption_clip)
-    t2a0, a2t0 = _clip_hits(store.arrays(baseline, 0), caption_clip, n_clips)
+    t2a0, a2t0 = _clip_hits(store.arrays(baseline, fold), caption_clip, n_clips)
 
     def difference(t2a, a2t, base_t2a, base_a2t, n_captions, axis=-1):
         captions = n_captions.sum(axis)
@@ -178,7 +178,7 @@ def retrieval_gains(store: ResultsStore, caption_clip, baseline: str = "zeroshot
     for method in dict.fromkeys(store.frame["method"]):
         if method == baseline:
             continue
-        t2a, a2t = _clip_hits(store.arrays(method, 0), caption_clip, n_clips)
+        t2a, a2t = _clip_hits(store.arrays(method, fold), caption_clip, n_clips)
         gain = float(difference(t2a, a2t, t2a0, a2t0, counts))
         boot = stats.bootstrap((t2a, a2t, t2a0, a2t0, counts), difference, paired=True, vectorized=True,
                                n_resamples=resamples, method="percentile", rng=np.random.default_rng(seed))
