@@ -97,6 +97,14 @@ class Ranks:
         edges = self.bounds(n)
         return slice(edges[self.rank], edges[self.rank + 1])
 
+    def sizes(self, n: int) -> list[int]:
+        """Every rank's share size of n items, in rank order (what `gather` takes)."""
+        return np.diff(self.bounds(n)).tolist()
+
+    def collective(self, what: str) -> contextlib.AbstractContextManager:
+        """A block whose collectives may fail for a lost peer (`collective`); nothing to watch in one process."""
+        return collective(what, self.rank, self.world) if self.distributed else contextlib.nullcontext()
+
     @staticmethod
     def device() -> torch.device:
         """Where the group's collectives take tensors: the current GPU for NCCL, else the CPU."""

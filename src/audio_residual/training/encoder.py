@@ -74,15 +74,14 @@ def encoder_steps(
     ranks = Ranks.current()
 
     def loss(batch) -> torch.Tensor:
-        edges = ranks.bounds(len(batch.rows))
-        mine = batch.rows[edges[ranks.rank] : edges[ranks.rank + 1]]
+        mine = batch.rows[ranks.share(len(batch.rows))]
         if len(mine):
             x, longer = source.batch(mine)
             with ws.bundle.autocast():
                 emb = forward(x, longer).float()
         else:  # more ranks than the batch has clips
             emb = text.new_zeros((0, text.shape[-1])).float().requires_grad_(True)
-        emb = ranks.gather(emb, np.diff(edges).tolist(), grad=True).to(ws.bundle.device)
+        emb = ranks.gather(emb, ranks.sizes(len(batch.rows)), grad=True).to(ws.bundle.device)
         return task.loss(emb, batch, text, scale)
 
     def validate() -> float:
@@ -90,7 +89,7 @@ def encoder_steps(
             return task.score(ws, embed_rows(split.val), split.val)
         share = split.val[ranks.share(len(split.val))]
         mine = embed_rows(share).float() if len(share) else text.new_zeros((0, text.shape[-1])).float().cpu()
-        emb = ranks.gather(mine, np.diff(ranks.bounds(len(split.val))).tolist()).cpu()
+        emb = ranks.gather(mine, ranks.sizes(len(split.val))).cpu()
         return task.score(ws, emb, split.val) if ranks.main else float("nan")  # the loop takes rank 0's
 
     return Steps(params=params, batches=task.batches(ws, split.train, batch_size), loss=loss,

@@ -16,7 +16,6 @@ a batch and its validation score. The loop owns everything the methods must not 
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from audio_residual.training.checkpoint import load_checkpoint, save_checkpoint
-from audio_residual.training.distributed import Ranks, collective
+from audio_residual.training.distributed import Ranks
 
 
 class TrainingDiverged(RuntimeError):
@@ -101,12 +100,6 @@ def _validate(steps: Steps, ranks: Ranks) -> float | None:
     return float(ranks.broadcast_json(float(steps.validate()), "validation"))
 
 
-def _exchange(steps: Steps, what: str):
-    """A block whose collectives (the backward of a gather) may fail for a lost peer: named, never a hang."""
-    ranks = steps.ranks
-    return collective(what, ranks.rank, ranks.world) if ranks.distributed else contextlib.nullcontext()
-
-
 def _resume(steps: Steps, checkpoint: Path | None, key: str) -> LoopResult | None:
     """The state an interrupted run of the same `key` saved, else None."""
     if checkpoint is None or not checkpoint.exists():
@@ -150,7 +143,7 @@ def _epoch(steps: Steps, generator: torch.Generator, where: str) -> list[float]:
         else:
             loss = steps.loss(batch)
             _finite(loss, where, step)
-            with _exchange(steps, "the backward pass"):
+            with steps.ranks.collective("the backward pass"):
                 (loss if steps.scaler is None else steps.scaler.scale(loss)).backward()
         steps.ranks.average_gradients(trained)
         if steps.scaler is not None:

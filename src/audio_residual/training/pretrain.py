@@ -40,7 +40,7 @@ from audio_residual.clap.tiny import (
 from audio_residual.data_processing.captions import CaptionTable
 from audio_residual.tasks.loss import symmetric_infonce
 from audio_residual.tasks.retrieval import retrieval_metrics
-from audio_residual.training.distributed import Ranks, collective
+from audio_residual.training.distributed import Ranks
 
 CONFIGS = ("tiny", "htsat-tiny", "htsat-base")
 FREEZE = ("none", "text", "audio")
@@ -393,7 +393,7 @@ class ContrastiveStep:
         return contrastive_loss(audio, text, self.model.logit_scale_a, self.model.logit_scale_t, owner)
 
     def _gradients(self, parts, owner, clip_sizes, caption_sizes) -> torch.Tensor:
-        exchange = collective("the backward pass", self.ranks.rank, self.ranks.world)
+        exchange = self.ranks.collective("the backward pass")
         if len(parts) <= 1:
             audio, text = self._embed(parts)
             if not audio.requires_grad:  # an empty share: still a leaf of the gathered graph
@@ -468,8 +468,8 @@ def validation_retrieval(model: ClapModel, data: CaptionedFeatures, device, batc
     text = embed_captions(model, data, captions[texts], device, batch_size, autocast)
     model.train(was_training)
     if ranks.distributed:
-        audio = ranks.gather(audio, np.diff(ranks.bounds(len(rows))).tolist()).cpu()
-        text = ranks.gather(text, np.diff(ranks.bounds(len(captions))).tolist()).cpu()
+        audio = ranks.gather(audio, ranks.sizes(len(rows))).cpu()
+        text = ranks.gather(text, ranks.sizes(len(captions))).cpu()
     return retrieval_metrics(audio, text, owner) if ranks.main else None
 
 
