@@ -17,9 +17,11 @@ import json
 import math
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 try:
@@ -86,6 +88,24 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, data) -> Path:
     return write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_npz(path: str | Path, arrays: dict, compressed: bool = False) -> Path:
+    """Arrays in one .npz (no pickle), written atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        (np.savez_compressed if compressed else np.savez)(handle, **arrays)
+    return Path(path)
+
+
+def read_keyed_npz(path: str | Path, key: str) -> dict[str, np.ndarray] | None:
+    """A stored .npz's arrays if its `key` array matches (None if missing, stale or unreadable: recompute it)."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            if str(stored["key"]) != key:
+                return None
+            return {name: stored[name] for name in stored.files}
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError):
+        return None
 
 
 def write_csv(path: str | Path, frame: pd.DataFrame) -> Path:

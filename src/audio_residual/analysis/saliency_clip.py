@@ -11,7 +11,6 @@ drawn per clip), so a resumed run gives the uninterrupted run's numbers.
 from __future__ import annotations
 
 import hashlib
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from torch import nn
 from audio_residual.analysis.faithfulness import FaithfulnessOptions, clip_curves
 from audio_residual.analysis.listen import keep_salient, mel_to_audio, write_wav
 from audio_residual.analysis.saliency import AttributionOptions, Scorer, attribute, class_probabilities
-from audio_residual.io import atomic_path, digest
+from audio_residual.io import digest, read_keyed_npz, write_npz
 
 MODES = ("deletion", "insertion")
 
@@ -71,23 +70,6 @@ class ClipJob:
         return digest([self.key, int(row), int(target), self.ws.features.identities[int(row)]])
 
 
-def read_record(path: Path, key: str) -> dict[str, np.ndarray] | None:
-    """The stored clip if its key matches (None if missing, stale or unreadable: it is then recomputed)."""
-    try:
-        with np.load(path, allow_pickle=False) as stored:
-            if str(stored["key"]) != key:
-                return None
-            return {name: stored[name] for name in stored.files}
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError):
-        return None
-
-
-def _write_record(path: Path, record: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.savez_compressed(handle, **record)
-
-
 def _listen(job: ClipJob, row: int, maps: np.ndarray, overwrite: bool) -> None:
     """The clip's log-mel and its top cells of each `listen` method as wavs: all of them for maps just computed
     (a file there is another run's), only those missing for a record read back (a run killed mid-listen)."""
@@ -106,14 +88,14 @@ def _listen(job: ClipJob, row: int, maps: np.ndarray, overwrite: bool) -> None:
 def explain_clip(job: ClipJob, row: int, target: int) -> tuple[dict[str, np.ndarray], bool]:
     """The clip's record (read back when stored under its key, else computed and stored) and whether it was read."""
     key = job.clip_key(row, target)
-    record = read_record(job.record(row), key)
+    record = read_keyed_npz(job.record(row), key)
     resumed = record is not None
     if record is None:
         record = _compute(job, row, target)
         record["key"] = np.array(key)
     _listen(job, row, record["maps"], overwrite=not resumed)
     if not resumed:
-        _write_record(job.record(row), record)  # last: a clip with a record has its wavs
+        write_npz(job.record(row), record, compressed=True)  # last: a clip with a record has its wavs
     return record, resumed
 
 

@@ -24,7 +24,7 @@ from audio_residual.analysis.saliency_baselines import (
     mean_spectrum,
     neutral_spectrum,
 )
-from audio_residual.io import atomic_path, digest
+from audio_residual.io import digest, read_keyed_npz, write_npz
 
 IG_RULE = "|Σ IG − (s(x) − s(b))| ≤ ig_tolerance · |s(x) − s(b)|"
 IG_ON_CAP = ("a clip that still misses the rule at max_steps keeps its max_steps attributions and is listed in "
@@ -52,35 +52,28 @@ def check_adapter(scorer: Scorer, ws, adapter) -> None:
         raise AdapterError(f"the λ make {ws.bundle.model_id}'s scores NaN or infinite")
 
 
-def _training_spectrum(ws, fold: int) -> tuple[np.ndarray, np.ndarray, str]:
-    train = ws.split(fold).train
-    mean, std = mean_spectrum(ws.features.input_features, train)
-    return mean, std, ws.features.digest(train)
+def _training_spectrum(ws, fold: int) -> tuple[np.ndarray, np.ndarray]:
+    return mean_spectrum(ws.features.input_features, ws.split(fold).train)
 
 
 def baseline_for_run(ws, fold: int, scorer: Scorer, kind: str, root: Path, adapter_digest: str | None) -> Baseline:
     """The run's `Baseline`: per clip, or one spectrum from the fold's training clips (`train_mean`) moved
     until the explained model reads it as no class (`neutral`). The spectrum is kept in `root/baseline.npz`
-    under a key of everything it depends on, so a resumed run uses the very same one."""
+    under a key of everything it depends on, so a resumed run uses the very same one (and reads no features)."""
     if kind not in SPECTRUM_KINDS:
         return Baseline(kind)
-    mean, std, train_digest = _training_spectrum(ws, fold)
     if kind == "train_mean":
-        return Baseline(kind, mean)
-    key = digest([kind, train_digest, ws.provenance(), list(ws.table.class_names), adapter_digest,
-                  NEUTRAL_STEPS, NEUTRAL_LR, NEUTRAL_PULL])
+        return Baseline(kind, _training_spectrum(ws, fold)[0])
+    key = digest([kind, ws.features.digest(ws.split(fold).train), ws.provenance(), list(ws.table.class_names),
+                  adapter_digest, NEUTRAL_STEPS, NEUTRAL_LR, NEUTRAL_PULL])
     path = root / "baseline.npz"
-    try:
-        with np.load(path, allow_pickle=False) as stored:
-            if str(stored["key"]) == key:
-                return Baseline(kind, stored["spectrum"])
-    except (OSError, KeyError, ValueError, EOFError):
-        pass
+    stored = read_keyed_npz(path, key)
+    if stored is not None:
+        return Baseline(kind, stored["spectrum"])
+    mean, std = _training_spectrum(ws, fold)
     frames = ws.features.input_features.shape[2]
     spectrum = neutral_spectrum(scorer.all_scores, mean, std, frames, ws.bundle.device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.savez(handle, key=np.array(key), spectrum=spectrum, train_mean=mean)
+    write_npz(path, {"key": np.array(key), "spectrum": spectrum, "train_mean": mean})
     return Baseline(kind, spectrum)
 
 

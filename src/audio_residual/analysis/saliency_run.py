@@ -55,7 +55,7 @@ from audio_residual.analysis.saliency_report import (
     summary,
 )
 from audio_residual.analysis.stats import ResidualStatistics
-from audio_residual.io import atomic_path, digest, save_figure, write_csv, write_json
+from audio_residual.io import digest, save_figure, write_csv, write_json, write_npz
 from audio_residual.layout import AnalysisLayout
 
 SCORE_LABEL = "zero-shot logit of the clip's class (scale × cos)"
@@ -259,9 +259,7 @@ def _write(result: SaliencyResult, ws, fold: int, root: Path, config: SaliencyCo
     paths["curves"] = write_csv(root / "curves.csv", pd.DataFrame.from_records(curve_rows))
     arrays = {"rows": result.rows, "targets": result.targets, **result.maps}
     arrays.update({f"randomised_{k}": v for k, v in result.randomised_maps.items()})
-    with atomic_path(root / "maps.npz") as tmp, open(tmp, "wb") as handle:
-        np.savez_compressed(handle, **arrays)
-    paths["maps"] = root / "maps.npz"
+    paths["maps"] = write_npz(root / "maps.npz", arrays, compressed=True)
     for name, frame in (("heads_attribution", result.heads), ("head_vs_ablation", result.head_vs_ablation),
                         ("change_clips", result.change_clips), ("change_regions", result.change_regions)):
         if frame is not None:

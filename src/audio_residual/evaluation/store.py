@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from audio_residual.io import atomic_path, update_csv
+from audio_residual.io import update_csv, write_npz
 from audio_residual.tasks import CLASSIFICATION, Task
 
 
@@ -127,10 +127,8 @@ class ResultsStore:
             value = _optional_int(record[column])
             record[column] = np.nan if value is None else value
         if arrays:
-            self.arrays_dir.mkdir(parents=True, exist_ok=True)
-            with atomic_path(self.arrays_dir / _array_name(record["method"], record["key"], record["fold"])) as tmp:
-                with open(tmp, "wb") as handle:
-                    np.savez(handle, **{k: np.asarray(v) for k, v in arrays.items()})
+            write_npz(self.arrays_dir / _array_name(record["method"], record["key"], record["fold"]),
+                      {k: np.asarray(v) for k, v in arrays.items()})
         # re-read and merged under a lock: rows other processes wrote into this file meanwhile are kept
         self.all_rows = update_csv(self.path, pd.DataFrame([record]), RESULT_KEY, dtype={"key": str})
         self.select(record["method"], record["key"], record["shots"], record["seed"])
