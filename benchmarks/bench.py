@@ -48,6 +48,11 @@ LOADING_BATCH = 16
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
+def _child_env(**extra: str) -> dict[str, str]:
+    """A subprocess's environment: this checkout's package first on its path."""
+    return {**os.environ, **extra, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
+
+
 def _model():
     from audio_residual.clap.tiny import build_htsat_tiny_random
 
@@ -410,10 +415,8 @@ def _memory_child(accumulate: str) -> None:
 def accumulate_memory_ratio() -> float:
     """Peak memory added by a pretraining step (tiny model, contrastive batch of 32 clips) at --accumulate 4 / at
     --accumulate 1, each in a fresh subprocess (glibc's mmap threshold fixed at 64 KiB so freed tensors leave RSS)."""
-    peaks = []
+    peaks, env = [], _child_env(MALLOC_MMAP_THRESHOLD_="65536")
     for accumulate in (4, 1):
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": os.pathsep.join(
-            [str(SRC), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
         out = subprocess.run([sys.executable, __file__, "_memory_child", str(accumulate)], check=True,
                              capture_output=True, text=True, env=env)  # fmt: skip
         peaks.append(int(out.stdout.split()[-1]))
@@ -427,7 +430,7 @@ def demo_seconds() -> float:
     A plain wall time, so it rises with other jobs on the machine: the child's CPU time and the load average
     print beside it (stderr) to tell a slow demo from a busy machine.
     """
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
+    env = _child_env()
     with tempfile.TemporaryDirectory() as tmp:
         code = "import sys; from audio_residual.demo import run_demo; run_demo(sys.argv[1])"
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -591,7 +594,7 @@ def scale_seconds() -> float:
     from audio_residual.data_processing import make_synthetic_esc50
 
     classes = max(2, min(50, SCALE_CLIPS // 40))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
+    env = _child_env()
     with tempfile.TemporaryDirectory() as tmp:
         data = make_synthetic_esc50(Path(tmp) / "esc", n_classes=classes, clips_per_class=SCALE_CLIPS // classes)
         model, processor = build_htsat_tiny_random(())

@@ -150,6 +150,7 @@ def memcpy_counts(fn: Callable[[], object]) -> dict[str, int]:
 
 
 def log_mels(n: int, seed: int = 0) -> np.ndarray:
+    """Random inputs on a log-mel's scale (dB around −40), as the feature cache stores them."""
     return (np.random.default_rng(seed).standard_normal((n, 1, 1001, 64)) * 10 - 40).astype(np.float32)
 
 

@@ -31,7 +31,7 @@ from audio_residual.data_processing import Split
 from audio_residual.residual.units import ResiDual, ResidualConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from gpu_bench import memcpy_counts  # noqa: E402  (the one copy counter, shared with the benchmark)
+from gpu_bench import log_mels, memcpy_counts  # noqa: E402  (the benchmark's inputs and copy counter)
 
 HAS_CUDA = torch.cuda.is_available()
 cuda = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (benchmarks/gpu_check.sh)")]
@@ -59,11 +59,6 @@ def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
 
 def blocks_of(model) -> int:
     return sum(model.config.audio_config.depths)
-
-
-def log_mels(n: int, seed: int = 0) -> np.ndarray:
-    """Random inputs on a log-mel's scale (dB around −40), as the feature cache stores them."""
-    return (np.random.default_rng(seed).standard_normal((n, 1, 1001, 64)) * 10 - 40).astype(np.float32)
 
 
 @pytest.fixture(autouse=True)

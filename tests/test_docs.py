@@ -31,11 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "audio_residual"
 README_MAX_LINES = 200
 
-# Pages another branch writes: a link to them fails until that branch is merged, with this explanation.
-PENDING = {
-    "docs/pretraining.md": "written on the tinydemo branch (pretraining and the tiny CLAP): merge it first",
-    "docs/demo.md": "written on the tinydemo branch (the held-out-shift demo): merge it first",
-}
 # Options of other programs that the docs show beside ours (torchrun, pip, pytest, benchmarks/bench.py).
 EXTERNAL_OPTIONS = {"--nproc_per_node", "--nnodes", "--rdzv-endpoint", "--rdzv-backend", "--rdzv-id", "--standalone",
                     "--index-url", "--quiet", "--upgrade", "--durations", "--scale-clips"}
@@ -153,8 +148,7 @@ def link_problems(page: str, text: str, pages: dict[str, str]) -> list[str]:
         file = (base / path).resolve() if path else ROOT / page
         relative = file.relative_to(ROOT).as_posix() if file.is_relative_to(ROOT) else str(file)
         if not file.exists():
-            why = PENDING.get(relative, "no such file")
-            problems.append(f"{page}: link to {target!r}: {relative} missing ({why})")
+            problems.append(f"{page}: link to {target!r}: {relative} missing (no such file)")
         elif anchor and relative.endswith(".md"):
             page_text = pages.get(relative) or file.read_text(encoding="utf-8")
             if anchor not in anchors(page_text):
