@@ -345,8 +345,8 @@ def converted_laion(
     from_hub = text.startswith(LAION_PREFIX)  # hub files sit in snapshots/<commit>/: record the commit
     here = {"file": path.name, "sha256": sha, "hub_repo": LAION_HUB_REPO if from_hub else None,
             "hub_commit": path.parent.name if from_hub else None}
-    if (folder / SOURCE_FILE).is_file():  # converted before, maybe under another name: this file's name counts
-        return folder, {**json.loads((folder / SOURCE_FILE).read_text(encoding="utf-8")), **here}
+    if (record := conversion_record(folder)) is not None:  # converted before, maybe under another name: ours counts
+        return folder, {**record, **here}
     try:
         model_obj, processor, source = convert_laion(read_laion_state_dict(path), text_config)
     except LaionCheckpointError as err:
