@@ -18,17 +18,18 @@ TRAIN_OPTIONS = ("granularity", "kinds", "stages", "k", "evr", "init", "center",
                  "lr", "epochs", "batch_size", "schedule", "val_fraction", "patience", "tokens_per_clip", "seed")
 
 
-def transfer_targets(args, ws) -> dict:
-    """Each --transfer dataset on the study's model and audio configuration (`Workspace.on`), its skipped files
-    listed in OUT/skipped-<name>.csv (the study's own dataset was refused by `transfer_class_names`)."""
+def transfer_targets(args, ws) -> tuple[str, dict]:
+    """The study's name and each --transfer dataset on its model and audio configuration (`Workspace.on`), named
+    alike so that "A → B" rows and the matrix line up; a target's skipped files are listed in
+    OUT/skipped-<name>.csv (the study's own dataset was refused by `transfer_class_names`)."""
     from audio_residual.experiments.study import dataset_labels
     from audio_residual.workspace import write_skipped
 
-    names = dataset_labels([args.data, *args.transfer])[1:]
-    targets = {name: ws.on(data) for name, data in zip(names, args.transfer, strict=True)}
-    for name, target in targets.items():
-        write_skipped(target, args.out, name)
-    return targets
+    name, *names = dataset_labels([args.data, *args.transfer])
+    targets = {label: ws.on(data) for label, data in zip(names, args.transfer, strict=True)}
+    for label, target in targets.items():
+        write_skipped(target, args.out, label)
+    return name, targets
 
 
 def transfer_class_names(args) -> tuple[str, ...]:
@@ -69,7 +70,7 @@ def cmd_zeroshot(args) -> None:
 def cmd_experiment(args) -> None:
     from audio_residual.data_processing.folds import check_classes_trainable
     from audio_residual.experiments.protocol import Protocol
-    from audio_residual.experiments.study import Study, dataset_labels
+    from audio_residual.experiments.study import Study
     from audio_residual.workspace import write_skipped
 
     config = opt.study_config(args, "classification", analysis_fold=args.analysis_fold, shots=args.shots or (),
@@ -84,9 +85,8 @@ def cmd_experiment(args) -> None:
         except ValueError as err:
             raise ValueError(f"--shots {max(args.shots)}: {err}") from None
     write_skipped(ws, args.out)
-    targets = transfer_targets(args, ws)
-    # the study's dataset is named like its --transfer targets, so "A → B" rows and the matrix line up
-    study = Study(ws, args.out, config, wandb=args.wandb, name=dataset_labels([args.data, *args.transfer])[0])
+    name, targets = transfer_targets(args, ws)
+    study = Study(ws, args.out, config, wandb=args.wandb, name=name)
     outcome = study.run(targets, {"ablation_max_clips": args.ablation_max_clips})
     opt.write_provenance(args, ws)
     print(outcome.table)
@@ -94,7 +94,7 @@ def cmd_experiment(args) -> None:
 
 
 def cmd_retrieval(args) -> None:
-    from audio_residual.experiments.study import Study, dataset_labels
+    from audio_residual.experiments.study import Study
     from audio_residual.workspace import write_skipped
 
     config = opt.study_config(args, "retrieval", examples=args.examples)
@@ -104,8 +104,8 @@ def cmd_retrieval(args) -> None:
           f"{len(ws.features.skipped)} skipped as bad audio, {len(ws.duplicates)} duplicate audio file(s) within a "
           "split")
     write_skipped(ws, args.out)
-    name = dataset_labels([args.data, *args.transfer])[0]
-    outcome = Study(ws, args.out, config, wandb=args.wandb, name=name).run(transfer_targets(args, ws))
+    name, targets = transfer_targets(args, ws)
+    outcome = Study(ws, args.out, config, wandb=args.wandb, name=name).run(targets)
     opt.write_provenance(args, ws)
     print(outcome.table)
     print(f"report → {RunLayout(args.out).report}")

@@ -137,12 +137,9 @@ def _epoch(steps: Steps, generator: torch.Generator, where: str) -> list[float]:
     losses = []
     for step, batch in enumerate(steps.batches(generator), 1):
         steps.optimizer.zero_grad(set_to_none=True)
-        if steps.backward is not None:
-            loss = steps.backward(batch)
-            _finite(loss, where, step)
-        else:
-            loss = steps.loss(batch)
-            _finite(loss, where, step)
+        loss = steps.backward(batch) if steps.backward is not None else steps.loss(batch)
+        _finite(loss, where, step)
+        if steps.backward is None:
             with steps.ranks.collective("the backward pass"):
                 (loss if steps.scaler is None else steps.scaler.scale(loss)).backward()
         steps.ranks.average_gradients(trained)
